@@ -18,6 +18,7 @@ from mathq.manifest import Manifest
 
 REPO = Path(__file__).resolve().parent.parent
 QUANTS = "Q8_0,Q4_K_M"
+N = 6  # smoke problems per variant: enough to resume half-way, quick on the demo model
 
 
 def run(*args: str, code: int = 0):
@@ -27,7 +28,8 @@ def run(*args: str, code: int = 0):
 
 
 def build_args(root: Path, *extra: str) -> list[str]:
-    return ["build", "tiny-demo", "--quant", QUANTS, "--build-dir", str(root), *extra]
+    return ["build", "tiny-demo", "--quant", QUANTS, "--n", str(N), "--build-dir", str(root),
+            *extra]
 
 
 def statuses(stderr: str) -> dict[str, str]:
@@ -50,15 +52,53 @@ def test_dry_run_plans_everything_and_writes_nothing(tmp_path):
 def test_build_then_rerun_redoes_nothing(tmp_path):
     first = run(*build_args(tmp_path))
     root = tmp_path / "tiny-demo"
+    manifest = Manifest(root / "manifest.json")
     for q in ("BF16", "Q8_0", "Q4_K_M"):
         path = root / f"tiny-demo-{q}.gguf"
         assert read_gguf_summary(path).file_type_name == q
-        assert Manifest(root / "manifest.json").get(path.name) is not None
-    assert set(statuses(first.stderr).values()) == {"done"}
+        assert manifest.get(path.name) is not None
+        smoke = json.loads((root / "smoke" / f"{q}.summary.json").read_text())
+        assert smoke["accuracy"]["n"] == N  # the reference is smoke-tested too
+        assert manifest.get(f"smoke/{q}.summary.json").stage == "smoke"
+        assert manifest.get(f"bench/{q}.json").inputs["gguf"]["name"] == path.name
+    assert manifest.get("kld/BF16.json") is None  # the reference, not measured against itself
+    assert manifest.get("kld/Q4_K_M.json").settings["reference"] == "BF16"
+    assert sorted(p.name for p in (root / "modelfiles").iterdir()) == [
+        "latest.Modelfile", "q4_K_M.Modelfile", "q8_0.Modelfile"]
+    report = json.loads((root / "report" / "report.json").read_text())
+    rows = {r["quant"]: r for r in report["rows"]}
+    assert all(rows[q]["accuracy"] and rows[q]["generation_tps"] for q in ("BF16", "Q8_0",
+                                                                          "Q4_K_M"))
+    assert rows["Q8_0"]["mean_kld"] < rows["Q4_K_M"]["mean_kld"]
+    # The recipe's Q2_K was not built: its row is there, empty, not zero.
+    assert rows["Q2_K"]["size_bytes"] is rows["Q2_K"]["accuracy"] is None
+    done = statuses(first.stderr)
+    assert set(done.values()) == {"done"}
+    assert list(done) == ["convert", "quantize Q8_0", "quantize Q4_K_M", "modelfiles",
+                          "smoke BF16", "smoke Q8_0", "smoke Q4_K_M", "bench BF16",
+                          "bench Q8_0", "bench Q4_K_M", "kld Q8_0", "kld Q4_K_M", "report"]
+    # It ends with the report's table (one row per variant) and where the report is.
+    table = first.stdout.splitlines()
+    assert table[0].split()[:2] == ["Quant", "MiB"]
+    assert [line.split()[0] for line in table[2:6]] == ["BF16", "Q8_0", "Q4_K_M", "Q2_K"]
+    assert f"Report: {root / 'report' / 'report.html'}" in first.stdout
     second = run(*build_args(tmp_path))
     assert set(statuses(second.stderr).values()) == {"skipped"}
     plan = json.loads(run(*build_args(tmp_path, "--dry-run", "--json")).stdout)
     assert {p["status"] for p in plan} == {"skipped"}
+
+
+def test_changed_input_replans_what_reads_it(tmp_path):
+    run(*build_args(tmp_path, "--files-only"))
+    root = tmp_path / "tiny-demo"
+    assert not (root / "smoke").exists() and not (root / "report").exists()
+    bf16 = root / "tiny-demo-BF16.gguf"
+    os.utime(bf16)  # as if reconverted: every variant made from it is out of date
+    plan = {p["name"]: p["status"] for p in
+            json.loads(run(*build_args(tmp_path, "--dry-run", "--json")).stdout)}
+    assert plan["convert"] == "skipped"
+    assert plan["quantize Q8_0"] == plan["quantize Q4_K_M"] == "planned"
+    assert plan["smoke Q8_0"] == plan["kld Q4_K_M"] == plan["report"] == "planned"
 
 
 KILLER = """
@@ -72,7 +112,8 @@ from mathq.recipes import load_recipe
 
 stage, after, root = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 recipe = load_recipe("tiny-demo")
-options = default_options(recipe, "{quants}")
+options = replace(default_options(recipe, "{quants}"), n={n},
+                  measure=stage.startswith("smoke"))
 layout = BuildLayout.for_model(recipe.name, root)
 
 def progress(event):
@@ -81,7 +122,7 @@ def progress(event):
 
 run_steps(recipe.name, layout.root, plan_build(recipe, options, root),
           Manifest(layout.manifest), progress)
-""".replace("{quants}", QUANTS)
+""".replace("{quants}", QUANTS).replace("{n}", str(N))
 
 
 @pytest.mark.parametrize(("stage", "after", "finished_before"), [
@@ -96,9 +137,30 @@ def test_sigkill_mid_stage_then_rerun_finishes_without_redoing(tmp_path, stage, 
     root = tmp_path / "tiny-demo"
     leftovers = sorted(p.name for p in root.glob("*.partial"))
     assert leftovers, "the kill should land while an artifact is being written"
-    rerun = run(*build_args(tmp_path))
+    rerun = run(*build_args(tmp_path, "--files-only"))
     done = statuses(rerun.stderr)
     assert {name for name, s in done.items() if s == "skipped"} == finished_before
     assert not list(root.glob("*.partial"))
     for q in ("BF16", "Q8_0", "Q4_K_M"):
         assert read_gguf_summary(root / f"tiny-demo-{q}.gguf").file_type_name == q
+
+
+def test_sigkill_mid_smoke_then_rerun_resumes_the_problems(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", KILLER, "smoke Q8_0", "3", str(tmp_path)],
+                          cwd=REPO, env={**os.environ}, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    root = tmp_path / "tiny-demo"
+    results = root / "smoke" / "Q8_0.jsonl"
+    before = results.read_bytes()
+    answered = before.count(b"\n")
+    assert 3 <= answered < N and not (root / "smoke" / "Q8_0.summary.json").exists()
+    rerun = run(*build_args(tmp_path))
+    done = statuses(rerun.stderr)
+    assert {name for name, s in done.items() if s == "skipped"} == {
+        "convert", "quantize Q8_0", "quantize Q4_K_M", "modelfiles", "smoke BF16"}
+    after = results.read_bytes()
+    assert after.startswith(before)  # finished problems were kept, not asked again
+    ids = [json.loads(line)["id"] for line in after.decode().splitlines()]
+    assert len(ids) == len(set(ids)) == N
+    summary = json.loads((root / "smoke" / "Q8_0.summary.json").read_text())
+    assert summary["accuracy"]["n"] == N  # each problem counted once

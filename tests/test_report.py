@@ -257,7 +257,10 @@ def test_report_command_prints_advice_and_paths(build) -> None:
     result = CliRunner().invoke(cli, ["report", str(recipe), "--build-dir", root,
                                       "--kld-bound", "0.01"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    advice, files = result.output.splitlines()
+    lines = result.output.splitlines()
+    header, rule, *rows, blank, advice, files = lines
+    assert header.split()[:2] == ["Quant", "GiB"] and set(rule) == {"-", " "} and blank == ""
+    assert [r.split()[0] for r in rows] == ORDER  # the same table as report.md, as text
     assert advice == ("Smallest variant whose MATH accuracy interval overlaps BF16's MATH "
                       "interval and whose mean KL divergence is under 0.01: Q8_0, "
                       f"{layout.gguf('Q8_0').stat().st_size / 2**30:.2f} GiB.")

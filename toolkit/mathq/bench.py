@@ -36,6 +36,7 @@ import numpy as np
 
 from mathq.errors import InferenceError, InputFileError, MathqError
 from mathq.layout import BuildLayout
+from mathq.manifest import Fingerprint, Manifest, file_identity
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.recipes import Recipe
 from mathq.summaries import BenchSummary, MeanSd, save_summary
@@ -252,6 +253,18 @@ def bench_isolated(path: Path, options: BenchOptions,
             proc.kill()
 
 
+def bench_fingerprint(layout: BuildLayout, quant: str,
+                      options: BenchOptions) -> Fingerprint | None:
+    """What a variant's bench summary is made from (None while its GGUF is missing), so
+    ``build`` can skip a variant already measured this way."""
+    gguf = layout.gguf(quant)
+    if not gguf.is_file():
+        return None
+    settings = asdict(options)
+    settings["parallel"] = list(options.parallel)
+    return {"gguf": file_identity(gguf)}, settings
+
+
 def run_bench(recipe: Recipe, quants: Sequence[str], options: BenchOptions,
               build_root: Path | None = None,
               progress: ProgressCallback = no_progress) -> list[BenchOutcome]:
@@ -279,5 +292,9 @@ def run_bench(recipe: Recipe, quants: Sequence[str], options: BenchOptions,
             repetitions=options.repetitions)
         path = layout.bench_summary(q)
         save_summary(path, summary)
+        fingerprint = bench_fingerprint(layout, q, options)
+        assert fingerprint is not None  # the GGUF was just measured
+        Manifest(layout.manifest).record(layout.key(path), "bench", *fingerprint,
+                                         size=path.stat().st_size)
         outcomes.append(BenchOutcome(q, path, summary))
     return outcomes

@@ -20,22 +20,26 @@ from typing import Any
 from mathq.errors import DiskSpaceError
 from mathq.fsutil import format_bytes, free_bytes
 from mathq.layout import BuildLayout
-from mathq.manifest import Manifest
+from mathq.manifest import Fingerprint, Manifest
 from mathq.progress import ProgressCallback, no_progress
 from mathq.quants import QuantType, get_quant
 from mathq.recipes import Recipe
 
-Fingerprint = tuple[dict[str, Any], dict[str, Any]]
-
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """What to build: the variants, and how much of the measuring to do."""
+    """What to build: the variants, and how much of the measuring to do.
+
+    ``measure`` False stops after the files (GGUFs and Modelfiles); ``skip_smoke`` leaves
+    out only the smoke test, the longest measurement. ``n`` and ``parallel`` are the smoke
+    test's problem count (None: the recipe's) and batch width.
+    """
 
     quants: tuple[QuantType, ...]
     n: int | None = None
     skip_smoke: bool = False
-    parallel: int = 4
+    measure: bool = True
+    parallel: int = 8
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,8 @@ class Step:
 
     ``fingerprint`` returns the (inputs, settings) the artifact must have been made from,
     or None when that cannot be known before the step runs (then the step always runs).
-    ``run`` does the work; stages record their artifacts in the manifest themselves.
+    ``run`` does the work; stages record their artifacts in the manifest themselves, with
+    the same fingerprint functions the build uses here.
     """
 
     name: str
@@ -54,6 +59,9 @@ class Step:
     needs_bytes: int
     run: Callable[[ProgressCallback], object]
     fingerprint: Callable[[], Fingerprint | None] = lambda: None
+    # Artifacts of earlier steps this one reads: when one of them is due to be remade,
+    # so is this step, even though its fingerprint still matches the old file.
+    inputs: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,9 +103,22 @@ def is_current(step: Step, manifest: Manifest) -> bool:
     return fp is not None and record.same_recipe(*fp)
 
 
+def due_steps(steps: list[Step], manifest: Manifest) -> set[str]:
+    """Names of the steps a build would run: those not current, and those reading the
+    artifact of a step that runs before them."""
+    due: set[str] = set()
+    remade: set[Path] = set()
+    for step in steps:
+        if not is_current(step, manifest) or remade.intersection(step.inputs):
+            due.add(step.name)
+            remade.add(step.artifact)
+    return due
+
+
 def check_disk(steps: list[Step], manifest: Manifest, root: Path) -> int:
     """Raise DiskSpaceError unless every step still to run fits; return the bytes needed."""
-    needed = sum(s.needs_bytes for s in steps if not is_current(s, manifest))
+    due = due_steps(steps, manifest)
+    needed = sum(s.needs_bytes for s in steps if s.name in due)
     free = free_bytes(root)
     if needed > free:
         raise DiskSpaceError(
@@ -129,7 +150,8 @@ def run_steps(model: str, root: Path, steps: list[Step], manifest: Manifest,
 
 def plan_outcomes(steps: list[Step], manifest: Manifest) -> list[StepOutcome]:
     """For ``--dry-run``: which steps would run and which are already current."""
-    return [StepOutcome(s.name, "skipped" if is_current(s, manifest) else "planned", s.artifact)
+    due = due_steps(steps, manifest)
+    return [StepOutcome(s.name, "planned" if s.name in due else "skipped", s.artifact)
             for s in steps]
 
 
@@ -146,7 +168,7 @@ def plan_build(recipe: Recipe, options: BuildOptions, build_root: Path | None = 
     from mathq.convert.stage import checkpoint_inputs, convert_recipe, recipe_hf_dir
     from mathq.download import download_recipe
     from mathq.quantize import QuantizeOptions
-    from mathq.quantize_stage import QuantizeJob, quantize_variants
+    from mathq.quantize_stage import QuantizeJob, quantize_fingerprint, quantize_variants
 
     layout = BuildLayout.for_model(recipe.name, build_root)
     hf_dir = recipe_hf_dir(recipe, layout)
@@ -176,7 +198,79 @@ def plan_build(recipe: Recipe, options: BuildOptions, build_root: Path | None = 
             f"quantize {q.name}", "quantize", out, out.name,
             int(n_params * q.bpw / 8 * 1.15),
             lambda p, o=opts: quantize_variants(job, [o], None, p),
-            lambda o=opts: _quantize_fingerprint(bf16, o)))
+            lambda o=opts: quantize_fingerprint(bf16, o), (bf16,)))
+    steps += _modelfile_steps(recipe, options, layout, build_root)
+    if options.measure:
+        steps += _measure_steps(recipe, options, layout, build_root)
+    return steps
+
+
+def _modelfile_steps(recipe: Recipe, options: BuildOptions, layout: BuildLayout,
+                     build_root: Path | None) -> list[Step]:
+    """One step writing the Modelfiles of the recipe's Ollama tags for the built variants."""
+    from mathq.modelfile import modelfiles_fingerprint, write_modelfiles
+
+    names = {q.name for q in options.quants}
+    tags = tuple(tag for tag, quant in recipe.ollama.tags if get_quant(quant).name in names)
+    if not tags:
+        return []
+    return [Step("modelfiles", "modelfile", layout.modelfiles_dir, layout.key(
+        layout.modelfiles_dir), 0,
+        lambda p: write_modelfiles(recipe, None, build_root, tags, p),
+        lambda: modelfiles_fingerprint(recipe, tags))]
+
+
+def _measure_steps(recipe: Recipe, options: BuildOptions, layout: BuildLayout,
+                   build_root: Path | None) -> list[Step]:
+    """Smoke tests, speed, KL divergence and the report, each with its stage's fingerprint."""
+    from mathq.backends import BackendSpec
+    from mathq.bench import BenchOptions, bench_fingerprint, run_bench
+    from mathq.corpus import load_corpus
+    from mathq.kld import KldOptions, kld_fingerprint, run_kld
+    from mathq.report.build import ReportOptions, build_report, report_fingerprint
+    from mathq.smoke import (
+        SmokeOptions,
+        select_smoke_problems,
+        smoke_fingerprint,
+        smoke_variant,
+    )
+
+    # The full-precision model is measured too: it is the reference the report compares
+    # every variant's accuracy with, and its KLD is zero by definition.
+    names = list(dict.fromkeys(["BF16", *(q.name for q in options.quants)]))
+    steps: list[Step] = []
+    if not options.skip_smoke:
+        # Results of an interrupted run of the same GGUF are resumed; results of a GGUF
+        # that has since been rebuilt are discarded.
+        smoke = SmokeOptions(n=options.n, restart_if_changed=True,
+                             backend=BackendSpec(parallel=options.parallel))
+        for q in names:
+            steps.append(Step(
+                f"smoke {q}", "smoke", layout.smoke_summary(q),
+                layout.key(layout.smoke_summary(q)), 1 << 20,
+                lambda p, q=q: smoke_variant(recipe, q, select_smoke_problems(recipe, smoke, p),
+                                             layout, smoke, p),
+                lambda q=q: smoke_fingerprint(recipe, q, smoke, layout), (layout.gguf(q),)))
+    bench = BenchOptions()
+    for q in names:
+        steps.append(Step(
+            f"bench {q}", "bench", layout.bench_summary(q), layout.key(layout.bench_summary(q)),
+            0, lambda p, q=q: run_bench(recipe, [q], bench, build_root, p),
+            lambda q=q: bench_fingerprint(layout, q, bench), (layout.gguf(q),)))
+    kld = KldOptions()
+    for q in names:
+        if q == kld.reference:
+            continue
+        steps.append(Step(
+            f"kld {q}", "kld", layout.kld_summary(q), layout.key(layout.kld_summary(q)),
+            0, lambda p, q=q: run_kld(recipe.path, (q,), kld, build_root, p),
+            lambda q=q: kld_fingerprint(layout, q, kld, load_corpus(kld.corpus)),
+            (layout.gguf(q), layout.gguf(kld.reference))))
+    report = layout.report_dir / "report.html"
+    steps.append(Step(
+        "report", "report", report, layout.key(report), 0,
+        lambda p: build_report(recipe.path, ReportOptions(), build_root, p),
+        lambda: report_fingerprint(recipe, layout), tuple(s.artifact for s in steps)))
     return steps
 
 
@@ -185,19 +279,6 @@ def _offline_download_fingerprint(layout: BuildLayout) -> Fingerprint | None:
         return None
     record = Manifest(layout.manifest).get("hf")
     return (record.inputs, record.settings) if record else None
-
-
-def _quantize_fingerprint(source: Path, opts: Any) -> Fingerprint | None:
-    if not source.exists():
-        return None
-    stat = source.stat()
-    inputs = {"source": source.name, "source_size": stat.st_size,
-              "source_mtime_ns": stat.st_mtime_ns}
-    settings = {"quant": opts.quant.name, "output_tensor_type": opts.output_tensor_type,
-                "token_embedding_type": opts.token_embedding_type,
-                "overrides": [list(o) for o in opts.overrides],
-                "allow_requantize": opts.allow_requantize}
-    return inputs, settings
 
 
 def default_options(recipe: Recipe, quants: str | None) -> BuildOptions:

@@ -28,7 +28,7 @@ from mathq.kld_stats import KldAccumulator, compress_log_probs
 from mathq.layout import BuildLayout
 from mathq.llama_eval import ChunkEvaluator
 from mathq.logprob_file import LogprobFile, LogprobWriter, file_size
-from mathq.manifest import Manifest
+from mathq.manifest import Fingerprint, Manifest, file_identity
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.quants import get_quant
 from mathq.recipes import load_recipe
@@ -74,14 +74,9 @@ class KldRun:
     paths: tuple[Path, ...]
 
 
-def _file_identity(path: Path) -> dict[str, object]:
-    stat = path.stat()
-    return {"name": path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
 def reference_key(reference: Path, corpus: Corpus, options: KldOptions) -> str:
     """What the cached reference depends on, hashed: file, corpus, chunking, format."""
-    material = {"format": CACHE_FORMAT, "reference": _file_identity(reference),
+    material = {"format": CACHE_FORMAT, "reference": file_identity(reference),
                 "corpus_sha256": corpus.sha256, "n_ctx": options.n_ctx,
                 "max_chunks": options.max_chunks}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
@@ -143,7 +138,7 @@ def ensure_reference(layout: BuildLayout, corpus: Corpus, options: KldOptions,
         n_vocab = ev.n_vocab
     seconds = time.perf_counter() - started
     write_text_atomic(cache.with_suffix(".json"), json.dumps({
-        "reference": options.reference, "reference_file": _file_identity(ref_path),
+        "reference": options.reference, "reference_file": file_identity(ref_path),
         "corpus": corpus.name, "corpus_sha256": corpus.sha256, "n_ctx": options.n_ctx,
         "n_chunks": n_chunk, "n_vocab": n_vocab, "format": "llama-perplexity logits",
         "seconds": round(seconds, 3)}, indent=2) + "\n")
@@ -196,6 +191,22 @@ def measure_variant(layout: BuildLayout, quant: str, reference: ReferenceCache, 
         seconds=round(seconds, 3))
 
 
+def kld_fingerprint(layout: BuildLayout, quant: str, options: KldOptions,
+                    corpus: Corpus) -> Fingerprint | None:
+    """What a variant's KLD summary is made from; None while either model is missing.
+
+    ``build`` compares it with the manifest's record to skip a variant already measured
+    against this very reference pass.
+    """
+    variant, reference = layout.gguf(quant), layout.gguf(options.reference)
+    if not (variant.is_file() and reference.is_file()):
+        return None
+    return ({"gguf": file_identity(variant),
+             "reference_key": reference_key(reference, corpus, options)},
+            {"reference": options.reference, "n_ctx": options.n_ctx,
+             "max_chunks": options.max_chunks, "corpus_sha256": corpus.sha256})
+
+
 def run_kld(recipe_ref: str | Path, quants: tuple[str, ...] | None = None,
             options: KldOptions = KldOptions(), build_root: Path | None = None,
             progress: ProgressCallback = no_progress) -> KldRun:
@@ -225,16 +236,14 @@ def run_kld(recipe_ref: str | Path, quants: tuple[str, ...] | None = None,
         summary = measure_variant(layout, q, ref, corpus, options, progress)
         out = layout.kld_summary(q)
         save_summary(out, summary)
-        gguf_path = layout.gguf(q)
-        Manifest(layout.manifest).record(
-            str(out.relative_to(layout.root)), "kld",
-            {"gguf": _file_identity(gguf_path), "reference_cache": ref.path.name},
-            {"reference": reference, "n_ctx": ref.n_ctx, "n_chunks": ref.n_chunks,
-             "corpus_sha256": corpus.sha256}, size=out.stat().st_size)
+        fingerprint = kld_fingerprint(layout, q, options, corpus)
+        assert fingerprint is not None  # both files were just read
+        Manifest(layout.manifest).record(layout.key(out), "kld", *fingerprint,
+                                         size=out.stat().st_size)
         summaries.append(summary)
         paths.append(out)
     return KldRun(ref, tuple(summaries), tuple(paths))
 
 
-__all__ = ["KldOptions", "KldRun", "ReferenceCache",
-           "ensure_reference", "measure_variant", "reference_key", "run_kld"]
+__all__ = ["KldOptions", "KldRun", "ReferenceCache", "ensure_reference", "kld_fingerprint",
+           "measure_variant", "reference_key", "run_kld"]

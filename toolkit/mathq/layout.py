@@ -31,6 +31,10 @@ class BuildLayout:
         """The layout of ``<build_root>/<name>/``."""
         return cls((build_root or default_build_root()) / name, name)
 
+    def key(self, path: Path) -> str:
+        """``path``'s manifest key: its path inside the build folder, with ``/``."""
+        return Path(path).relative_to(self.root).as_posix()
+
     @property
     def hf_dir(self) -> Path:
         """The Hugging Face snapshot (config, tokenizer, safetensors)."""

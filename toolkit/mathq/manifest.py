@@ -23,6 +23,17 @@ from mathq.fsutil import write_text_atomic
 
 MANIFEST_VERSION = 1
 
+# What an artifact was made from: (inputs, settings), as a stage records it and as
+# ``build`` recomputes it to decide whether the artifact is still current.
+Fingerprint = tuple[dict[str, Any], dict[str, Any]]
+
+
+def file_identity(path: Path) -> dict[str, Any]:
+    """Name, size and modification time: cheap to read, and every stage writes its files by
+    renaming a finished ``.partial``, so a rebuilt file always gets a new identity."""
+    stat = Path(path).stat()
+    return {"name": Path(path).name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
 
 @dataclass(frozen=True)
 class ArtifactRecord:

@@ -20,10 +20,12 @@ from dataclasses import dataclass, replace
 from itertools import zip_longest
 from pathlib import Path
 
+from mathq import __version__
 from mathq.errors import ModelfileError, RecipeError
-from mathq.fsutil import write_text_atomic
+from mathq.fsutil import sha256_file, write_text_atomic
 from mathq.gotemplate import go_template
 from mathq.layout import BuildLayout
+from mathq.manifest import Fingerprint, Manifest
 from mathq.modelfile_check import check_modelfile_text, parse_modelfile
 from mathq.ollama_options import format_parameter_values, recipe_parameter_problem
 from mathq.progress import Progress, ProgressCallback, no_progress
@@ -236,7 +238,17 @@ def write_modelfiles(recipe: Recipe, out_dir: Path | None = None,
         write_text_atomic(path, text)
         written.append(WrittenModelfile(tag, quant, path, src))
         progress(Progress("modelfile", i + 1, len(rendered), "files", item=path.name))
+    if out_dir == layout.modelfiles_dir:
+        Manifest(layout.manifest).record(layout.key(out_dir), "modelfile",
+                                         *modelfiles_fingerprint(recipe, tags))
     return ModelfileResult(recipe.name, recipe.ollama.model, tuple(written))
+
+
+def modelfiles_fingerprint(recipe: Recipe, tags: Sequence[str] = ()) -> Fingerprint:
+    """What a build folder's Modelfiles are made from: the recipe, the tags asked for
+    (none: all) and the mathq that renders them (FROM lines follow from the layout)."""
+    return ({"recipe_sha256": sha256_file(recipe.path)},
+            {"tags": list(tags), "mathq": __version__})
 
 
 def write_all_modelfiles(out_root: Path, build_root: Path,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mathq.fsutil import sha256_file
 from mathq.layout import BuildLayout
-from mathq.manifest import Manifest
+from mathq.manifest import Fingerprint, Manifest
 from mathq.progress import ProgressCallback, no_progress
 from mathq.quantize import QuantizeOptions, QuantizeResult, output_name, quantize_gguf
 from mathq.quants import QuantType, get_quant
@@ -56,10 +56,13 @@ def quantize_variants(job: QuantizeJob, options: list[QuantizeOptions],
     return results
 
 
-def _record(job: QuantizeJob, opts: QuantizeOptions, result: QuantizeResult) -> None:
-    assert job.layout is not None
-    stat = job.source.stat()
-    inputs = {"source": job.source.name, "source_size": stat.st_size,
+def quantize_fingerprint(source: Path, opts: QuantizeOptions) -> Fingerprint | None:
+    """What a quantized GGUF is made from: its source, its importance matrix and the
+    options; None while either file is missing. ``build`` compares it with the record."""
+    if not source.is_file() or (opts.imatrix is not None and not opts.imatrix.is_file()):
+        return None
+    stat = source.stat()
+    inputs = {"source": source.name, "source_size": stat.st_size,
               "source_mtime_ns": stat.st_mtime_ns}
     if opts.imatrix:
         inputs["imatrix_sha256"] = sha256_file(opts.imatrix)
@@ -67,5 +70,12 @@ def _record(job: QuantizeJob, opts: QuantizeOptions, result: QuantizeResult) -> 
                 "token_embedding_type": opts.token_embedding_type,
                 "overrides": [list(o) for o in opts.overrides],
                 "allow_requantize": opts.allow_requantize}
-    Manifest(job.layout.manifest).record(result.path.name, "quantize", inputs, settings,
+    return inputs, settings
+
+
+def _record(job: QuantizeJob, opts: QuantizeOptions, result: QuantizeResult) -> None:
+    assert job.layout is not None
+    fingerprint = quantize_fingerprint(job.source, opts)
+    assert fingerprint is not None  # both were just read
+    Manifest(job.layout.manifest).record(result.path.name, "quantize", *fingerprint,
                                          size=result.size)

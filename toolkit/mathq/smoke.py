@@ -36,6 +36,7 @@ from mathq.gguf_info import gguf_imatrix
 from mathq.grading.equivalence import DEFAULT_TIMEOUT_S, judge
 from mathq.grading.grade import ProblemResult, result_for, summarize
 from mathq.layout import BuildLayout
+from mathq.manifest import Fingerprint, Manifest, file_identity
 from mathq.problems import Problem, ProblemSet, load_problem_set, select_problems
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.prompt import render_prompt, stop_strings
@@ -48,7 +49,10 @@ class SmokeOptions:
     """What to run. None means the recipe's ``[smoke]`` value; ``n`` 0 means every problem.
 
     ``out_dir`` puts results and summaries there instead of ``build/<model>/smoke/``
-    (to keep, say, an Ollama run beside the in-process one).
+    (to keep, say, an Ollama run beside the in-process one). Results made with other
+    settings are refused, unless ``restart`` discards them up front or
+    ``restart_if_changed`` discards them only if they differ (what ``build`` does: a
+    rebuilt GGUF makes them stale, an interrupted run of the same GGUF is resumed).
     """
 
     suite: str | None = None
@@ -59,6 +63,7 @@ class SmokeOptions:
     max_tokens: int | None = None
     backend: BackendSpec = dataclasses.field(default_factory=BackendSpec)
     restart: bool = False
+    restart_if_changed: bool = False
     grade_timeout_s: float = DEFAULT_TIMEOUT_S
     out_dir: Path | None = None
 
@@ -167,8 +172,8 @@ def _target(recipe: Recipe, quant: str, spec: BackendSpec, gguf: Path | None,
             backend: Backend | None = None) -> dict[str, Any]:
     if spec.kind == "llama":
         assert gguf is not None
-        stat = gguf.stat()
-        return {"gguf": gguf.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        identity = file_identity(gguf)
+        return {"gguf": identity.pop("name"), **identity}
     if spec.kind == "ollama":
         return {"ollama_model": ollama_model_name(recipe, quant, spec.model)}
     return {"served_model": getattr(backend, "model", spec.model)}
@@ -188,23 +193,41 @@ def ollama_model_name(recipe: Recipe, quant: str, model: str | None = None) -> s
                      f"its tags: {tags}")
 
 
-def _check_settings(path: Path, settings: dict[str, Any], have_results: bool) -> None:
-    if path.exists() and have_results:
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise SmokeError(f"cannot read {path}: {e}", "pass --restart") from e
-        changed = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
-        if changed:
-            first = changed[0]
-            raise SmokeError(
-                f"results in {path.parent} were made with other settings "
-                f"({first}: {json.dumps(old.get(first))} -> {json.dumps(settings.get(first))})",
-                "pass --restart to discard them, or --out-dir to keep both")
-    elif have_results:
-        raise SmokeError(f"{path} is missing, so the results beside it cannot be trusted",
-                         "pass --restart to discard them")
-    write_text_atomic(path, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+def _settings_conflict(path: Path, settings: dict[str, Any]) -> SmokeError | None:
+    """Why results recorded beside ``path`` cannot be resumed under ``settings``, if so."""
+    if not path.exists():
+        return SmokeError(f"{path} is missing, so the results beside it cannot be trusted",
+                          "pass --restart to discard them")
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return SmokeError(f"cannot read {path}: {e}", "pass --restart")
+    changed = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+    if not changed:
+        return None
+    first = changed[0]
+    return SmokeError(
+        f"results in {path.parent} were made with other settings "
+        f"({first}: {json.dumps(old.get(first))} -> {json.dumps(settings.get(first))})",
+        "pass --restart to discard them, or --out-dir to keep both")
+
+
+def smoke_fingerprint(recipe: Recipe, quant: str, options: SmokeOptions,
+                      layout: BuildLayout) -> Fingerprint | None:
+    """What an in-process smoke summary in the build folder is made from.
+
+    None for other backends or folders (nothing of theirs is recorded) and while the GGUF
+    is missing. ``build`` compares it with the manifest's record to skip a finished test.
+    """
+    gguf = layout.gguf(quant)
+    if options.backend.kind != "llama" or options.out_dir is not None or not gguf.is_file():
+        return None
+    return ({"gguf": file_identity(gguf)},
+            {"suite": options.suite or recipe.smoke.suite,
+             "n": recipe.smoke.n if options.n is None else options.n, "seed": options.seed,
+             "subjects": list(options.subjects), "levels": list(options.levels),
+             "max_tokens": options.max_tokens or recipe.smoke.max_tokens,
+             "prompt": dataclasses.asdict(recipe.prompt)})
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,14 +267,12 @@ def smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: Buil
     stops = stop_strings(recipe.prompt)
     few_shot = recipe.prompt.template == "few-shot"
 
+    fingerprint = smoke_fingerprint(recipe, quant, options, layout)
+    manifest = Manifest(layout.manifest)
     with _exclusive(paths.results):
         if options.restart:
-            for p in (paths.results, paths.settings, paths.summary):
-                p.unlink(missing_ok=True)
+            _discard(paths)
         done = read_results_log(paths.results)
-        wanted = {p.id for p in problems.problems}
-        todo = [p for p in problems.problems if p.id not in done]
-        resumed = len(wanted) - len(todo)
         backend = None
         try:
             if spec.kind == "openai" and spec.model is None:
@@ -259,8 +280,20 @@ def smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: Buil
             settings = {"backend": spec.kind, **_target(recipe, quant, spec, gguf, backend),
                         "prompt": dataclasses.asdict(recipe.prompt), "max_tokens": max_tokens,
                         "stop": list(stops), "problems": problems.source}
-            _check_settings(paths.settings, settings, bool(done))
+            conflict = _settings_conflict(paths.settings, settings) if done else None
+            if conflict is not None and not options.restart_if_changed:
+                raise conflict
+            if conflict is not None:
+                _discard(paths)
+                done = {}
+            write_text_atomic(paths.settings,
+                              json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+            wanted = {p.id for p in problems.problems}
+            todo = [p for p in problems.problems if p.id not in done]
+            resumed = len(wanted) - len(todo)
             if todo:
+                if fingerprint is not None:  # the summary is about to be out of date
+                    manifest.forget(layout.key(paths.summary))
                 if backend is None:
                     backend = open_backend(spec, gguf=gguf, ollama_model=ollama_model)
                 done.update(_answer(backend, todo, recipe, quant, max_tokens, stops, few_shot,
@@ -281,8 +314,16 @@ def smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: Buil
                                 backend=describe_backend(spec),
                                 imatrix=gguf_imatrix(gguf) if gguf else None)
         save_summary(paths.summary, summary)
+        if fingerprint is not None:
+            manifest.record(layout.key(paths.summary), "smoke", *fingerprint,
+                            size=paths.summary.stat().st_size)
     return SmokeOutcome(quant=quant, results=paths.results, summary_path=paths.summary,
                         summary=summary, resumed=resumed, answered=len(todo))
+
+
+def _discard(paths: _Paths) -> None:
+    for p in (paths.results, paths.settings, paths.summary):
+        p.unlink(missing_ok=True)
 
 
 def describe_backend(spec: BackendSpec) -> str:

@@ -16,16 +16,20 @@ from mathq.cli.render import progress_for
               help="Comma-separated variants, e.g. Q5_K_M,Q8_0 (default: the recipe's).")
 @click.option("--n", type=click.IntRange(min=1), default=None,
               help="Problems per smoke test (default: the recipe's [smoke] n).")
-@click.option("--parallel", "-P", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--parallel", "-P", type=click.IntRange(min=1), default=8, show_default=True,
               help="Sequences decoded together in the smoke test.")
-@click.option("--skip-smoke", is_flag=True, help="Build the files only; measure nothing.")
+@click.option("--skip-smoke", is_flag=True,
+              help="Leave out the smoke test (the longest step); still bench, KLD and report.")
+@click.option("--files-only", is_flag=True,
+              help="Stop after the GGUFs and Modelfiles: measure nothing, write no report.")
 @click.option("--dry-run", is_flag=True,
               help="Print the plan (what would run, what is current) and do nothing.")
 @build_dir_option
 @quiet_option
 @json_option
 def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, skip_smoke: bool,
-          dry_run: bool, build_dir: Path | None, quiet: bool, as_json: bool) -> None:
+          files_only: bool, dry_run: bool, build_dir: Path | None, quiet: bool,
+          as_json: bool) -> None:
     """Run the whole pipeline for a recipe into build/<model>/, redoing only what changed.
 
     Chains download, convert, quantize, Modelfiles, smoke test, speed bench, KL divergence
@@ -54,7 +58,7 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
 
     loaded = load_recipe(recipe)
     options = replace(default_options(loaded, quant_list), n=n, parallel=parallel,
-                      skip_smoke=skip_smoke)
+                      skip_smoke=skip_smoke, measure=not files_only)
     layout = BuildLayout.for_model(loaded.name, build_dir)
     manifest = Manifest(layout.manifest)
     steps = plan_build(loaded, options, build_dir)
@@ -79,4 +83,13 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
     if as_json:
         echo_json(result)
         return
+    report = layout.report_dir / "report.html"
+    if options.measure and report.is_file():
+        from mathq.report.advice import DEFAULT_KLD_BOUND, advise
+        from mathq.report.table import collect
+        from mathq.report.text import render_text
+
+        data = collect(loaded, layout)
+        click.echo(render_text(data, advise(data, DEFAULT_KLD_BOUND)))
+        click.echo(f"\nReport: {report}\n        {report.with_suffix('.md')}")
     click.echo(f"Build of {loaded.name} finished in {layout.root}")

@@ -42,6 +42,7 @@ def report(recipe: str, kld_bound: float, out_dir: Path | None, build_dir: Path 
       mathq report deepseek-math-7b-rl --out-dir site/ --json
     """
     from mathq.report.build import ReportOptions, build_report
+    from mathq.report.text import render_text
 
     render = progress_for(quiet)
     try:
@@ -56,6 +57,6 @@ def report(recipe: str, kld_bound: float, out_dir: Path | None, build_dir: Path 
                    "plots": {p.name: [p.png, p.svg] for p in result.plots},
                    "advice": result.advice, "variants": len(result.data.rows)})
         return
-    click.echo(result.advice.text)
+    click.echo(render_text(result.data, result.advice))
     click.echo(f"{len(result.data.rows)} variants: {result.markdown}, {result.html}, "
                f"{result.json}")

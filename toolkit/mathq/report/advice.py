@@ -62,7 +62,8 @@ def advise(data: ReportData, kld_bound: float = DEFAULT_KLD_BOUND) -> Advice:
     if qualified:
         best = min(qualified, key=lambda r: (r.size_bytes if r.size_bytes is not None
                                              else float("inf"), r.nominal_bpw))
-        size = f", {best.gib:.2f} GiB" if best.gib is not None else ""
+        value = data.size_in_unit(best)
+        size = f", {value:.2f} {data.size_unit[0]}" if value is not None else ""
         text = (f"Smallest variant whose MATH accuracy interval overlaps {ref_words} and whose "
                 f"mean KL divergence is under {kld_bound:g}: {best.quant}{size}.")
         return Advice(best.quant, text, kld_bound, ref_words)

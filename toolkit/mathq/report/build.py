@@ -16,13 +16,14 @@ from mathq import __version__
 from mathq.dataclass_json import to_jsonable
 from mathq.fsutil import write_text_atomic
 from mathq.layout import BuildLayout
+from mathq.manifest import Fingerprint, Manifest
 from mathq.progress import Progress, ProgressCallback, no_progress
-from mathq.recipes import load_recipe
+from mathq.recipes import Recipe, load_recipe
 from mathq.report.advice import DEFAULT_KLD_BOUND, Advice, advise
 from mathq.report.html import render_html
 from mathq.report.markdown import render_markdown
 from mathq.report.plots import Plot, write_plots
-from mathq.report.table import ReportData, collect
+from mathq.report.table import ReportData, collect, report_inputs
 
 REPORT_SCHEMA = 1
 
@@ -52,7 +53,7 @@ def report_json(data: ReportData, advice: Advice, plots: tuple[Plot, ...]) -> di
     rows = []
     for r in data.rows:
         row = to_jsonable(r)
-        row["gib"] = round(r.gib, 4) if r.gib is not None else None
+        row["gib"] = round(r.size_bytes / 2**30, 6) if r.size_bytes is not None else None
         rows.append(row)
     return {
         "schema": REPORT_SCHEMA, "generator": f"mathq {__version__}",
@@ -70,6 +71,12 @@ def report_json(data: ReportData, advice: Advice, plots: tuple[Plot, ...]) -> di
                   for p in plots},
         "sources": data.sources,
     }
+
+
+def report_fingerprint(recipe: Recipe, layout: BuildLayout) -> Fingerprint:
+    """What the build folder's report is made from: the recipe, every summary and GGUF
+    it reads, and the mathq that renders them."""
+    return report_inputs(recipe, layout), {"mathq": __version__}
 
 
 def build_report(recipe_ref: str | Path, options: ReportOptions = ReportOptions(),
@@ -92,5 +99,8 @@ def build_report(recipe_ref: str | Path, options: ReportOptions = ReportOptions(
     write_text_atomic(html, render_html(data, advice, plots))
     write_text_atomic(js, json.dumps(report_json(data, advice, plots), indent=2,
                                      ensure_ascii=False) + "\n")
+    if options.out_dir is None:
+        fingerprint = report_fingerprint(recipe, layout)
+        Manifest(layout.manifest).record(layout.key(html), "report", *fingerprint)
     progress(Progress("report", 3, len(steps), "steps"))
     return ReportResult(md, html, js, plots, advice, data)

@@ -90,8 +90,8 @@ def columns(data: ReportData) -> tuple[Column, ...]:
     paper = f"{data.paper_accuracy:g} %" if data.paper_accuracy is not None else "not set"
     return (
         Column("quant", "Quant", "llama.cpp quantization type", lambda r, _d: r.quant, False),
-        Column("gib", "GiB", "GGUF file size",
-               lambda r, _d: _num(r.gib, ".2f")),
+        Column("size", data.size_unit[0], "GGUF file size",
+               lambda r, d: _num(d.size_in_unit(r), ".2f")),
         Column("bpw", "Bits/weight", "file bits over parameters, metadata included",
                lambda r, _d: _num(r.bits_per_weight, ".2f")),
         Column("accuracy", "MATH % [95 % CI]",

@@ -34,7 +34,7 @@ class Plot:
     points: int
 
 
-def _figure() -> tuple[Any, Any]:
+def _figure(unit: str) -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -43,7 +43,7 @@ def _figure() -> tuple[Any, Any]:
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     ax.grid(True, which="major", alpha=0.3)
     ax.margins(x=0.1, y=0.12)  # room for the point labels at the edges
-    ax.set_xlabel("file size (GiB)")
+    ax.set_xlabel(f"file size ({unit})")
     return fig, ax
 
 
@@ -61,13 +61,13 @@ def _empty(ax: Any, what: str) -> None:
 
 
 def _accuracy(ax: Any, data: ReportData) -> int:
-    rows = [r for r in data.rows if r.gib is not None and r.accuracy is not None]
+    rows = [r for r in data.rows if r.size_bytes is not None and r.accuracy is not None]
     ax.set_title(f"{data.model}: MATH accuracy vs size")
     ax.set_ylabel("MATH accuracy (%), 95 % CI")
     if not rows:
         _empty(ax, "MATH accuracy")
         return 0
-    xs = [r.gib for r in rows]
+    xs = [data.size_in_unit(r) for r in rows]
     ys = [100 * r.accuracy.value for r in rows]
     lo = [100 * (r.accuracy.value - r.accuracy.low) for r in rows]
     hi = [100 * (r.accuracy.high - r.accuracy.value) for r in rows]
@@ -86,7 +86,7 @@ def _accuracy(ax: Any, data: ReportData) -> int:
 
 
 def _kld(ax: Any, data: ReportData, bound: float) -> int:
-    rows = [r for r in data.rows if r.gib is not None and r.mean_kld is not None
+    rows = [r for r in data.rows if r.size_bytes is not None and r.mean_kld is not None
             and r.mean_kld > 0]
     ref = data.kld_reference or "reference"
     ax.set_title(f"{data.model}: KL divergence from {ref} vs size")
@@ -94,7 +94,7 @@ def _kld(ax: Any, data: ReportData, bound: float) -> int:
     if not rows:
         _empty(ax, "KL divergence")
         return 0
-    xs = [r.gib for r in rows]
+    xs = [data.size_in_unit(r) for r in rows]
     ys = [r.mean_kld for r in rows]
     errs = [min(r.mean_kld_err or 0.0, 0.999 * r.mean_kld) for r in rows]
     ax.set_yscale("log")
@@ -113,11 +113,11 @@ def _speed(ax: Any, data: ReportData) -> int:
     drawn = 0
     for attr, label, color in (("prompt_tps", "prompt (pp512)", _COLORS["main"]),
                                ("generation_tps", "generation (tg128)", _COLORS["second"])):
-        rows: list[VariantRow] = [r for r in data.rows if r.gib is not None
+        rows: list[VariantRow] = [r for r in data.rows if r.size_bytes is not None
                                   and getattr(r, attr) is not None and getattr(r, attr).mean > 0]
         if not rows:
             continue
-        xs = [r.gib for r in rows]
+        xs = [data.size_in_unit(r) for r in rows]
         ys = [getattr(r, attr).mean for r in rows]
         errs = [min(getattr(r, attr).sd, 0.999 * getattr(r, attr).mean) for r in rows]
         ax.errorbar(xs, ys, yerr=errs, fmt="o-", color=color, capsize=4, label=label)
@@ -144,7 +144,7 @@ def write_plots(data: ReportData, out_dir: Path, kld_bound: float) -> tuple[Plot
     for name in PLOT_NAMES:
         with matplotlib.rc_context({"svg.hashsalt": f"mathq-{name}", "svg.fonttype": "none",
                                     "font.size": 9}):
-            fig, ax = _figure()
+            fig, ax = _figure(data.size_unit[0])
             try:
                 if name == "accuracy":
                     points = _accuracy(ax, data)

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mathq.errors import GGUFError
+from mathq.fsutil import sha256_file
 from mathq.gguf_info import read_gguf_header
 from mathq.layout import BuildLayout
+from mathq.manifest import file_identity
 from mathq.quants import QUANT_TYPES, get_quant
 from mathq.recipes import Recipe
 from mathq.summaries import (
@@ -55,10 +57,6 @@ class VariantRow:
     ollama_tags: tuple[str, ...]
     imatrix: str | None
 
-    @property
-    def gib(self) -> float | None:
-        """File size in GiB."""
-        return self.size_bytes / 2**30 if self.size_bytes is not None else None
 
 
 @dataclass(frozen=True)
@@ -79,6 +77,17 @@ class ReportData:
     bench_threads: int | None
     sources: dict[str, str]
 
+    @property
+    def size_unit(self) -> tuple[str, int]:
+        """GiB, or MiB when every file is under 1 GiB (a tiny model's sizes would all
+        read 0.00 GiB): the unit's name and its bytes."""
+        sizes = [r.size_bytes for r in self.rows if r.size_bytes is not None]
+        return ("GiB", 2**30) if not sizes or max(sizes) >= 2**30 else ("MiB", 2**20)
+
+    def size_in_unit(self, row: VariantRow) -> float | None:
+        """``row``'s file size in :attr:`size_unit`."""
+        return row.size_bytes / self.size_unit[1] if row.size_bytes is not None else None
+
 
 def _load(path: Path, kind: type) -> object | None:
     return load_summary(path, kind) if path.is_file() else None
@@ -96,6 +105,18 @@ def _present_quants(layout: BuildLayout, recipe: Recipe) -> list[str]:
 
 def _pp(a: float, b: float) -> float:
     return round(100 * (a - b), 6)
+
+
+def report_inputs(recipe: Recipe, layout: BuildLayout) -> dict[str, object]:
+    """Identities of every file :func:`collect` reads, so a report can tell it is stale."""
+    inputs: dict[str, object] = {"recipe_sha256": sha256_file(recipe.path)}
+    for q in _present_quants(layout, recipe):
+        for path in (layout.gguf(q), layout.smoke_summary(q), layout.bench_summary(q),
+                     layout.kld_summary(q)):
+            if path.is_file():
+                identity = file_identity(path)
+                inputs[layout.key(path)] = [identity["size"], identity["mtime_ns"]]
+    return inputs
 
 
 def collect(recipe: Recipe, layout: BuildLayout) -> ReportData:
