@@ -28,12 +28,10 @@ test: install
 lint: install
 	$(BIN)/ruff check toolkit tests benchmarks
 
-# The pipeline on the bundled tiny demo model, offline, into build/tiny-demo/: convert and
-# quantize (mathq build), Modelfiles, a smoke test, KL divergence and the report.
+# The pipeline on the bundled tiny demo model, offline, into build/tiny-demo/: one
+# `mathq build` converts, quantizes, writes Modelfiles, smoke-tests BF16 and each variant on
+# the model's 200 held-out problems, benches them, measures KL divergence and writes the
+# report, ending with its table. A rerun redoes nothing.
 DEMO_QUANTS := Q2_K,Q4_K_M,Q8_0
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/mathq build tiny-demo --quant $(DEMO_QUANTS)
-	$(BIN)/mathq modelfile tiny-demo
-	HF_HUB_OFFLINE=1 $(BIN)/mathq smoke tiny-demo --quant $(DEMO_QUANTS) --n 20
-	$(BIN)/mathq kld tiny-demo --quant $(DEMO_QUANTS)
-	$(BIN)/mathq report tiny-demo
