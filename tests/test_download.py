@@ -470,3 +470,22 @@ def test_cli_download_help_teaches():
     for needle in ("Hugging Face Hub", "--revision", "--dir", "HF_TOKEN", "HF_ENDPOINT",
                    "pickle", "resumes", "Examples:", "mathq download deepseek-math-7b-rl"):
         assert needle in out, needle
+
+
+def test_build_dry_run_sizes_the_plan_from_the_hub_listing(hub, tmp_path):
+    files = tiny_checkpoint()
+    hub.add_repo(REPO, files)
+    args = ["build", "deepseek-math-7b-rl", "--quant", "Q8_0", "--build-dir", str(tmp_path),
+            "--dry-run", "--files-only"]
+    plan = CliRunner().invoke(cli, args, catch_exceptions=False).output
+    sizes = {line[9:31].strip(): line[32:44].strip() for line in plan.splitlines()}
+    weights = len(files[SHARD1]) + len(files[SHARD2])
+    total = sum(len(files[n]) for n in FETCHED)
+    assert sizes["download"] == f"~{format_bytes(total)}"   # nothing fetched yet
+    assert sizes["convert"] == f"~{format_bytes(weights)}"  # bf16 in, bf16 out
+    assert sizes["quantize Q8_0"] != ""
+    assert not (tmp_path / "deepseek-math-7b-rl" / "hf").exists()  # a plan fetches nothing
+    # Offline there is no listing: the plan still prints, without sizes.
+    offline = CliRunner(env={"HF_HUB_OFFLINE": "1"}).invoke(cli, args, catch_exceptions=False)
+    first = offline.output.splitlines()[0]
+    assert first.split()[:2] == ["planned", "download"] and first[32:44].strip() == ""

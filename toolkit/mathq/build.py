@@ -15,15 +15,18 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mathq.errors import DiskSpaceError
+from mathq.errors import DiskSpaceError, MathqError
 from mathq.fsutil import format_bytes, free_bytes
 from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
 from mathq.progress import ProgressCallback, no_progress
 from mathq.quants import QuantType, get_quant
 from mathq.recipes import Recipe
+
+if TYPE_CHECKING:
+    from mathq.download import CheckpointPlan
 
 
 @dataclass(frozen=True)
@@ -174,11 +177,15 @@ def plan_build(recipe: Recipe, options: BuildOptions, build_root: Path | None = 
     hf_dir = recipe_hf_dir(recipe, layout)
     config = _read_config(hf_dir)
     n_params = estimate_params(config) if config else 0
+    download_bytes = 0
+    if recipe.model.hf_repo is not None and config is None:
+        hub = _hub_plan(recipe, layout)
+        if hub is not None:  # bf16 weights: two bytes a parameter
+            n_params, download_bytes = hub.weights_bytes // 2, hub.missing_bytes
     steps: list[Step] = []
     if recipe.model.hf_repo is not None:
-        # The download checks its own need against the Hub's file list before it transfers.
         steps.append(Step(
-            "download", "download", layout.hf_dir, "hf", 0,
+            "download", "download", layout.hf_dir, "hf", download_bytes,
             lambda p: download_recipe(recipe, build_root=build_root, progress=p),
             # The Hub may have moved the revision: offline, a finished download is current.
             lambda: _offline_download_fingerprint(layout)))
@@ -272,6 +279,20 @@ def _measure_steps(recipe: Recipe, options: BuildOptions, layout: BuildLayout,
         lambda p: build_report(recipe.path, ReportOptions(), build_root, p),
         lambda: report_fingerprint(recipe, layout), tuple(s.artifact for s in steps)))
     return steps
+
+
+def _hub_plan(recipe: Recipe, layout: BuildLayout) -> CheckpointPlan | None:
+    """The checkpoint's sizes from the Hub's file list, so a plan made before the download
+    has sizes; None offline or when the Hub cannot be asked (the download step will say
+    why, with its own error)."""
+    from mathq.download import plan_download, request_for_recipe
+
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return None
+    try:
+        return plan_download(request_for_recipe(recipe), layout.hf_dir)
+    except MathqError:
+        return None
 
 
 def _offline_download_fingerprint(layout: BuildLayout) -> Fingerprint | None:

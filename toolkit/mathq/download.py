@@ -173,6 +173,32 @@ def download_checkpoint(request: DownloadRequest, dest: Path, *, endpoint: str |
                               total, fetcher.fetched)
 
 
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """What a download would bring, from the Hub's file list alone (nothing fetched)."""
+
+    commit: str
+    weights_bytes: int
+    missing_bytes: int
+
+
+def plan_download(request: DownloadRequest, dest: Path, *,
+                  endpoint: str | None = None) -> CheckpointPlan:
+    """Sizes for ``build --dry-run`` before anything is downloaded: the weights (which size
+    the conversion and the variants) and what is not yet in ``dest``. One listing request;
+    the same errors as a download (unreachable Hub, missing repo, pickle-only weights)."""
+    endpoint = (endpoint or hub_endpoint()).rstrip("/")
+    with hub_errors(request.repo_id, request.revision, endpoint):
+        commit, listing = _Fetcher(request, Path(dest), endpoint, no_progress).list_repo()
+    side, weights = _choose_files(request.repo_id, commit, listing)
+    index = listing.get(INDEX_FILE)
+    files = [*side, *weights, *([index] if index else [])]
+    have = {f.path: (Path(dest) / f.path).stat().st_size
+            for f in files if (Path(dest) / f.path).is_file()}
+    missing = sum(f.size for f in files if have.get(f.path) != f.size)
+    return CheckpointPlan(commit, sum(f.size for f in weights), missing)
+
+
 def _choose_files(repo_id: str, commit: str,
                   listing: dict[str, HubFile]) -> tuple[list[HubFile], list[HubFile]]:
     """The side files and (without an index) the weights to fetch; refuse unusable repos."""
