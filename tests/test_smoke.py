@@ -230,6 +230,13 @@ def test_ollama_backend_sends_bare_question() -> None:
     assert s.accuracy.k == expected
 
 
+def test_ollama_unreachable() -> None:
+    result = _smoke("--quant", "Q8_0", "--n", "2", "--ollama", "http://127.0.0.1:9")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: cannot reach Ollama at http://127.0.0.1:9: ")
+    assert result.output.endswith("(start it (`ollama serve`), or check --ollama)\n")
+
+
 def test_ollama_unknown_tag() -> None:
     with FakeOllama(lambda q: "x", models=("other:latest",)) as server:
         result = _smoke("--quant", "Q8_0", "--n", "2", "--ollama", server.url)
