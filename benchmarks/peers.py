@@ -22,9 +22,14 @@ NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 def llama_cpp_source() -> Path:
-    """``vendor/llama.cpp`` of the pinned sdist, downloaded and unpacked once."""
+    """``vendor/llama.cpp`` of the pinned sdist, downloaded and unpacked once.
+
+    The one place the benchmarks get llama.cpp's sources: the tools built here and the
+    converter ``benchmarks/convert.py`` runs come from the same tree.
+    """
     unpacked = CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
-    if not (unpacked / "vendor" / "llama.cpp").is_dir():
+    # CMakeLists.txt, not just the folder: an older convert.py unpacked only the converter.
+    if not (unpacked / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
         CACHE.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                         "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
