@@ -317,6 +317,23 @@ REDOWNLOAD = "(download the checkpoint again (`mathq download` resumes and check
 DAMAGED = "(download the file again (e.g. `mathq download`), it is damaged)"
 
 
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8 : 8 + n])
+
+
+def replace_safetensors_header(path: Path, header: dict) -> None:
+    """Write ``header`` over the file's own, padded to the old length: the data section stays
+    where it was, so only what the header says is damaged."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    path.write_bytes(raw[:8] + text.ljust(n) + raw[8 + n :])
+
+
 def test_refuses_unsupported_architecture(tiny, tmp_path):
     hf = clone(tiny[1], tmp_path / "hf", copy=("config.json",))
     config = json.loads((hf / "config.json").read_text())
@@ -355,17 +372,13 @@ def test_refuses_truncated_safetensors(tiny, tmp_path):
 
 def test_refuses_out_of_bounds_offsets(tiny, tmp_path):
     hf = clone(tiny[1], tmp_path / "hf", copy=(SHARD2,))
-    raw = (hf / SHARD2).read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + n])
+    header = read_safetensors_header(hf / SHARD2)
     last = max(
         (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1]
     )
     begin, end = header[last]["data_offsets"]
     header[last]["data_offsets"] = [begin + 64, end + 64]
-    text = json.dumps(header, separators=(",", ":")).encode()
-    assert len(text) <= n
-    (hf / SHARD2).write_bytes(raw[:8] + text.ljust(n) + raw[8 + n :])
+    replace_safetensors_header(hf / SHARD2, header)
     assert_refused(
         hf,
         tmp_path,
@@ -377,17 +390,14 @@ def test_refuses_out_of_bounds_offsets(tiny, tmp_path):
 
 def test_refuses_overlapping_tensors(tiny, tmp_path):
     hf = clone(tiny[1], tmp_path / "hf", copy=(SHARD2,))
-    raw = (hf / SHARD2).read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + n])
+    header = read_safetensors_header(hf / SHARD2)
     names = sorted(
         (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0]
     )
     a, b = names[0], names[1]
     size = header[b]["data_offsets"][1] - header[b]["data_offsets"][0]
     header[b]["data_offsets"] = [header[a]["data_offsets"][0], header[a]["data_offsets"][0] + size]
-    text = json.dumps(header, separators=(",", ":")).encode()
-    (hf / SHARD2).write_bytes(raw[:8] + text.ljust(n) + raw[8 + n :])
+    replace_safetensors_header(hf / SHARD2, header)
     first, second = sorted(
         [a, b], key=lambda k: (header[k]["data_offsets"][0], header[k]["data_offsets"][1])
     )
