@@ -24,10 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from gguf import GGMLQuantizationType, GGUFReader, TokenType
 
-from mathq.cli import cli
 from mathq.cli.convert import OUTTYPE_CHOICES
 from mathq.convert import OUTTYPES, ConvertOptions, convert_checkpoint
 from mathq.convert.safetensors_reader import copy_range
@@ -35,6 +33,7 @@ from mathq.convert.tensor_map import permute_rows
 from mathq.convert.verify import LlamaVocab
 from mathq.convert.writer import StreamingGGUFWriter
 from mathq.gguf_info import read_gguf
+from tests.clirun import run
 from tests.conftest import FIXTURES
 from tests.tinymodel import (
     TinySpec,
@@ -286,12 +285,6 @@ def test_writer_refuses_out_of_order_tensors(tmp_path):
 
 
 # ---- the CLI, and inputs that must be refused -------------------------------------------
-
-
-def run(*args: str, code: int = 0):
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
 
 
 def clone(src: Path, dest: Path, copy: tuple[str, ...] = ()) -> Path:

@@ -23,8 +23,9 @@ from mathq.progress import Progress
 from mathq.prompt import EOS
 from mathq.publish_ollama import create_request, plan_ollama, publish_ollama
 from mathq.recipes import load_recipe
+from tests.clirun import run
 from tests.ollamaserver import FAKE_KEY, FakeOllama
-from tests.publishkit import build_folder, run, write_recipe
+from tests.publishkit import build_folder, write_recipe
 
 NAMES = ["me/tiny:latest", "me/tiny:q8", "me/tiny:q4"]
 
