@@ -7,30 +7,26 @@ FFN 4096, 12 heads, 12 layers, about 0.65 B parameters (1.3 GB in BF16). It is w
 ``.bench/`` (git-ignored) once, with gguf's writer, and quantized to Q4_K_M with mathq's
 quantizer. Random weights make the text gibberish; these benchmarks measure speed only.
 
-llama.cpp's tools (llama-server, llama-bench, llama-batched-bench) are built from the
-llama-cpp-python 0.3.36 sdist's sources with the same flags as the wheel (no AMX kernels),
-into a shared build folder, under a lock, only if missing.
+llama.cpp's tools (llama-server, llama-bench, llama-batched-bench) come from
+:func:`benchmarks.peers.tool`: built from the llama-cpp-python 0.3.36 sdist's sources with the
+same flags as the wheel (no AMX kernels), under a lock, only if missing.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH_DIR = ROOT / ".bench"
-SDIST_LLAMA = Path(os.environ.get(
-    "MATHQ_LLAMA_CPP_SRC", "/tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp"))
-TOOLS_BUILD = Path(os.environ.get("MATHQ_LLAMA_BUILD", "/work/wt/llama-build"))
-AMX_OFF = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-TOOLS = ("llama-server", "llama-bench", "llama-batched-bench")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.peers import CACHE as BENCH_DIR
+from benchmarks.peers import ROOT, tool
 
 MODEL_SHAPE = {"n_embd": 1536, "n_ff": 4096, "n_layer": 12, "n_head": 12, "n_ctx": 4096}
 MODEL_NAME = "deepseek-shape-0.65b"
-
-sys.path.insert(0, str(ROOT))
 
 
 def model_path(kind: str) -> Path:
@@ -57,19 +53,23 @@ def model_path(kind: str) -> Path:
     return out
 
 
-def tool(name: str) -> Path:
-    """Path of a llama.cpp tool, built from the sdist (under the shared lock) if missing."""
-    path = TOOLS_BUILD / "bin" / name
-    if path.exists():
-        return path
-    lock = TOOLS_BUILD.parent / (TOOLS_BUILD.name + ".lock")
-    script = (f"test -x {path} || {{ cmake -S {SDIST_LLAMA} -B {TOOLS_BUILD} "
-              f"-DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF "
-              f"-DCMAKE_C_FLAGS='{AMX_OFF}' -DCMAKE_CXX_FLAGS='{AMX_OFF}' && "
-              f"cmake --build {TOOLS_BUILD} --target {' '.join(TOOLS)} -j2; }}")
-    print(f"building {name} in {TOOLS_BUILD} ...", flush=True)
-    subprocess.run(["flock", str(lock), "sh", "-c", script], check=True)
-    return path
+def batched_bench(gguf: Path, threads: int, npl: tuple[int, ...], npp: int,
+                  ntg: int) -> dict[int, dict[str, float]]:
+    """llama-batched-bench for each sequence count: ``speed_tg`` (S_TG, generation only) and
+    ``speed`` (S, prompt and generation together) in tokens/s.
+
+    The speed benchmarks' common yardstick for batched generation, run one way for all:
+    a context that fits every sequence, llama.cpp's default batch sizes, the same threads
+    for prompt and generation.
+    """
+    argv = [str(tool("llama-batched-bench")), "-m", str(gguf),
+            "-c", str(max(npl) * (npp + ntg + 256)), "-b", "2048", "-ub", "512",
+            "-npp", str(npp), "-ntg", str(ntg), "-npl", ",".join(map(str, npl)),
+            "-t", str(threads), "-tb", str(threads), "--output-format", "jsonl"]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {int(r["pl"]): {"speed_tg": float(r["speed_tg"]), "speed": float(r["speed"])}
+            for r in rows}
 
 
 def load_note() -> str:

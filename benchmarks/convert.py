@@ -31,7 +31,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.tinymodel import TinySpec, build_checkpoint  # noqa: E402
 
-LLAMA_CPP_PYTHON = "0.3.36"
+from benchmarks.peers import llama_cpp_source  # noqa: E402
+
 UPSTREAM_REQUIREMENTS = (
     "torch==2.13.0",
     "transformers==4.57.6",
@@ -99,35 +99,6 @@ def warm(paths: list[Path]) -> None:
             while f.read(1 << 24):
                 pass
     os.sync()
-
-
-def upstream_sources(bench: Path) -> Path:
-    """llama.cpp's converter from the llama-cpp-python sdist, unpacked under ``bench``."""
-    src = bench / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    if (src / "convert_hf_to_gguf.py").is_file():
-        return src
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "-d",
-            str(bench),
-        ],
-        check=True,
-    )
-    tarball = bench / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
-    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
-    wanted = (prefix + "convert_hf_to_gguf.py", prefix + "conversion/", prefix + "gguf-py/")
-    with tarfile.open(tarball) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(wanted)]
-        tar.extractall(bench, members=members, filter="data")
-    return src
 
 
 def upstream_python(venv: Path, src: Path) -> Path:
@@ -208,7 +179,7 @@ def main() -> None:
 
     bench = args.bench_dir.resolve()
     bench.mkdir(parents=True, exist_ok=True)
-    src = upstream_sources(bench.parent)
+    src = llama_cpp_source()
     python = upstream_python(args.upstream_venv.resolve(), src)
 
     spec = TinySpec(n_layer=args.layers, n_embd=4096, n_ff=11008, n_head=32, n_head_kv=32, shards=2)

@@ -3,11 +3,15 @@
 The tools come from the llama-cpp-python sdist that mathq pins (its ``vendor/llama.cpp``), so
 peer and mathq run the same llama.cpp code. They are compiled with the flags the Makefile uses
 for the Python package (native, without AMX kernels) so that speed comparisons are fair.
-``LLAMA_CPP_BUILD`` points at an existing build folder to reuse.
+Every benchmark gets llama.cpp's sources and tools from here, and nowhere else.
+``MATHQ_LLAMA_CPP_SRC`` points at an unpacked ``vendor/llama.cpp`` to use instead of
+downloading the sdist; ``LLAMA_CPP_BUILD`` at a build folder to reuse (and share: builds in it
+hold ``<folder>.lock``, as ``flock`` does, so several users never build at once).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import platform
 import subprocess
@@ -22,9 +26,17 @@ NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 def llama_cpp_source() -> Path:
-    """``vendor/llama.cpp`` of the pinned sdist, downloaded and unpacked once."""
+    """``vendor/llama.cpp`` of the pinned sdist, downloaded and unpacked once.
+
+    The one place the benchmarks get llama.cpp's sources: the tools built here and the
+    converter ``benchmarks/convert.py`` runs come from the same tree.
+    """
+    given = os.environ.get("MATHQ_LLAMA_CPP_SRC")
+    if given:
+        return Path(given)
     unpacked = CACHE / f"llama_cpp_python-{LLAMA_CPP_PYTHON}"
-    if not (unpacked / "vendor" / "llama.cpp").is_dir():
+    # CMakeLists.txt, not just the folder: an older convert.py unpacked only the converter.
+    if not (unpacked / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
         CACHE.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                         "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
@@ -45,14 +57,20 @@ def tool(name: str) -> Path:
     binary = out / "bin" / name
     if binary.exists():
         return binary
-    flags = NO_AMX if platform.machine() == "x86_64" else ""
-    if not (out / "CMakeCache.txt").exists():
-        subprocess.run(["cmake", "-S", str(llama_cpp_source()), "-B", str(out),
-                        "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                        "-DLLAMA_BUILD_TESTS=OFF", f"-DCMAKE_C_FLAGS={flags}",
-                        f"-DCMAKE_CXX_FLAGS={flags}"], check=True)
-    subprocess.run(["cmake", "--build", str(out), "--target", name, "-j",
-                    str(os.cpu_count() or 1)], check=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if binary.exists():  # built by someone else while we waited
+            return binary
+        print(f"building {name} in {out} ...", flush=True)
+        flags = NO_AMX if platform.machine() == "x86_64" else ""
+        if not (out / "CMakeCache.txt").exists():
+            subprocess.run(["cmake", "-S", str(llama_cpp_source()), "-B", str(out),
+                            "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                            "-DLLAMA_BUILD_TESTS=OFF", f"-DCMAKE_C_FLAGS={flags}",
+                            f"-DCMAKE_CXX_FLAGS={flags}"], check=True)
+        subprocess.run(["cmake", "--build", str(out), "--target", name, "-j",
+                        str(os.cpu_count() or 1)], check=True)
     return binary
 
 

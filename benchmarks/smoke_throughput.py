@@ -46,7 +46,7 @@ import urllib.request
 from functools import partial
 from pathlib import Path
 
-from benchsetup import BENCH_DIR, ROOT, load_note, model_path, tool
+from benchsetup import BENCH_DIR, ROOT, batched_bench, load_note, model_path, tool
 
 RECIPE = "deepseek-math-7b-rl"
 PROBLEMS = ROOT / "tests" / "fixtures" / "math500" / "test.jsonl"
@@ -140,20 +140,6 @@ def llama_server(gguf: Path, kind: str, n: int, max_tokens: int, parallel: int,
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-def batched_bench(gguf: Path, threads: int, npl: tuple[int, ...], npp: int,
-                  ntg: int) -> dict[int, dict[str, float]]:
-    """llama-batched-bench for each sequence count: ``speed_tg`` (S_TG, generation only) and
-    ``speed`` (S, prompt and generation together) in tokens/s."""
-    argv = [str(tool("llama-batched-bench")), "-m", str(gguf),
-            "-c", str(max(npl) * (npp + ntg + 256)), "-b", "2048", "-ub", "512",
-            "-npp", str(npp), "-ntg", str(ntg), "-npl", ",".join(map(str, npl)),
-            "-t", str(threads), "-tb", str(threads), "--output-format", "jsonl"]
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return {int(r["pl"]): {"speed_tg": float(r["speed_tg"]), "speed": float(r["speed"])}
-            for r in rows}
 
 
 def main() -> None:

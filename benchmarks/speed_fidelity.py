@@ -21,7 +21,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from benchsetup import BENCH_DIR, load_note, model_path, tool
+from benchsetup import BENCH_DIR, batched_bench, load_note, model_path, tool
 
 
 def llama_bench(gguf: Path, threads: int, reps: int, n_prompt: int,
@@ -35,17 +35,6 @@ def llama_bench(gguf: Path, threads: int, reps: int, n_prompt: int,
         key = "pp" if r["n_prompt"] > 0 else "tg"
         out[key] = (float(r["avg_ts"]), float(r["stddev_ts"]))
     return out
-
-
-def batched_bench(gguf: Path, threads: int, npl: tuple[int, ...], npp: int,
-                  ntg: int) -> dict[int, float]:
-    argv = [str(tool("llama-batched-bench")), "-m", str(gguf),
-            "-c", str(max(npl) * (npp + ntg + 256)), "-b", "2048", "-ub", "512",
-            "-npp", str(npp), "-ntg", str(ntg), "-npl", ",".join(map(str, npl)),
-            "-t", str(threads), "-tb", str(threads), "--output-format", "jsonl"]
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    return {int(r["pl"]): float(r["speed_tg"])
-            for r in (json.loads(line) for line in out.splitlines() if line.startswith("{"))}
 
 
 def main() -> None:
@@ -66,7 +55,8 @@ def main() -> None:
         ours = bench_isolated(gguf, BenchOptions(repetitions=args.repetitions, parallel=npl,
                                                  threads=args.threads))
         theirs = llama_bench(gguf, args.threads, args.repetitions, 512, 128)
-        batched = batched_bench(gguf, args.threads, npl, 128, 128)
+        batched = {p: r["speed_tg"]
+                   for p, r in batched_bench(gguf, args.threads, npl, 128, 128).items()}
         print(f"\n{kind}: {gguf.name}; {load_note()}")
         print(f"  {'figure':<22} {'mathq bench':>18} {'llama.cpp tool':>18} {'ratio':>6}")
         rows = []

@@ -135,22 +135,22 @@ class _Handler(BaseHTTPRequestHandler):
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
                     return
-                left = size
-                while left:
-                    piece = self.rfile.read(min(left, 1 << 20))
-                    if not piece:
-                        return
-                    left -= len(piece)
-                    yield piece
+                if not (yield from self._read(size)):
+                    return
                 self.rfile.readline()
         else:
-            left = int(self.headers.get("Content-Length") or 0)
-            while left:
-                piece = self.rfile.read(min(left, 1 << 20))
-                if not piece:
-                    return
-                left -= len(piece)
-                yield piece
+            yield from self._read(int(self.headers.get("Content-Length") or 0))
+
+    def _read(self, left: int):
+        """Yield the next ``left`` bytes in pieces of at most 1 MiB, never holding a whole blob;
+        return whether they all came (False: the client stopped sending)."""
+        while left:
+            piece = self.rfile.read(min(left, 1 << 20))
+            if not piece:
+                return False
+            left -= len(piece)
+            yield piece
+        return True
 
     def _json_body(self) -> tuple[dict[str, Any] | None, int]:
         raw = b"".join(self._body_chunks())

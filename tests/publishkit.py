@@ -6,10 +6,6 @@ import os
 import shutil
 from pathlib import Path
 
-from click.testing import CliRunner, Result
-
-from mathq.cli import cli
-
 RECIPE = """\
 [model]
 name = "tiny"
@@ -64,10 +60,3 @@ def build_folder(root: Path, ggufs: dict[str, Path], copy: bool = False) -> Path
             except OSError:
                 shutil.copyfile(src, dst)
     return root
-
-
-def run(*args: str, code: int = 0) -> Result:
-    """Invoke the real CLI and check its exit code."""
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result

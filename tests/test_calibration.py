@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from mathq.calibration import (
     CALIBRATION_SETS,
@@ -15,20 +14,14 @@ from mathq.calibration import (
     normalise,
     render_items,
 )
-from mathq.cli import cli
 from mathq.errors import CalibrationError
 from mathq.problems import Problem, load_problem_set, read_problems_jsonl
 from mathq.prompt import EOS
 from mathq.recipes import load_recipe
+from tests.clirun import run
 from tests.conftest import FIXTURES
 
 MATH500 = FIXTURES / "math500" / "test.jsonl"
-
-
-def run(*args: str, code: int = 0):
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
 
 
 @pytest.fixture()

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import json
 
-from click.testing import CliRunner
-
-from mathq.cli import cli
-
-
-def run(*args: str, code: int = 0):
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
+from tests.clirun import run
 
 
 def test_help_teaches():

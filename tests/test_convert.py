@@ -24,10 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from gguf import GGMLQuantizationType, GGUFReader, TokenType
 
-from mathq.cli import cli
 from mathq.cli.convert import OUTTYPE_CHOICES
 from mathq.convert import OUTTYPES, ConvertOptions, convert_checkpoint
 from mathq.convert.safetensors_reader import copy_range
@@ -35,6 +33,7 @@ from mathq.convert.tensor_map import permute_rows
 from mathq.convert.verify import LlamaVocab
 from mathq.convert.writer import StreamingGGUFWriter
 from mathq.gguf_info import read_gguf
+from tests.clirun import run
 from tests.conftest import FIXTURES
 from tests.tinymodel import (
     TinySpec,
@@ -288,12 +287,6 @@ def test_writer_refuses_out_of_order_tensors(tmp_path):
 # ---- the CLI, and inputs that must be refused -------------------------------------------
 
 
-def run(*args: str, code: int = 0):
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
-
-
 def clone(src: Path, dest: Path, copy: tuple[str, ...] = ()) -> Path:
     """A checkpoint folder whose files link to ``src`` except those in ``copy``."""
     dest.mkdir()
@@ -315,6 +308,23 @@ def assert_refused(hf: Path, tmp_path: Path, line: str, *extra: str) -> None:
 SHARD2 = "model-00002-of-00002.safetensors"
 REDOWNLOAD = "(download the checkpoint again (`mathq download` resumes and checks hashes))"
 DAMAGED = "(download the file again (e.g. `mathq download`), it is damaged)"
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8 : 8 + n])
+
+
+def replace_safetensors_header(path: Path, header: dict) -> None:
+    """Write ``header`` over the file's own, padded to the old length: the data section stays
+    where it was, so only what the header says is damaged."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= n
+    path.write_bytes(raw[:8] + text.ljust(n) + raw[8 + n :])
 
 
 def test_refuses_unsupported_architecture(tiny, tmp_path):
@@ -355,17 +365,13 @@ def test_refuses_truncated_safetensors(tiny, tmp_path):
 
 def test_refuses_out_of_bounds_offsets(tiny, tmp_path):
     hf = clone(tiny[1], tmp_path / "hf", copy=(SHARD2,))
-    raw = (hf / SHARD2).read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + n])
+    header = read_safetensors_header(hf / SHARD2)
     last = max(
         (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1]
     )
     begin, end = header[last]["data_offsets"]
     header[last]["data_offsets"] = [begin + 64, end + 64]
-    text = json.dumps(header, separators=(",", ":")).encode()
-    assert len(text) <= n
-    (hf / SHARD2).write_bytes(raw[:8] + text.ljust(n) + raw[8 + n :])
+    replace_safetensors_header(hf / SHARD2, header)
     assert_refused(
         hf,
         tmp_path,
@@ -377,17 +383,14 @@ def test_refuses_out_of_bounds_offsets(tiny, tmp_path):
 
 def test_refuses_overlapping_tensors(tiny, tmp_path):
     hf = clone(tiny[1], tmp_path / "hf", copy=(SHARD2,))
-    raw = (hf / SHARD2).read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + n])
+    header = read_safetensors_header(hf / SHARD2)
     names = sorted(
         (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0]
     )
     a, b = names[0], names[1]
     size = header[b]["data_offsets"][1] - header[b]["data_offsets"][0]
     header[b]["data_offsets"] = [header[a]["data_offsets"][0], header[a]["data_offsets"][0] + size]
-    text = json.dumps(header, separators=(",", ":")).encode()
-    (hf / SHARD2).write_bytes(raw[:8] + text.ljust(n) + raw[8 + n :])
+    replace_safetensors_header(hf / SHARD2, header)
     first, second = sorted(
         [a, b], key=lambda k: (header[k]["data_offsets"][0], header[k]["data_offsets"][1])
     )

@@ -6,9 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from mathq.cli import cli
 from mathq.errors import ProblemSetError
 from mathq.grading.grade import (
     ProblemResult,
@@ -19,15 +17,10 @@ from mathq.grading.grade import (
     write_results,
 )
 from mathq.problems import load_problem_set
+from tests.clirun import run
 from tests.conftest import FIXTURES
 
 MATH500 = FIXTURES / "math500" / "test.jsonl"
-
-
-def run(*args: str, code: int = 0):
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
 
 
 def sample_results() -> list[ProblemResult]:

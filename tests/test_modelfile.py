@@ -8,24 +8,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from mathq.cli import cli
 from mathq.errors import ModelfileError, RecipeError
 from mathq.gotemplate import go_template
 from mathq.layout import BuildLayout
 from mathq.modelfile import GENERATED_MARK, write_modelfiles
 from mathq.modelfile_check import check_modelfile_text, parse_modelfile
 from mathq.recipes import PROMPT_TEMPLATES, bundled_recipe_names, load_recipe
+from tests.clirun import run
 
 REPO = Path(__file__).resolve().parent.parent
 COMMITTED = REPO / "modelfiles"
-
-
-def run(*args: str, code: int = 0):
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
 
 
 def test_committed_modelfiles_are_up_to_date(tmp_path: Path):

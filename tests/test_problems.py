@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from click.testing import CliRunner
 
-from mathq.cli import cli
 from mathq.errors import ProblemSetError
 from mathq.problems import (
     SUITES,
@@ -30,15 +28,10 @@ from mathq.problems import (
     stratified_sample,
     write_problems_jsonl,
 )
+from tests.clirun import run
 from tests.conftest import FIXTURES
 
 MATH500 = FIXTURES / "math500" / "test.jsonl"
-
-
-def run(*args: str, code: int = 0):
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
 
 
 def write_lines(path: Path, *rows: object) -> Path:

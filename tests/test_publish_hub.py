@@ -20,9 +20,10 @@ from mathq.model_card import EXAMPLE_QUESTION
 from mathq.prompt import render_prompt
 from mathq.recipes import load_recipe
 from mathq.summaries import KldSummary, Rate, SmokeSummary, save_summary
+from tests.clirun import run
 from tests.hubserver import FakeHub
 from tests.ollamaserver import FakeOllama
-from tests.publishkit import build_folder, run, write_recipe
+from tests.publishkit import build_folder, write_recipe
 
 TOKEN = "hf_test_write_token"
 REPO = "me/tiny-GGUF"

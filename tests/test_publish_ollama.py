@@ -23,8 +23,9 @@ from mathq.progress import Progress
 from mathq.prompt import EOS
 from mathq.publish_ollama import create_request, plan_ollama, publish_ollama
 from mathq.recipes import load_recipe
+from tests.clirun import run
 from tests.ollamaserver import FAKE_KEY, FakeOllama
-from tests.publishkit import build_folder, run, write_recipe
+from tests.publishkit import build_folder, write_recipe
 
 NAMES = ["me/tiny:latest", "me/tiny:q8", "me/tiny:q4"]
 
@@ -340,8 +341,7 @@ def test_gguf_header_reader_agrees_with_gguf_py(tmp_path):
     import numpy as np
 
     from mathq.errors import GGUFError
-    from mathq.gguf_header import read_gguf_header
-    from mathq.gguf_info import read_gguf_summary
+    from mathq.gguf_info import read_gguf_header, read_gguf_summary
 
     path = tmp_path / "m.gguf"
     w = gguf.GGUFWriter(path, "llama")
@@ -359,15 +359,22 @@ def test_gguf_header_reader_agrees_with_gguf_py(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    h, s = read_gguf_header(path), read_gguf_summary(path)
-    assert (h.architecture, h.file_type, h.n_params, h.n_tensors, h.size) == (
+    header, s = read_gguf_header(path), read_gguf_summary(path)
+    h = header.summary
+    assert (h.architecture, h.file_type, h.n_params, len(h.tensors), h.size) == (
         s.architecture, s.file_type, s.n_params, len(s.tensors), s.size) == (
         "llama", 7, 197, 2, path.stat().st_size)
+    assert h.tensors == s.tensors
     assert h.file_type_name == "Q8_0" and h.bits_per_weight == s.bits_per_weight
+    assert {k: header.values[k] for k in ("x.u64", "x.f64", "x.flag", "x.text")} == {
+        "x.u64": 2**40, "x.f64": 0.25, "x.flag": True, "x.text": "ünïcode"}
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(path.read_bytes()[:2000])
     with pytest.raises(GGUFError, match=r"cut\.gguf is a damaged GGUF file"):
         read_gguf_header(cut)
     cut.write_bytes(b"not a gguf")
     with pytest.raises(GGUFError, match=r"cut\.gguf is not a GGUF file"):
+        read_gguf_header(cut)
+    cut.write_bytes(path.read_bytes()[:4] + (4).to_bytes(4, "little") + path.read_bytes()[8:])
+    with pytest.raises(GGUFError, match=r"cut\.gguf is GGUF version 4; mathq reads 2 and 3"):
         read_gguf_header(cut)

@@ -9,9 +9,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from mathq.cli import cli
 from mathq.errors import QuantizeError
 from mathq.gguf_info import read_gguf_summary
 from mathq.imatrix_file import ImatrixError, load_imatrix, write_imatrix_gguf
@@ -19,6 +17,7 @@ from mathq.llama_log import capture_llama_log
 from mathq.manifest import Manifest
 from mathq.quantize import QuantizeOptions, quantize_gguf
 from mathq.quants import QUANT_TYPES, get_quant
+from tests.clirun import run
 
 # Requested type -> (main matrices, output.weight, attn_v of the last layer) as llama.cpp's
 # mixes define them for the demo model (4 layers, widths multiples of 256).
@@ -163,12 +162,6 @@ def test_requires_imatrix_column_matches_llama_cpp(demo_bf16_gguf, tmp_path):
                                            ctypes.byref(params))
         needs = any("will require an imatrix" in line for line in lines)
         assert needs == q.requires_imatrix, q.name
-
-
-def run(*args: str, code: int = 0):
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result
 
 
 def test_cli_quantizes_a_recipes_build_folder(demo_bf16_gguf, tmp_path):

@@ -201,11 +201,15 @@ def test_openai_backend_spreads_requests_over_endpoints() -> None:
     assert sum(r["verdict"] == "correct" for r in rows) == expected
 
 
-def test_openai_endpoint_unreachable() -> None:
-    result = _smoke("--quant", "Q4_K_M", "--n", "2", "--endpoint", "http://127.0.0.1:9")
+@pytest.mark.parametrize(("option", "where", "hint"), [
+    ("--endpoint", "http://127.0.0.1:9/v1/models", "start the server, or check --endpoint"),
+    ("--ollama", "Ollama at http://127.0.0.1:9", "start it (`ollama serve`), or check --ollama"),
+])
+def test_server_unreachable(option: str, where: str, hint: str) -> None:
+    result = _smoke("--quant", "Q4_K_M", "--n", "2", option, "http://127.0.0.1:9")
     assert result.exit_code == 1
-    assert result.output.startswith("Error: cannot reach http://127.0.0.1:9/v1/models: ")
-    assert result.output.endswith("(start the server, or check --endpoint)\n")
+    assert result.output.startswith(f"Error: cannot reach {where}: ")
+    assert result.output.endswith(f"({hint})\n")
 
 
 def test_ollama_backend_sends_bare_question() -> None:

@@ -1,7 +1,8 @@
 """What a GGUF file is: architecture, file type, tensors and their types, parameter count.
 
-Quantize checks its input and output with this, and the report uses it for the measured
-bits per weight (file bytes over parameters), which differs from a type's nominal figure.
+Quantize checks its input and output with this; the report, the kld stage and publishing use
+it for the measured bits per weight (file bytes over parameters), which differs from a type's
+nominal figure, and publishing to check that each file holds the quantization its name says.
 """
 
 from __future__ import annotations
@@ -107,14 +108,24 @@ def read_gguf(path: Path) -> Any:
     return _PlainReader(path)
 
 
+def _check_gguf_file(path: Path) -> None:
+    """Refuse a missing, unreadable or non-GGUF file with the error that says which."""
+    if not path.is_file():
+        raise GGUFError(f"{path} not found", "check the path, or run `mathq convert` first")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise GGUFError(f"cannot read {path}: {e.strerror or e}", "check the path") from e
+    if magic != GGUF_MAGIC:
+        raise GGUFError(f"{path} is not a GGUF file (no GGUF magic bytes)",
+                        "give a .gguf file made by `mathq convert` or llama.cpp")
+
+
 def read_gguf_summary(path: Path) -> GGUFSummary:
     """Read a GGUF's header, refusing files that are not GGUF or cannot be parsed."""
     path = Path(path)
-    if not path.is_file():
-        raise GGUFError(f"{path} not found", "check the path, or run `mathq convert` first")
-    if not is_gguf(path):
-        raise GGUFError(f"{path} is not a GGUF file (no GGUF magic bytes)",
-                        "give a .gguf file made by `mathq convert` or llama.cpp")
+    _check_gguf_file(path)
     try:
         reader = read_gguf(path)
     except Exception as e:  # a truncated or corrupt file raises many kinds of errors
@@ -153,10 +164,11 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     """Read a GGUF's tensor table and scalar metadata without parsing its arrays.
 
     gguf-py's reader builds a numpy view per array element, which takes several seconds on
-    DeepSeek's 102400-token vocabulary; the report and the kld stage need only tensor shapes
-    and a few scalars, so this scanner skips arrays by their lengths (strings one length at a
-    time, numbers in one step). Little-endian files only; others go through
-    :func:`read_gguf_summary`.
+    DeepSeek's 102400-token vocabulary; publishing, the report and the kld stage need only
+    tensor shapes and a few scalars, so this scanner skips arrays by their lengths (strings
+    one length at a time, numbers in one step). It is mathq's one fast header reader. Like
+    gguf-py it reads GGUF versions 2 and 3 and refuses others by name. Little-endian files
+    only; others go through :func:`read_gguf_summary`.
     """
     import mmap
     import struct
@@ -164,13 +176,15 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     from gguf import GGMLQuantizationType
 
     path = Path(path)
-    if not is_gguf(path):
-        return GGUFHeader(read_gguf_summary(path), {})  # raises the usual, clear error
+    _check_gguf_file(path)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         try:
             version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
             if version > 0xFFFF:  # a big-endian file: let gguf-py handle the byte order
                 return GGUFHeader(read_gguf_summary(path), {})
+            if version not in (2, 3):
+                raise GGUFError(f"{path} is GGUF version {version}; mathq reads 2 and 3",
+                                "convert the model again with a current llama.cpp")
             pos = 24
 
             def string(at: int) -> tuple[str, int]:
@@ -204,7 +218,9 @@ def read_gguf_header(path: Path) -> GGUFHeader:
                 pos += 4 + 8 * n_dims + 4 + 8
                 tensors.append(TensorInfo(name, GGMLQuantizationType(ggml_type).name,
                                           tuple(int(d) for d in dims)))
-        except (struct.error, KeyError, ValueError) as e:
+        except GGUFError:
+            raise
+        except (struct.error, KeyError, ValueError, OverflowError) as e:
             raise GGUFError(f"{path} is a damaged GGUF file: {e}",
                             "rebuild it; it may have been cut short") from e
     ftype = values.get("general.file_type")

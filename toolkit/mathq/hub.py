@@ -4,7 +4,8 @@ Every stage that reaches the Hub (download now; problem sets and publishing late
 through this module for two things: the endpoint, read from ``HF_ENDPOINT`` when asked (not
 at import, unlike ``huggingface_hub.constants``, so a test or a mirror set after import still
 counts), and :func:`hub_errors`, which turns huggingface_hub's and httpx2's exceptions into
-one-line :class:`~mathq.errors.DownloadError` messages that name the fix.
+one-line :class:`~mathq.errors.DownloadError` messages that name the fix (its network part,
+:func:`transport_error`, also words the upload's failures).
 
 The token is never handled here: huggingface_hub reads ``HF_TOKEN`` (or the stored login)
 itself and sends it as a bearer header. mathq only asks *whether* one is configured, to pick
@@ -16,13 +17,16 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import TypeVar
 
-from mathq.errors import DownloadError
+from mathq.errors import DownloadError, MathqError
 
 ENDPOINT_ENV = "HF_ENDPOINT"
 TOKEN_ENV = "HF_TOKEN"
 OFFLINE_ENV = "HF_HUB_OFFLINE"
 DEFAULT_ENDPOINT = "https://huggingface.co"
+
+E = TypeVar("E", bound=MathqError)
 
 
 def hub_endpoint() -> str:
@@ -98,12 +102,27 @@ def hub_errors(repo_id: str, revision: str, endpoint: str) -> Iterator[None]:
     except HFValidationError as e:
         raise DownloadError(f"{repo_id!r} is not a valid Hub repo id",
                             "use the form owner/name in hf_repo") from e
-    except httpx2.ConnectError as e:
-        raise DownloadError(f"cannot connect to {endpoint}",
-                            f"check your network, or {ENDPOINT_ENV} if you use a mirror") from e
-    except httpx2.TimeoutException as e:
-        raise DownloadError(f"{endpoint} timed out",
-                            "rerun later; finished files are kept and a rerun resumes") from e
     except httpx2.TransportError as e:
-        raise DownloadError(f"the connection to {endpoint} failed ({type(e).__name__})",
-                            "rerun; finished files are kept and a rerun resumes") from e
+        raise transport_error(
+            e, endpoint, DownloadError,
+            timeout_hint="rerun later; finished files are kept and a rerun resumes",
+            failed_hint="rerun; finished files are kept and a rerun resumes") from e
+
+
+def transport_error(e: Exception, endpoint: str, error: type[E], *, timeout_hint: str,
+                    failed_hint: str) -> E:
+    """The one-line ``error`` for httpx2's transport failure ``e`` talking to ``endpoint``.
+
+    Downloads and uploads fail on the network alike (no connection, a timeout, a dropped
+    transfer) and differ only in what a rerun keeps, which the hints say; so
+    :func:`hub_errors` and the Hub upload share these messages. They name the endpoint and
+    the failure's kind, never the library's text.
+    """
+    import httpx2
+
+    if isinstance(e, httpx2.ConnectError):
+        return error(f"cannot connect to {endpoint}",
+                     f"check your network, or {ENDPOINT_ENV} if you use a mirror")
+    if isinstance(e, httpx2.TimeoutException):
+        return error(f"{endpoint} timed out", timeout_hint)
+    return error(f"the connection to {endpoint} failed ({type(e).__name__})", failed_hint)

@@ -18,7 +18,7 @@ from typing import Any
 from mathq.digests import sha256_cached
 from mathq.errors import GGUFError, InputFileError, InvalidNameError
 from mathq.fsutil import write_text_atomic
-from mathq.gguf_header import read_gguf_header
+from mathq.gguf_info import read_gguf_header
 from mathq.layout import BuildLayout
 from mathq.modelfile import select_tags
 from mathq.names import name_problem
@@ -75,7 +75,7 @@ def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None 
                                  f"make it with `mathq quantize {recipe_ref(recipe)} -Q {quant}`")
     for quant in quants:
         path = layout.gguf(quant)
-        summary = read_gguf_header(path)
+        summary = read_gguf_header(path).summary
         if summary.file_type_name != quant:
             raise GGUFError(f"{path} holds {summary.file_type_name}, not {quant}",
                             f"rebuild it with `mathq quantize {recipe_ref(recipe)} -Q {quant}`")

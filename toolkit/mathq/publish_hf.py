@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mathq import __version__
 from mathq.errors import InvalidNameError, UploadError
-from mathq.hub import ENDPOINT_ENV, TOKEN_ENV, hub_endpoint, token_configured
+from mathq.hub import TOKEN_ENV, hub_endpoint, token_configured, transport_error
 from mathq.model_card import card_files, render_model_card
 from mathq.modelfile import MODELFILE_SUFFIX, render_modelfile
 from mathq.progress import Progress, ProgressCallback, no_progress
@@ -32,6 +32,7 @@ from mathq.recipes import Recipe
 
 README = "README.md"
 TOKENS_URL = "https://huggingface.co/settings/tokens"
+_RERUN_HINT = "rerun; files already uploaded are not sent again"
 
 
 @dataclass(frozen=True)
@@ -222,17 +223,11 @@ def _upload_errors(repo_id: str, endpoint: str) -> Iterator[None]:
             raise _http_error(cause, repo_id, endpoint) from e
         if isinstance(cause, httpx2.TransportError):
             raise UploadError(f"the transfer to {endpoint} failed ({type(cause).__name__})",
-                              "rerun; files already uploaded are not sent again") from e
+                              _RERUN_HINT) from e
         raise
-    except httpx2.ConnectError as e:
-        raise UploadError(f"cannot connect to {endpoint}",
-                          f"check your network, or {ENDPOINT_ENV} if you use a mirror") from e
-    except httpx2.TimeoutException as e:
-        raise UploadError(f"{endpoint} timed out",
-                          "rerun; files already uploaded are not sent again") from e
     except httpx2.TransportError as e:
-        raise UploadError(f"the connection to {endpoint} failed ({type(e).__name__})",
-                          "rerun; files already uploaded are not sent again") from e
+        raise transport_error(e, endpoint, UploadError, timeout_hint=_RERUN_HINT,
+                              failed_hint=_RERUN_HINT) from e
 
 
 def _http_error(e: object, repo_id: str, endpoint: str) -> UploadError:

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mathq.backends import Completion, Request, TokenCallback
+from mathq.backends.connections import ThreadClients, server_errors
 from mathq.backends.pool import run_concurrently
 from mathq.errors import ServerError
 
@@ -25,8 +26,6 @@ class OllamaBackend:
     """Greedy chat completions from one Ollama server and one ``name:tag``."""
 
     def __init__(self, url: str, model: str, parallel: int, timeout_s: float = 600.0) -> None:
-        import httpx2
-
         base = url.rstrip("/")
         if not base.startswith(("http://", "https://")):
             raise ServerError(f"Ollama URL {url!r} is not an http(s) URL",
@@ -35,25 +34,11 @@ class OllamaBackend:
         self.model = model
         self.parallel = parallel
         self.description = f"ollama {base} {model}"
-        self._timeout = httpx2.Timeout(timeout_s, connect=10.0)
-        self._local = threading.local()
-        self._clients: list[Any] = []
+        self._clients = ThreadClients(timeout_s)
         self._lock = threading.Lock()
         self._generated = 0
 
-    def _client(self) -> Any:
-        import httpx2
-
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = httpx2.Client(timeout=self._timeout)
-            with self._lock:
-                self._clients.append(client)
-        return client
-
     def _chat(self, request: Request) -> Completion:
-        import httpx2
-
         url = f"{self.base}/api/chat"
         body = {"model": self.model, "stream": True,
                 "messages": [{"role": "user", "content": request.question}],
@@ -61,36 +46,31 @@ class OllamaBackend:
         started = time.perf_counter()
         parts: list[str] = []
         final: dict[str, Any] = {}
-        try:
-            with self._client().stream("POST", url, json=body) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise ServerError(*self._refusal(response))
-                for line in response.iter_lines():
-                    if not line.strip():
-                        continue
-                    try:
-                        event = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ServerError(f"{url} streamed a line that is not JSON: {line[:80]}",
-                                          "is it an Ollama server?") from e
-                    if "error" in event:
-                        raise ServerError(f"Ollama failed on {self.model}: {event['error']}",
-                                          "see the Ollama server's log")
-                    content = (event.get("message") or {}).get("content", "")
-                    if content:
-                        parts.append(content)
-                        with self._lock:
-                            self._generated += 1
-                    if event.get("done"):
-                        final = event
-                        break
-        except httpx2.TimeoutException as e:
-            raise ServerError(f"Ollama at {self.base} did not answer in time ({e})",
-                              "raise --timeout, or lower --parallel") from e
-        except httpx2.TransportError as e:
-            raise ServerError(f"cannot reach Ollama at {self.base}: {e}",
-                              "start it (`ollama serve`), or check --ollama") from e
+        with (server_errors(f"Ollama at {self.base}",
+                            "start it (`ollama serve`), or check --ollama"),
+              self._clients.get().stream("POST", url, json=body) as response):
+            if response.status_code >= 400:
+                response.read()
+                raise ServerError(*self._refusal(response))
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ServerError(f"{url} streamed a line that is not JSON: {line[:80]}",
+                                      "is it an Ollama server?") from e
+                if "error" in event:
+                    raise ServerError(f"Ollama failed on {self.model}: {event['error']}",
+                                      "see the Ollama server's log")
+                content = (event.get("message") or {}).get("content", "")
+                if content:
+                    parts.append(content)
+                    with self._lock:
+                        self._generated += 1
+                if event.get("done"):
+                    final = event
+                    break
         if not final:
             raise ServerError(f"Ollama at {self.base} ended the reply without done",
                               "see the Ollama server's log")
@@ -124,7 +104,4 @@ class OllamaBackend:
 
     def close(self) -> None:
         """Close every connection."""
-        with self._lock:
-            for c in self._clients:
-                c.close()
-            self._clients.clear()
+        self._clients.close()

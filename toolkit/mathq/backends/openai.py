@@ -9,12 +9,12 @@ machine runs on several servers, and a faster one takes more of the work.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mathq.backends import Completion, Request, TokenCallback
+from mathq.backends.connections import ThreadClients, server_errors
 from mathq.backends.pool import run_concurrently
 from mathq.errors import ServerError
 
@@ -48,41 +48,17 @@ class OpenAIBackend:
 
     def __init__(self, urls: Sequence[str], model: str | None, parallel: int,
                  timeout_s: float = 600.0) -> None:
-        import httpx2
-
         if not urls:
             raise ServerError("no endpoint given", "pass --endpoint http://HOST:PORT")
         self.bases = [api_base(u) for u in urls]
         self.parallel = parallel
         self.description = "openai " + " ".join(self.bases)
-        self._local = threading.local()
-        self._timeout = httpx2.Timeout(timeout_s, connect=10.0)
-        self._clients: list[Any] = []
-        self._lock = threading.Lock()
+        self._clients = ThreadClients(timeout_s)
         self.model = model or self._served_model(self.bases[0])
 
-    def _client(self) -> Any:
-        """One HTTP client per worker thread (connections are kept alive)."""
-        import httpx2
-
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = httpx2.Client(timeout=self._timeout)
-            with self._lock:
-                self._clients.append(client)
-        return client
-
     def _call(self, method: str, url: str, **kwargs: Any) -> Any:
-        import httpx2
-
-        try:
-            return self._client().request(method, url, **kwargs)
-        except httpx2.TimeoutException as e:
-            raise ServerError(f"{url} did not answer in time ({e})",
-                              "raise --timeout, or lower --parallel") from e
-        except httpx2.TransportError as e:
-            raise ServerError(f"cannot reach {url}: {e}",
-                              "start the server, or check --endpoint") from e
+        with server_errors(url, "start the server, or check --endpoint"):
+            return self._clients.get().request(method, url, **kwargs)
 
     def _served_model(self, base: str) -> str:
         """The first model ``/v1/models`` lists (llama-server lists its GGUF)."""
@@ -134,7 +110,4 @@ class OpenAIBackend:
 
     def close(self) -> None:
         """Close every connection."""
-        with self._lock:
-            for c in self._clients:
-                c.close()
-            self._clients.clear()
+        self._clients.close()

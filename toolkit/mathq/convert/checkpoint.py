@@ -7,11 +7,11 @@ agree with the shards' headers) or one or more ``*.safetensors`` files. Pickle w
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from mathq.convert.hfconfig import read_checkpoint_json
 from mathq.convert.safetensors_reader import TensorEntry, read_header
 from mathq.errors import CheckpointError, InputFileError
 
@@ -76,10 +76,7 @@ def find_shards(hf_dir: Path) -> tuple[Path, ...]:
 
 
 def _weight_map(index: Path) -> dict[str, str]:
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index}: cannot read: {e}", _REDOWNLOAD) from e
+    data = read_checkpoint_json(index, _REDOWNLOAD)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if (
         not isinstance(weight_map, dict)

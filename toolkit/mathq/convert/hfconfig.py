@@ -55,6 +55,19 @@ class LlamaHParams:
         return value
 
 
+def read_checkpoint_json(path: Path, hint: str) -> Any:
+    """Parse one of a checkpoint's JSON files (config, tokenizer, shard index).
+
+    Every reader of the converter reports an unreadable, non-UTF-8 or malformed file the same
+    way, as one CheckpointError naming the file and the cause; ``hint`` says how to get a
+    good copy.
+    """
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read: {e}", hint) from e
+
+
 def load_config(hf_dir: Path) -> dict[str, Any]:
     """Read ``config.json`` as a dict, or raise naming the file."""
     path = Path(hf_dir) / "config.json"
@@ -63,10 +76,7 @@ def load_config(hf_dir: Path) -> dict[str, Any]:
             f"no config.json in {hf_dir}",
             "point at a Hugging Face model folder (config.json, tokenizer, *.safetensors)",
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read: {e}", "download the checkpoint again") from e
+    data = read_checkpoint_json(path, "download the checkpoint again")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a JSON object", "download the checkpoint again")
     return data

@@ -24,6 +24,7 @@ from typing import Any
 
 import gguf
 
+from mathq.convert.hfconfig import read_checkpoint_json
 from mathq.errors import CheckpointError
 
 # llama.cpp pre-tokenizer name -> SHA-256 of the canonical JSON of the ``pre_tokenizer``
@@ -81,10 +82,7 @@ def load_tokenizer_json(hf_dir: Path) -> dict[str, Any]:
             f"no tokenizer.json in {hf_dir} ({other})",
             "download the model's tokenizer.json and tokenizer_config.json",
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read: {e}", "download it again") from e
+    data = read_checkpoint_json(path, "download it again")
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
         raise CheckpointError(f"{path}: no model.vocab table", "download it again")
@@ -179,10 +177,7 @@ def build_vocab(
     config_path = hf_dir / "tokenizer_config.json"
     add_space_prefix = None
     if config_path.is_file():
-        try:
-            tok_config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{config_path}: cannot read: {e}", "download it again") from e
+        tok_config = read_checkpoint_json(config_path, "download it again")
         if isinstance(tok_config.get("add_prefix_space"), bool):
             add_space_prefix = tok_config["add_prefix_space"]
     special = gguf.SpecialVocab(hf_dir, load_merges=True)
