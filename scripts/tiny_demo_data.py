@@ -110,11 +110,11 @@ def make_problem(rng: random.Random) -> Problem:
     (name, pron), (other, _) = rng.sample(NAMES, 2)
     obj = rng.choice(OBJECTS)
     if kind == "add":
-        a, b = rng.randint(2, 49), rng.randint(2, 49)
+        a, b = rng.randint(1, 12), rng.randint(1, 12)
         steps, answer = [f"{a} + {b} = {a + b}."], a + b
         template, c = rng.choice(ADD), 0
     elif kind == "sub":
-        a = rng.randint(10, 99)
+        a = rng.randint(3, 21)
         b = rng.randint(1, a - 1)
         steps, answer = [f"{a} - {b} = {a - b}."], a - b
         template, c = rng.choice(SUB), 0
@@ -123,7 +123,7 @@ def make_problem(rng: random.Random) -> Problem:
         steps, answer = [f"{a} \\times {b} = {a * b}."], a * b
         template, c = rng.choice(MUL), 0
     else:
-        a, b = rng.randint(5, 40), rng.randint(2, 30)
+        a, b = rng.randint(3, 12), rng.randint(2, 9)
         c = rng.randint(1, a + b - 1)
         steps, answer = [f"{a} + {b} = {a + b}.", f"{a + b} - {c} = {a + b - c}."], a + b - c
         template = rng.choice(ADD_SUB)
@@ -161,15 +161,16 @@ def training_problems(n: int, exclude: set[str]) -> Iterator[Problem]:
         yield p
 
 
-def drill_sheets(n: int, lines: int = DRILL_LINES) -> Iterator[list[tuple[str, str]]]:
+def drill_sheets(n: int, lines: int = DRILL_LINES,
+                 seed: int = DRILL_SEED) -> Iterator[list[tuple[str, str]]]:
     """``n`` drill sheets of ``lines`` equations, each split as ("27 + 23 =", " 50.").
 
-    The equations are the chain-of-thought steps of freshly drawn problems (seed
-    ``DRILL_SEED``), so they follow the word problems' number ranges; the problem texts are
-    dropped. Training on sheets of bare equations gives the model several times more
-    arithmetic per token than the word problems alone, whose prompts are mostly boilerplate.
+    The equations are the chain-of-thought steps of freshly drawn problems (from ``seed``),
+    so they follow the word problems' number ranges; the problem texts are dropped. Training
+    on sheets of bare equations gives the model several times more arithmetic per token than
+    the word problems alone, whose prompts are mostly boilerplate.
     """
-    rng = random.Random(DRILL_SEED)
+    rng = random.Random(seed)
     for _ in range(n):
         sheet: list[tuple[str, str]] = []
         while len(sheet) < lines:
