@@ -2,7 +2,8 @@
 
 :mod:`mathq.quantize` quantizes one file; this module resolves ``RECIPE|GGUF`` into an input
 and output names, runs several variants, and records each in the build manifest when the
-input is a recipe's build folder.
+input is a recipe's build folder. A variant quantized with an importance matrix is named
+``<QUANT>-imat`` (:class:`mathq.quants.Variant`), so it never takes the plain variant's place.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
 from mathq.progress import ProgressCallback, no_progress
 from mathq.quantize import QuantizeOptions, QuantizeResult, output_name, quantize_gguf
-from mathq.quants import QuantType, get_quant
+from mathq.quants import QuantType, Variant, get_quant
 from mathq.recipes import load_recipe
 
 
@@ -40,6 +41,11 @@ def resolve_quantize_input(ref: str, build_root: Path | None = None) -> Quantize
                        layout=layout)
 
 
+def variant_of(opts: QuantizeOptions) -> Variant:
+    """The variant a quantization makes: its type, and whether a matrix was used."""
+    return Variant(opts.quant, opts.imatrix is not None)
+
+
 def quantize_variants(job: QuantizeJob, options: list[QuantizeOptions],
                       out_dir: Path | None = None,
                       progress: ProgressCallback = no_progress) -> list[QuantizeResult]:
@@ -47,8 +53,9 @@ def quantize_variants(job: QuantizeJob, options: list[QuantizeOptions],
     folder = out_dir or (job.layout.root if job.layout else job.source.parent)
     results = []
     for opts in options:
-        dest = (job.layout.gguf(opts.quant.name) if job.layout and out_dir is None
-                else folder / output_name(job.source, opts.quant.name))
+        name = variant_of(opts).name
+        dest = (job.layout.gguf(name) if job.layout and out_dir is None
+                else folder / output_name(job.source, name))
         result = quantize_gguf(job.source, dest, opts, progress)
         if job.layout is not None and out_dir is None:
             _record(job, opts, result)

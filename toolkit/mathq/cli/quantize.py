@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
+
+if TYPE_CHECKING:
+    from mathq.quantize_stage import QuantizeJob
+    from mathq.quants import Variant
 
 
 def _parse_override(_ctx: click.Context, _param: click.Parameter,
@@ -21,13 +26,28 @@ def _parse_override(_ctx: click.Context, _param: click.Parameter,
     return tuple(pairs)
 
 
+def _build_imatrix(variant: Variant, job: QuantizeJob, source: str) -> Path | None:
+    """The matrix of a -imat variant named without --imatrix: the build folder's own."""
+    from mathq.errors import QuantizeError
+
+    if not variant.imatrix:
+        return None
+    if job.layout is None or not job.layout.imatrix.is_file():
+        hint = (f"run `mathq imatrix {source}` first, or pass --imatrix FILE"
+                if job.layout is not None else "pass --imatrix FILE")
+        raise QuantizeError(f"{variant.name} needs an importance matrix", hint)
+    return job.layout.imatrix
+
+
 @click.command()
 @click.argument("source", metavar="RECIPE|GGUF")
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
               help="Comma-separated types, e.g. Q4_K_M,Q5_K_M (default: the recipe's variants, "
-                   "or Q4_K_M for a GGUF). See `mathq quants`.")
+                   "or Q4_K_M for a GGUF). See `mathq quants`. A -imat suffix (Q4_K_M-imat) "
+                   "uses the build's importance matrix when --imatrix is not given.")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Importance matrix from llama-imatrix (GGUF or legacy .dat format).")
+              help="Importance matrix from `mathq imatrix` or llama-imatrix (GGUF or legacy "
+                   ".dat format); outputs are named <QUANT>-imat.")
 @click.option("--output-tensor-type", metavar="TYPE",
               help="ggml type for output.weight, e.g. Q8_0 (llama-quantize's option).")
 @click.option("--token-embedding-type", metavar="TYPE",
@@ -55,25 +75,29 @@ def quantize(source: str, quant_list: str | None, imatrix: Path | None,
     type, tensor count) and loaded by llama.cpp before it is renamed into place.
 
     RECIPE|GGUF is a recipe name or file (input: build/<model>/<model>-BF16.gguf from
-    `mathq convert`) or the path of a BF16/F16/F32 GGUF.
+    `mathq convert`) or the path of a BF16/F16/F32 GGUF. A file made with an importance
+    matrix is named <model>-<QUANT>-imat.gguf, so it sits beside the plain one.
 
     \b
     Examples:
       mathq quantize deepseek-math-7b-rl
       mathq quantize deepseek-math-7b-rl --quant Q5_K_M,Q6_K
       mathq quantize model-BF16.gguf -Q IQ3_XXS --imatrix math.imatrix.gguf
+      mathq quantize deepseek-math-7b-rl -Q Q4_K_M-imat     # after `mathq imatrix`
       mathq quantize model-BF16.gguf -Q Q4_K_M --tensor-type 'attn_v=Q8_0'
     """
     from mathq.quantize import QuantizeOptions
     from mathq.quantize_stage import quantize_variants, resolve_quantize_input
-    from mathq.quants import parse_quant_list
+    from mathq.quants import Variant, parse_variant_list
 
     job = resolve_quantize_input(source, build_dir)
-    quants = parse_quant_list(quant_list) if quant_list else job.default_quants
-    options = [QuantizeOptions(quant=q, imatrix=imatrix, output_tensor_type=output_tensor_type,
+    variants = (parse_variant_list(quant_list) if quant_list
+                else tuple(Variant(q) for q in job.default_quants))
+    options = [QuantizeOptions(quant=v.quant, imatrix=imatrix or _build_imatrix(v, job, source),
+                               output_tensor_type=output_tensor_type,
                                token_embedding_type=token_embedding_type, overrides=overrides,
                                allow_requantize=allow_requantize, threads=threads)
-               for q in quants]
+               for v in variants]
     results = quantize_variants(job, options, out_dir, progress_for(quiet))
     if as_json:
         echo_json(results)
