@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mathq.errors import QuantizeError
 from mathq.fsutil import sha256_file
 from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
@@ -44,6 +45,19 @@ def resolve_quantize_input(ref: str, build_root: Path | None = None) -> Quantize
 def variant_of(opts: QuantizeOptions) -> Variant:
     """The variant a quantization makes: its type, and whether a matrix was used."""
     return Variant(opts.quant, opts.imatrix is not None)
+
+
+def variant_imatrix(variant: Variant, job: QuantizeJob, given: Path | None,
+                    ref: str) -> Path | None:
+    """The matrix to quantize ``variant`` with: the one given (which makes any variant an
+    ``-imat`` one), else for an ``-imat`` name the build folder's own (``mathq imatrix``)."""
+    if given is not None or not variant.imatrix:
+        return given
+    if job.layout is None or not job.layout.imatrix.is_file():
+        hint = (f"run `mathq imatrix {ref}` first, or pass --imatrix FILE"
+                if job.layout is not None else "pass --imatrix FILE")
+        raise QuantizeError(f"{variant.name} needs an importance matrix", hint)
+    return job.layout.imatrix
 
 
 def quantize_variants(job: QuantizeJob, options: list[QuantizeOptions],

@@ -71,7 +71,8 @@ def bench(recipe: str, quant_list: str | None, n_prompt: int, n_gen: int, repeti
     if as_json:
         echo_json(outcomes)
         return
-    click.echo(f"{'QUANT':<8} {'SIZE':>9} {'BPW':>5} {'PP t/s':>15} {'TG t/s':>13} "
+    width = max([8, *(len(o.quant) for o in outcomes)])  # Q4_K_M-imat is 11 wide
+    click.echo(f"{'QUANT':<{width}} {'SIZE':>9} {'BPW':>5} {'PP t/s':>15} {'TG t/s':>13} "
                f"{'LOAD':>6} {'PEAK RSS':>9}  AGGREGATE TG t/s BY P")
     for o in outcomes:
         s = o.summary
@@ -83,5 +84,5 @@ def bench(recipe: str, quant_list: str | None, n_prompt: int, n_gen: int, repeti
         rss = f"{s.peak_rss_bytes / 2**30:.2f} GiB" if s.peak_rss_bytes else "-"
         load = f"{s.load_seconds:.1f}s" if s.load_seconds is not None else "-"
         agg = ", ".join(f"P={p} {v:.1f}" for p, v in s.throughput_by_parallel.items())
-        click.echo(f"{o.quant:<8} {s.file_size / 2**30:6.2f} GiB {s.bits_per_weight:5.2f} "
+        click.echo(f"{o.quant:<{width}} {s.file_size / 2**30:6.2f} GiB {s.bits_per_weight:5.2f} "
                    f"{pp:>15} {tg:>13} {load:>6} {rss:>9}  {agg}")

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
-
-if TYPE_CHECKING:
-    from mathq.quantize_stage import QuantizeJob
-    from mathq.quants import Variant
 
 
 def _parse_override(_ctx: click.Context, _param: click.Parameter,
@@ -24,19 +19,6 @@ def _parse_override(_ctx: click.Context, _param: click.Parameter,
             raise click.BadParameter(f"expected PATTERN=TYPE, got {value!r}")
         pairs.append((pattern, type_name))
     return tuple(pairs)
-
-
-def _build_imatrix(variant: Variant, job: QuantizeJob, source: str) -> Path | None:
-    """The matrix of a -imat variant named without --imatrix: the build folder's own."""
-    from mathq.errors import QuantizeError
-
-    if not variant.imatrix:
-        return None
-    if job.layout is None or not job.layout.imatrix.is_file():
-        hint = (f"run `mathq imatrix {source}` first, or pass --imatrix FILE"
-                if job.layout is not None else "pass --imatrix FILE")
-        raise QuantizeError(f"{variant.name} needs an importance matrix", hint)
-    return job.layout.imatrix
 
 
 @click.command()
@@ -87,13 +69,13 @@ def quantize(source: str, quant_list: str | None, imatrix: Path | None,
       mathq quantize model-BF16.gguf -Q Q4_K_M --tensor-type 'attn_v=Q8_0'
     """
     from mathq.quantize import QuantizeOptions
-    from mathq.quantize_stage import quantize_variants, resolve_quantize_input
+    from mathq.quantize_stage import quantize_variants, resolve_quantize_input, variant_imatrix
     from mathq.quants import Variant, parse_variant_list
 
     job = resolve_quantize_input(source, build_dir)
     variants = (parse_variant_list(quant_list) if quant_list
                 else tuple(Variant(q) for q in job.default_quants))
-    options = [QuantizeOptions(quant=v.quant, imatrix=imatrix or _build_imatrix(v, job, source),
+    options = [QuantizeOptions(quant=v.quant, imatrix=variant_imatrix(v, job, imatrix, source),
                                output_tensor_type=output_tensor_type,
                                token_embedding_type=token_embedding_type, overrides=overrides,
                                allow_requantize=allow_requantize, threads=threads)
