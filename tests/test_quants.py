@@ -5,7 +5,15 @@ from __future__ import annotations
 import llama_cpp
 import pytest
 
-from mathq.quants import QUANT_TYPES, UnknownQuantError, get_quant, parse_quant_list
+from mathq.quants import (
+    QUANT_TYPES,
+    UnknownQuantError,
+    Variant,
+    get_quant,
+    parse_quant_list,
+    parse_variant,
+    parse_variant_list,
+)
 
 
 @pytest.mark.parametrize("q", QUANT_TYPES, ids=lambda q: q.name)
@@ -36,3 +44,28 @@ def test_unknown_name_suggests_close_ones():
     assert "Q4_K_M" in str(info.value)
     with pytest.raises(UnknownQuantError):
         parse_quant_list(" , ")
+
+
+def test_imatrix_helps_the_k_and_i_quants_up_to_4_5_bits_and_every_type_needing_one():
+    for q in QUANT_TYPES:
+        low_bit_k_or_i = q.family in ("k", "i") and q.bpw <= 4.5
+        assert q.imatrix_helps == (low_bit_k_or_i or q.requires_imatrix), q.name
+    helped = {q.name for q in QUANT_TYPES if q.imatrix_helps}
+    assert {"Q2_K", "Q3_K_M", "Q4_K_M", "Q4_K_S", "IQ4_XS", "IQ2_XXS"} <= helped
+    assert not helped & {"Q8_0", "Q6_K", "Q5_K_M", "Q4_0", "BF16", "TQ2_0"}
+
+
+def test_variant_names_carry_the_imatrix_suffix():
+    assert parse_variant("q4_k_m-IMAT") == Variant(get_quant("Q4_K_M"), imatrix=True)
+    assert parse_variant("Q4_K-imat").name == "Q4_K_M-imat"  # aliases still apply
+    assert parse_variant(" Q8_0 ") == Variant(get_quant("Q8_0"))
+    assert [v.name for v in parse_variant_list("Q4_K_M,Q4_K_M-imat, q4_k_m-imat,Q2_K")] == [
+        "Q4_K_M", "Q4_K_M-imat", "Q2_K"]
+    with pytest.raises(UnknownQuantError) as info:
+        parse_variant("BF16-imat")
+    assert str(info.value) == ("'BF16-imat': BF16 is not quantized, so it has no "
+                               "importance-matrix variant (use BF16, or a quantized type "
+                               "with -imat)")
+    with pytest.raises(UnknownQuantError) as info:
+        parse_variant("Q4_KM-imat")
+    assert "Q4_K_M" in str(info.value)

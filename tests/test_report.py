@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -284,6 +285,51 @@ def test_a_build_with_no_measurements_reports_them_missing(tmp_path: Path) -> No
     _not_blank(result.plots[0].png)  # the frame and the note are drawn
     md = result.markdown.read_text(encoding="utf-8")
     assert " 0.0 " not in md and "nan" not in md.lower()
+
+
+def test_imatrix_variants_are_marked_and_compared_with_their_plain_sibling(build) -> None:
+    recipe, layout = build
+    # Q4_K_M-imat: a GGUF (here the plain file's bytes), smoke and KLD summaries naming its
+    # matrix. Q2_K-imat: only a KLD summary. Q6_K-imat: a summary, but no plain sibling.
+    layout.gguf("Q4_K_M-imat").symlink_to(layout.gguf("Q4_K_M").resolve())
+    matrix = str(layout.root / f"{TINY_MODEL}.imatrix.gguf")
+    imat_kld = dataclasses.replace(_kld("Q4_K_M-imat", 0.0268, 4010), imatrix=matrix)
+    save_summary(layout.kld_summary("Q4_K_M-imat"), imat_kld)
+    save_summary(layout.smoke_summary("Q4_K_M-imat"),
+                 dataclasses.replace(_smoke("Q4_K_M-imat", 49), imatrix=matrix))
+    save_summary(layout.kld_summary("Q2_K-imat"), _kld("Q2_K-imat", 0.39, 3350))
+    save_summary(layout.kld_summary("Q6_K-imat"), _kld("Q6_K-imat", 0.004, 4200))
+    result = build_report(recipe, build_root=layout.root.parent)
+    order = [r.quant for r in result.data.rows]
+    assert order == ["BF16", "Q8_0", "Q6_K", "Q6_K-imat", "Q4_K_M", "Q4_K_M-imat", "Q2_K",
+                     "Q2_K-imat"]
+    md = result.markdown.read_text(encoding="utf-8")
+    quant_cells = [line.split("|")[1].strip() for line in md.splitlines()
+                   if line.startswith("| ")][1:]
+    assert quant_cells == ["BF16", "Q8_0", "Q6_K", "Q6_K-imat †", "Q4_K_M", "Q4_K_M-imat †",
+                           "Q2_K", "Q2_K-imat †"]
+    section = md.split("### With and without an importance matrix\n\n", 1)[1].split("\n\n")[0]
+    assert section.splitlines() == [
+        "- Q4_K_M-imat vs Q4_K_M: mean KLD 0.0302 → 0.0268 (−11 %); same top 92.04 % → "
+        "92.50 %; MATH 47.0 % → 49.0 % (+2.0 pp)",
+        # Q2_K's accuracy was measured, its -imat sibling's not: missing, no difference.
+        "- Q2_K-imat vs Q2_K: mean KLD 0.4410 → 0.3900 (−12 %); same top 76.12 % → 77.28 %; "
+        "MATH 31.0 % → —",
+    ]  # Q6_K-imat has no plain Q6_K figures to compare with
+    assert (f"- † quantized with an importance matrix ({TINY_MODEL}.imatrix.gguf): llama.cpp "
+            "spends the type's bits where the calibration text's activations are large.") in md
+    data = json.loads(result.json.read_text(encoding="utf-8"))
+    q4 = data["imatrix_comparisons"][0]
+    assert q4["mean_kld"] == [0.0302, 0.0268] and q4["accuracy"] == [0.47, 0.49]
+    assert q4["kld_change_pct"] == pytest.approx(-11.258278, abs=1e-5)
+    assert q4["accuracy_change_pp"] == pytest.approx(2.0)
+    assert data["imatrix_comparisons"][1]["accuracy_change_pp"] is None
+    assert {r["quant"]: r["imatrix"] for r in data["rows"]}["Q4_K_M-imat"] == matrix
+    html = result.html.read_text(encoding="utf-8")
+    assert f'data-quant="Q4_K_M-imat" data-imatrix="{matrix}"' in html
+    assert html.count("<li>Q") == 2 and "<li>Q2_K-imat vs Q2_K: mean KLD 0.4410" in html
+    svg = next(p for p in result.plots if p.name == "kld").svg.read_text(encoding="utf-8")
+    assert "with importance matrix" in svg  # the legend of the open diamonds
 
 
 def _row(quant: str, size: int, correct: int | None, kld: float | None) -> VariantRow:

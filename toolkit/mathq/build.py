@@ -6,6 +6,11 @@ been made from. A step whose artifact exists with a matching manifest record is 
 a rerun redoes only what changed, and a step killed half-way (its output still a
 ``.partial``, its record not written) simply runs again. The disk space the whole plan
 needs is checked before the first step starts.
+
+With ``imatrix`` set, the build also computes the recipe's importance matrix (one step, the
+imatrix stage with its defaults) and makes a ``<QUANT>-imat`` variant of every requested
+type the matrix helps (:attr:`mathq.quants.QuantType.imatrix_helps`), beside the plain one,
+so every measurement and the report can compare the two.
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mathq.errors import DiskSpaceError, MathqError
+from mathq.calibration import DEFAULT_CALIBRATION
+from mathq.errors import DiskSpaceError, MathqError, QuantizeError
 from mathq.fsutil import format_bytes, free_bytes
 from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
 from mathq.progress import ProgressCallback, no_progress
-from mathq.quants import QuantType, get_quant
+from mathq.quants import QuantType, Variant, get_quant
 from mathq.recipes import Recipe
 
 if TYPE_CHECKING:
@@ -35,7 +41,8 @@ class BuildOptions:
 
     ``measure`` False stops after the files (GGUFs and Modelfiles); ``skip_smoke`` leaves
     out only the smoke test, the longest measurement. ``n`` and ``parallel`` are the smoke
-    test's problem count (None: the recipe's) and batch width.
+    test's problem count (None: the recipe's) and batch width. ``imatrix`` adds the
+    importance matrix, computed on ``calibration`` (see :func:`build_variants`).
     """
 
     quants: tuple[QuantType, ...]
@@ -43,6 +50,28 @@ class BuildOptions:
     skip_smoke: bool = False
     measure: bool = True
     parallel: int = 8
+    imatrix: bool = False
+    calibration: str = DEFAULT_CALIBRATION
+
+
+def build_variants(options: BuildOptions) -> tuple[Variant, ...]:
+    """The variants a build makes, in ``options.quants`` order.
+
+    Without ``imatrix``, each type plain (a type that cannot be made without a matrix is
+    refused). With it, each type plain (unless it requires a matrix) and, when the matrix
+    helps it, also with the matrix.
+    """
+    variants: list[Variant] = []
+    for q in options.quants:
+        if q.requires_imatrix and not options.imatrix:
+            raise QuantizeError(f"{q.name} needs an importance matrix",
+                                "add --imatrix: the build computes one and makes "
+                                f"{q.name}-imat")
+        if not q.requires_imatrix:
+            variants.append(Variant(q))
+        if options.imatrix and (q.imatrix_helps or q.requires_imatrix):
+            variants.append(Variant(q, imatrix=True))
+    return tuple(variants)
 
 
 @dataclass(frozen=True)
@@ -197,19 +226,38 @@ def plan_build(recipe: Recipe, options: BuildOptions, build_root: Path | None = 
         lambda: (checkpoint_inputs(hf_dir), {"outtype": "bf16", "pre_tokenizer": pre,
                                               "verified": True})
         if hf_dir.is_dir() else None))
+    variants = build_variants(options)
+    if any(v.imatrix for v in variants):
+        steps.append(_imatrix_step(recipe, options, layout))
     job = QuantizeJob(source=bf16, default_quants=options.quants, layout=layout)
-    for q in options.quants:
-        opts = QuantizeOptions(quant=q)
-        out = layout.gguf(q.name)
+    for v in variants:
+        opts = QuantizeOptions(quant=v.quant, imatrix=layout.imatrix if v.imatrix else None)
+        out = layout.gguf(v.name)
         steps.append(Step(
-            f"quantize {q.name}", "quantize", out, out.name,
-            int(n_params * q.bpw / 8 * 1.15),
+            f"quantize {v.name}", "quantize", out, out.name,
+            int(n_params * v.quant.bpw / 8 * 1.15),
             lambda p, o=opts: quantize_variants(job, [o], None, p),
-            lambda o=opts: quantize_fingerprint(bf16, o), (bf16,)))
+            lambda o=opts: quantize_fingerprint(bf16, o),
+            (bf16, layout.imatrix) if v.imatrix else (bf16,)))
     steps += _modelfile_steps(recipe, options, layout, build_root)
     if options.measure:
         steps += _measure_steps(recipe, options, layout, build_root)
     return steps
+
+
+def _imatrix_step(recipe: Recipe, options: BuildOptions, layout: BuildLayout) -> Step:
+    """The recipe's importance matrix from its BF16 model, with the imatrix stage's
+    defaults (100 chunks of 512 tokens, the recipe's prompt format, no smoke problem)."""
+    from mathq.imatrix import ImatrixOptions
+    from mathq.imatrix_stage import imatrix_fingerprint, recipe_imatrix_job, run_imatrix
+
+    job = recipe_imatrix_job(recipe, layout)
+    opts = ImatrixOptions()
+    # A matrix holds one float per input column of each weight: a few MB for a 7B model.
+    return Step("imatrix", "imatrix", layout.imatrix, layout.key(layout.imatrix), 64 << 20,
+                lambda p: run_imatrix(job, options.calibration, opts, progress=p),
+                lambda: imatrix_fingerprint(job, options.calibration, opts),
+                (job.model,))
 
 
 def _modelfile_steps(recipe: Recipe, options: BuildOptions, layout: BuildLayout,
@@ -217,7 +265,8 @@ def _modelfile_steps(recipe: Recipe, options: BuildOptions, layout: BuildLayout,
     """One step writing the Modelfiles of the recipe's Ollama tags for the built variants."""
     from mathq.modelfile import modelfiles_fingerprint, write_modelfiles
 
-    names = {q.name for q in options.quants}
+    # Tags name plain types: an imatrix variant is measured, not published under a tag.
+    names = {v.name for v in build_variants(options)}
     tags = tuple(tag for tag, quant in recipe.ollama.tags if get_quant(quant).name in names)
     if not tags:
         return []
@@ -244,7 +293,7 @@ def _measure_steps(recipe: Recipe, options: BuildOptions, layout: BuildLayout,
 
     # The full-precision model is measured too: it is the reference the report compares
     # every variant's accuracy with, and its KLD is zero by definition.
-    names = list(dict.fromkeys(["BF16", *(q.name for q in options.quants)]))
+    names = list(dict.fromkeys(["BF16", *(v.name for v in build_variants(options))]))
     steps: list[Step] = []
     if not options.skip_smoke:
         # Results of an interrupted run of the same GGUF are resumed; results of a GGUF

@@ -5,6 +5,8 @@ makes the text. This module resolves ``RECIPE|GGUF`` (the recipe's BF16 GGUF, el
 Q8_0), picks the smoke suite to keep out of the text, writes the matrix and the exact text
 it was computed on (so ``llama-imatrix -f`` can reproduce it), and, in a build folder,
 records both in the manifest and skips a run whose inputs and settings are unchanged.
+:func:`imatrix_fingerprint` says what that record must hold, so ``mathq build --imatrix``
+can tell a current matrix before it plans the quantizations that read it.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from mathq.fsutil import write_text_atomic
 from mathq.imatrix import INPUT_TYPES, ImatrixOptions, ImatrixResult, compute_imatrix
 from mathq.imatrix_file import load_imatrix
 from mathq.layout import BuildLayout
-from mathq.manifest import Manifest
-from mathq.problems import load_problem_set
+from mathq.manifest import Fingerprint, Manifest
+from mathq.problems import ProblemSet, load_problem_set
 from mathq.progress import ProgressCallback, no_progress
-from mathq.recipes import PromptSpec, load_recipe
+from mathq.recipes import PromptSpec, Recipe, load_recipe
 
 DEFAULT_SMOKE_SUITE = "math500"
 CHARS_PER_TOKEN_BOUND = 8  # math text runs 2-4 characters a token; 8 leaves a wide margin
@@ -81,14 +83,39 @@ def resolve_imatrix_input(ref: str, build_root: Path | None = None, *, out: Path
                       layout=layout if out is None else None)
 
 
-def run_imatrix(job: ImatrixJob, calibration: str, options: ImatrixOptions, *, seed: int = 0,
-                force: bool = False, progress: ProgressCallback = no_progress) -> ImatrixRun:
-    """Make the calibration text, compute the matrix, save both, record them."""
+def recipe_imatrix_job(recipe: Recipe, layout: BuildLayout) -> ImatrixJob:
+    """The build's matrix: the BF16 model (which need not exist yet), the recipe's prompt
+    format and smoke suite, written to and recorded in the build folder."""
+    return ImatrixJob(model=layout.gguf("BF16"), dest=layout.imatrix,
+                      smoke_suite=recipe.smoke.suite, prompt=recipe.prompt, layout=layout)
+
+
+def _calibration(job: ImatrixJob, calibration: str, options: ImatrixOptions, seed: int,
+                 progress: ProgressCallback) -> tuple[ProblemSet, CalibrationText]:
+    """The smoke set and the calibration text cleaned of it, cut to what the run reads."""
     smoke = load_problem_set(job.smoke_suite, progress=progress)
     budget = (options.chunks * options.n_ctx * CHARS_PER_TOKEN_BOUND
               if options.chunks is not None else None)
     text = build_calibration_text(calibration, smoke, spec=job.prompt, max_chars=budget,
                                   seed=seed, progress=progress)
+    return smoke, text
+
+
+def imatrix_fingerprint(job: ImatrixJob, calibration: str, options: ImatrixOptions, *,
+                        seed: int = 0,
+                        progress: ProgressCallback = no_progress) -> Fingerprint | None:
+    """What the matrix of ``job`` must have been made from (the record :func:`run_imatrix`
+    writes); None while the model is missing. Builds the calibration text to hash it."""
+    if not job.model.is_file():
+        return None
+    _smoke, text = _calibration(job, calibration, options, seed, progress)
+    return _record_fields(job, text, options, seed)
+
+
+def run_imatrix(job: ImatrixJob, calibration: str, options: ImatrixOptions, *, seed: int = 0,
+                force: bool = False, progress: ProgressCallback = no_progress) -> ImatrixRun:
+    """Make the calibration text, compute the matrix, save both, record them."""
+    smoke, text = _calibration(job, calibration, options, seed, progress)
     text_path = text_path_for(job.dest)
     inputs, settings = _record_fields(job, text, options, seed)
     if job.layout is not None and not force:

@@ -30,7 +30,7 @@ from mathq.llama_eval import ChunkEvaluator
 from mathq.logprob_file import LogprobFile, LogprobWriter, file_size
 from mathq.manifest import Fingerprint, Manifest, file_identity
 from mathq.progress import Progress, ProgressCallback, no_progress
-from mathq.quants import get_quant
+from mathq.quants import get_quant, parse_variant
 from mathq.recipes import load_recipe
 from mathq.summaries import KldSummary, save_summary, wilson_rate
 
@@ -219,7 +219,7 @@ def run_kld(recipe_ref: str | Path, quants: tuple[str, ...] | None = None,
     layout = BuildLayout.for_model(recipe.name, build_root)
     reference = get_quant(options.reference).name
     options = dataclasses.replace(options, reference=reference)
-    names = [get_quant(q).name for q in (quants or recipe.quants.variants)]
+    names = [parse_variant(q).name for q in (quants or recipe.quants.variants)]
     if reference in names:
         if quants:
             raise MathqError(f"{reference} is the reference; its divergence from itself is 0",

@@ -2,7 +2,8 @@
 
 :mod:`mathq.quantize` quantizes one file; this module resolves ``RECIPE|GGUF`` into an input
 and output names, runs several variants, and records each in the build manifest when the
-input is a recipe's build folder.
+input is a recipe's build folder. A variant quantized with an importance matrix is named
+``<QUANT>-imat`` (:class:`mathq.quants.Variant`), so it never takes the plain variant's place.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mathq.errors import QuantizeError
 from mathq.fsutil import sha256_file
 from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
 from mathq.progress import ProgressCallback, no_progress
 from mathq.quantize import QuantizeOptions, QuantizeResult, output_name, quantize_gguf
-from mathq.quants import QuantType, get_quant
+from mathq.quants import QuantType, Variant, get_quant
 from mathq.recipes import load_recipe
 
 
@@ -40,6 +42,24 @@ def resolve_quantize_input(ref: str, build_root: Path | None = None) -> Quantize
                        layout=layout)
 
 
+def variant_of(opts: QuantizeOptions) -> Variant:
+    """The variant a quantization makes: its type, and whether a matrix was used."""
+    return Variant(opts.quant, opts.imatrix is not None)
+
+
+def variant_imatrix(variant: Variant, job: QuantizeJob, given: Path | None,
+                    ref: str) -> Path | None:
+    """The matrix to quantize ``variant`` with: the one given (which makes any variant an
+    ``-imat`` one), else for an ``-imat`` name the build folder's own (``mathq imatrix``)."""
+    if given is not None or not variant.imatrix:
+        return given
+    if job.layout is None or not job.layout.imatrix.is_file():
+        hint = (f"run `mathq imatrix {ref}` first, or pass --imatrix FILE"
+                if job.layout is not None else "pass --imatrix FILE")
+        raise QuantizeError(f"{variant.name} needs an importance matrix", hint)
+    return job.layout.imatrix
+
+
 def quantize_variants(job: QuantizeJob, options: list[QuantizeOptions],
                       out_dir: Path | None = None,
                       progress: ProgressCallback = no_progress) -> list[QuantizeResult]:
@@ -47,8 +67,9 @@ def quantize_variants(job: QuantizeJob, options: list[QuantizeOptions],
     folder = out_dir or (job.layout.root if job.layout else job.source.parent)
     results = []
     for opts in options:
-        dest = (job.layout.gguf(opts.quant.name) if job.layout and out_dir is None
-                else folder / output_name(job.source, opts.quant.name))
+        name = variant_of(opts).name
+        dest = (job.layout.gguf(name) if job.layout and out_dir is None
+                else folder / output_name(job.source, name))
         result = quantize_gguf(job.source, dest, opts, progress)
         if job.layout is not None and out_dir is None:
             _record(job, opts, result)

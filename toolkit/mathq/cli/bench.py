@@ -22,7 +22,8 @@ def _parallel_list(_ctx: click.Context, _param: click.Parameter, value: str) -> 
 @click.command()
 @click.argument("recipe")
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
-              help="Comma-separated variants, e.g. Q4_K_M,Q8_0 (default: the recipe's).")
+              help="Comma-separated variants, e.g. Q4_K_M,Q8_0 or Q4_K_M-imat (default: the "
+                   "recipe's).")
 @click.option("--n-prompt", "-p", type=click.IntRange(min=0), default=512, show_default=True,
               help="Prompt-processing test size in tokens (llama-bench's pp512; 0 skips it).")
 @click.option("--n-gen", "-n", type=click.IntRange(min=0), default=128, show_default=True,
@@ -58,11 +59,11 @@ def bench(recipe: str, quant_list: str | None, n_prompt: int, n_gen: int, repeti
     """
     from mathq.bench import BenchOptions, run_bench
     from mathq.cli.render import progress_for
-    from mathq.quants import parse_quant_list
+    from mathq.quants import parse_variant_list
     from mathq.recipes import load_recipe
 
     rec = load_recipe(recipe)
-    quants = ([q.name for q in parse_quant_list(quant_list)] if quant_list
+    quants = ([v.name for v in parse_variant_list(quant_list)] if quant_list
               else list(rec.quants.variants))
     options = BenchOptions(n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
                            parallel=parallel, threads=threads, gpu_layers=gpu_layers)
@@ -70,7 +71,8 @@ def bench(recipe: str, quant_list: str | None, n_prompt: int, n_gen: int, repeti
     if as_json:
         echo_json(outcomes)
         return
-    click.echo(f"{'QUANT':<8} {'SIZE':>9} {'BPW':>5} {'PP t/s':>15} {'TG t/s':>13} "
+    width = max([8, *(len(o.quant) for o in outcomes)])  # Q4_K_M-imat is 11 wide
+    click.echo(f"{'QUANT':<{width}} {'SIZE':>9} {'BPW':>5} {'PP t/s':>15} {'TG t/s':>13} "
                f"{'LOAD':>6} {'PEAK RSS':>9}  AGGREGATE TG t/s BY P")
     for o in outcomes:
         s = o.summary
@@ -82,5 +84,5 @@ def bench(recipe: str, quant_list: str | None, n_prompt: int, n_gen: int, repeti
         rss = f"{s.peak_rss_bytes / 2**30:.2f} GiB" if s.peak_rss_bytes else "-"
         load = f"{s.load_seconds:.1f}s" if s.load_seconds is not None else "-"
         agg = ", ".join(f"P={p} {v:.1f}" for p, v in s.throughput_by_parallel.items())
-        click.echo(f"{o.quant:<8} {s.file_size / 2**30:6.2f} GiB {s.bits_per_weight:5.2f} "
+        click.echo(f"{o.quant:<{width}} {s.file_size / 2**30:6.2f} GiB {s.bits_per_weight:5.2f} "
                    f"{pp:>15} {tg:>13} {load:>6} {rss:>9}  {agg}")

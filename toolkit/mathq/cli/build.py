@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from mathq.calibration import DEFAULT_CALIBRATION
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
 
@@ -22,14 +23,20 @@ from mathq.cli.render import progress_for
               help="Leave out the smoke test (the longest step); still bench, KLD and report.")
 @click.option("--files-only", is_flag=True,
               help="Stop after the GGUFs and Modelfiles: measure nothing, write no report.")
+@click.option("--imatrix", "use_imatrix", is_flag=True,
+              help="Also compute the recipe's importance matrix and build a <QUANT>-imat variant "
+                   "of each type it helps (Q2_K-Q4_K, IQ*), measured beside the plain one.")
+@click.option("--calibration", "-c", metavar="FILE|SET", default=DEFAULT_CALIBRATION,
+              show_default=True,
+              help="With --imatrix: the calibration text, as for `mathq imatrix`.")
 @click.option("--dry-run", is_flag=True,
               help="Print the plan (what would run, what is current) and do nothing.")
 @build_dir_option
 @quiet_option
 @json_option
 def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, skip_smoke: bool,
-          files_only: bool, dry_run: bool, build_dir: Path | None, quiet: bool,
-          as_json: bool) -> None:
+          files_only: bool, use_imatrix: bool, calibration: str, dry_run: bool,
+          build_dir: Path | None, quiet: bool, as_json: bool) -> None:
     """Run the whole pipeline for a recipe into build/<model>/, redoing only what changed.
 
     Chains download, convert, quantize, Modelfiles, smoke test, speed bench, KL divergence
@@ -37,10 +44,19 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
     was made from; a rerun skips artifacts that are still current, and a run that was
     killed restarts the interrupted step cleanly. Disk needs are checked before starting.
 
+    --imatrix adds one step, `mathq imatrix` on the BF16 model with that command's
+    defaults (100 chunks of 512 tokens of --calibration in the recipe's prompt format,
+    smoke problems left out), and makes each requested type that a matrix helps (`mathq
+    quants`: Q2_K to Q4_K, IQ*) twice: plain, and with the matrix as <QUANT>-imat. Types
+    that need a matrix (IQ2_XXS, ...) are made only as -imat. Both are smoke-tested,
+    benched and KLD-measured, and the report compares them; Ollama tags keep pointing at
+    the plain files.
+
     \b
     Examples:
       mathq build deepseek-math-7b-rl --quant Q5_K_M
       mathq build tiny-demo --quant Q2_K,Q4_K_M,Q8_0 --n 50
+      mathq build deepseek-math-7b-rl --quant Q4_K_M,IQ3_XXS --imatrix
       mathq build deepseek-math-7b-rl --dry-run
     """
     from dataclasses import replace
@@ -58,7 +74,8 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
 
     loaded = load_recipe(recipe)
     options = replace(default_options(loaded, quant_list), n=n, parallel=parallel,
-                      skip_smoke=skip_smoke, measure=not files_only)
+                      skip_smoke=skip_smoke, measure=not files_only, imatrix=use_imatrix,
+                      calibration=calibration)
     layout = BuildLayout.for_model(loaded.name, build_dir)
     manifest = Manifest(layout.manifest)
     steps = plan_build(loaded, options, build_dir)

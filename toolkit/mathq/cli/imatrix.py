@@ -6,13 +6,14 @@ from pathlib import Path
 
 import click
 
+from mathq.calibration import DEFAULT_CALIBRATION
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
 
 
 @click.command()
 @click.argument("source", metavar="RECIPE|GGUF")
-@click.option("--calibration", "-c", metavar="FILE|SET", default="math-train",
+@click.option("--calibration", "-c", metavar="FILE|SET", default=DEFAULT_CALIBRATION,
               show_default=True,
               help="Calibration text: a named Hub set (math-train, gsm8k-train), a problem "
                    "file (.jsonl, MATH or GSM8K format) or a plain text file (.txt).")

@@ -14,7 +14,8 @@ from mathq.kld_defaults import DEFAULT_CTX, REFERENCE_CHOICES
 @click.command()
 @click.argument("recipe")
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
-              help="Comma-separated variants to measure (default: the recipe's variants).")
+              help="Comma-separated variants to measure, e.g. Q4_K_M,Q4_K_M-imat (default: "
+                   "the recipe's variants).")
 @click.option("--reference", type=click.Choice(REFERENCE_CHOICES), default="BF16",
               show_default=True,
               help="The model to compare with; Q8_0 needs half of BF16's memory.")
@@ -54,9 +55,9 @@ def kld(recipe: str, quant_list: str | None, reference: str, corpus: Path | None
       mathq kld deepseek-math-7b-rl --corpus math-train.txt --chunks 40
     """
     from mathq.kld import KldOptions, run_kld
-    from mathq.quants import parse_quant_list
+    from mathq.quants import parse_variant_list
 
-    quants = tuple(q.name for q in parse_quant_list(quant_list)) if quant_list else None
+    quants = tuple(v.name for v in parse_variant_list(quant_list)) if quant_list else None
     options = KldOptions(reference=reference, corpus=corpus, n_ctx=n_ctx, max_chunks=chunks,
                          threads=threads)
     render = progress_for(quiet)

@@ -25,9 +25,11 @@ def _parse_override(_ctx: click.Context, _param: click.Parameter,
 @click.argument("source", metavar="RECIPE|GGUF")
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
               help="Comma-separated types, e.g. Q4_K_M,Q5_K_M (default: the recipe's variants, "
-                   "or Q4_K_M for a GGUF). See `mathq quants`.")
+                   "or Q4_K_M for a GGUF). See `mathq quants`. A -imat suffix (Q4_K_M-imat) "
+                   "uses the build's importance matrix when --imatrix is not given.")
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Importance matrix from llama-imatrix (GGUF or legacy .dat format).")
+              help="Importance matrix from `mathq imatrix` or llama-imatrix (GGUF or legacy "
+                   ".dat format); outputs are named <QUANT>-imat.")
 @click.option("--output-tensor-type", metavar="TYPE",
               help="ggml type for output.weight, e.g. Q8_0 (llama-quantize's option).")
 @click.option("--token-embedding-type", metavar="TYPE",
@@ -55,25 +57,29 @@ def quantize(source: str, quant_list: str | None, imatrix: Path | None,
     type, tensor count) and loaded by llama.cpp before it is renamed into place.
 
     RECIPE|GGUF is a recipe name or file (input: build/<model>/<model>-BF16.gguf from
-    `mathq convert`) or the path of a BF16/F16/F32 GGUF.
+    `mathq convert`) or the path of a BF16/F16/F32 GGUF. A file made with an importance
+    matrix is named <model>-<QUANT>-imat.gguf, so it sits beside the plain one.
 
     \b
     Examples:
       mathq quantize deepseek-math-7b-rl
       mathq quantize deepseek-math-7b-rl --quant Q5_K_M,Q6_K
       mathq quantize model-BF16.gguf -Q IQ3_XXS --imatrix math.imatrix.gguf
+      mathq quantize deepseek-math-7b-rl -Q Q4_K_M-imat     # after `mathq imatrix`
       mathq quantize model-BF16.gguf -Q Q4_K_M --tensor-type 'attn_v=Q8_0'
     """
     from mathq.quantize import QuantizeOptions
-    from mathq.quantize_stage import quantize_variants, resolve_quantize_input
-    from mathq.quants import parse_quant_list
+    from mathq.quantize_stage import quantize_variants, resolve_quantize_input, variant_imatrix
+    from mathq.quants import Variant, parse_variant_list
 
     job = resolve_quantize_input(source, build_dir)
-    quants = parse_quant_list(quant_list) if quant_list else job.default_quants
-    options = [QuantizeOptions(quant=q, imatrix=imatrix, output_tensor_type=output_tensor_type,
+    variants = (parse_variant_list(quant_list) if quant_list
+                else tuple(Variant(q) for q in job.default_quants))
+    options = [QuantizeOptions(quant=v.quant, imatrix=variant_imatrix(v, job, imatrix, source),
+                               output_tensor_type=output_tensor_type,
                                token_embedding_type=token_embedding_type, overrides=overrides,
                                allow_requantize=allow_requantize, threads=threads)
-               for q in quants]
+               for v in variants]
     results = quantize_variants(job, options, out_dir, progress_for(quiet))
     if as_json:
         echo_json(results)

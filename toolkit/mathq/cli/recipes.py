@@ -62,12 +62,14 @@ def quants(as_json: bool) -> None:
 
     BPW is the nominal bits per weight of the type's main tensors (mixes such as Q4_K_M
     keep a few tensors wider). IMATRIX marks types llama.cpp refuses to make without an
-    importance matrix (see `mathq quantize --imatrix`).
+    importance matrix (required; see `mathq quantize --imatrix`) and those a matrix
+    improves most (helps: 4 bits and below), which `mathq build --imatrix` also makes as
+    <QUANT>-imat.
     """
     if as_json:
         echo_json(list(QUANT_TYPES))
         return
     click.echo(f"{'TYPE':<8} {'FTYPE':>5} {'BPW':>7}  {'IMATRIX':<8} DESCRIPTION")
     for q in QUANT_TYPES:
-        mark = "required" if q.requires_imatrix else ""
+        mark = "required" if q.requires_imatrix else "helps" if q.imatrix_helps else ""
         click.echo(f"{q.name:<8} {q.ftype:>5} {q.bpw:>7.4g}  {mark:<8} {q.description}")

@@ -18,7 +18,8 @@ def _pct(r: Rate) -> str:
 @click.command()
 @click.argument("recipe")
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
-              help="Comma-separated variants, e.g. Q4_K_M,Q8_0 (default: the recipe's).")
+              help="Comma-separated variants, e.g. Q4_K_M,Q8_0 or Q4_K_M-imat (default: the "
+                   "recipe's).")
 @click.option("--suite", metavar="SUITE|FILE", default=None,
               help="Problem set: a suite name (`mathq problems`) or a JSONL file "
                    "(default: the recipe's, math500).")
@@ -89,7 +90,7 @@ def smoke(recipe: str, quant_list: str | None, suite: str | None, n: int | None,
     """
     from mathq.backends import BackendSpec
     from mathq.cli.render import progress_for
-    from mathq.quants import parse_quant_list
+    from mathq.quants import parse_variant_list
     from mathq.recipes import load_recipe
     from mathq.smoke import SmokeOptions, run_smoke
 
@@ -102,7 +103,7 @@ def smoke(recipe: str, quant_list: str | None, suite: str | None, n: int | None,
                        model=served_model, parallel=parallel, threads=threads,
                        gpu_layers=gpu_layers, timeout_s=timeout_s)
     rec = load_recipe(recipe)
-    quants = ([q.name for q in parse_quant_list(quant_list)] if quant_list
+    quants = ([v.name for v in parse_variant_list(quant_list)] if quant_list
               else list(rec.quants.variants))
     options = SmokeOptions(suite=suite, n=n, seed=seed, subjects=subjects, levels=levels,
                            max_tokens=max_tokens, backend=spec, restart=restart,

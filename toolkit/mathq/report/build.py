@@ -67,6 +67,9 @@ def report_json(data: ReportData, advice: Advice, plots: tuple[Plot, ...]) -> di
                 "positions": data.kld_positions},
         "bench": {"threads": data.bench_threads},
         "rows": rows,
+        "imatrix_comparisons": [{**to_jsonable(c), "kld_change_pct": c.kld_change_pct,
+                                 "accuracy_change_pp": c.accuracy_change_pp}
+                                for c in data.imatrix_comparisons],
         "plots": {p.name: {"png": p.png.name, "svg": p.svg.name, "points": p.points}
                   for p in plots},
         "sources": data.sources,

@@ -11,7 +11,7 @@ import re
 from html import escape
 
 from mathq.report.advice import Advice
-from mathq.report.cells import MISSING, columns
+from mathq.report.cells import MISSING, columns, imatrix_lines
 from mathq.report.markdown import measured_notes
 from mathq.report.plots import Plot
 from mathq.report.table import ReportData
@@ -57,8 +57,13 @@ def render_html(data: ReportData, advice: Advice, plots: tuple[Plot, ...]) -> st
             cls = "missing" if text == MISSING else ("num" if c.numeric else "")
             cells.append(f'<td class="{cls}">{escape(text)}</td>' if cls
                          else f"<td>{escape(text)}</td>")
-        body.append(f'<tr class="variant" data-quant="{escape(row.quant)}">'
+        marked = (f' data-imatrix="{escape(row.imatrix or "")}"' if row.made_with_imatrix
+                  else "")
+        body.append(f'<tr class="variant" data-quant="{escape(row.quant)}"{marked}>'
                     + "".join(cells) + "</tr>")
+    comparisons = "".join(f"<li>{escape(line)}</li>" for line in imatrix_lines(data))
+    imatrix_section = ("<h2>With and without an importance matrix</h2>\n"
+                       f'<ul id="imatrix">{comparisons}</ul>\n' if comparisons else "")
     figures = "".join(
         f'<figure id="plot-{p.name}">{inline_svg(p.svg.read_text(encoding="utf-8"))}'
         f"<figcaption>{escape(p.title)}</figcaption></figure>" for p in plots)
@@ -82,7 +87,7 @@ def render_html(data: ReportData, advice: Advice, plots: tuple[Plot, ...]) -> st
 {chr(10).join(body)}
 </tbody>
 </table>
-<h2>Plots</h2>
+{imatrix_section}<h2>Plots</h2>
 <div class="plots">{figures}</div>
 <h2>How these figures were measured</h2>
 <ul>{notes}</ul>

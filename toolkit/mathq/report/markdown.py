@@ -7,7 +7,7 @@ front matter and no HTML, so a model card can include it as it is.
 from __future__ import annotations
 
 from mathq.report.advice import Advice
-from mathq.report.cells import MISSING, columns
+from mathq.report.cells import MISSING, columns, imatrix_lines, imatrix_note
 from mathq.report.plots import Plot
 from mathq.report.table import ReportData
 
@@ -33,6 +33,9 @@ def measured_notes(data: ReportData) -> list[str]:
     if data.bench_threads:
         notes.append(f"Speed and memory: `mathq bench`, llama-bench's pp512 and tg128, "
                      f"{data.bench_threads} threads.")
+    note = imatrix_note(data)
+    if note:
+        notes.append(note)
     notes.append(f"{MISSING} marks a figure that was not measured.")
     return notes
 
@@ -47,6 +50,11 @@ def render_markdown(data: ReportData, advice: Advice, plots: tuple[Plot, ...]) -
     for row in data.rows:
         lines.append("| " + " | ".join(_escape(c.cell(row, data)) for c in cols) + " |")
     lines.append("")
+    comparisons = imatrix_lines(data)
+    if comparisons:
+        lines += ["### With and without an importance matrix", ""]
+        lines += [f"- {_escape(c)}" for c in comparisons]
+        lines.append("")
     for plot in plots:
         lines += [f"![{plot.title}]({plot.png.name})", ""]
     lines += ["### How these figures were measured", ""]

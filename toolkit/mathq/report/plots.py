@@ -4,7 +4,9 @@ accuracy: MATH accuracy with Wilson 95 % bars, the reference's interval shaded a
 published figure dashed. kld: mean KL divergence on a log scale with its standard error
 and the advice's bound. speed: prompt and generation tokens per second (log scale, ± sd).
 A plot with nothing to show says so in its middle rather than drawing an empty frame; a
-variant missing a figure is simply not drawn (never drawn at zero).
+variant missing a figure is simply not drawn (never drawn at zero). Variants made with an
+importance matrix are drawn as open diamonds, labelled below the point, so they stand apart
+from their plain sibling of (almost) the same size.
 
 SVGs are written without timestamps and with per-plot id salts, so reruns give the same
 bytes and the three can be inlined in one HTML page without clashing ids.
@@ -47,10 +49,17 @@ def _figure(unit: str) -> tuple[Any, Any]:
     return fig, ax
 
 
-def _label_points(ax: Any, xs: list[float], ys: list[float], names: list[str]) -> None:
-    for x, y, name in zip(xs, ys, names, strict=True):
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(7, 2), fontsize=8,
-                    va="bottom")
+def _label_points(ax: Any, xs: list[float], ys: list[float], rows: list[VariantRow]) -> None:
+    for x, y, row in zip(xs, ys, rows, strict=True):
+        below = row.made_with_imatrix  # its plain sibling's label sits above
+        ax.annotate(row.quant, (x, y), textcoords="offset points",
+                    xytext=(7, -3 if below else 2), fontsize=8, va="top" if below else "bottom")
+
+
+def _imatrix_style(rows: list[VariantRow]) -> tuple[list[VariantRow], list[VariantRow]]:
+    """Rows without and with an importance matrix, drawn as two series."""
+    return ([r for r in rows if not r.made_with_imatrix],
+            [r for r in rows if r.made_with_imatrix])
 
 
 def _empty(ax: Any, what: str) -> None:
@@ -78,9 +87,15 @@ def _accuracy(ax: Any, data: ReportData) -> int:
     if data.paper_accuracy is not None:
         ax.axhline(data.paper_accuracy, color=_COLORS["second"], linestyle="--", linewidth=1,
                    label=f"paper ({data.paper_accuracy:g} %)")
-    ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=_COLORS["main"], capsize=4,
-                label="measured")
-    _label_points(ax, xs, ys, [r.quant for r in rows])
+    for group, fmt, label in zip(_imatrix_style(rows), ("o", "D"),
+                                 ("measured", "with importance matrix"), strict=True):
+        idx = [rows.index(r) for r in group]
+        if idx:
+            ax.errorbar([xs[i] for i in idx], [ys[i] for i in idx],
+                        yerr=[[lo[i] for i in idx], [hi[i] for i in idx]], fmt=fmt,
+                        color=_COLORS["main"], capsize=4, label=label,
+                        mfc="none" if fmt == "D" else None)
+    _label_points(ax, xs, ys, rows)
     ax.legend(loc="best", fontsize=8)
     return len(rows)
 
@@ -98,11 +113,16 @@ def _kld(ax: Any, data: ReportData, bound: float) -> int:
     ys = [r.mean_kld for r in rows]
     errs = [min(r.mean_kld_err or 0.0, 0.999 * r.mean_kld) for r in rows]
     ax.set_yscale("log")
-    ax.errorbar(xs, ys, yerr=errs, fmt="o", color=_COLORS["main"], capsize=4,
-                label="mean KLD ± s.e.")
+    for group, fmt, label in zip(_imatrix_style(rows), ("o", "D"),
+                                 ("mean KLD ± s.e.", "with importance matrix"), strict=True):
+        idx = [rows.index(r) for r in group]
+        if idx:
+            ax.errorbar([xs[i] for i in idx], [ys[i] for i in idx],
+                        yerr=[errs[i] for i in idx], fmt=fmt, color=_COLORS["main"],
+                        capsize=4, label=label, mfc="none" if fmt == "D" else None)
     ax.axhline(bound, color=_COLORS["second"], linestyle="--", linewidth=1,
                label=f"advice bound ({bound:g})")
-    _label_points(ax, xs, ys, [r.quant for r in rows])
+    _label_points(ax, xs, ys, rows)
     ax.legend(loc="best", fontsize=8)
     return len(rows)
 
@@ -121,7 +141,7 @@ def _speed(ax: Any, data: ReportData) -> int:
         ys = [getattr(r, attr).mean for r in rows]
         errs = [min(getattr(r, attr).sd, 0.999 * getattr(r, attr).mean) for r in rows]
         ax.errorbar(xs, ys, yerr=errs, fmt="o-", color=color, capsize=4, label=label)
-        _label_points(ax, xs, ys, [r.quant for r in rows])
+        _label_points(ax, xs, ys, rows)
         drawn += len(rows)
     if not drawn:
         _empty(ax, "speed")

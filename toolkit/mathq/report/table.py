@@ -6,6 +6,10 @@ and bits per weight from the GGUF itself (:mod:`mathq.gguf_info`), or from the b
 summary when the GGUF is gone; accuracy from the smoke summary; KL divergence from the kld
 summary; speed and memory from the bench summary; tags from the recipe. A measurement that
 does not exist is ``None`` here and is shown as missing, never as zero.
+
+A variant quantized with an importance matrix (``Q4_K_M-imat``, or any GGUF whose header
+names a matrix) carries the matrix's name in ``imatrix``; when its plain sibling is in the
+table too, an :class:`ImatrixComparison` puts the two side by side.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from mathq.fsutil import sha256_file
 from mathq.gguf_info import read_gguf_header
 from mathq.layout import BuildLayout
 from mathq.manifest import file_identity
-from mathq.quants import QUANT_TYPES, get_quant
+from mathq.quants import QUANT_TYPES, get_quant, parse_variant, variant_names
 from mathq.recipes import Recipe
 from mathq.summaries import (
     BenchSummary,
@@ -56,7 +60,40 @@ class VariantRow:
     peak_rss_bytes: int | None
     ollama_tags: tuple[str, ...]
     imatrix: str | None
+    imatrix_dataset: str | None = None
 
+    @property
+    def made_with_imatrix(self) -> bool:
+        """Quantized with an importance matrix: one is recorded, or the name says so."""
+        return self.imatrix is not None or parse_variant(self.quant).imatrix
+
+
+@dataclass(frozen=True)
+class ImatrixComparison:
+    """A variant made with an importance matrix beside the same type made without one.
+
+    Each pair is (plain, with matrix); None where that side was not measured.
+    """
+
+    variant: str
+    plain: str
+    mean_kld: tuple[float | None, float | None]
+    same_top: tuple[float | None, float | None]
+    accuracy: tuple[float | None, float | None]
+
+    @property
+    def kld_change_pct(self) -> float | None:
+        """Relative change of the mean KLD in percent (negative: the matrix helped)."""
+        before, after = self.mean_kld
+        if before is None or after is None or before <= 0:
+            return None
+        return round(100 * (after - before) / before, 6)
+
+    @property
+    def accuracy_change_pp(self) -> float | None:
+        """Change of MATH accuracy in percentage points."""
+        before, after = self.accuracy
+        return None if before is None or after is None else _pp(after, before)
 
 
 @dataclass(frozen=True)
@@ -76,6 +113,7 @@ class ReportData:
     kld_positions: int | None
     bench_threads: int | None
     sources: dict[str, str]
+    imatrix_comparisons: tuple[ImatrixComparison, ...] = ()
 
     @property
     def size_unit(self) -> tuple[str, int]:
@@ -94,12 +132,13 @@ def _load(path: Path, kind: type) -> object | None:
 
 
 def _present_quants(layout: BuildLayout, recipe: Recipe) -> list[str]:
-    names = {get_quant(q).name for q in recipe.quants.variants}
+    names = {parse_variant(q).name for q in recipe.quants.variants}
     for q in QUANT_TYPES:
-        paths = (layout.gguf(q.name), layout.smoke_summary(q.name),
-                 layout.bench_summary(q.name), layout.kld_summary(q.name))
-        if any(p.is_file() for p in paths):
-            names.add(q.name)
+        for name in variant_names(q):
+            paths = (layout.gguf(name), layout.smoke_summary(name),
+                     layout.bench_summary(name), layout.kld_summary(name))
+            if any(p.is_file() for p in paths):
+                names.add(name)
     return sorted(names)
 
 
@@ -145,11 +184,11 @@ def collect(recipe: Recipe, layout: BuildLayout) -> ReportData:
     rows = []
     for q in quants:
         s, b, k = smoke[q], bench[q], kld[q]
-        size, bpw, gguf = _size(layout, q, b)
+        size, bpw, gguf, header_imatrix = _size(layout, q, b)
         acc = s.accuracy if s and s.accuracy.n > 0 else None
         rows.append(VariantRow(
             quant=q, gguf=gguf, size_bytes=size, bits_per_weight=bpw,
-            nominal_bpw=get_quant(q).bpw, accuracy=acc,
+            nominal_bpw=parse_variant(q).quant.bpw, accuracy=acc,
             delta_vs_reference_pp=(_pp(acc.value, ref_acc.value)
                                    if acc and ref_acc and q != ref_quant else None),
             delta_vs_paper_pp=(round(100 * acc.value - paper, 6)
@@ -163,8 +202,9 @@ def collect(recipe: Recipe, layout: BuildLayout) -> ReportData:
             peak_rss_bytes=b.peak_rss_bytes if b else None,
             ollama_tags=tuple(tags.get(q, ())),
             imatrix=(k.imatrix if k else None) or (b.imatrix if b else None)
-            or (s.imatrix if s else None)))
-    rows.sort(key=lambda r: (-(r.bits_per_weight or r.nominal_bpw), r.quant))
+            or (s.imatrix if s else None) or header_imatrix[0],
+            imatrix_dataset=header_imatrix[1]))
+    rows = _ordered(rows)
 
     smokes = [s for s in smoke.values() if s is not None]
     klds = [k for k in kld.values() if k is not None]
@@ -177,7 +217,44 @@ def collect(recipe: Recipe, layout: BuildLayout) -> ReportData:
         smoke_n=_single(s.accuracy.n for s in smokes),
         kld_reference=kld_reference, kld_corpus=_single(k.corpus for k in klds),
         kld_positions=_single(k.n_tokens for k in klds),
-        bench_threads=_single(b.threads for b in benches), sources=sources)
+        bench_threads=_single(b.threads for b in benches), sources=sources,
+        imatrix_comparisons=_comparisons(rows))
+
+
+def _ordered(rows: list[VariantRow]) -> list[VariantRow]:
+    """Largest first; a type's variant with a matrix right after its plain one (its file is
+    the plain one plus a few metadata bytes, which must not put it first)."""
+    by_name = {r.quant: r for r in rows}
+
+    def key(r: VariantRow) -> tuple[float, str, bool]:
+        v = parse_variant(r.quant)
+        lead = by_name.get(v.quant.name, r)
+        return (-(lead.bits_per_weight or lead.nominal_bpw), v.quant.name, v.imatrix)
+
+    return sorted(rows, key=key)
+
+
+def _has_figures(row: VariantRow) -> bool:
+    return any(x is not None for x in (row.gguf, row.mean_kld, row.accuracy, row.same_top))
+
+
+def _comparisons(rows: list[VariantRow]) -> tuple[ImatrixComparison, ...]:
+    """Each ``<QUANT>-imat`` row whose plain sibling is built or measured, beside it."""
+    by_name = {r.quant: r for r in rows}
+    pairs = []
+    for row in rows:
+        v = parse_variant(row.quant)
+        plain = by_name.get(v.quant.name)
+        if not v.imatrix or plain is None or not _has_figures(plain):
+            continue
+        pairs.append(ImatrixComparison(
+            variant=row.quant, plain=plain.quant,
+            mean_kld=(plain.mean_kld, row.mean_kld),
+            same_top=(plain.same_top.value if plain.same_top else None,
+                      row.same_top.value if row.same_top else None),
+            accuracy=(plain.accuracy.value if plain.accuracy else None,
+                      row.accuracy.value if row.accuracy else None)))
+    return tuple(pairs)
 
 
 def _single(values: object) -> object | None:
@@ -186,15 +263,23 @@ def _single(values: object) -> object | None:
     return distinct.pop() if len(distinct) == 1 else None
 
 
-def _size(layout: BuildLayout, quant: str,
-          bench: BenchSummary | None) -> tuple[int | None, float | None, str | None]:
+def _size(layout: BuildLayout, quant: str, bench: BenchSummary | None
+          ) -> tuple[int | None, float | None, str | None, tuple[str | None, str | None]]:
+    """Size, bits per weight, file name, and (matrix, its dataset) as the GGUF records them."""
+    from mathq.quantize import KV_IMATRIX_DATASET, KV_IMATRIX_FILE
+
     path = layout.gguf(quant)
     if path.is_file():
         try:
-            info = read_gguf_header(path).summary
-            return info.size, info.bits_per_weight, path.name
+            header = read_gguf_header(path)
+            info = header.summary
+            matrix, dataset = (header.values.get(k) for k in (KV_IMATRIX_FILE,
+                                                              KV_IMATRIX_DATASET))
+            return (info.size, info.bits_per_weight, path.name,
+                    (str(matrix) if matrix is not None else None,
+                     str(dataset) if dataset is not None else None))
         except GGUFError:
             pass  # a damaged file: fall back to what bench measured, or show it missing
     if bench is not None:
-        return bench.file_size, bench.bits_per_weight, Path(bench.gguf).name
-    return None, None, None
+        return bench.file_size, bench.bits_per_weight, Path(bench.gguf).name, (None, None)
+    return None, None, None, (None, None)
