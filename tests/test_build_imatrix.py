@@ -116,7 +116,7 @@ def test_imatrix_build_makes_both_variants_reruns_nothing_and_replans_on_a_new_m
 
 
 def test_types_that_need_a_matrix_are_built_only_with_it(tmp_path, calib):
-    refused = build(tmp_path, "IQ2_XXS", "--files-only", code=1)
+    refused = build(tmp_path, "IQ2_XXS", "--files-only", code=2)
     assert refused.output.strip() == ("Error: IQ2_XXS needs an importance matrix (add "
                                       "--imatrix: the build computes one and makes "
                                       "IQ2_XXS-imat)")
@@ -134,7 +134,7 @@ def test_types_that_need_a_matrix_are_built_only_with_it(tmp_path, calib):
     assert str(q2) in out
     assert read_gguf_header(q2).values[KV_FILE] == str(root / "tiny-demo.imatrix.gguf")
     missing = run("quantize", "tiny-demo", "-Q", "Q4_K_M-imat", "--build-dir",
-                  str(tmp_path / "fresh"), code=1)
+                  str(tmp_path / "fresh"), code=2)
     assert missing.output.strip() == (
         "Error: Q4_K_M-imat needs an importance matrix (run `mathq imatrix tiny-demo` "
         "first, or pass --imatrix FILE)")

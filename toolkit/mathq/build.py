@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mathq.calibration import DEFAULT_CALIBRATION
-from mathq.errors import DiskSpaceError, MathqError, QuantizeError
+from mathq.errors import DiskSpaceError, MathqError, MissingImatrixError
 from mathq.fsutil import format_bytes, free_bytes
 from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
@@ -64,7 +64,7 @@ def build_variants(options: BuildOptions) -> tuple[Variant, ...]:
     variants: list[Variant] = []
     for q in options.quants:
         if q.requires_imatrix and not options.imatrix:
-            raise QuantizeError(f"{q.name} needs an importance matrix",
+            raise MissingImatrixError(f"{q.name} needs an importance matrix",
                                 "add --imatrix: the build computes one and makes "
                                 f"{q.name}-imat")
         if not q.requires_imatrix:

@@ -67,6 +67,13 @@ class QuantizeError(MathqError, RuntimeError):
     """llama.cpp refused or failed a quantization."""
 
 
+class MissingImatrixError(QuantizeError):
+    """A type that llama.cpp quantizes only with an importance matrix, asked for without one:
+    the user's choice to fix (exit 2), not a failure of the quantizer."""
+
+    exit_code = 2
+
+
 class ServerError(MathqError, ConnectionError):
     """A server (Ollama, an OpenAI-compatible endpoint) is unreachable or refused a request."""
 

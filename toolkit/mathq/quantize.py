@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mathq.errors import QuantizeError
+from mathq.errors import MissingImatrixError, QuantizeError
 from mathq.fsutil import atomic_output, ensure_free_space
 from mathq.gguf_info import GGUFSummary, read_gguf_summary
 from mathq.imatrix_file import Imatrix, load_imatrix
@@ -143,7 +143,7 @@ def quantize_gguf(source: Path, dest: Path, options: QuantizeOptions,
             "quantize the BF16 GGUF instead, or pass --allow-requantize")
     imatrix = load_imatrix(options.imatrix) if options.imatrix else None
     if quant.requires_imatrix and imatrix is None:
-        raise QuantizeError(f"{quant.name} needs an importance matrix",
+        raise MissingImatrixError(f"{quant.name} needs an importance matrix",
                             "pass --imatrix FILE; `mathq quants` marks the types that need one")
     if imatrix is not None:
         check_imatrix_fits(imatrix, model)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mathq.errors import QuantizeError
+from mathq.errors import MissingImatrixError
 from mathq.fsutil import sha256_file
 from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
@@ -56,7 +56,7 @@ def variant_imatrix(variant: Variant, job: QuantizeJob, given: Path | None,
     if job.layout is None or not job.layout.imatrix.is_file():
         hint = (f"run `mathq imatrix {ref}` first, or pass --imatrix FILE"
                 if job.layout is not None else "pass --imatrix FILE")
-        raise QuantizeError(f"{variant.name} needs an importance matrix", hint)
+        raise MissingImatrixError(f"{variant.name} needs an importance matrix", hint)
     return job.layout.imatrix
 
 
