@@ -65,8 +65,8 @@ def build_variants(options: BuildOptions) -> tuple[Variant, ...]:
     for q in options.quants:
         if q.requires_imatrix and not options.imatrix:
             raise MissingImatrixError(f"{q.name} needs an importance matrix",
-                                "add --imatrix: the build computes one and makes "
-                                f"{q.name}-imat")
+                                      "add --imatrix: the build computes one and makes "
+                                      f"{q.name}-imat")
         if not q.requires_imatrix:
             variants.append(Variant(q))
         if options.imatrix and (q.imatrix_helps or q.requires_imatrix):
@@ -239,9 +239,9 @@ def plan_build(recipe: Recipe, options: BuildOptions, build_root: Path | None = 
             lambda p, o=opts: quantize_variants(job, [o], None, p),
             lambda o=opts: quantize_fingerprint(bf16, o),
             (bf16, layout.imatrix) if v.imatrix else (bf16,)))
-    steps += _modelfile_steps(recipe, options, layout, build_root)
+    steps += _modelfile_steps(recipe, variants, layout, build_root)
     if options.measure:
-        steps += _measure_steps(recipe, options, layout, build_root)
+        steps += _measure_steps(recipe, options, variants, layout, build_root)
     return steps
 
 
@@ -260,13 +260,13 @@ def _imatrix_step(recipe: Recipe, options: BuildOptions, layout: BuildLayout) ->
                 (job.model,))
 
 
-def _modelfile_steps(recipe: Recipe, options: BuildOptions, layout: BuildLayout,
+def _modelfile_steps(recipe: Recipe, variants: tuple[Variant, ...], layout: BuildLayout,
                      build_root: Path | None) -> list[Step]:
     """One step writing the Modelfiles of the recipe's Ollama tags for the built variants."""
     from mathq.modelfile import modelfiles_fingerprint, write_modelfiles
 
     # Tags name plain types: an imatrix variant is measured, not published under a tag.
-    names = {v.name for v in build_variants(options)}
+    names = {v.name for v in variants}
     tags = tuple(tag for tag, quant in recipe.ollama.tags if get_quant(quant).name in names)
     if not tags:
         return []
@@ -276,8 +276,8 @@ def _modelfile_steps(recipe: Recipe, options: BuildOptions, layout: BuildLayout,
         lambda: modelfiles_fingerprint(recipe, tags))]
 
 
-def _measure_steps(recipe: Recipe, options: BuildOptions, layout: BuildLayout,
-                   build_root: Path | None) -> list[Step]:
+def _measure_steps(recipe: Recipe, options: BuildOptions, variants: tuple[Variant, ...],
+                   layout: BuildLayout, build_root: Path | None) -> list[Step]:
     """Smoke tests, speed, KL divergence and the report, each with its stage's fingerprint."""
     from mathq.backends import BackendSpec
     from mathq.bench import BenchOptions, bench_fingerprint, run_bench
@@ -293,7 +293,7 @@ def _measure_steps(recipe: Recipe, options: BuildOptions, layout: BuildLayout,
 
     # The full-precision model is measured too: it is the reference the report compares
     # every variant's accuracy with, and its KLD is zero by definition.
-    names = list(dict.fromkeys(["BF16", *(v.name for v in build_variants(options))]))
+    names = list(dict.fromkeys(["BF16", *(v.name for v in variants)]))
     steps: list[Step] = []
     if not options.skip_smoke:
         # Results of an interrupted run of the same GGUF are resumed; results of a GGUF
