@@ -23,7 +23,6 @@ the repo, the resolved commit and every file's hash once the whole snapshot is c
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -34,7 +33,13 @@ from typing import Any
 
 from mathq import __version__
 from mathq.errors import CheckpointError, DownloadError, IntegrityError, RecipeError
-from mathq.fsutil import PARTIAL_SUFFIX, ensure_free_space, partial_path, write_text_atomic
+from mathq.fsutil import (
+    PARTIAL_SUFFIX,
+    ensure_free_space,
+    exclusive_lock,
+    partial_path,
+    write_text_atomic,
+)
 from mathq.hub import hub_endpoint, hub_errors
 from mathq.layout import BuildLayout
 from mathq.manifest import Manifest
@@ -248,16 +253,10 @@ def _shards_from_index(repo_id: str, commit: str, index_path: Path,
 @contextlib.contextmanager
 def _locked(dest: Path) -> Iterator[None]:
     """One download per folder at a time: two writers would interleave the same partials."""
-    with open(dest / LOCK_FILE, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise DownloadError(f"another download is writing to {dest}",
-                                "wait for it to finish, or use another --dir") from e
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive_lock(dest / LOCK_FILE,
+                        DownloadError(f"another download is writing to {dest}",
+                                      "wait for it to finish, or use another --dir")):
+        yield
 
 
 class _VerifiedFiles:

@@ -8,13 +8,14 @@ run could take for a finished one.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from mathq.errors import DiskSpaceError
+from mathq.errors import DiskSpaceError, MathqError
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -84,3 +85,19 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_file: Path, busy: MathqError) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` for the block, or raise ``busy`` at once if
+    another process holds it: two writers of the same files would interleave their output,
+    and waiting silently behind a long run is worse than saying so."""
+    with open(lock_file, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise busy from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import time
@@ -31,7 +30,7 @@ from typing import Any
 
 from mathq.backends import Backend, BackendSpec, Completion, Request, open_backend
 from mathq.errors import InputFileError, ProblemSetError, SmokeError
-from mathq.fsutil import write_text_atomic
+from mathq.fsutil import exclusive_lock, write_text_atomic
 from mathq.gguf_info import gguf_imatrix
 from mathq.grading.equivalence import DEFAULT_TIMEOUT_S, judge
 from mathq.grading.grade import ProblemResult, result_for, summarize
@@ -152,16 +151,10 @@ def append_result(f: Any, result: ProblemResult) -> None:
 def _exclusive(path: Path) -> Iterator[None]:
     """Refuse a second smoke run writing the same results file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SmokeError(f"another mathq smoke is writing {path}",
-                             "wait for it to finish, or use --out-dir") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive_lock(path.with_name(path.name + ".lock"),
+                        SmokeError(f"another mathq smoke is writing {path}",
+                                   "wait for it to finish, or use --out-dir")):
+        yield
 
 
 # ---------------------------------------------------------------------------------------
