@@ -42,8 +42,8 @@ def download(recipe: str, revision: str | None, dest: Path | None, build_dir: Pa
       mathq download ./my-recipe.toml --dir /data/ckpt/rl
       HF_ENDPOINT=https://my-mirror.example mathq download deepseek-math-7b-base
     """
-    from mathq.download import download_recipe
-    from mathq.recipes import load_recipe
+    from mathq.download.fetch import download_recipe
+    from mathq.recipes.recipe import load_recipe
 
     render = progress_for(quiet)
     try:

@@ -41,7 +41,7 @@ def report(recipe: str, kld_bound: float, out_dir: Path | None, build_dir: Path 
       mathq report deepseek-math-7b-rl --kld-bound 0.02
       mathq report deepseek-math-7b-rl --out-dir site/ --json
     """
-    from mathq.report.build import ReportOptions, build_report
+    from mathq.report.stage import ReportOptions, build_report
     from mathq.report.text import render_text
 
     render = progress_for(quiet)
