@@ -57,7 +57,8 @@ Run = tuple[float, int, int]  # seconds, completion tokens, prompt tokens
 
 def _smoke(gguf: Path, kind: str, n: int, max_tokens: int, spec: object) -> Run:
     """mathq's smoke stage on ``gguf`` (or through ``spec``'s servers)."""
-    from mathq.evaluate.smoke import SmokeOptions, run_smoke
+    from mathq.evaluate.smoke import SmokeOptions
+    from mathq.evaluate.stage import run_smoke
     from mathq.layout import BuildLayout
     from mathq.recipes.recipe import load_recipe
 
@@ -75,7 +76,7 @@ def _smoke(gguf: Path, kind: str, n: int, max_tokens: int, spec: object) -> Run:
 
 def mathq_engine(gguf: Path, kind: str, n: int, max_tokens: int, parallel: int,
                  threads: int) -> Run:
-    from mathq.evaluate.backends import BackendSpec
+    from mathq.evaluate.backends.base import BackendSpec
 
     return _smoke(gguf, kind, n, max_tokens, BackendSpec(parallel=parallel, threads=threads))
 
@@ -113,7 +114,7 @@ def _free_port() -> int:
 def llama_server(gguf: Path, kind: str, n: int, max_tokens: int, parallel: int,
                  threads: int) -> Run:
     """llama-server with ``parallel`` slots, through mathq's OpenAI-compatible backend."""
-    from mathq.evaluate.backends import BackendSpec
+    from mathq.evaluate.backends.base import BackendSpec
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

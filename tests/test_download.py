@@ -17,12 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from mathq.cli import cli
-from mathq.download.fetch import (
-    STATE_FILE,
-    DownloadRequest,
-    download_checkpoint,
-    download_recipe,
-)
+from mathq.download.fetch import STATE_FILE, DownloadRequest, download_checkpoint
+from mathq.download.stage import download_recipe
 from mathq.errors import CheckpointError, DiskSpaceError, DownloadError, IntegrityError, RecipeError
 from mathq.fsutil import PARTIAL_SUFFIX, format_bytes
 from mathq.layout import BuildLayout

@@ -62,7 +62,7 @@ def test_committed_imatrix_file():
 def test_hand_written_file_of_every_value_type(tmp_path, alignment):
     path = tmp_path / "small.gguf"
     w = gguf.GGUFWriter(path, "llama")
-    w.add_uint32(gguf.Keys.General.ALIGNMENT, alignment)
+    w.add_custom_alignment(alignment)
     w.add_token_list(["a", "ü", "[PAD2]"])
     w.add_token_types([1, 4, 5])
     w.add_uint8("t.u8", 7)

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from mathq.cli import cli
 from mathq.datasets.corpus import BUNDLED_CORPUS, load_corpus
 from mathq.evaluate.kld.evaluator import ChunkEvaluator
-from mathq.evaluate.kld.measure import KldOptions, run_kld
+from mathq.evaluate.kld.measure import KldOptions
+from mathq.evaluate.stage import run_kld
 from mathq.evaluate.summaries import KldSummary, load_summary
 from mathq.layout import BuildLayout
 from mathq.manifest import Manifest

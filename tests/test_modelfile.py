@@ -13,7 +13,8 @@ from mathq.errors import ModelfileError, RecipeError
 from mathq.layout import BuildLayout
 from mathq.modelfile.check import check_modelfile_text, parse_modelfile
 from mathq.modelfile.gotemplate import go_template
-from mathq.modelfile.write import GENERATED_MARK, write_modelfiles
+from mathq.modelfile.stage import write_modelfiles
+from mathq.modelfile.write import GENERATED_MARK
 from mathq.recipes.recipe import PROMPT_TEMPLATES, bundled_recipe_names, load_recipe
 from tests.clirun import run
 

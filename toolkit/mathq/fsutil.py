@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import os
 import shutil
@@ -94,15 +93,17 @@ def exclusive_lock(lock_file: Path, busy: MathqError) -> Iterator[None]:
     """Hold an exclusive lock on ``lock_file`` for the block, or raise ``busy`` at once if
     another process holds it: two writers of the same files would interleave their output,
     and waiting silently behind a long run is worse than saying so."""
-    with open(lock_file, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise busy from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(lock_file, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise busy from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def to_jsonable(value: Any) -> Any:

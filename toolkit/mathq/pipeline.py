@@ -198,7 +198,7 @@ def plan_build(recipe: Recipe, options: BuildOptions, build_root: Path | None = 
     """The steps of a build of ``recipe``, in order."""
     from mathq.convert.converter import ConvertOptions
     from mathq.convert.stage import checkpoint_inputs, convert_recipe, recipe_hf_dir
-    from mathq.download.fetch import download_recipe
+    from mathq.download.stage import download_recipe
     from mathq.quantize.core import QuantizeOptions
     from mathq.quantize.stage import QuantizeJob, quantize_fingerprint, quantize_variants
 
@@ -263,7 +263,7 @@ def _imatrix_step(recipe: Recipe, options: BuildOptions, layout: BuildLayout) ->
 def _modelfile_steps(recipe: Recipe, variants: tuple[Variant, ...], layout: BuildLayout,
                      build_root: Path | None) -> list[Step]:
     """One step writing the Modelfiles of the recipe's Ollama tags for the built variants."""
-    from mathq.modelfile.write import modelfiles_fingerprint, write_modelfiles
+    from mathq.modelfile.stage import modelfiles_fingerprint, write_modelfiles
 
     # Tags name plain types: an imatrix variant is measured, not published under a tag.
     names = {v.name for v in variants}
@@ -280,11 +280,15 @@ def _measure_steps(recipe: Recipe, options: BuildOptions, variants: tuple[Varian
                    layout: BuildLayout, build_root: Path | None) -> list[Step]:
     """Smoke tests, speed, KL divergence and the report, each with its stage's fingerprint."""
     from mathq.datasets.corpus import load_corpus
-    from mathq.evaluate.backends import BackendSpec
-    from mathq.evaluate.bench import BenchOptions, bench_fingerprint, run_bench
-    from mathq.evaluate.kld.measure import KldOptions, kld_fingerprint, run_kld
-    from mathq.evaluate.smoke import (
-        SmokeOptions,
+    from mathq.evaluate.backends.base import BackendSpec
+    from mathq.evaluate.bench import BenchOptions
+    from mathq.evaluate.kld.measure import KldOptions
+    from mathq.evaluate.smoke import SmokeOptions
+    from mathq.evaluate.stage import (
+        bench_fingerprint,
+        kld_fingerprint,
+        run_bench,
+        run_kld,
         select_smoke_problems,
         smoke_fingerprint,
         smoke_variant,
@@ -334,7 +338,8 @@ def _hub_plan(recipe: Recipe, layout: BuildLayout) -> CheckpointPlan | None:
     """The checkpoint's sizes from the Hub's file list, so a plan made before the download
     has sizes; None offline or when the Hub cannot be asked (the download step will say
     why, with its own error)."""
-    from mathq.download.fetch import plan_download, request_for_recipe
+    from mathq.download.fetch import plan_download
+    from mathq.download.stage import request_for_recipe
 
     if os.environ.get("HF_HUB_OFFLINE"):
         return None

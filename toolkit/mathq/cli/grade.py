@@ -41,14 +41,10 @@ def grade(results: Path, out: Path | None, problem_set: str | None, workers: int
       mathq grade old.jsonl --problems math500 --workers 2
     """
     from mathq.cli.render import progress_for
+    from mathq.datasets.problems import gold_answers
     from mathq.evaluate.grading.grade import regrade_file
 
-    gold = None
-    if problem_set is not None:
-        from mathq.datasets.problems import load_problem_set
-
-        pset = load_problem_set(problem_set, progress=progress_for(quiet))
-        gold = {p.id: p.answer for p in pset.problems}
+    gold = gold_answers(problem_set, progress_for(quiet)) if problem_set is not None else None
     report = regrade_file(results, out=out, gold=gold, workers=workers, timeout_s=timeout_s,
                           progress=progress_for(quiet))
     if as_json:

@@ -50,7 +50,7 @@ def modelfile(targets: tuple[str, ...], tags: tuple[str, ...], out: Path | None,
     """
     from mathq.errors import ModelfileError
     from mathq.modelfile.check import check_modelfile
-    from mathq.modelfile.write import write_all_modelfiles, write_modelfiles
+    from mathq.modelfile.stage import write_all_modelfiles, write_modelfiles
     from mathq.recipes.recipe import load_recipe
 
     if check and all_recipes:

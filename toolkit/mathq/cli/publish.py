@@ -116,9 +116,7 @@ def publish(recipe: str, namespace: str | None, tags: tuple[str, ...],
         if hplan is not None:
             hresult = publish_hub(hplan, progress=render)
     finally:
-        close = getattr(render, "close", None)
-        if close is not None:
-            close()
+        render.close()
     if as_json:
         echo_json({"dry_run": False, "ollama": oresult, "hub": hresult})
         return

@@ -89,9 +89,9 @@ def smoke(recipe: str, quant_list: str | None, suite: str | None, n: int | None,
       mathq smoke deepseek-math-7b-rl --endpoint http://gpu1:8080 --endpoint http://gpu2:8080
     """
     from mathq.cli.render import progress_for
-    from mathq.evaluate.backends import BackendSpec
-    from mathq.evaluate.smoke import SmokeOptions, run_smoke
-    from mathq.recipes.quants import parse_variant_list
+    from mathq.evaluate.backends.base import BackendSpec
+    from mathq.evaluate.smoke import SmokeOptions
+    from mathq.evaluate.stage import run_smoke
     from mathq.recipes.recipe import load_recipe
 
     if ollama_url and endpoints:
@@ -103,8 +103,7 @@ def smoke(recipe: str, quant_list: str | None, suite: str | None, n: int | None,
                        model=served_model, parallel=parallel, threads=threads,
                        gpu_layers=gpu_layers, timeout_s=timeout_s)
     rec = load_recipe(recipe)
-    quants = ([v.name for v in parse_variant_list(quant_list)] if quant_list
-              else list(rec.quants.variants))
+    quants = list(rec.variant_names(quant_list))
     options = SmokeOptions(suite=suite, n=n, seed=seed, subjects=subjects, levels=levels,
                            max_tokens=max_tokens, backend=spec, restart=restart,
                            grade_timeout_s=grade_timeout_s, out_dir=out_dir)

@@ -113,6 +113,11 @@ def load_problem_set(ref: str | Path, *, revision: str | None = None,
                       problems)
 
 
+def gold_answers(ref: str | Path, progress: ProgressCallback = no_progress) -> dict[str, str]:
+    """Problem id -> reference answer of a suite or JSONL file, for re-grading results."""
+    return {p.id: p.answer for p in load_problem_set(ref, progress=progress).problems}
+
+
 def fetch_suite_file(suite: Suite, *, revision: str | None = None,
                      progress: ProgressCallback = no_progress) -> tuple[Path, str | None]:
     """Download (or find in the HF cache) a suite's file; return its path and commit hash.
@@ -120,38 +125,29 @@ def fetch_suite_file(suite: Suite, *, revision: str | None = None,
     ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` are honoured by huggingface_hub itself.
     """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from mathq.download.hub import hub_endpoint, hub_errors
 
     rev = revision or suite.revision
     progress(Progress("problems", 0, 1, "files", item=suite.filename))
     where = f"{suite.repo_id}/{suite.filename}@{rev}"
     try:
-        local = Path(hf_hub_download(suite.repo_id, suite.filename, repo_type="dataset",
-                                     revision=rev))
+        with hub_errors(suite.repo_id, rev, hub_endpoint(),
+                        repo_hint="check HF_ENDPOINT, or give a local JSONL file"):
+            local = Path(hf_hub_download(suite.repo_id, suite.filename, repo_type="dataset",
+                                         revision=rev))
     except LocalEntryNotFoundError as e:
         raise DownloadError(
             f"{where} is not in the Hugging Face cache and the Hub cannot be reached",
             "connect once to cache it (HF_HUB_OFFLINE=1 only reads the cache), "
             "or give a local JSONL file") from e
-    except RepositoryNotFoundError as e:
-        raise DownloadError(f"the Hub has no dataset {suite.repo_id} (or it is private)",
-                            "check HF_ENDPOINT and HF_TOKEN, or give a local JSONL file") from e
-    except RevisionNotFoundError as e:
-        raise DownloadError(f"the Hub dataset {suite.repo_id} has no revision {rev!r}",
-                            "check the revision, or give a local JSONL file") from e
-    except EntryNotFoundError as e:
-        raise DownloadError(f"the Hub dataset {suite.repo_id}@{rev} has no file "
-                            f"{suite.filename}",
-                            "check HF_ENDPOINT, or give a local JSONL file") from e
-    except (HfHubHTTPError, OSError) as e:
-        raise DownloadError(f"could not download {where}: {e}",
-                            "check the network or HF_ENDPOINT, or give a local JSONL file") from e
+    except DownloadError:
+        raise
+    except OSError as e:  # the cache folder cannot be written, the disk is full
+        raise DownloadError(f"could not store {where} in the Hugging Face cache: "
+                            f"{e.strerror or e}", "check HF_HOME's folder and free space, "
+                            "or give a local JSONL file") from e
     progress(Progress("problems", 1, 1, "files", item=suite.filename))
     # The cache layout is .../snapshots/<commit>/<filename>; the commit names the version.
     parts = local.parts

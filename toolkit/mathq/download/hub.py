@@ -48,8 +48,11 @@ def _auth_hint() -> str:
 
 
 @contextlib.contextmanager
-def hub_errors(repo_id: str, revision: str, endpoint: str) -> Iterator[None]:
+def hub_errors(repo_id: str, revision: str, endpoint: str, *,
+               repo_hint: str = "check hf_repo in the recipe") -> Iterator[None]:
     """Re-raise Hub and network failures inside the block as one-line DownloadErrors.
+
+    ``repo_hint`` says where the repo id came from, for the message of a missing repo.
 
     The messages are built here from the failure's kind and HTTP status only, never from
     the library's text, so they stay short and cannot echo request headers.
@@ -80,7 +83,7 @@ def hub_errors(repo_id: str, revision: str, endpoint: str) -> Iterator[None]:
     except RepositoryNotFoundError as e:
         raise DownloadError(
             f"repository {repo_id} not found on {endpoint}",
-            f"check hf_repo in the recipe; {_auth_hint()}",
+            f"{repo_hint}; {_auth_hint()}",
         ) from e
     except RemoteEntryNotFoundError as e:
         raise DownloadError(

@@ -34,12 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from mathq.errors import InferenceError, InputFileError, MathqError
-from mathq.evaluate.summaries import BenchSummary, MeanSd, save_summary
-from mathq.layout import BuildLayout
-from mathq.manifest import Fingerprint, Manifest, file_identity
+from mathq.errors import InferenceError, MathqError
+from mathq.evaluate.summaries import BenchSummary, MeanSd
 from mathq.progress import Progress, ProgressCallback, no_progress
-from mathq.recipes.recipe import Recipe
 
 
 @dataclass(frozen=True)
@@ -253,48 +250,5 @@ def bench_isolated(path: Path, options: BenchOptions,
             proc.kill()
 
 
-def bench_fingerprint(layout: BuildLayout, quant: str,
-                      options: BenchOptions) -> Fingerprint | None:
-    """What a variant's bench summary is made from (None while its GGUF is missing), so
-    ``build`` can skip a variant already measured this way."""
-    gguf = layout.gguf(quant)
-    if not gguf.is_file():
-        return None
-    settings = asdict(options)
-    settings["parallel"] = list(options.parallel)
-    return {"gguf": file_identity(gguf)}, settings
 
 
-def run_bench(recipe: Recipe, quants: Sequence[str], options: BenchOptions,
-              build_root: Path | None = None,
-              progress: ProgressCallback = no_progress) -> list[BenchOutcome]:
-    """Measure each variant of ``recipe`` in turn and write its summary."""
-    from mathq.convert.gguf_info import gguf_imatrix, read_gguf_summary
-
-    layout = BuildLayout.for_model(recipe.name, build_root)
-    outcomes = []
-    for q in quants:
-        gguf = layout.gguf(q)
-        if not gguf.is_file():
-            raise InputFileError(f"no {q} GGUF at {gguf}",
-                                 f"make it first: mathq quantize {recipe.name} --quant {q}")
-        info = read_gguf_summary(gguf)
-        measure = bench_isolated if options.isolate else bench_gguf
-        result = measure(gguf, options, progress)
-        summary = BenchSummary(
-            model=recipe.name, quant=q, gguf=gguf.name, file_size=info.size,
-            bits_per_weight=round(info.bits_per_weight, 4), threads=result.threads,
-            load_seconds=result.load_seconds, peak_rss_bytes=result.peak_rss_bytes,
-            prompt_tokens_per_second=result.prompt,
-            generation_tokens_per_second=result.generation,
-            throughput_by_parallel=result.throughput_by_parallel,
-            imatrix=gguf_imatrix(gguf), n_prompt=options.n_prompt, n_gen=options.n_gen,
-            repetitions=options.repetitions)
-        path = layout.bench_summary(q)
-        save_summary(path, summary)
-        fingerprint = bench_fingerprint(layout, q, options)
-        assert fingerprint is not None  # the GGUF was just measured
-        Manifest(layout.manifest).record(layout.key(path), "bench", *fingerprint,
-                                         size=path.stat().st_size)
-        outcomes.append(BenchOutcome(q, path, summary))
-    return outcomes

@@ -17,30 +17,25 @@ them, and a rerun with other settings is refused until ``restart`` discards the 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mathq.convert.gguf_info import gguf_imatrix
-from mathq.datasets.problems import Problem, ProblemSet, load_problem_set, select_problems
-from mathq.errors import InputFileError, ProblemSetError, SmokeError
-from mathq.evaluate.backends import Backend, BackendSpec, Completion, Request, open_backend
+from mathq.datasets.problems import Problem, ProblemSet
+from mathq.errors import ProblemSetError, SmokeError
+from mathq.evaluate.backends.base import Backend, BackendSpec, Completion, Request
 from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
 from mathq.evaluate.grading.grade import ProblemResult, result_for, summarize
 from mathq.evaluate.grading.isolation import judge
-from mathq.evaluate.summaries import SmokeSummary, save_summary, wilson_rate
-from mathq.fsutil import exclusive_lock, write_text_atomic
-from mathq.layout import BuildLayout
-from mathq.manifest import Fingerprint, Manifest, file_identity
-from mathq.progress import Progress, ProgressCallback, no_progress
-from mathq.recipes.prompt import render_prompt, stop_strings
+from mathq.evaluate.summaries import SmokeSummary, wilson_rate
+from mathq.progress import Progress, ProgressCallback
+from mathq.recipes.prompt import render_prompt
 from mathq.recipes.recipe import Recipe
 
 
@@ -80,19 +75,8 @@ class SmokeOutcome:
     answered: int
 
 
-@dataclass(frozen=True)
-class _Paths:
-    results: Path
-    settings: Path
-    summary: Path
 
 
-def _paths(layout: BuildLayout, quant: str, out_dir: Path | None) -> _Paths:
-    files = (layout.smoke_results(quant), layout.smoke_settings(quant),
-             layout.smoke_summary(quant))
-    if out_dir is not None:
-        files = tuple(Path(out_dir) / f.name for f in files)
-    return _Paths(*files)
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,29 +132,12 @@ def append_result(f: Any, result: ProblemResult) -> None:
     os.fsync(f.fileno())
 
 
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """Refuse a second smoke run writing the same results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(path.with_name(path.name + ".lock"),
-                        SmokeError(f"another mathq smoke is writing {path}",
-                                   "wait for it to finish, or use --out-dir")):
-        yield
 
 
 # ---------------------------------------------------------------------------------------
 # Settings that results are valid for
 
 
-def _target(recipe: Recipe, quant: str, spec: BackendSpec, gguf: Path | None,
-            backend: Backend | None = None) -> dict[str, Any]:
-    if spec.kind == "llama":
-        assert gguf is not None
-        identity = file_identity(gguf)
-        return {"gguf": identity.pop("name"), **identity}
-    if spec.kind == "ollama":
-        return {"ollama_model": ollama_model_name(recipe, quant, spec.model)}
-    return {"served_model": getattr(backend, "model", spec.model)}
 
 
 def ollama_model_name(recipe: Recipe, quant: str, model: str | None = None) -> str:
@@ -187,137 +154,20 @@ def ollama_model_name(recipe: Recipe, quant: str, model: str | None = None) -> s
                      f"its tags: {tags}")
 
 
-def _settings_conflict(path: Path, settings: dict[str, Any]) -> SmokeError | None:
-    """Why results recorded beside ``path`` cannot be resumed under ``settings``, if so."""
-    if not path.exists():
-        return SmokeError(f"{path} is missing, so the results beside it cannot be trusted",
-                          "pass --restart to discard them")
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        return SmokeError(f"cannot read {path}: {e}", "pass --restart")
-    changed = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
-    if not changed:
-        return None
-    first = changed[0]
-    return SmokeError(
-        f"results in {path.parent} were made with other settings "
-        f"({first}: {json.dumps(old.get(first))} -> {json.dumps(settings.get(first))})",
-        "pass --restart to discard them, or --out-dir to keep both")
 
 
-def smoke_fingerprint(recipe: Recipe, quant: str, options: SmokeOptions,
-                      layout: BuildLayout) -> Fingerprint | None:
-    """What an in-process smoke summary in the build folder is made from.
-
-    None for other backends or folders (nothing of theirs is recorded) and while the GGUF
-    is missing. ``build`` compares it with the manifest's record to skip a finished test.
-    """
-    gguf = layout.gguf(quant)
-    if options.backend.kind != "llama" or options.out_dir is not None or not gguf.is_file():
-        return None
-    return ({"gguf": file_identity(gguf)},
-            {"suite": options.suite or recipe.smoke.suite,
-             "n": recipe.smoke.n if options.n is None else options.n, "seed": options.seed,
-             "subjects": list(options.subjects), "levels": list(options.levels),
-             "max_tokens": options.max_tokens or recipe.smoke.max_tokens,
-             "prompt": dataclasses.asdict(recipe.prompt)})
 
 
 # ---------------------------------------------------------------------------------------
 # Running
 
 
-def select_smoke_problems(recipe: Recipe, options: SmokeOptions,
-                          progress: ProgressCallback = no_progress) -> ProblemSet:
-    """The problem set a smoke run uses: suite, subset and filters (recipe defaults)."""
-    pset = load_problem_set(options.suite or recipe.smoke.suite, progress=progress)
-    n = recipe.smoke.n if options.n is None else options.n
-    return select_problems(pset, n=n or None, seed=options.seed, subjects=options.subjects,
-                           levels=options.levels)
 
 
-def run_smoke(recipe: Recipe, quants: Sequence[str], options: SmokeOptions,
-              build_root: Path | None = None,
-              progress: ProgressCallback = no_progress) -> list[SmokeOutcome]:
-    """Smoke-test each variant in turn on the same problems."""
-    layout = BuildLayout.for_model(recipe.name, build_root)
-    problems = select_smoke_problems(recipe, options, progress)
-    return [smoke_variant(recipe, q, problems, layout, options, progress) for q in quants]
 
 
-def smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: BuildLayout,
-                  options: SmokeOptions,
-                  progress: ProgressCallback = no_progress) -> SmokeOutcome:
-    """Answer and grade every problem not yet answered for ``quant``; write the summary."""
-    spec = options.backend
-    paths = _paths(layout, quant, options.out_dir)
-    max_tokens = options.max_tokens or recipe.smoke.max_tokens
-    gguf = layout.gguf(quant) if spec.kind == "llama" else None
-    if gguf is not None and not gguf.is_file():
-        raise InputFileError(f"no {quant} GGUF at {gguf}",
-                             f"make it first: mathq quantize {recipe.name} --quant {quant}")
-    ollama_model = ollama_model_name(recipe, quant, spec.model) if spec.kind == "ollama" else None
-    stops = stop_strings(recipe.prompt)
-    few_shot = recipe.prompt.template == "few-shot"
-
-    fingerprint = smoke_fingerprint(recipe, quant, options, layout)
-    manifest = Manifest(layout.manifest)
-    with _exclusive(paths.results):
-        if options.restart:
-            _discard(paths)
-        done = read_results_log(paths.results)
-        backend = None
-        try:
-            if spec.kind == "openai" and spec.model is None:
-                backend = open_backend(spec)  # the served model's name is part of the settings
-            settings = {"backend": spec.kind, **_target(recipe, quant, spec, gguf, backend),
-                        "prompt": dataclasses.asdict(recipe.prompt), "max_tokens": max_tokens,
-                        "stop": list(stops), "problems": problems.source}
-            conflict = _settings_conflict(paths.settings, settings) if done else None
-            if conflict is not None and not options.restart_if_changed:
-                raise conflict
-            if conflict is not None:
-                _discard(paths)
-                done = {}
-            write_text_atomic(paths.settings,
-                              json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
-            wanted = {p.id for p in problems.problems}
-            todo = [p for p in problems.problems if p.id not in done]
-            resumed = len(wanted) - len(todo)
-            if todo:
-                if fingerprint is not None:  # the summary is about to be out of date
-                    manifest.forget(layout.key(paths.summary))
-                if backend is None:
-                    backend = open_backend(spec, gguf=gguf, ollama_model=ollama_model)
-                done.update(_answer(backend, todo, recipe, quant, max_tokens, stops, few_shot,
-                                    options.grade_timeout_s, paths.results,
-                                    done_before=resumed, total=len(wanted),
-                                    correct_before=sum(done[i].correct for i in wanted
-                                                       if i in done),
-                                    progress=progress))
-        finally:
-            if backend is not None:
-                backend.close()
-        # Records of problems outside this selection (another --n) stay in the file but
-        # are not counted.
-        records = [done[p.id] for p in problems.problems if p.id in done]
-        summary = build_summary(recipe, quant, problems, records, options, max_tokens,
-                                target=gguf.name if gguf else str(ollama_model or
-                                                                  settings.get("served_model")),
-                                backend=describe_backend(spec),
-                                imatrix=gguf_imatrix(gguf) if gguf else None)
-        save_summary(paths.summary, summary)
-        if fingerprint is not None:
-            manifest.record(layout.key(paths.summary), "smoke", *fingerprint,
-                            size=paths.summary.stat().st_size)
-    return SmokeOutcome(quant=quant, results=paths.results, summary_path=paths.summary,
-                        summary=summary, resumed=resumed, answered=len(todo))
 
 
-def _discard(paths: _Paths) -> None:
-    for p in (paths.results, paths.settings, paths.summary):
-        p.unlink(missing_ok=True)
 
 
 def describe_backend(spec: BackendSpec) -> str:
@@ -327,7 +177,7 @@ def describe_backend(spec: BackendSpec) -> str:
     return " ".join((spec.kind, *spec.urls))
 
 
-def _answer(backend: Backend, todo: list[Problem], recipe: Recipe, quant: str,
+def answer_problems(backend: Backend, todo: list[Problem], recipe: Recipe, quant: str,
             max_tokens: int, stops: tuple[str, ...], few_shot: bool, timeout_s: float,
             results: Path, *, done_before: int, total: int, correct_before: int,
             progress: ProgressCallback) -> dict[str, ProblemResult]:

@@ -20,7 +20,7 @@ from mathq.errors import RecipeError
 from mathq.recipes.prompt import COT_SUFFIXES as _COT_SUFFIX_TEXTS
 from mathq.recipes.prompt import PROMPT_FORMATS, PromptSpec
 from mathq.recipes.prompt import SYSTEM_PROMPT_POLICIES as SYSTEM_PROMPT_POLICIES
-from mathq.recipes.quants import UnknownQuantError, get_quant
+from mathq.recipes.quants import UnknownQuantError, get_quant, parse_variant_list
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -98,6 +98,14 @@ class Recipe:
     def name(self) -> str:
         """The model name, used for file names and the build folder."""
         return self.model.name
+
+    def variant_names(self, quant_list: str | None = None) -> tuple[str, ...]:
+        """The variants a command works on: ``quant_list`` (comma-separated names such as
+        ``Q4_K_M,Q4_K_M-imat``, checked against llama.cpp's types) or, when it is empty, the
+        recipe's own ``[quants] variants``."""
+        if quant_list:
+            return tuple(v.name for v in parse_variant_list(quant_list))
+        return tuple(self.quants.variants)
 
 
 def bundled_recipes_dir() -> Path:

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from mathq.evaluate.backends import Completion, Request, TokenCallback
+from mathq.evaluate.backends.base import Completion, Request, TokenCallback
 from mathq.llama.engine import BatchEngine, EngineOptions, GenRequest, GenResult, StepStats
 
 #: Seconds between progress updates while waiting for the next completion.

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mathq.errors import ServerError
-from mathq.evaluate.backends import Completion, Request, TokenCallback
+from mathq.evaluate.backends.base import Completion, Request, TokenCallback
 from mathq.evaluate.backends.connections import ThreadClients, server_errors
 from mathq.evaluate.backends.pool import run_concurrently
 

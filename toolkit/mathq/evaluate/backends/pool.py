@@ -13,7 +13,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
-from mathq.evaluate.backends import Completion, Request
+from mathq.evaluate.backends.base import Completion, Request
 
 Worker = Callable[[Request], Completion]
 

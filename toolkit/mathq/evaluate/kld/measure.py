@@ -12,7 +12,6 @@ results go to one :class:`mathq.evaluate.summaries.KldSummary` per variant.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -20,19 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mathq.convert.gguf_info import read_gguf_header
-from mathq.datasets.corpus import Corpus, load_corpus
+from mathq.datasets.corpus import Corpus
 from mathq.errors import GGUFError, InputFileError, MathqError
 from mathq.evaluate.kld import DEFAULT_CTX
 from mathq.evaluate.kld.evaluator import ChunkEvaluator
 from mathq.evaluate.kld.logprob_file import LogprobFile, LogprobWriter, file_size
 from mathq.evaluate.kld.stats import KldAccumulator, compress_log_probs
-from mathq.evaluate.summaries import KldSummary, save_summary, wilson_rate
+from mathq.evaluate.summaries import KldSummary, wilson_rate
 from mathq.fsutil import atomic_output, ensure_free_space, write_text_atomic
 from mathq.layout import BuildLayout
-from mathq.manifest import Fingerprint, Manifest, file_identity
+from mathq.manifest import file_identity
 from mathq.progress import Progress, ProgressCallback, no_progress
-from mathq.recipes.quants import get_quant, parse_variant
-from mathq.recipes.recipe import load_recipe
 
 CACHE_FORMAT = 1   # bump when the cache's meaning changes, so old files are not reused
 
@@ -87,7 +84,7 @@ def reference_cache_path(layout: BuildLayout, reference: str, key: str) -> Path:
     return layout.kld_dir / f"reference-{reference}-{key}.logits"
 
 
-def _require_gguf(layout: BuildLayout, quant: str, why: str) -> Path:
+def require_gguf(layout: BuildLayout, quant: str, why: str) -> Path:
     path = layout.gguf(quant)
     if not path.is_file():
         hint = ("run `mathq convert` first, or measure against Q8_0 with --reference Q8_0"
@@ -99,7 +96,7 @@ def _require_gguf(layout: BuildLayout, quant: str, why: str) -> Path:
 def ensure_reference(layout: BuildLayout, corpus: Corpus, options: KldOptions,
                      progress: ProgressCallback = no_progress) -> ReferenceCache:
     """Reuse the cached reference pass if its key matches, else compute and cache it."""
-    ref_path = _require_gguf(layout, options.reference, "reference model")
+    ref_path = require_gguf(layout, options.reference, "reference model")
     key = reference_key(ref_path, corpus, options)
     cache = reference_cache_path(layout, options.reference, key)
     if cache.is_file():
@@ -159,7 +156,7 @@ def measure_variant(layout: BuildLayout, quant: str, reference: ReferenceCache, 
                     options: KldOptions,
                     progress: ProgressCallback = no_progress) -> KldSummary:
     """Compare one variant with the cached reference over every chunk; return its summary."""
-    path = _require_gguf(layout, quant, f"{quant} model")
+    path = require_gguf(layout, quant, f"{quant} model")
     ref = LogprobFile(reference.path)
     started = time.perf_counter()
     stage = f"kld {quant}"
@@ -189,61 +186,3 @@ def measure_variant(layout: BuildLayout, quant: str, reference: ReferenceCache, 
         rms_delta_p_err=stats.rms_delta_p_err, ppl=stats.ppl, ppl_reference=stats.ppl_reference,
         n_ctx=ref.n_ctx, n_chunks=ref.n_chunk, corpus_sha256=corpus.sha256,
         seconds=round(seconds, 3))
-
-
-def kld_fingerprint(layout: BuildLayout, quant: str, options: KldOptions,
-                    corpus: Corpus) -> Fingerprint | None:
-    """What a variant's KLD summary is made from; None while either model is missing.
-
-    ``build`` compares it with the manifest's record to skip a variant already measured
-    against this very reference pass.
-    """
-    variant, reference = layout.gguf(quant), layout.gguf(options.reference)
-    if not (variant.is_file() and reference.is_file()):
-        return None
-    return ({"gguf": file_identity(variant),
-             "reference_key": reference_key(reference, corpus, options)},
-            {"reference": options.reference, "n_ctx": options.n_ctx,
-             "max_chunks": options.max_chunks, "corpus_sha256": corpus.sha256})
-
-
-def run_kld(recipe_ref: str | Path, quants: tuple[str, ...] | None = None,
-            options: KldOptions = KldOptions(), build_root: Path | None = None,
-            progress: ProgressCallback = no_progress) -> KldRun:
-    """Measure ``quants`` (default: the recipe's variants) of a recipe's build folder.
-
-    Each summary is written to ``BuildLayout.kld_summary(quant)`` as soon as it is measured
-    and recorded in the build manifest.
-    """
-    recipe = load_recipe(recipe_ref)
-    layout = BuildLayout.for_model(recipe.name, build_root)
-    reference = get_quant(options.reference).name
-    options = dataclasses.replace(options, reference=reference)
-    names = [parse_variant(q).name for q in (quants or recipe.quants.variants)]
-    if reference in names:
-        if quants:
-            raise MathqError(f"{reference} is the reference; its divergence from itself is 0",
-                             "leave it out of --quant, or pick another --reference")
-        names.remove(reference)
-    if not names:
-        raise MathqError("no variant to measure", "name variants with --quant")
-    for q in names:  # fail before the (long) reference pass, not after it
-        _require_gguf(layout, q, f"{q} model")
-    corpus = load_corpus(options.corpus)
-    ref = ensure_reference(layout, corpus, options, progress)
-    summaries, paths = [], []
-    for q in names:
-        summary = measure_variant(layout, q, ref, corpus, options, progress)
-        out = layout.kld_summary(q)
-        save_summary(out, summary)
-        fingerprint = kld_fingerprint(layout, q, options, corpus)
-        assert fingerprint is not None  # both files were just read
-        Manifest(layout.manifest).record(layout.key(out), "kld", *fingerprint,
-                                         size=out.stat().st_size)
-        summaries.append(summary)
-        paths.append(out)
-    return KldRun(ref, tuple(summaries), tuple(paths))
-
-
-__all__ = ["KldOptions", "KldRun", "ReferenceCache", "ensure_reference", "kld_fingerprint",
-           "measure_variant", "reference_key", "run_kld"]
