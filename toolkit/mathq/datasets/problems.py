@@ -125,7 +125,7 @@ def fetch_suite_file(suite: Suite, *, revision: str | None = None,
     ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` are honoured by huggingface_hub itself.
     """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     from mathq.download.hub import hub_endpoint, hub_errors
 
@@ -135,8 +135,13 @@ def fetch_suite_file(suite: Suite, *, revision: str | None = None,
     try:
         with hub_errors(suite.repo_id, rev, hub_endpoint(),
                         repo_hint="check HF_ENDPOINT, or give a local JSONL file"):
-            local = Path(hf_hub_download(suite.repo_id, suite.filename, repo_type="dataset",
-                                         revision=rev))
+            try:
+                local = Path(hf_hub_download(suite.repo_id, suite.filename,
+                                             repo_type="dataset", revision=rev))
+            except RemoteEntryNotFoundError as e:
+                raise DownloadError(f"the Hub dataset {suite.repo_id}@{rev} has no file "
+                                    f"{suite.filename}",
+                                    "check HF_ENDPOINT, or give a local JSONL file") from e
     except LocalEntryNotFoundError as e:
         raise DownloadError(
             f"{where} is not in the Hugging Face cache and the Hub cannot be reached",
