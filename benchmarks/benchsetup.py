@@ -45,8 +45,8 @@ def model_path(kind: str) -> Path:
         return bf16
     out = BENCH_DIR / f"{MODEL_NAME}-{kind}.gguf"
     if not out.exists():
-        from mathq.quantize import QuantizeOptions, quantize_gguf
-        from mathq.quants import get_quant
+        from mathq.quantize.core import QuantizeOptions, quantize_gguf
+        from mathq.recipes.quants import get_quant
 
         print(f"quantizing {out} ...", flush=True)
         quantize_gguf(bf16, out, QuantizeOptions(quant=get_quant(kind)))

@@ -126,7 +126,7 @@ def upstream_python(venv: Path, src: Path) -> Path:
 
 
 def tensor_digests(path: Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
-    from mathq.convert.verify import read_gguf
+    from gguf import GGUFReader as read_gguf
 
     reader = read_gguf(path)
     out = {}
@@ -137,7 +137,7 @@ def tensor_digests(path: Path) -> dict[str, tuple[str, tuple[int, ...], str]]:
 
 
 def metadata(path: Path) -> dict[str, object]:
-    from mathq.convert.verify import read_gguf
+    from gguf import GGUFReader as read_gguf
 
     reader = read_gguf(path)
     out = {}

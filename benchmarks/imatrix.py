@@ -26,13 +26,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
+from gguf import GGUFReader as read_gguf
 from tests.conftest import FIXTURES
 from tests.ggufbuild import write_tiny_llama_gguf
 
 from benchmarks.peers import CACHE, LLAMA_CPP_PYTHON, timed, tool
-from mathq.convert.verify import read_gguf
-from mathq.imatrix_file import load_imatrix
-from mathq.quantize import output_name
+from mathq.quantize.core import output_name
+from mathq.quantize.imatrix_file import load_imatrix
 
 VOCAB = FIXTURES / "deepseek-llm-tokenizer" / "ggml-vocab-deepseek-llm.gguf"
 REFERENCE = FIXTURES / "imatrix"

@@ -21,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.peers import CACHE, tool
-from mathq.quantize import QuantizeOptions, quantize_gguf
-from mathq.quants import get_quant
+from mathq.quantize.core import QuantizeOptions, quantize_gguf
+from mathq.recipes.quants import get_quant
 
 _MEAN_KLD = re.compile(r"^Mean\s+KLD:\s+([0-9.eE+-]+)", re.MULTILINE)
 _SAME_TOP = re.compile(r"^Same top p:\s+([0-9.]+)", re.MULTILINE)

@@ -43,12 +43,12 @@ sys.path.insert(0, str(ROOT))
 from tests.buildfolder import link_ggufs, write_tiny_recipe  # noqa: E402
 from tests.ggufbuild import write_tiny_llama_gguf  # noqa: E402
 
-from mathq.corpus import BUNDLED_CORPUS  # noqa: E402
-from mathq.kld_stats import decode_log_probs  # noqa: E402
-from mathq.logprob_file import LogprobFile  # noqa: E402
-from mathq.quantize import QuantizeOptions, quantize_gguf  # noqa: E402
-from mathq.quants import get_quant  # noqa: E402
-from mathq.summaries import KldSummary, load_summary  # noqa: E402
+from mathq.datasets.corpus import BUNDLED_CORPUS  # noqa: E402
+from mathq.evaluate.kld.logprob_file import LogprobFile  # noqa: E402
+from mathq.evaluate.kld.stats import decode_log_probs  # noqa: E402
+from mathq.evaluate.summaries import KldSummary, load_summary  # noqa: E402
+from mathq.quantize.core import QuantizeOptions, quantize_gguf  # noqa: E402
+from mathq.recipes.quants import get_quant  # noqa: E402
 
 MATHQ = Path(sys.executable).parent / "mathq"
 VOCAB = ROOT / "tests" / "fixtures" / "deepseek-llm-tokenizer" / "ggml-vocab-deepseek-llm.gguf"

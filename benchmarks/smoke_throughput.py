@@ -57,9 +57,10 @@ Run = tuple[float, int, int]  # seconds, completion tokens, prompt tokens
 
 def _smoke(gguf: Path, kind: str, n: int, max_tokens: int, spec: object) -> Run:
     """mathq's smoke stage on ``gguf`` (or through ``spec``'s servers)."""
+    from mathq.evaluate.smoke import SmokeOptions
+    from mathq.evaluate.stage import run_smoke
     from mathq.layout import BuildLayout
-    from mathq.recipes import load_recipe
-    from mathq.smoke import SmokeOptions, run_smoke
+    from mathq.recipes.recipe import load_recipe
 
     recipe = load_recipe(RECIPE)
     with tempfile.TemporaryDirectory(dir=BENCH_DIR) as root:
@@ -75,7 +76,7 @@ def _smoke(gguf: Path, kind: str, n: int, max_tokens: int, spec: object) -> Run:
 
 def mathq_engine(gguf: Path, kind: str, n: int, max_tokens: int, parallel: int,
                  threads: int) -> Run:
-    from mathq.backends import BackendSpec
+    from mathq.evaluate.backends.base import BackendSpec
 
     return _smoke(gguf, kind, n, max_tokens, BackendSpec(parallel=parallel, threads=threads))
 
@@ -84,9 +85,9 @@ def create_completion_loop(gguf: Path, n: int, max_tokens: int, threads: int) ->
     """llama-cpp-python's own API, one problem after another."""
     from llama_cpp import Llama
 
-    from mathq.problems import load_problem_set, select_problems
-    from mathq.prompt import render_prompt, stop_strings
-    from mathq.recipes import load_recipe
+    from mathq.datasets.problems import load_problem_set, select_problems
+    from mathq.recipes.prompt import render_prompt, stop_strings
+    from mathq.recipes.recipe import load_recipe
 
     spec = load_recipe(RECIPE).prompt
     chosen = select_problems(load_problem_set(PROBLEMS), n=n, seed=0).problems
@@ -113,7 +114,7 @@ def _free_port() -> int:
 def llama_server(gguf: Path, kind: str, n: int, max_tokens: int, parallel: int,
                  threads: int) -> Run:
     """llama-server with ``parallel`` slots, through mathq's OpenAI-compatible backend."""
-    from mathq.backends import BackendSpec
+    from mathq.evaluate.backends.base import BackendSpec
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"

@@ -38,7 +38,7 @@ def llama_bench(gguf: Path, threads: int, reps: int, n_prompt: int,
 
 
 def main() -> None:
-    from mathq.bench import BenchOptions, bench_isolated
+    from mathq.evaluate.bench import BenchOptions, bench_isolated
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kinds", default="BF16,Q4_K_M")

@@ -47,8 +47,8 @@ def demo_bf16_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_quant_ggufs(demo_bf16_gguf: Path,
                      tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The demo model as BF16 and quantized by mathq to Q8_0 and Q4_K_M, once per session."""
-    from mathq.quantize import QuantizeOptions, quantize_gguf
-    from mathq.quants import get_quant
+    from mathq.quantize.core import QuantizeOptions, quantize_gguf
+    from mathq.recipes.quants import get_quant
 
     out = tmp_path_factory.mktemp("tiny-quants")
     ggufs = {"BF16": demo_bf16_gguf}

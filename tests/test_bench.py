@@ -8,9 +8,9 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from mathq.cli import cli
-from mathq.gguf_info import read_gguf_summary
+from mathq.convert.gguf_info import read_gguf_summary
+from mathq.evaluate.summaries import BenchSummary, load_summary
 from mathq.layout import BuildLayout
-from mathq.summaries import BenchSummary, load_summary
 
 RECIPE = "deepseek-math-7b-rl"
 

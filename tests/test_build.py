@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from mathq.cli import cli
-from mathq.gguf_info import read_gguf_summary
+from mathq.convert.gguf_info import read_gguf_summary
 from mathq.manifest import Manifest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,10 +105,10 @@ KILLER = """
 import os, signal, sys
 from dataclasses import replace
 from pathlib import Path
-from mathq.build import default_options, plan_build, run_steps
+from mathq.pipeline import default_options, plan_build, run_steps
 from mathq.layout import BuildLayout
 from mathq.manifest import Manifest
-from mathq.recipes import load_recipe
+from mathq.recipes.recipe import load_recipe
 
 stage, after, root = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 recipe = load_recipe("tiny-demo")

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mathq.convert.gguf_info import read_gguf_header, read_gguf_summary
 from mathq.fsutil import sha256_file
-from mathq.gguf_info import read_gguf_header, read_gguf_summary
-from mathq.imatrix_file import load_imatrix, write_imatrix_gguf
 from mathq.manifest import Manifest
+from mathq.quantize.imatrix_file import load_imatrix, write_imatrix_gguf
 from tests.test_build import run, statuses
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from mathq.calibration import (
+from mathq.datasets.problems import Problem, load_problem_set, read_problems_jsonl
+from mathq.errors import CalibrationError
+from mathq.quantize.calibration import (
     CALIBRATION_SETS,
     build_calibration_text,
     item_text,
     normalise,
     render_items,
 )
-from mathq.errors import CalibrationError
-from mathq.problems import Problem, load_problem_set, read_problems_jsonl
-from mathq.prompt import EOS
-from mathq.recipes import load_recipe
+from mathq.recipes.prompt import EOS
+from mathq.recipes.recipe import load_recipe
 from tests.clirun import run
 from tests.conftest import FIXTURES
 
@@ -123,7 +123,7 @@ def test_unknown_set_and_missing_file_are_one_line(tmp_path):
 
 
 def test_calibration_sets_are_train_splits_beside_the_graded_suites():
-    from mathq.problems import SUITES
+    from mathq.datasets.problems import SUITES
 
     graded = {(s.repo_id, s.filename) for s in SUITES}
     for s in CALIBRATION_SETS:

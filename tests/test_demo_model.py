@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from mathq.recipes import load_recipe
+from mathq.recipes.recipe import load_recipe
 from tests.conftest import FIXTURES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,8 +210,9 @@ def test_bf16_and_q8_0_solve_nine_in_ten_held_out_problems_in_llama_cpp(tiny_qua
                                                                        tmp_path):
     """The demo's bar, measured the way mathq measures every model: llama.cpp, the recipe's
     exact prompt, greedy, all 200 held-out problems, graded by mathq's grader."""
+    from mathq.evaluate.smoke import SmokeOptions
+    from mathq.evaluate.stage import run_smoke
     from mathq.layout import BuildLayout
-    from mathq.smoke import SmokeOptions, run_smoke
 
     recipe = load_recipe("tiny-demo")
     layout = BuildLayout.for_model(recipe.name, tmp_path)

@@ -17,18 +17,14 @@ import pytest
 from click.testing import CliRunner
 
 from mathq.cli import cli
-from mathq.download import (
-    STATE_FILE,
-    DownloadRequest,
-    download_checkpoint,
-    download_recipe,
-)
+from mathq.download.fetch import STATE_FILE, DownloadRequest, download_checkpoint
+from mathq.download.stage import download_recipe
 from mathq.errors import CheckpointError, DiskSpaceError, DownloadError, IntegrityError, RecipeError
 from mathq.fsutil import PARTIAL_SUFFIX, format_bytes
 from mathq.layout import BuildLayout
 from mathq.manifest import Manifest
 from mathq.progress import Progress
-from mathq.recipes import load_recipe
+from mathq.recipes.recipe import load_recipe
 from tests.conftest import FIXTURES
 from tests.hubserver import FakeHub
 
@@ -217,9 +213,9 @@ def test_finished_files_are_trusted_only_while_unchanged(hub, tmp_path):
 
 
 def test_big_files_report_their_verification(hub, tmp_path, monkeypatch):
-    import mathq.download
+    import mathq.download.fetch
 
-    monkeypatch.setattr(mathq.download, "VERIFY_PROGRESS_MIN", 1 << 20)
+    monkeypatch.setattr(mathq.download.fetch, "VERIFY_PROGRESS_MIN", 1 << 20)
     files = tiny_checkpoint()
     hub.add_repo(REPO, files)
     events: list[Progress] = []

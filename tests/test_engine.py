@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mathq.engine import BatchEngine, EngineOptions, GenRequest
-from mathq.problems import load_problem_set, select_problems
-from mathq.prompt import render_prompt, stop_strings
-from mathq.recipes import load_recipe
+from mathq.datasets.problems import load_problem_set, select_problems
+from mathq.llama.engine import BatchEngine, EngineOptions, GenRequest
+from mathq.recipes.prompt import render_prompt, stop_strings
+from mathq.recipes.recipe import load_recipe
 from tests.conftest import FIXTURES
 
 MAX_TOKENS = 32
@@ -41,8 +41,8 @@ def _run(gguf: Path, requests: list[GenRequest], **options: object) -> dict[str,
 @pytest.fixture(scope="module")
 def tiny_q8_gguf(tiny_bf16_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model quantized to Q8_0 by llama.cpp."""
-    from mathq.quantize import QuantizeOptions, quantize_gguf
-    from mathq.quants import get_quant
+    from mathq.quantize.core import QuantizeOptions, quantize_gguf
+    from mathq.recipes.quants import get_quant
 
     out = tmp_path_factory.mktemp("q8") / "tiny-Q8_0.gguf"
     quantize_gguf(tiny_bf16_gguf, out, QuantizeOptions(quant=get_quant("Q8_0"), threads=1))
@@ -64,7 +64,7 @@ def test_batched_equals_sequential(tiny_q8_gguf: Path, requests_20: list[GenRequ
 def _p1_logits(gguf: Path, request: GenRequest, tokens: tuple[int, ...]) -> np.ndarray:
     """The logits a lone sequence sees after ``tokens``: the prompt read in one call, then
     one token per call, as the engine does at P = 1."""
-    from mathq.llama_runtime import Context, LlamaModel
+    from mathq.llama.runtime import Context, LlamaModel
 
     model = LlamaModel(gguf)
     ctx = Context(model, 1, 512, EngineOptions(threads=THREADS))
@@ -181,7 +181,7 @@ def test_limits_slots_and_frees_cache(tiny_bf16_gguf: Path,
 
 def test_end_of_generation_token_ends_without_text(tiny_bf16_gguf: Path) -> None:
     """EOS (llama.cpp's end-of-generation mark) ends a sequence and adds no text."""
-    from mathq.engine import _Seq
+    from mathq.llama.engine import _Seq
 
     with BatchEngine(tiny_bf16_gguf, EngineOptions(parallel=1, threads=THREADS)) as engine:
         model = engine.model

@@ -10,7 +10,7 @@ in the table, three renderings must agree byte for byte:
   transformers does, BOS removed (the tokenizer adds it), the CoT suffix appended to each
   user message, system messages dropped when the recipe says so, and a final assistant
   message continued (transformers' ``continue_final_message``) as Ollama does;
-- Python: :func:`mathq.prompt.render_chat`, which the smoke test uses.
+- Python: :func:`mathq.recipes.prompt.render_chat`, which the smoke test uses.
 
 The base model has no chat template; its few-shot prompt is checked against DeepSeek's own
 evaluation format instead.
@@ -29,11 +29,11 @@ from pathlib import Path
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from mathq.modelfile import render_modelfile
-from mathq.modelfile_check import parse_modelfile
-from mathq.ollama_options import parse_go_bool, parse_go_float32, parse_go_int64
-from mathq.prompt import BOS, ChatMessage, few_shot_preamble, render_chat, render_prompt
-from mathq.recipes import load_recipe
+from mathq.modelfile.check import parse_modelfile
+from mathq.modelfile.options import parse_go_bool, parse_go_float32, parse_go_int64
+from mathq.modelfile.write import render_modelfile
+from mathq.recipes.prompt import BOS, ChatMessage, few_shot_preamble, render_chat, render_prompt
+from mathq.recipes.recipe import load_recipe
 from tests.conftest import FIXTURES
 
 REPO = Path(__file__).resolve().parent.parent

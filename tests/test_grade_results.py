@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from mathq.datasets.problems import load_problem_set
 from mathq.errors import ProblemSetError
-from mathq.grading.grade import (
+from mathq.evaluate.grading.grade import (
     ProblemResult,
     read_results,
     regrade_file,
@@ -16,7 +17,6 @@ from mathq.grading.grade import (
     summarize,
     write_results,
 )
-from mathq.problems import load_problem_set
 from tests.clirun import run
 from tests.conftest import FIXTURES
 

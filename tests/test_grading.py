@@ -19,10 +19,11 @@ import time
 
 import pytest
 
-from mathq.grading.equivalence import judge, judge_here, normalize_answer
-from mathq.grading.extract import RULE_NAMES, extract_answer, find_boxed
-from mathq.grading.grade import grade_completion, split_top_level
-from mathq.grading.isolation import JudgePool
+from mathq.datasets.problems import find_boxed
+from mathq.evaluate.grading.equivalence import judge_here, normalize_answer
+from mathq.evaluate.grading.extract import RULE_NAMES, extract_answer
+from mathq.evaluate.grading.grade import grade_completion, split_top_level
+from mathq.evaluate.grading.isolation import JudgePool, judge
 from tests.conftest import FIXTURES
 
 if sys.version_info >= (3, 11):

@@ -13,21 +13,20 @@ from click.testing import CliRunner
 from gguf import GGUFReader
 
 from mathq.cli import cli
-from mathq.convert.verify import read_gguf  # gguf's reader, fast on a 100k vocab
+from mathq.convert.gguf_info import read_gguf_summary
 from mathq.errors import ImatrixComputeError
-from mathq.ggml_view import GgmlTensor, f32_view, ggml_api, tensor_name
-from mathq.gguf_info import read_gguf_summary
-from mathq.imatrix import (
+from mathq.llama.ggml_view import GgmlTensor, f32_view, ggml_api, tensor_name
+from mathq.llama.runtime import capture_llama_log
+from mathq.quantize.core import QuantizeOptions, quantize_gguf
+from mathq.quantize.imatrix import (
     ActivationCollector,
     ImatrixOptions,
     compute_imatrix,
     tokenize,
     weight_name,
 )
-from mathq.imatrix_file import load_imatrix
-from mathq.llama_log import capture_llama_log
-from mathq.quantize import QuantizeOptions, quantize_gguf
-from mathq.quants import get_quant
+from mathq.quantize.imatrix_file import load_imatrix
+from mathq.recipes.quants import get_quant
 from tests.conftest import FIXTURES
 
 REFERENCE = FIXTURES / "imatrix"
@@ -86,7 +85,7 @@ def test_struct_layout_reads_the_models_own_weights(demo_bf16_gguf):
             return super().wants(t)
 
     rec = Recorder(api)
-    from mathq.imatrix import _decode_chunk, _Llama
+    from mathq.quantize.imatrix import _decode_chunk, _Llama
 
     with _Llama(demo_bf16_gguf, ImatrixOptions(n_ctx=32), rec) as llm:
         llm.open_context()
@@ -113,7 +112,7 @@ def test_first_layer_inputs_match_numpy(tiny_bf16_gguf, matrix):
     ctx, chunks = PROVENANCE["ctx"], PROVENANCE["chunks"]
     tokens = np.array(_tokens(tiny_bf16_gguf, TEXT)[:ctx * chunks]).reshape(chunks, ctx)
     tokens[:, 0] = 100000
-    x = _bf16_rows(read_gguf(tiny_bf16_gguf), "token_embd.weight",
+    x = _bf16_rows(GGUFReader(tiny_bf16_gguf), "token_embd.weight",
                    tokens.reshape(-1)).astype(np.float64)
     x /= np.sqrt(np.mean(x * x, axis=1, keepdims=True) + 1e-6)
     expected = (x * x).sum(axis=0)
@@ -151,7 +150,7 @@ def _fingerprint(model: Path) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for t in read_gguf(model).tensors:
+    for t in GGUFReader(model).tensors:
         h.update(t.name.encode())
         h.update(np.asarray(t.data).tobytes())
     return h.hexdigest()

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from mathq.cli import cli
-from mathq.imatrix_file import load_imatrix
 from mathq.manifest import Manifest
-from mathq.prompt import EOS
+from mathq.quantize.imatrix_file import load_imatrix
+from mathq.recipes.prompt import EOS
 from tests.conftest import FIXTURES
 from tests.hubserver import FakeHub
 
@@ -112,8 +112,8 @@ def test_quantized_input_is_refused(demo_bf16_gguf, tmp_path, files):
 
     import llama_cpp
 
-    from mathq.llama_log import capture_llama_log
-    from mathq.quants import get_quant
+    from mathq.llama.runtime import capture_llama_log
+    from mathq.recipes.quants import get_quant
 
     calib, smoke = files
     q4 = tmp_path / "tiny-Q4_0.gguf"  # llama.cpp's quantizer straight (mathq's is tested

@@ -13,12 +13,13 @@ import pytest
 from click.testing import CliRunner
 
 from mathq.cli import cli
-from mathq.corpus import BUNDLED_CORPUS, load_corpus
-from mathq.kld import KldOptions, run_kld
+from mathq.datasets.corpus import BUNDLED_CORPUS, load_corpus
+from mathq.evaluate.kld.evaluator import ChunkEvaluator
+from mathq.evaluate.kld.measure import KldOptions
+from mathq.evaluate.stage import run_kld
+from mathq.evaluate.summaries import KldSummary, load_summary
 from mathq.layout import BuildLayout
-from mathq.llama_eval import ChunkEvaluator
 from mathq.manifest import Manifest
-from mathq.summaries import KldSummary, load_summary
 from tests.buildfolder import TINY_MODEL, link_ggufs, write_tiny_recipe
 from tests.conftest import FIXTURES
 
@@ -199,8 +200,8 @@ def test_memory_stays_at_one_chunk_whatever_the_corpus_length(build) -> None:
     the passes hold one chunk of logits and reference rows, never the whole corpus's."""
     import tracemalloc
 
-    from mathq.corpus import load_corpus
-    from mathq.kld import ensure_reference, measure_variant
+    from mathq.datasets.corpus import load_corpus
+    from mathq.evaluate.kld.measure import ensure_reference, measure_variant
 
     _recipe, layout = build
     corpus = load_corpus()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from mathq.errors import MathqError
-from mathq.kld_stats import (
+from mathq.evaluate.kld.logprob_file import LogprobFile, LogprobWriter, file_size, scored_per_chunk
+from mathq.evaluate.kld.stats import (
     KldAccumulator,
     compress_log_probs,
     decode_log_probs,
@@ -16,7 +17,6 @@ from mathq.kld_stats import (
     percentile,
     row_width,
 )
-from mathq.logprob_file import LogprobFile, LogprobWriter, file_size, scored_per_chunk
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

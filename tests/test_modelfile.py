@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from mathq.errors import ModelfileError, RecipeError
-from mathq.gotemplate import go_template
 from mathq.layout import BuildLayout
-from mathq.modelfile import GENERATED_MARK, write_modelfiles
-from mathq.modelfile_check import check_modelfile_text, parse_modelfile
-from mathq.recipes import PROMPT_TEMPLATES, bundled_recipe_names, load_recipe
+from mathq.modelfile.check import check_modelfile_text, parse_modelfile
+from mathq.modelfile.gotemplate import go_template
+from mathq.modelfile.stage import write_modelfiles
+from mathq.modelfile.write import GENERATED_MARK
+from mathq.recipes.recipe import PROMPT_TEMPLATES, bundled_recipe_names, load_recipe
 from tests.clirun import run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,7 +70,7 @@ def test_committed_modelfiles_say_everything_explicitly(name: str):
 
 
 def test_recipe_prompt_choices_come_from_the_prompt_module():
-    from mathq.prompt import COT_SUFFIXES, PROMPT_FORMATS
+    from mathq.recipes.prompt import COT_SUFFIXES, PROMPT_FORMATS
 
     assert tuple(PROMPT_FORMATS) == PROMPT_TEMPLATES
     assert COT_SUFFIXES["zh"] == "\n请通过逐步推理来解答问题，并把最终答案放置于\\boxed{}中。"
@@ -313,7 +314,7 @@ def test_validator_accepts_what_ollama_accepts():
 
 def test_text_that_would_read_back_differently_is_never_written(tmp_path: Path, monkeypatch):
     """The read-back check catches what the quoting rules might miss: here, no quoting."""
-    import mathq.modelfile as mf
+    import mathq.modelfile.write as mf
 
     monkeypatch.setattr(mf, "_quote", lambda value, what, triple=False: value)
     recipe = load_recipe("deepseek-math-7b-rl")

@@ -17,8 +17,7 @@ from typing import ClassVar
 
 import pytest
 
-from mathq.errors import ProblemSetError
-from mathq.problems import (
+from mathq.datasets.problems import (
     SUITES,
     filter_problems,
     get_suite,
@@ -28,6 +27,7 @@ from mathq.problems import (
     stratified_sample,
     write_problems_jsonl,
 )
+from mathq.errors import ProblemSetError
 from tests.clirun import run
 from tests.conftest import FIXTURES
 

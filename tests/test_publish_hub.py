@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mathq.evaluate.summaries import KldSummary, Rate, SmokeSummary, save_summary
 from mathq.layout import BuildLayout
-from mathq.model_card import EXAMPLE_QUESTION
-from mathq.prompt import render_prompt
-from mathq.recipes import load_recipe
-from mathq.summaries import KldSummary, Rate, SmokeSummary, save_summary
+from mathq.publish.model_card import EXAMPLE_QUESTION
+from mathq.recipes.prompt import render_prompt
+from mathq.recipes.recipe import load_recipe
 from tests.clirun import run
 from tests.hubserver import FakeHub
 from tests.ollamaserver import FakeOllama
@@ -173,8 +173,8 @@ def kld(quant: str) -> KldSummary:
 
 
 def test_model_card_reports_measurements_prompt_and_how_to_run(setup):
-    from mathq.model_card import card_files, render_model_card
-    from mathq.publish import tag_files
+    from mathq.publish.model_card import card_files, render_model_card
+    from mathq.publish.plan import tag_files
 
     recipe_path, root = setup
     recipe = load_recipe(recipe_path)

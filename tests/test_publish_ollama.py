@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from mathq.digests import sha256_cached
 from mathq.errors import InvalidNameError, ModelfileError
-from mathq.gotemplate import go_template
-from mathq.ollama_api import ollama_base_url
+from mathq.modelfile.gotemplate import go_template
 from mathq.progress import Progress
-from mathq.prompt import EOS
-from mathq.publish_ollama import create_request, plan_ollama, publish_ollama
-from mathq.recipes import load_recipe
+from mathq.publish.ollama import create_request, plan_ollama, publish_ollama
+from mathq.publish.ollama_api import ollama_base_url
+from mathq.publish.plan import sha256_cached
+from mathq.recipes.prompt import EOS
+from mathq.recipes.recipe import load_recipe
 from tests.clirun import run
 from tests.ollamaserver import FAKE_KEY, FakeOllama
 from tests.publishkit import build_folder, write_recipe
@@ -340,8 +340,8 @@ def test_gguf_header_reader_agrees_with_gguf_py(tmp_path):
     import gguf
     import numpy as np
 
+    from mathq.convert.gguf_info import read_gguf_header, read_gguf_summary
     from mathq.errors import GGUFError
-    from mathq.gguf_info import read_gguf_header, read_gguf_summary
 
     path = tmp_path / "m.gguf"
     w = gguf.GGUFWriter(path, "llama")

@@ -10,13 +10,13 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from mathq.convert.gguf_info import read_gguf_summary
 from mathq.errors import QuantizeError
-from mathq.gguf_info import read_gguf_summary
-from mathq.imatrix_file import ImatrixError, load_imatrix, write_imatrix_gguf
-from mathq.llama_log import capture_llama_log
+from mathq.llama.runtime import capture_llama_log
 from mathq.manifest import Manifest
-from mathq.quantize import QuantizeOptions, quantize_gguf
-from mathq.quants import QUANT_TYPES, get_quant
+from mathq.quantize.core import QuantizeOptions, quantize_gguf
+from mathq.quantize.imatrix_file import ImatrixError, load_imatrix, write_imatrix_gguf
+from mathq.recipes.quants import QUANT_TYPES, get_quant
 from tests.clirun import run
 
 # Requested type -> (main matrices, output.weight, attn_v of the last layer) as llama.cpp's

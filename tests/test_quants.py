@@ -5,7 +5,7 @@ from __future__ import annotations
 import llama_cpp
 import pytest
 
-from mathq.quants import (
+from mathq.recipes.quants import (
     QUANT_TYPES,
     UnknownQuantError,
     Variant,

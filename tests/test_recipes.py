@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mathq.errors import RecipeError
-from mathq.recipes import bundled_recipe_names, load_recipe
+from mathq.recipes.recipe import bundled_recipe_names, load_recipe
 
 GOOD = """
 [model]

@@ -16,12 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from mathq.cli import cli
-from mathq.layout import BuildLayout
-from mathq.report.advice import DEFAULT_KLD_BOUND, advise
-from mathq.report.build import build_report
-from mathq.report.cells import MISSING
-from mathq.report.table import ReportData, VariantRow
-from mathq.summaries import (
+from mathq.evaluate.summaries import (
     BenchSummary,
     KldSummary,
     MeanSd,
@@ -29,6 +24,11 @@ from mathq.summaries import (
     save_summary,
     wilson_rate,
 )
+from mathq.layout import BuildLayout
+from mathq.report.advice import DEFAULT_KLD_BOUND, advise
+from mathq.report.cells import MISSING
+from mathq.report.stage import build_report
+from mathq.report.table import ReportData, VariantRow
 from tests.buildfolder import TINY_MODEL, link_ggufs, write_tiny_recipe
 
 VARIANTS = ("Q8_0", "Q6_K", "Q4_K_M", "Q2_K")

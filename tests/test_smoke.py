@@ -15,11 +15,11 @@ import pytest
 from click.testing import CliRunner
 
 from mathq.cli import cli
+from mathq.datasets.problems import load_problem_set, select_problems
+from mathq.evaluate.summaries import SmokeSummary, load_summary
 from mathq.layout import BuildLayout
-from mathq.problems import load_problem_set, select_problems
-from mathq.prompt import render_prompt, stop_strings
-from mathq.recipes import load_recipe
-from mathq.summaries import SmokeSummary, load_summary
+from mathq.recipes.prompt import render_prompt, stop_strings
+from mathq.recipes.recipe import load_recipe
 from tests.conftest import FIXTURES
 from tests.fake_inference import FakeOllama, FakeOpenAI
 
@@ -251,8 +251,8 @@ def test_backends_are_exclusive() -> None:
 
 @pytest.mark.parametrize("tail", [b'{"id": "x", "answer": "1", "comp', b"\xff\xfe"])
 def test_results_log_repairs_torn_last_line(tmp_path: Path, tail: bytes) -> None:
-    from mathq.grading.grade import ProblemResult
-    from mathq.smoke import append_result, read_results_log
+    from mathq.evaluate.grading.grade import ProblemResult
+    from mathq.evaluate.smoke import append_result, read_results_log
 
     path = tmp_path / "r.jsonl"
     with open(path, "a", encoding="utf-8") as f:
@@ -270,7 +270,7 @@ def test_results_log_repairs_torn_last_line(tmp_path: Path, tail: bytes) -> None
 
 def test_results_log_refuses_damage_in_the_middle(tmp_path: Path) -> None:
     from mathq.errors import ProblemSetError
-    from mathq.smoke import read_results_log
+    from mathq.evaluate.smoke import read_results_log
 
     path = tmp_path / "r.jsonl"
     path.write_text('{"id": "a", "answer": "1", "completion": ""}\nnot json\n'
@@ -280,7 +280,7 @@ def test_results_log_refuses_damage_in_the_middle(tmp_path: Path) -> None:
 
 
 def test_wilson_interval() -> None:
-    from mathq.summaries import wilson_rate
+    from mathq.evaluate.summaries import wilson_rate
 
     r = wilson_rate(46, 100)
     assert (r.k, r.n, r.value) == (46, 100, 0.46)
@@ -292,7 +292,7 @@ def test_wilson_interval() -> None:
 
 def test_ollama_model_names() -> None:
     from mathq.errors import SmokeError
-    from mathq.smoke import ollama_model_name
+    from mathq.evaluate.smoke import ollama_model_name
 
     recipe = load_recipe(RECIPE)
     assert ollama_model_name(recipe, "Q4_K_M") == f"{RECIPE}:latest"

@@ -8,12 +8,13 @@ run could take for a finished one.
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import dataclasses
 import hashlib
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from mathq.errors import DiskSpaceError, MathqError
 
@@ -92,12 +93,27 @@ def exclusive_lock(lock_file: Path, busy: MathqError) -> Iterator[None]:
     """Hold an exclusive lock on ``lock_file`` for the block, or raise ``busy`` at once if
     another process holds it: two writers of the same files would interleave their output,
     and waiting silently behind a long run is worse than saying so."""
-    with open(lock_file, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise busy from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(lock_file, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise busy from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def to_jsonable(value: Any) -> Any:
+    """Recursively turn dataclasses, paths, tuples and mappings into JSON-ready values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    return value

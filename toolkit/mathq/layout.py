@@ -74,7 +74,7 @@ class BuildLayout:
         return self.smoke_dir / f"{quant}.settings.json"
 
     def smoke_summary(self, quant: str) -> Path:
-        """One variant's :class:`mathq.summaries.SmokeSummary`."""
+        """One variant's :class:`mathq.evaluate.summaries.SmokeSummary`."""
         return self.smoke_dir / f"{quant}.summary.json"
 
     @property
@@ -83,7 +83,7 @@ class BuildLayout:
         return self.root / "bench"
 
     def bench_summary(self, quant: str) -> Path:
-        """One variant's :class:`mathq.summaries.BenchSummary`."""
+        """One variant's :class:`mathq.evaluate.summaries.BenchSummary`."""
         return self.bench_dir / f"{quant}.json"
 
     @property
@@ -92,7 +92,7 @@ class BuildLayout:
         return self.root / "kld"
 
     def kld_summary(self, quant: str) -> Path:
-        """One variant's :class:`mathq.summaries.KldSummary`."""
+        """One variant's :class:`mathq.evaluate.summaries.KldSummary`."""
         return self.kld_dir / f"{quant}.json"
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -31,5 +32,24 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
-def no_progress(_event: Progress) -> None:
-    """The default callback: ignore every event."""
+class ProgressSink(Protocol):
+    """What the CLI hands to library code: a callback that can also be closed, which ends
+    any line it is drawing (before a result is printed, or when the command fails)."""
+
+    def __call__(self, event: Progress) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _NoProgress:
+    """Ignores every event; closing it does nothing."""
+
+    def __call__(self, _event: Progress) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+no_progress: ProgressSink = _NoProgress()
+"""The default callback: ignore every event."""

@@ -35,7 +35,11 @@ class _UserError(click.ClickException):
 
 
 class MathqGroup(click.Group):
-    """A group that turns MathqError into a one-line message instead of a traceback."""
+    """A group that lists commands in pipeline order and turns MathqError into a one-line
+    message instead of a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # the order of PIPELINE below, not alphabetical
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -55,27 +59,36 @@ def cli() -> None:
 
     \b
     Start here:
-      mathq recipes                       the models mathq knows
-      mathq quants                        the quantization types
-      mathq download deepseek-math-7b-rl  fetch a checkpoint into build/
+      mathq build tiny-demo                      the whole pipeline on the bundled
+                                                 tiny model, offline, in seconds
+      mathq build deepseek-math-7b-rl -Q Q5_K_M  download, convert, quantize, test
+                                                 and report one 7B variant
+      mathq recipes                              the models mathq knows
     """
 
 
-cli.add_command(recipes)
-cli.add_command(quants)
-cli.add_command(build)
-cli.add_command(convert)
-cli.add_command(download)
-cli.add_command(grade)
-cli.add_command(imatrix)
-cli.add_command(modelfile)
-cli.add_command(problems)
-cli.add_command(quantize)
-cli.add_command(bench)
-cli.add_command(kld)
-cli.add_command(publish)
-cli.add_command(report)
-cli.add_command(smoke)
+# Commands in the order a release is made, each with the line `mathq --help` shows for it
+# (kept short enough that Click never cuts it off on an 80-column terminal).
+PIPELINE: tuple[tuple[click.Command, str], ...] = (
+    (build, "The whole pipeline for a recipe, redoing only what changed"),
+    (download, "1. Fetch a recipe's checkpoint from the Hugging Face Hub"),
+    (convert, "2. Convert a Hugging Face checkpoint to a BF16 GGUF"),
+    (imatrix, "3. Compute a math-calibrated importance matrix"),
+    (quantize, "3. Quantize a BF16 GGUF into llama.cpp's types"),
+    (modelfile, "4. Write (or --check) Ollama Modelfiles"),
+    (smoke, "5. MATH accuracy of each variant, graded"),
+    (bench, "5. Speed: prompt, generation, parallel throughput"),
+    (kld, "5. KL divergence of each variant from BF16"),
+    (report, "6. The quality-versus-size report"),
+    (publish, "7. Push Ollama tags and/or a Hugging Face repo"),
+    (recipes, "The bundled recipes (one TOML file per model)"),
+    (quants, "The quantization types llama.cpp can make"),
+    (problems, "The MATH / GSM8K problem sets"),
+    (grade, "Re-grade stored model outputs"),
+)
+for command, short_help in PIPELINE:
+    command.short_help = short_help
+    cli.add_command(command)
 
 
 def main() -> None:

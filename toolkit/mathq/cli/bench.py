@@ -57,14 +57,13 @@ def bench(recipe: str, quant_list: str | None, n_prompt: int, n_gen: int, repeti
       mathq bench deepseek-math-7b-rl -Q Q4_K_M -r 3 --parallel 1,2,4,8,16
       mathq bench deepseek-math-7b-rl -Q Q6_K --gpu-layers 99 --json
     """
-    from mathq.bench import BenchOptions, run_bench
     from mathq.cli.render import progress_for
-    from mathq.quants import parse_variant_list
-    from mathq.recipes import load_recipe
+    from mathq.evaluate.bench import BenchOptions
+    from mathq.evaluate.stage import run_bench
+    from mathq.recipes.recipe import load_recipe
 
     rec = load_recipe(recipe)
-    quants = ([v.name for v in parse_variant_list(quant_list)] if quant_list
-              else list(rec.quants.variants))
+    quants = list(rec.variant_names(quant_list))
     options = BenchOptions(n_prompt=n_prompt, n_gen=n_gen, repetitions=repetitions,
                            parallel=parallel, threads=threads, gpu_layers=gpu_layers)
     outcomes = run_bench(rec, quants, options, build_dir, progress_for(quiet))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from mathq.calibration import DEFAULT_CALIBRATION
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
+from mathq.quantize.calibration import DEFAULT_CALIBRATION
 
 
 @click.command()
@@ -61,16 +61,16 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
     """
     from dataclasses import replace
 
-    from mathq.build import (
+    from mathq.fsutil import format_bytes
+    from mathq.layout import BuildLayout
+    from mathq.manifest import Manifest
+    from mathq.pipeline import (
         default_options,
         plan_build,
         plan_outcomes,
         run_steps,
     )
-    from mathq.fsutil import format_bytes
-    from mathq.layout import BuildLayout
-    from mathq.manifest import Manifest
-    from mathq.recipes import load_recipe
+    from mathq.recipes.recipe import load_recipe
 
     loaded = load_recipe(recipe)
     options = replace(default_options(loaded, quant_list), n=n, parallel=parallel,

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from mathq.dataclass_json import to_jsonable
+from mathq.fsutil import to_jsonable
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -75,10 +75,9 @@ def convert(
       mathq convert ./deepseek-math-7b-base --out base-bf16.gguf
       mathq convert ./my-llama --pre-tokenizer deepseek-llm --outtype f16
     """
-    from mathq.convert import ConvertOptions, convert_checkpoint
-    from mathq.convert.converter import OUTTYPES
+    from mathq.convert.converter import OUTTYPES, ConvertOptions, convert_checkpoint
     from mathq.convert.stage import convert_recipe
-    from mathq.recipes import load_recipe
+    from mathq.recipes.recipe import load_recipe
 
     options = ConvertOptions(outtype=outtype, pre_tokenizer=pre_tokenizer, verify=not no_verify)
     progress = progress_for(quiet or as_json)

@@ -42,17 +42,15 @@ def download(recipe: str, revision: str | None, dest: Path | None, build_dir: Pa
       mathq download ./my-recipe.toml --dir /data/ckpt/rl
       HF_ENDPOINT=https://my-mirror.example mathq download deepseek-math-7b-base
     """
-    from mathq.download import download_recipe
-    from mathq.recipes import load_recipe
+    from mathq.download.stage import download_recipe
+    from mathq.recipes.recipe import load_recipe
 
     render = progress_for(quiet)
     try:
         result = download_recipe(load_recipe(recipe), revision=revision, dest=dest,
                                  build_root=build_dir, progress=render)
     finally:
-        close = getattr(render, "close", None)
-        if close is not None:
-            close()
+        render.close()
     if as_json:
         echo_json(result)
         return

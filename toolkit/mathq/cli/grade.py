@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from mathq.cli.common import echo_json, json_option, quiet_option
-from mathq.grading.equivalence import DEFAULT_TIMEOUT_S
+from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
 
 
 @click.command()
@@ -41,14 +41,10 @@ def grade(results: Path, out: Path | None, problem_set: str | None, workers: int
       mathq grade old.jsonl --problems math500 --workers 2
     """
     from mathq.cli.render import progress_for
-    from mathq.grading.grade import regrade_file
+    from mathq.datasets.problems import gold_answers
+    from mathq.evaluate.grading.grade import regrade_file
 
-    gold = None
-    if problem_set is not None:
-        from mathq.problems import load_problem_set
-
-        pset = load_problem_set(problem_set, progress=progress_for(quiet))
-        gold = {p.id: p.answer for p in pset.problems}
+    gold = gold_answers(problem_set, progress_for(quiet)) if problem_set is not None else None
     report = regrade_file(results, out=out, gold=gold, workers=workers, timeout_s=timeout_s,
                           progress=progress_for(quiet))
     if as_json:

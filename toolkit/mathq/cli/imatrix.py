@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from mathq.calibration import DEFAULT_CALIBRATION
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
+from mathq.quantize.calibration import DEFAULT_CALIBRATION
 
 
 @click.command()
@@ -64,8 +64,8 @@ def imatrix(source: str, calibration: str, chunks: int, all_chunks: bool, n_ctx:
       mathq quantize deepseek-math-7b-rl -Q IQ3_XXS \\
           --imatrix build/deepseek-math-7b-rl/deepseek-math-7b-rl.imatrix.gguf
     """
-    from mathq.imatrix import ImatrixOptions
-    from mathq.imatrix_stage import resolve_imatrix_input, run_imatrix
+    from mathq.quantize.imatrix import ImatrixOptions
+    from mathq.quantize.stage import resolve_imatrix_input, run_imatrix
 
     job = resolve_imatrix_input(source, build_dir, out=out, smoke_suite=smoke_suite,
                                 plain=plain)

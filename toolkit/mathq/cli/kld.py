@@ -8,7 +8,7 @@ import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
-from mathq.kld_defaults import DEFAULT_CTX, REFERENCE_CHOICES
+from mathq.evaluate.kld import DEFAULT_CTX, REFERENCE_CHOICES
 
 
 @click.command()
@@ -54,19 +54,12 @@ def kld(recipe: str, quant_list: str | None, reference: str, corpus: Path | None
       mathq kld deepseek-math-7b-rl --reference Q8_0       # when BF16 does not fit
       mathq kld deepseek-math-7b-rl --corpus math-train.txt --chunks 40
     """
-    from mathq.kld import KldOptions, run_kld
-    from mathq.quants import parse_variant_list
-
-    quants = tuple(v.name for v in parse_variant_list(quant_list)) if quant_list else None
+    from mathq.evaluate.kld.measure import KldOptions
+    from mathq.evaluate.stage import run_kld
+    quants = tuple(quant_list.split(",")) if quant_list else None
     options = KldOptions(reference=reference, corpus=corpus, n_ctx=n_ctx, max_chunks=chunks,
                          threads=threads)
-    render = progress_for(quiet)
-    try:
-        run = run_kld(recipe, quants, options, build_dir, render)
-    finally:
-        close = getattr(render, "close", None)
-        if close is not None:
-            close()
+    run = run_kld(recipe, quants, options, build_dir, progress_for(quiet))
     if as_json:
         echo_json(run)
         return

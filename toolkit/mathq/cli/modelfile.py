@@ -8,7 +8,7 @@ import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
-from mathq.ollama_options import OLLAMA_OPTIONS
+from mathq.modelfile.options import OLLAMA_OPTIONS
 
 _OPTION_TABLE = "\n".join(f"  {o.name:<18} {o.kind:<12} {o.description}"
                           for o in OLLAMA_OPTIONS)
@@ -49,9 +49,9 @@ def modelfile(targets: tuple[str, ...], tags: tuple[str, ...], out: Path | None,
       ollama create deepseek-math-7b-rl -f build/deepseek-math-7b-rl/modelfiles/latest.Modelfile
     """
     from mathq.errors import ModelfileError
-    from mathq.modelfile import write_all_modelfiles, write_modelfiles
-    from mathq.modelfile_check import check_modelfile
-    from mathq.recipes import load_recipe
+    from mathq.modelfile.check import check_modelfile
+    from mathq.modelfile.stage import write_all_modelfiles, write_modelfiles
+    from mathq.recipes.recipe import load_recipe
 
     if check and all_recipes:
         raise click.UsageError("--check and --all do not go together")

@@ -8,7 +8,7 @@ import click
 
 from mathq.cli.common import echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
-from mathq.problems import SUITES
+from mathq.datasets.problems import SUITES
 
 
 @click.group(invoke_without_command=True)
@@ -78,7 +78,7 @@ def show(suite: str, n: int | None, seed: int, subjects: tuple[str, ...],
       mathq problems show math --subject "Number Theory" --level 4 --level 5
       mathq problems show gsm8k --n 200 --out gsm8k-200.jsonl
     """
-    from mathq.problems import load_problem_set, select_problems, write_problems_jsonl
+    from mathq.datasets.problems import load_problem_set, select_problems, write_problems_jsonl
 
     pset = load_problem_set(suite, progress=progress_for(quiet))
     chosen = select_problems(pset, n=n, seed=seed, subjects=subjects, levels=levels)

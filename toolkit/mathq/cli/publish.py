@@ -11,7 +11,7 @@ import click
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
 from mathq.fsutil import format_bytes
-from mathq.names import name_problem
+from mathq.recipes.recipe import name_problem
 
 
 def _namespace(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -78,10 +78,10 @@ def publish(recipe: str, namespace: str | None, tags: tuple[str, ...],
       mathq publish deepseek-math-7b-rl --no-push --ollama-host http://gpu-box:11434
       HF_TOKEN=hf_... mathq publish deepseek-math-7b-rl --hf-repo me/deepseek-math-7b-rl-GGUF
     """
-    from mathq.ollama_api import ollama_base_url
-    from mathq.publish_hf import plan_hub, publish_hub
-    from mathq.publish_ollama import plan_ollama, publish_ollama
-    from mathq.recipes import load_recipe
+    from mathq.publish.hf import plan_hub, publish_hub
+    from mathq.publish.ollama import plan_ollama, publish_ollama
+    from mathq.publish.ollama_api import ollama_base_url
+    from mathq.recipes.recipe import load_recipe
 
     to_ollama = namespace is not None or no_push
     if not to_ollama and not hf_repo:
@@ -116,9 +116,7 @@ def publish(recipe: str, namespace: str | None, tags: tuple[str, ...],
         if hplan is not None:
             hresult = publish_hub(hplan, progress=render)
     finally:
-        close = getattr(render, "close", None)
-        if close is not None:
-            close()
+        render.close()
     if as_json:
         echo_json({"dry_run": False, "ollama": oresult, "hub": hresult})
         return

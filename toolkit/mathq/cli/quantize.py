@@ -68,9 +68,9 @@ def quantize(source: str, quant_list: str | None, imatrix: Path | None,
       mathq quantize deepseek-math-7b-rl -Q Q4_K_M-imat     # after `mathq imatrix`
       mathq quantize model-BF16.gguf -Q Q4_K_M --tensor-type 'attn_v=Q8_0'
     """
-    from mathq.quantize import QuantizeOptions
-    from mathq.quantize_stage import quantize_variants, resolve_quantize_input, variant_imatrix
-    from mathq.quants import Variant, parse_variant_list
+    from mathq.quantize.core import QuantizeOptions
+    from mathq.quantize.stage import quantize_variants, resolve_quantize_input, variant_imatrix
+    from mathq.recipes.quants import Variant, parse_variant_list
 
     job = resolve_quantize_input(source, build_dir)
     variants = (parse_variant_list(quant_list) if quant_list

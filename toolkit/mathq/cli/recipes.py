@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from mathq.cli.common import echo_json, json_option
-from mathq.quants import QUANT_TYPES
-from mathq.recipes import bundled_recipe_names, load_recipe, resolve_recipe_path
+from mathq.recipes.quants import QUANT_TYPES
+from mathq.recipes.recipe import bundled_recipe_names, load_recipe, resolve_recipe_path
 
 
 @click.group(invoke_without_command=True)

@@ -13,13 +13,29 @@ import time
 from typing import TextIO
 
 from mathq.fsutil import format_bytes
-from mathq.progress import Progress, ProgressCallback, no_progress
+from mathq.progress import Progress, ProgressSink, no_progress
 
 NO_PROGRESS_ENV = "MATHQ_NO_PROGRESS"
 
 
 def _amount(value: float, unit: str) -> str:
     return format_bytes(value) if unit == "B" else f"{value:,.0f}"
+
+
+def _timing(e: Progress, elapsed: float) -> str:
+    """tqdm's elapsed time, rate and remaining time: ``00:12<00:40, 3.1 problems/s``."""
+    from tqdm import tqdm
+
+    shown = tqdm.format_interval(elapsed)
+    if elapsed <= 0.5 or e.done <= 0:
+        return shown
+    rate = e.done / elapsed
+    unit = "B" if e.unit == "B" else (e.unit or "it")
+    speed = (f"{format_bytes(rate)}/s" if unit == "B"
+             else f"{tqdm.format_sizeof(rate)} {unit}/s")
+    if e.total and e.done < e.total:
+        shown += "<" + tqdm.format_interval((e.total - e.done) / rate)
+    return f"{shown}, {speed}"
 
 
 class LineRenderer:
@@ -54,7 +70,7 @@ class LineRenderer:
             parts.append(f"{_amount(e.done, e.unit)}/{_amount(e.total, e.unit)} {unit}".rstrip())
         else:
             parts.append(f"{_amount(e.done, e.unit)} {unit}".rstrip())
-        parts.append(f"{elapsed:5.1f}s")
+        parts.append(_timing(e, elapsed))
         if e.info:
             parts.append(e.info)
         if e.item:
@@ -78,9 +94,19 @@ class LineRenderer:
         self._end_line()
 
 
-def progress_for(quiet: bool, stream: TextIO | None = None) -> ProgressCallback:
-    """A renderer for an interactive stderr, or a callback that ignores events."""
+def progress_for(quiet: bool, stream: TextIO | None = None) -> ProgressSink:
+    """A renderer for an interactive stderr, or a callback that ignores events.
+
+    Inside a Click command the renderer is closed when the command ends, however it ends,
+    so an error message never lands on the end of a half-drawn bar.
+    """
+    import click
+
     stream = stream or sys.stderr
     if quiet or os.environ.get(NO_PROGRESS_ENV) or not stream.isatty():
         return no_progress
-    return LineRenderer(stream)
+    renderer = LineRenderer(stream)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(renderer.close)
+    return renderer

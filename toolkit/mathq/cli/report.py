@@ -41,7 +41,7 @@ def report(recipe: str, kld_bound: float, out_dir: Path | None, build_dir: Path 
       mathq report deepseek-math-7b-rl --kld-bound 0.02
       mathq report deepseek-math-7b-rl --out-dir site/ --json
     """
-    from mathq.report.build import ReportOptions, build_report
+    from mathq.report.stage import ReportOptions, build_report
     from mathq.report.text import render_text
 
     render = progress_for(quiet)
@@ -49,9 +49,7 @@ def report(recipe: str, kld_bound: float, out_dir: Path | None, build_dir: Path 
         result = build_report(recipe, ReportOptions(out_dir=out_dir, kld_bound=kld_bound),
                               build_dir, render)
     finally:
-        close = getattr(render, "close", None)
-        if close is not None:
-            close()
+        render.close()
     if as_json:
         echo_json({"markdown": result.markdown, "html": result.html, "json": result.json,
                    "plots": {p.name: [p.png, p.svg] for p in result.plots},

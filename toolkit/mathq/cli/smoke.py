@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
-from mathq.grading.equivalence import DEFAULT_TIMEOUT_S
-from mathq.summaries import Rate
+from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
+from mathq.evaluate.summaries import Rate
 
 
 def _pct(r: Rate) -> str:
@@ -88,11 +88,11 @@ def smoke(recipe: str, quant_list: str | None, suite: str | None, n: int | None,
       mathq smoke deepseek-math-7b-rl --ollama http://127.0.0.1:11434 --parallel 4
       mathq smoke deepseek-math-7b-rl --endpoint http://gpu1:8080 --endpoint http://gpu2:8080
     """
-    from mathq.backends import BackendSpec
     from mathq.cli.render import progress_for
-    from mathq.quants import parse_variant_list
-    from mathq.recipes import load_recipe
-    from mathq.smoke import SmokeOptions, run_smoke
+    from mathq.evaluate.backends.base import BackendSpec
+    from mathq.evaluate.smoke import SmokeOptions
+    from mathq.evaluate.stage import run_smoke
+    from mathq.recipes.recipe import load_recipe
 
     if ollama_url and endpoints:
         raise click.UsageError("--ollama and --endpoint are different backends; give one")
@@ -103,8 +103,7 @@ def smoke(recipe: str, quant_list: str | None, suite: str | None, n: int | None,
                        model=served_model, parallel=parallel, threads=threads,
                        gpu_layers=gpu_layers, timeout_s=timeout_s)
     rec = load_recipe(recipe)
-    quants = ([v.name for v in parse_variant_list(quant_list)] if quant_list
-              else list(rec.quants.variants))
+    quants = list(rec.variant_names(quant_list))
     options = SmokeOptions(suite=suite, n=n, seed=seed, subjects=subjects, levels=levels,
                            max_tokens=max_tokens, backend=spec, restart=restart,
                            grade_timeout_s=grade_timeout_s, out_dir=out_dir)

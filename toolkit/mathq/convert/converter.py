@@ -12,6 +12,7 @@ renamed to ``out``.
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, replace
@@ -22,7 +23,7 @@ import numpy as np
 
 from mathq.convert.checkpoint import Checkpoint, open_checkpoint
 from mathq.convert.hfconfig import LlamaHParams, load_hparams
-from mathq.convert.safetensors_reader import SafetensorsFile, TensorEntry
+from mathq.convert.safetensors_reader import SOURCE_TYPES, SafetensorsFile, TensorEntry
 from mathq.convert.tensor_map import MappedTensor, Transform, match_tensors, permute_rows
 from mathq.convert.verify import VerifyResult, check_tensor_bytes, start_header_checks
 from mathq.convert.vocab import GGUFVocab, add_vocab, build_vocab
@@ -30,6 +31,10 @@ from mathq.convert.writer import StreamingGGUFWriter
 from mathq.errors import CheckpointError
 from mathq.fsutil import atomic_output, ensure_free_space
 from mathq.progress import Progress, ProgressCallback, no_progress
+
+# gguf-py logs warnings (e.g. about a tokenizer's pair template) through `logging`; with no
+# handler configured Python would print them. mathq's library never prints.
+logging.getLogger("gguf").addHandler(logging.NullHandler())
 
 GGMLType = gguf.GGMLQuantizationType
 
@@ -53,8 +58,6 @@ OUTTYPES: dict[str, OutType] = {
     )
 }
 
-# safetensors dtypes the converter reads, and their GGML twins (for the byte-copy test).
-SOURCE_TYPES = {"BF16": GGMLType.BF16, "F16": GGMLType.F16, "F32": GGMLType.F32}
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
 
 

@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from mathq.errors import CheckpointError
 
@@ -46,6 +47,11 @@ DTYPES: dict[str, tuple[int, np.dtype[Any]]] = {
     "F8_E4M3": (1, np.dtype("u1")),
     "F8_E5M2": (1, np.dtype("u1")),
 }
+
+# The dtypes the converter reads, and their GGML twins: a tensor whose source dtype's twin is
+# the output type is copied byte for byte (and verified as such).
+SOURCE_TYPES = {"BF16": GGMLQuantizationType.BF16, "F16": GGMLQuantizationType.F16,
+                "F32": GGMLQuantizationType.F32}
 
 # The safetensors library refuses headers above 100 MB; so do we, before reading one.
 MAX_HEADER_BYTES = 100_000_000

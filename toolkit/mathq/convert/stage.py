@@ -23,7 +23,7 @@ from mathq.fsutil import sha256_file
 from mathq.layout import BuildLayout
 from mathq.manifest import Manifest
 from mathq.progress import ProgressCallback, no_progress
-from mathq.recipes import Recipe
+from mathq.recipes.recipe import Recipe
 
 SMALL_FILES = (
     "config.json",

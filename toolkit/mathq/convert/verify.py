@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mathq.convert.gguf_info import read_gguf_header
 from mathq.errors import GGUFError
-from mathq.gguf_info import read_gguf
 from mathq.progress import Progress, ProgressCallback, no_progress
 
 if TYPE_CHECKING:
@@ -106,31 +106,33 @@ def check_header(path: Path, planned: Sequence[PlannedTensor], hf_dir: Path) -> 
 
 
 def check_index(path: Path, planned: Sequence[PlannedTensor]) -> tuple[int, int]:
-    """Reopen with gguf-py's reader and compare the tensor index with the plan.
+    """Reopen with mathq's header reader and compare the tensor index with the plan.
 
     Returns the number of tensors and the offset of the data section.
     """
+    from gguf import GGMLQuantizationType
+
     try:
-        reader = read_gguf(path)
-    except (ValueError, OSError) as e:
+        header = read_gguf_header(path)
+    except (GGUFError, OSError) as e:
         raise GGUFError(
-            f"verification failed: gguf cannot read {path}: {e}",
+            f"verification failed: cannot read {path}: {e}",
             "this is a bug in mathq's writer; please report it",
         ) from e
-    if len(reader.tensors) != len(planned):
+    tensors = header.summary.tensors
+    if len(tensors) != len(planned):
         raise GGUFError(
-            f"verification failed: {path.name} holds {len(reader.tensors)} tensors, "
+            f"verification failed: {path.name} holds {len(tensors)} tensors, "
             f"expected {len(planned)}",
             "this is a bug; please report it",
         )
-    for got, want in zip(reader.tensors, planned, strict=True):
-        shape = tuple(int(d) for d in reversed(got.shape.tolist()))
+    for got, want in zip(tensors, planned, strict=True):
         actual = (
             got.name,
-            got.tensor_type,
-            shape,
-            int(got.n_bytes),
-            int(got.data_offset) - reader.data_offset,
+            GGMLQuantizationType[got.type],
+            tuple(reversed(got.shape)),
+            got.n_bytes,
+            got.offset - header.data_offset,
         )
         expected = (want.name, want.ggml_type, want.shape, want.nbytes, want.offset)
         if actual != expected:
@@ -139,7 +141,7 @@ def check_index(path: Path, planned: Sequence[PlannedTensor]) -> tuple[int, int]
                 f"the plan {expected}",
                 "this is a bug; please report it",
             )
-    return len(planned), int(reader.data_offset)
+    return len(planned), header.data_offset
 
 
 def check_tensor_bytes(
@@ -164,8 +166,8 @@ def _byte_copied_sources(
     """GGUF name -> (source file, offset) for tensors that were copied byte for byte."""
     if ckpt is None:
         return {}
-    from mathq.convert.converter import SOURCE_TYPES
     from mathq.convert.hfconfig import load_hparams
+    from mathq.convert.safetensors_reader import SOURCE_TYPES
     from mathq.convert.tensor_map import Transform, expected_tensors
 
     by_gguf = {m.gguf_name: m for m in expected_tensors(load_hparams(ckpt.hf_dir)).values()}

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mathq.evaluate.summaries import MeanSd
 from mathq.fsutil import format_bytes
 from mathq.report.table import ImatrixComparison, ReportData, VariantRow
-from mathq.summaries import MeanSd
 
 MISSING = "—"
 IMATRIX_MARK = "†"

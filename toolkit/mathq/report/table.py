@@ -2,7 +2,7 @@
 
 Rows come from the recipe's variants plus every variant the build folder has a GGUF or a
 summary for, ordered from largest to smallest. Every figure is read from one place: sizes
-and bits per weight from the GGUF itself (:mod:`mathq.gguf_info`), or from the bench
+and bits per weight from the GGUF itself (:mod:`mathq.convert.gguf_info`), or from the bench
 summary when the GGUF is gone; accuracy from the smoke summary; KL divergence from the kld
 summary; speed and memory from the bench summary; tags from the recipe. A measurement that
 does not exist is ``None`` here and is shown as missing, never as zero.
@@ -17,14 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mathq.convert.gguf_info import read_gguf_header
 from mathq.errors import GGUFError
-from mathq.fsutil import sha256_file
-from mathq.gguf_info import read_gguf_header
-from mathq.layout import BuildLayout
-from mathq.manifest import file_identity
-from mathq.quants import QUANT_TYPES, get_quant, parse_variant, variant_names
-from mathq.recipes import Recipe
-from mathq.summaries import (
+from mathq.evaluate.summaries import (
     BenchSummary,
     KldSummary,
     MeanSd,
@@ -32,6 +27,11 @@ from mathq.summaries import (
     SmokeSummary,
     load_summary,
 )
+from mathq.fsutil import sha256_file
+from mathq.layout import BuildLayout
+from mathq.manifest import file_identity
+from mathq.recipes.quants import QUANT_TYPES, get_quant, parse_variant, variant_names
+from mathq.recipes.recipe import Recipe
 
 # The full-precision variant accuracy changes are measured against, when it was smoke-tested.
 FULL_PRECISION = "BF16"
@@ -266,7 +266,7 @@ def _single(values: object) -> object | None:
 def _size(layout: BuildLayout, quant: str, bench: BenchSummary | None
           ) -> tuple[int | None, float | None, str | None, tuple[str | None, str | None]]:
     """Size, bits per weight, file name, and (matrix, its dataset) as the GGUF records them."""
-    from mathq.quantize import KV_IMATRIX_DATASET, KV_IMATRIX_FILE
+    from mathq.quantize.core import KV_IMATRIX_DATASET, KV_IMATRIX_FILE
 
     path = layout.gguf(quant)
     if path.is_file():

@@ -1,0 +1,1 @@
+"""Stage 5, evaluate: smoke tests (MATH accuracy), speed benches and KL divergence against BF16."""

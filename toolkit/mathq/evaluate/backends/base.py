@@ -1,0 +1,82 @@
+"""The types every backend shares: requests, completions and the backend protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+BACKEND_KINDS: tuple[tuple[str, str], ...] = (
+    ("llama", "llama.cpp in this process, continuous batching of --parallel sequences"),
+    ("ollama", "an Ollama server's chat API: the tag's own Modelfile template and stops"),
+    ("openai", "OpenAI-compatible /v1/completions servers (llama-server, vLLM), load spread"),
+)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One problem to answer."""
+
+    id: str
+    prompt: str
+    question: str
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A backend's answer: the text (stop string removed) and what it cost.
+
+    ``completion_tokens`` and ``prompt_tokens`` are the backend's own counts (None when it
+    does not say); ``finish_reason`` is ``stop`` or ``length``; ``seconds`` is the time from
+    the request's start to its end.
+    """
+
+    id: str
+    text: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None
+    seconds: float
+
+
+#: Called with the number of tokens generated so far, as often as the backend knows it.
+TokenCallback = Callable[[int], None]
+
+
+class Backend(Protocol):
+    """What the smoke stage needs from a backend."""
+
+    #: Short description for summaries and messages, e.g. ``llama.cpp`` or ``ollama URL``.
+    description: str
+    #: Requests in flight at once.
+    parallel: int
+
+    def complete(self, requests: Sequence[Request],
+                 on_tokens: TokenCallback | None = None) -> Iterator[Completion]:
+        """Answer every request; yield completions in the order they finish."""
+        ...
+
+    def close(self) -> None:
+        """Release the model, connections and threads."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Which backend to use and its settings, as the command line gives them.
+
+    ``urls`` are the OpenAI-compatible endpoints (kind ``openai``) or the Ollama server
+    (kind ``ollama``). ``model`` names the served model (an Ollama name without tag, or the
+    OpenAI ``model`` field); None means: the recipe's Ollama name, or what ``/v1/models``
+    lists first.
+    """
+
+    kind: str = "llama"
+    urls: tuple[str, ...] = ()
+    model: str | None = None
+    parallel: int = 8
+    threads: int = 0
+    gpu_layers: int | None = None
+    timeout_s: float = 600.0

@@ -1,0 +1,188 @@
+"""The kld stage: how far each variant's next-token distributions drift from the reference's.
+
+A few hundred MATH problems cannot tell Q6_K from Q8_0; the KL divergence from the full-precision
+model over a few thousand positions of math text can, in minutes. The reference (BF16, or Q8_0 when
+memory is short) is run once over the corpus and its log-probabilities are cached under
+``build/<model>/kld/``, keyed by the reference file (name, size, modification time), the corpus
+hash and the chunking; every variant is then compared with that file chunk by chunk, so memory
+stays at one chunk of logits whatever the corpus length. Statistics and file format are
+llama-perplexity's (:mod:`mathq.evaluate.kld.stats`, :mod:`mathq.evaluate.kld.logprob_file`);
+results go to one :class:`mathq.evaluate.summaries.KldSummary` per variant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mathq.convert.gguf_info import read_gguf_header
+from mathq.datasets.corpus import Corpus
+from mathq.errors import GGUFError, InputFileError, MathqError
+from mathq.evaluate.kld import DEFAULT_CTX
+from mathq.evaluate.kld.evaluator import ChunkEvaluator
+from mathq.evaluate.kld.logprob_file import LogprobFile, LogprobWriter, file_size
+from mathq.evaluate.kld.stats import KldAccumulator, compress_log_probs
+from mathq.evaluate.summaries import KldSummary, wilson_rate
+from mathq.fsutil import atomic_output, ensure_free_space, write_text_atomic
+from mathq.layout import BuildLayout
+from mathq.manifest import file_identity
+from mathq.progress import Progress, ProgressCallback, no_progress
+
+CACHE_FORMAT = 1   # bump when the cache's meaning changes, so old files are not reused
+
+
+@dataclass(frozen=True)
+class KldOptions:
+    """How to measure: the reference variant, the text, the chunk size and threads.
+
+    ``max_chunks`` caps the number of ``n_ctx``-token chunks (None: the whole corpus).
+    """
+
+    reference: str = "BF16"
+    corpus: Path | None = None
+    n_ctx: int = DEFAULT_CTX
+    max_chunks: int | None = None
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class ReferenceCache:
+    """The reference's log-probabilities on disk, and whether this run computed them."""
+
+    path: Path
+    reference: str
+    key: str
+    n_ctx: int
+    n_chunks: int
+    n_vocab: int
+    computed: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class KldRun:
+    """What ``mathq kld`` did: the reference file used and one summary per variant."""
+
+    reference: ReferenceCache
+    summaries: tuple[KldSummary, ...]
+    paths: tuple[Path, ...]
+
+
+def reference_key(reference: Path, corpus: Corpus, options: KldOptions) -> str:
+    """What the cached reference depends on, hashed: file, corpus, chunking, format."""
+    material = {"format": CACHE_FORMAT, "reference": file_identity(reference),
+                "corpus_sha256": corpus.sha256, "n_ctx": options.n_ctx,
+                "max_chunks": options.max_chunks}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reference_cache_path(layout: BuildLayout, reference: str, key: str) -> Path:
+    """``kld/reference-<QUANT>-<key>.logits``: llama-perplexity's --kl-divergence-base file."""
+    return layout.kld_dir / f"reference-{reference}-{key}.logits"
+
+
+def require_gguf(layout: BuildLayout, quant: str, why: str) -> Path:
+    path = layout.gguf(quant)
+    if not path.is_file():
+        hint = ("run `mathq convert` first, or measure against Q8_0 with --reference Q8_0"
+                if quant == "BF16" else f"run `mathq quantize {layout.name} --quant {quant}`")
+        raise InputFileError(f"{why} {path} not found", hint)
+    return path
+
+
+def ensure_reference(layout: BuildLayout, corpus: Corpus, options: KldOptions,
+                     progress: ProgressCallback = no_progress) -> ReferenceCache:
+    """Reuse the cached reference pass if its key matches, else compute and cache it."""
+    ref_path = require_gguf(layout, options.reference, "reference model")
+    key = reference_key(ref_path, corpus, options)
+    cache = reference_cache_path(layout, options.reference, key)
+    if cache.is_file():
+        try:
+            f = LogprobFile(cache)
+        except MathqError:
+            cache.unlink()
+        else:
+            return ReferenceCache(cache, options.reference, key, f.n_ctx, f.n_chunk,
+                                  f.n_vocab, computed=False, seconds=0.0)
+    started = time.perf_counter()
+    stage = f"reference {options.reference}"
+    with ChunkEvaluator(ref_path, options.n_ctx, options.threads) as ev:
+        tokens = ev.tokenize(corpus.text)
+        n_chunk = len(tokens) // options.n_ctx
+        if options.max_chunks is not None:
+            n_chunk = min(n_chunk, options.max_chunks)
+        if n_chunk < 1:
+            raise MathqError(f"the corpus ({corpus.name}) has {len(tokens)} tokens, fewer than "
+                             f"one chunk of {options.n_ctx}",
+                             "lower --ctx-size or give a longer --corpus")
+        tokens = tokens[:n_chunk * options.n_ctx]
+        ensure_free_space(layout.kld_dir, file_size(options.n_ctx, ev.n_vocab, n_chunk),
+                          f"the reference log-probabilities ({options.reference})")
+        for stale in layout.kld_dir.glob(f"reference-{options.reference}-*"):
+            stale.unlink()
+        with atomic_output(cache) as tmp:
+            writer = LogprobWriter(tmp, options.n_ctx, ev.n_vocab, tokens)
+            try:
+                for i in range(n_chunk):
+                    progress(Progress(stage, i, n_chunk, "chunks"))
+                    chunk = tokens[i * options.n_ctx:(i + 1) * options.n_ctx]
+                    writer.write_chunk(compress_log_probs(ev.scored_logits(chunk)))
+            finally:
+                writer.close()
+        n_vocab = ev.n_vocab
+    seconds = time.perf_counter() - started
+    write_text_atomic(cache.with_suffix(".json"), json.dumps({
+        "reference": options.reference, "reference_file": file_identity(ref_path),
+        "corpus": corpus.name, "corpus_sha256": corpus.sha256, "n_ctx": options.n_ctx,
+        "n_chunks": n_chunk, "n_vocab": n_vocab, "format": "llama-perplexity logits",
+        "seconds": round(seconds, 3)}, indent=2) + "\n")
+    progress(Progress(stage, n_chunk, n_chunk, "chunks"))
+    return ReferenceCache(cache, options.reference, key, options.n_ctx, n_chunk, n_vocab,
+                          computed=True, seconds=seconds)
+
+
+def _imatrix_of(path: Path) -> str | None:
+    """The importance matrix a variant was quantized with, as llama-quantize recorded it."""
+    from mathq.quantize.core import KV_IMATRIX_FILE
+
+    value = read_gguf_header(path).values.get(KV_IMATRIX_FILE)
+    return str(value) if value is not None else None
+
+
+def measure_variant(layout: BuildLayout, quant: str, reference: ReferenceCache, corpus: Corpus,
+                    options: KldOptions,
+                    progress: ProgressCallback = no_progress) -> KldSummary:
+    """Compare one variant with the cached reference over every chunk; return its summary."""
+    path = require_gguf(layout, quant, f"{quant} model")
+    ref = LogprobFile(reference.path)
+    started = time.perf_counter()
+    stage = f"kld {quant}"
+    with ChunkEvaluator(path, ref.n_ctx, options.threads) as ev:
+        if ev.n_vocab != ref.n_vocab:
+            raise GGUFError(f"{path.name} has a vocabulary of {ev.n_vocab} tokens, the reference "
+                            f"{reference.reference} has {ref.n_vocab}",
+                            "compare variants of the same model only")
+        acc = KldAccumulator(ev.n_vocab)
+        for i in range(ref.n_chunk):
+            tokens = ref.chunk_tokens(i)
+            next_tokens = tokens[ev.first + 1:ev.first + 1 + ev.n_scored]
+            acc.add(ev.scored_logits(tokens), ref.chunk_rows(i), next_tokens)
+            if i + 1 < ref.n_chunk:
+                progress(Progress(stage, i + 1, ref.n_chunk, "chunks",
+                                  info=f"KLD {acc.mean_kld:.5f}"))
+    stats = acc.result()
+    seconds = time.perf_counter() - started
+    progress(Progress(stage, ref.n_chunk, ref.n_chunk, "chunks",
+                      info=f"KLD {stats.mean_kld:.5f}"))
+    return KldSummary(
+        model=layout.name, quant=quant, reference=reference.reference, corpus=corpus.name,
+        n_tokens=stats.count, mean_kld=stats.mean_kld, mean_kld_err=stats.mean_kld_err,
+        kld_percentiles=stats.kld_percentiles,
+        same_top=wilson_rate(stats.same_top, stats.count),
+        rms_delta_p=stats.rms_delta_p, imatrix=_imatrix_of(path),
+        rms_delta_p_err=stats.rms_delta_p_err, ppl=stats.ppl, ppl_reference=stats.ppl_reference,
+        n_ctx=ref.n_ctx, n_chunks=ref.n_chunk, corpus_sha256=corpus.sha256,
+        seconds=round(seconds, 3))

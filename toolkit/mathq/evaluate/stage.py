@@ -1,0 +1,321 @@
+"""The evaluate stage's build steps: smoke, bench and kld over ``build/<model>/``.
+
+Each step has a fingerprint function (what its summary is made from, so ``build`` can skip
+a finished measurement) and a ``run_*`` entry point that reads the recipe's GGUFs from the
+build folder, measures with the cores (:mod:`mathq.evaluate.smoke`,
+:mod:`mathq.evaluate.bench`, :mod:`mathq.evaluate.kld.measure`), writes the summaries and
+records them in the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mathq.convert.gguf_info import gguf_imatrix
+from mathq.datasets.corpus import Corpus, load_corpus
+from mathq.datasets.problems import ProblemSet, load_problem_set, select_problems
+from mathq.errors import InputFileError, MathqError, SmokeError
+from mathq.evaluate.backends import open_backend
+from mathq.evaluate.backends.base import Backend, BackendSpec
+from mathq.evaluate.bench import BenchOptions, BenchOutcome, bench_gguf, bench_isolated
+from mathq.evaluate.kld.measure import (
+    KldOptions,
+    KldRun,
+    ensure_reference,
+    measure_variant,
+    reference_key,
+    require_gguf,
+)
+from mathq.evaluate.smoke import (
+    SmokeOptions,
+    SmokeOutcome,
+    answer_problems,
+    build_summary,
+    describe_backend,
+    ollama_model_name,
+    read_results_log,
+)
+from mathq.evaluate.summaries import (
+    BenchSummary,
+    save_summary,
+)
+from mathq.fsutil import exclusive_lock, write_text_atomic
+from mathq.layout import BuildLayout
+from mathq.manifest import Fingerprint, Manifest, file_identity
+from mathq.progress import ProgressCallback, no_progress
+from mathq.recipes.prompt import stop_strings
+from mathq.recipes.quants import get_quant
+from mathq.recipes.recipe import Recipe, load_recipe
+
+
+@dataclass(frozen=True)
+class _Paths:
+    results: Path
+    settings: Path
+    summary: Path
+
+
+def _paths(layout: BuildLayout, quant: str, out_dir: Path | None) -> _Paths:
+    files = (layout.smoke_results(quant), layout.smoke_settings(quant),
+             layout.smoke_summary(quant))
+    if out_dir is not None:
+        files = tuple(Path(out_dir) / f.name for f in files)
+    return _Paths(*files)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Refuse a second smoke run writing the same results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(path.with_name(path.name + ".lock"),
+                        SmokeError(f"another mathq smoke is writing {path}",
+                                   "wait for it to finish, or use --out-dir")):
+        yield
+
+
+def _target(recipe: Recipe, quant: str, spec: BackendSpec, gguf: Path | None,
+            backend: Backend | None = None) -> dict[str, Any]:
+    if spec.kind == "llama":
+        assert gguf is not None
+        identity = file_identity(gguf)
+        return {"gguf": identity.pop("name"), **identity}
+    if spec.kind == "ollama":
+        return {"ollama_model": ollama_model_name(recipe, quant, spec.model)}
+    return {"served_model": getattr(backend, "model", spec.model)}
+
+
+def _settings_conflict(path: Path, settings: dict[str, Any]) -> SmokeError | None:
+    """Why results recorded beside ``path`` cannot be resumed under ``settings``, if so."""
+    if not path.exists():
+        return SmokeError(f"{path} is missing, so the results beside it cannot be trusted",
+                          "pass --restart to discard them")
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return SmokeError(f"cannot read {path}: {e}", "pass --restart")
+    changed = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+    if not changed:
+        return None
+    first = changed[0]
+    return SmokeError(
+        f"results in {path.parent} were made with other settings "
+        f"({first}: {json.dumps(old.get(first))} -> {json.dumps(settings.get(first))})",
+        "pass --restart to discard them, or --out-dir to keep both")
+
+
+def smoke_fingerprint(recipe: Recipe, quant: str, options: SmokeOptions,
+                      layout: BuildLayout) -> Fingerprint | None:
+    """What an in-process smoke summary in the build folder is made from.
+
+    None for other backends or folders (nothing of theirs is recorded) and while the GGUF
+    is missing. ``build`` compares it with the manifest's record to skip a finished test.
+    """
+    gguf = layout.gguf(quant)
+    if options.backend.kind != "llama" or options.out_dir is not None or not gguf.is_file():
+        return None
+    return ({"gguf": file_identity(gguf)},
+            {"suite": options.suite or recipe.smoke.suite,
+             "n": recipe.smoke.n if options.n is None else options.n, "seed": options.seed,
+             "subjects": list(options.subjects), "levels": list(options.levels),
+             "max_tokens": options.max_tokens or recipe.smoke.max_tokens,
+             "prompt": dataclasses.asdict(recipe.prompt)})
+
+
+def select_smoke_problems(recipe: Recipe, options: SmokeOptions,
+                          progress: ProgressCallback = no_progress) -> ProblemSet:
+    """The problem set a smoke run uses: suite, subset and filters (recipe defaults)."""
+    pset = load_problem_set(options.suite or recipe.smoke.suite, progress=progress)
+    n = recipe.smoke.n if options.n is None else options.n
+    return select_problems(pset, n=n or None, seed=options.seed, subjects=options.subjects,
+                           levels=options.levels)
+
+
+def run_smoke(recipe: Recipe, quants: Sequence[str], options: SmokeOptions,
+              build_root: Path | None = None,
+              progress: ProgressCallback = no_progress) -> list[SmokeOutcome]:
+    """Smoke-test each variant in turn on the same problems."""
+    layout = BuildLayout.for_model(recipe.name, build_root)
+    problems = select_smoke_problems(recipe, options, progress)
+    return [smoke_variant(recipe, q, problems, layout, options, progress) for q in quants]
+
+
+def smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: BuildLayout,
+                  options: SmokeOptions,
+                  progress: ProgressCallback = no_progress) -> SmokeOutcome:
+    """Answer and grade every problem not yet answered for ``quant``; write the summary."""
+    spec = options.backend
+    paths = _paths(layout, quant, options.out_dir)
+    max_tokens = options.max_tokens or recipe.smoke.max_tokens
+    gguf = layout.gguf(quant) if spec.kind == "llama" else None
+    if gguf is not None and not gguf.is_file():
+        raise InputFileError(f"no {quant} GGUF at {gguf}",
+                             f"make it first: mathq quantize {recipe.name} --quant {quant}")
+    ollama_model = ollama_model_name(recipe, quant, spec.model) if spec.kind == "ollama" else None
+    stops = stop_strings(recipe.prompt)
+    few_shot = recipe.prompt.template == "few-shot"
+
+    fingerprint = smoke_fingerprint(recipe, quant, options, layout)
+    manifest = Manifest(layout.manifest)
+    with _exclusive(paths.results):
+        if options.restart:
+            _discard(paths)
+        done = read_results_log(paths.results)
+        backend = None
+        try:
+            if spec.kind == "openai" and spec.model is None:
+                backend = open_backend(spec)  # the served model's name is part of the settings
+            settings = {"backend": spec.kind, **_target(recipe, quant, spec, gguf, backend),
+                        "prompt": dataclasses.asdict(recipe.prompt), "max_tokens": max_tokens,
+                        "stop": list(stops), "problems": problems.source}
+            conflict = _settings_conflict(paths.settings, settings) if done else None
+            if conflict is not None and not options.restart_if_changed:
+                raise conflict
+            if conflict is not None:
+                _discard(paths)
+                done = {}
+            write_text_atomic(paths.settings,
+                              json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+            wanted = {p.id for p in problems.problems}
+            todo = [p for p in problems.problems if p.id not in done]
+            resumed = len(wanted) - len(todo)
+            if todo:
+                if fingerprint is not None:  # the summary is about to be out of date
+                    manifest.forget(layout.key(paths.summary))
+                if backend is None:
+                    backend = open_backend(spec, gguf=gguf, ollama_model=ollama_model)
+                done.update(answer_problems(
+                    backend, todo, recipe, quant, max_tokens, stops, few_shot,
+                    options.grade_timeout_s, paths.results, done_before=resumed,
+                    total=len(wanted),
+                    correct_before=sum(done[i].correct for i in wanted if i in done),
+                    progress=progress))
+        finally:
+            if backend is not None:
+                backend.close()
+        # Records of problems outside this selection (another --n) stay in the file but
+        # are not counted.
+        records = [done[p.id] for p in problems.problems if p.id in done]
+        summary = build_summary(recipe, quant, problems, records, options, max_tokens,
+                                target=gguf.name if gguf else str(ollama_model or
+                                                                  settings.get("served_model")),
+                                backend=describe_backend(spec),
+                                imatrix=gguf_imatrix(gguf) if gguf else None)
+        save_summary(paths.summary, summary)
+        if fingerprint is not None:
+            manifest.record(layout.key(paths.summary), "smoke", *fingerprint,
+                            size=paths.summary.stat().st_size)
+    return SmokeOutcome(quant=quant, results=paths.results, summary_path=paths.summary,
+                        summary=summary, resumed=resumed, answered=len(todo))
+
+
+def _discard(paths: _Paths) -> None:
+    for p in (paths.results, paths.settings, paths.summary):
+        p.unlink(missing_ok=True)
+
+
+def bench_fingerprint(layout: BuildLayout, quant: str,
+                      options: BenchOptions) -> Fingerprint | None:
+    """What a variant's bench summary is made from (None while its GGUF is missing), so
+    ``build`` can skip a variant already measured this way."""
+    gguf = layout.gguf(quant)
+    if not gguf.is_file():
+        return None
+    settings = asdict(options)
+    settings["parallel"] = list(options.parallel)
+    return {"gguf": file_identity(gguf)}, settings
+
+
+def run_bench(recipe: Recipe, quants: Sequence[str], options: BenchOptions,
+              build_root: Path | None = None,
+              progress: ProgressCallback = no_progress) -> list[BenchOutcome]:
+    """Measure each variant of ``recipe`` in turn and write its summary."""
+    from mathq.convert.gguf_info import gguf_imatrix, read_gguf_summary
+
+    layout = BuildLayout.for_model(recipe.name, build_root)
+    outcomes = []
+    for q in quants:
+        gguf = layout.gguf(q)
+        if not gguf.is_file():
+            raise InputFileError(f"no {q} GGUF at {gguf}",
+                                 f"make it first: mathq quantize {recipe.name} --quant {q}")
+        info = read_gguf_summary(gguf)
+        measure = bench_isolated if options.isolate else bench_gguf
+        result = measure(gguf, options, progress)
+        summary = BenchSummary(
+            model=recipe.name, quant=q, gguf=gguf.name, file_size=info.size,
+            bits_per_weight=round(info.bits_per_weight, 4), threads=result.threads,
+            load_seconds=result.load_seconds, peak_rss_bytes=result.peak_rss_bytes,
+            prompt_tokens_per_second=result.prompt,
+            generation_tokens_per_second=result.generation,
+            throughput_by_parallel=result.throughput_by_parallel,
+            imatrix=gguf_imatrix(gguf), n_prompt=options.n_prompt, n_gen=options.n_gen,
+            repetitions=options.repetitions)
+        path = layout.bench_summary(q)
+        save_summary(path, summary)
+        fingerprint = bench_fingerprint(layout, q, options)
+        assert fingerprint is not None  # the GGUF was just measured
+        Manifest(layout.manifest).record(layout.key(path), "bench", *fingerprint,
+                                         size=path.stat().st_size)
+        outcomes.append(BenchOutcome(q, path, summary))
+    return outcomes
+
+
+def kld_fingerprint(layout: BuildLayout, quant: str, options: KldOptions,
+                    corpus: Corpus) -> Fingerprint | None:
+    """What a variant's KLD summary is made from; None while either model is missing.
+
+    ``build`` compares it with the manifest's record to skip a variant already measured
+    against this very reference pass.
+    """
+    variant, reference = layout.gguf(quant), layout.gguf(options.reference)
+    if not (variant.is_file() and reference.is_file()):
+        return None
+    return ({"gguf": file_identity(variant),
+             "reference_key": reference_key(reference, corpus, options)},
+            {"reference": options.reference, "n_ctx": options.n_ctx,
+             "max_chunks": options.max_chunks, "corpus_sha256": corpus.sha256})
+
+
+def run_kld(recipe_ref: str | Path, quants: tuple[str, ...] | None = None,
+            options: KldOptions | None = None, build_root: Path | None = None,
+            progress: ProgressCallback = no_progress) -> KldRun:
+    """Measure ``quants`` (default: the recipe's variants) of a recipe's build folder.
+
+    Each summary is written to ``BuildLayout.kld_summary(quant)`` as soon as it is measured
+    and recorded in the build manifest.
+    """
+    options = options or KldOptions()
+    recipe = load_recipe(recipe_ref)
+    layout = BuildLayout.for_model(recipe.name, build_root)
+    reference = get_quant(options.reference).name
+    options = dataclasses.replace(options, reference=reference)
+    names = list(recipe.variant_names(",".join(quants) if quants else None))
+    if reference in names:
+        if quants:
+            raise MathqError(f"{reference} is the reference; its divergence from itself is 0",
+                             "leave it out of --quant, or pick another --reference")
+        names.remove(reference)
+    if not names:
+        raise MathqError("no variant to measure", "name variants with --quant")
+    for q in names:  # fail before the (long) reference pass, not after it
+        require_gguf(layout, q, f"{q} model")
+    corpus = load_corpus(options.corpus)
+    ref = ensure_reference(layout, corpus, options, progress)
+    summaries, paths = [], []
+    for q in names:
+        summary = measure_variant(layout, q, ref, corpus, options, progress)
+        out = layout.kld_summary(q)
+        save_summary(out, summary)
+        fingerprint = kld_fingerprint(layout, q, options, corpus)
+        assert fingerprint is not None  # both files were just read
+        Manifest(layout.manifest).record(layout.key(out), "kld", *fingerprint,
+                                         size=out.stat().st_size)
+        summaries.append(summary)
+        paths.append(out)
+    return KldRun(ref, tuple(summaries), tuple(paths))

@@ -1,0 +1,180 @@
+"""The JSON summaries stages leave for the report: smoke, bench and KL divergence.
+
+Producers (``smoke``, ``bench``, ``kld``) write these; the report and the model card read
+them. One dataclass per summary is the schema; a missing measurement is ``None`` (shown as
+missing, never as zero). Files live where :class:`mathq.layout.BuildLayout` says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mathq.errors import MathqError
+from mathq.fsutil import to_jsonable, write_text_atomic
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A proportion with its Wilson 95 % interval; ``n`` trials, ``k`` successes."""
+
+    k: int
+    n: int
+    value: float
+    low: float
+    high: float
+
+
+def wilson_rate(k: int, n: int, z: float = 1.959964) -> Rate:
+    """``k`` of ``n`` with its Wilson score interval (95 % for the default ``z``).
+
+    Wilson's interval stays inside [0, 1] and is sensible at 0 or n successes, where the
+    normal approximation collapses to a point; for n = 0 the interval is all of [0, 1].
+    """
+    if n <= 0:
+        return Rate(k=0, n=0, value=0.0, low=0.0, high=1.0)
+    p = k / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return Rate(k=k, n=n, value=p, low=max(0.0, centre - half), high=min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class MeanSd:
+    """A repeated measurement: mean, sample standard deviation and repetitions."""
+
+    mean: float
+    sd: float
+    n: int
+
+
+@dataclass(frozen=True)
+class SmokeSummary:
+    """One variant's smoke test: MATH accuracy and the work it took."""
+
+    model: str
+    quant: str
+    gguf: str
+    suite: str
+    suite_source: str
+    backend: str
+    parallel: int
+    max_tokens: int
+    accuracy: Rate
+    by_subject: dict[str, Rate]
+    by_level: dict[str, Rate]
+    prompt_tokens: int
+    completion_tokens: int
+    generation_tokens_per_second: float | None
+    wall_seconds: float
+    reference_accuracy: float | None = None
+    reference_source: str = ""
+    imatrix: str | None = None
+    schema: int = SCHEMA_VERSION
+    # Added by the smoke stage: verdict counts, the subset's seed, and how many runs (a
+    # killed run resumed makes two) produced the results.
+    verdicts: dict[str, int] = field(default_factory=dict)
+    seed: int | None = None
+    runs: int = 1
+
+
+@dataclass(frozen=True)
+class BenchSummary:
+    """One variant's speed, llama-bench's method: pp512 and tg128 in tokens per second."""
+
+    model: str
+    quant: str
+    gguf: str
+    file_size: int
+    bits_per_weight: float
+    threads: int
+    load_seconds: float | None
+    peak_rss_bytes: int | None
+    prompt_tokens_per_second: MeanSd | None
+    generation_tokens_per_second: MeanSd | None
+    # Aggregate generation throughput (tokens/s over all sequences) by parallel sequences.
+    throughput_by_parallel: dict[str, float] = field(default_factory=dict)
+    imatrix: str | None = None
+    schema: int = SCHEMA_VERSION
+    # Added by the bench stage: the test sizes (llama-bench's pp512/tg128) and repetitions.
+    n_prompt: int = 512
+    n_gen: int = 128
+    repetitions: int = 5
+
+
+@dataclass(frozen=True)
+class KldSummary:
+    """One variant's next-token distributions against the reference model's.
+
+    The statistics are llama-perplexity's ``--kl-divergence`` ones: mean KL divergence with
+    its standard error, percentiles, the share of positions whose top token is the same, and
+    the RMS of the change in the probability of the text's actual next token (llama-perplexity's
+    "RMS Δp"). ``kld_percentiles`` is keyed by llama-perplexity's labels (``max``, ``99.9``,
+    ``99``, ``95``, ``90``, ``median``, ``10``, ``5``, ``1``, ``0.1``, ``min``).
+    """
+
+    model: str
+    quant: str
+    reference: str
+    corpus: str
+    n_tokens: int
+    mean_kld: float
+    mean_kld_err: float
+    kld_percentiles: dict[str, float]
+    same_top: Rate
+    rms_delta_p: float
+    imatrix: str | None = None
+    schema: int = SCHEMA_VERSION
+    rms_delta_p_err: float | None = None
+    ppl: float | None = None
+    ppl_reference: float | None = None
+    n_ctx: int | None = None
+    n_chunks: int | None = None
+    corpus_sha256: str = ""
+    seconds: float | None = None
+
+
+S = TypeVar("S")
+
+
+def save_summary(path: Path, summary: Any) -> None:
+    """Write a summary as indented JSON, atomically."""
+    write_text_atomic(Path(path), json.dumps(to_jsonable(summary), indent=2,
+                                             ensure_ascii=False) + "\n")
+
+
+def load_summary(path: Path, kind: type[S]) -> S:
+    """Read a summary written by :func:`save_summary` back into its dataclass."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return _build(kind, data)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise MathqError(f"cannot read {kind.__name__} from {path}: {e}",
+                         "rerun the stage that writes it") from e
+
+
+def _build(tp: Any, value: Any) -> Any:
+    """Rebuild nested dataclasses from JSON following the type hints."""
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        return tp(**{f.name: _build(hints[f.name], value[f.name])
+                     for f in dataclasses.fields(tp) if f.name in value})
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _build(inner[0], value)
+    if origin is dict:
+        _k, v = typing.get_args(tp)
+        return {k: _build(v, x) for k, x in value.items()}
+    return value

@@ -1,0 +1,323 @@
+"""llama.cpp through llama-cpp-python's low-level API: a loaded model and a context.
+
+:class:`LlamaModel` loads a GGUF and answers vocabulary questions (tokenize the way
+``Llama.create_completion`` does, token bytes, end of generation); :class:`Context` is one
+llama.cpp context for several sequences, with a reusable batch filled through NumPy views. The
+smoke engine (:mod:`mathq.llama.engine`) and the bench stage (:mod:`mathq.evaluate.bench`) both run
+on these, so they decode with the same settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mathq.errors import GGUFError, InferenceError, InputFileError
+
+#: llama.cpp pads a sequence's context to this many cells; mathq sizes contexts the same way.
+CTX_PAD = 256
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs; each field maps to a llama.cpp context or model parameter.
+
+    ``gpu_layers`` and ``flash_attn`` left at None keep llama.cpp's own defaults (all layers
+    on the GPU when there is one; flash attention where the backend supports it).
+    ``n_ctx_seq`` 0 sizes each sequence's cache to the longest prompt plus its token limit.
+    ``kv_type`` is the ggml type of the KV cache (``q8_0`` halves its memory; None keeps
+    llama.cpp's F16).
+    """
+
+    parallel: int = 8
+    n_batch: int = 512
+    threads: int = 0
+    gpu_layers: int | None = None
+    flash_attn: bool | None = None
+    kv_unified: bool = False
+    n_ctx_seq: int = 0
+    kv_type: str | None = None
+
+    def n_threads(self) -> int:
+        """Threads for llama.cpp: the option, or every core."""
+        return self.threads or os.cpu_count() or 1
+
+
+def quiet_llama_cpp() -> None:
+    """Keep llama.cpp's debug and info lines (printed at context free, for one) off the
+    terminal, as ``Llama(verbose=False)`` does, unless the application set the level of
+    llama-cpp-python's logger itself."""
+    log = logging.getLogger("llama-cpp-python")
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.ERROR)
+
+
+def pad_context(n: int) -> int:
+    """``n`` rounded up to whole blocks of :data:`CTX_PAD` cells."""
+    return -(-n // CTX_PAD) * CTX_PAD
+
+
+class LlamaModel:
+    """A GGUF loaded by llama.cpp, with the vocabulary calls the engine and bench need."""
+
+    def __init__(self, path: Path, gpu_layers: int | None = None) -> None:
+        import llama_cpp
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputFileError(f"model file not found: {path}",
+                                 "build it first (`mathq quantize`), or check the path")
+        llama_cpp.llama_backend_init()
+        quiet_llama_cpp()
+        params = llama_cpp.llama_model_default_params()
+        if gpu_layers is not None:
+            params.n_gpu_layers = gpu_layers
+        errors: list[str] = []
+
+        def on_line(level: int, line: str) -> None:
+            if level == LOG_ERROR and line.strip():
+                errors.append(line.strip())
+
+        started = time.perf_counter()
+        with capture_llama_log(on_line):
+            handle = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+        self.load_seconds = time.perf_counter() - started
+        if not handle:
+            reason = errors[-1] if errors else "no reason given"
+            raise GGUFError(f"llama.cpp cannot load {path}: {reason}",
+                            "check that the file is a complete GGUF of a supported model")
+        self.path = path
+        self.handle = handle
+        self.vocab = llama_cpp.llama_model_get_vocab(handle)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(handle))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
+
+    def tokenize(self, text: str) -> list[int]:
+        """Prompt tokens as ``Llama.create_completion`` makes them: BOS if the model adds
+        one, then the text with special tokens recognised (as Hugging Face tokenizers do)."""
+        import llama_cpp
+
+        data = text.encode("utf-8")
+        room = len(data) + 2
+        buf = (llama_cpp.llama_token * room)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, room, False, True)
+        if n < 0:
+            raise InferenceError(f"llama.cpp could not tokenize a prompt ({-n} tokens)")
+        bos = [self.bos] if self.add_bos and self.bos >= 0 else []
+        return bos + list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one generated token (control tokens render as nothing)."""
+        cached = self._pieces.get(token)
+        if cached is None:
+            import llama_cpp
+
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            cached = self._pieces[token] = buf.raw[:max(n, 0)]
+        return cached
+
+    def is_eog(self, token: int) -> bool:
+        """End of generation (EOS, EOT, ...), as llama.cpp's vocabulary marks it."""
+        known = self._eog.get(token)
+        if known is None:
+            import llama_cpp
+
+            known = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        return known
+
+    def close(self) -> None:
+        """Free the model's memory."""
+        import llama_cpp
+
+        if self.handle:
+            llama_cpp.llama_model_free(self.handle)
+            self.handle = None
+
+
+class Context:
+    """A llama.cpp context for ``n_seq`` sequences of up to ``n_ctx_seq`` tokens each."""
+
+    def __init__(self, model: LlamaModel, n_seq: int, n_ctx_seq: int,
+                 options: EngineOptions) -> None:
+        import llama_cpp
+
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx_seq * n_seq
+        params.n_batch = options.n_batch
+        params.n_ubatch = min(options.n_batch, 512)
+        params.n_seq_max = n_seq
+        params.n_threads = params.n_threads_batch = options.n_threads()
+        params.kv_unified = options.kv_unified
+        params.no_perf = True
+        if options.kv_type is not None:
+            from mathq.recipes.quants import ggml_type_id
+
+            params.type_k = params.type_v = ggml_type_id(options.kv_type)
+        if options.flash_attn is not None:
+            params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                                      if options.flash_attn
+                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        errors: list[str] = []
+
+        def on_line(level: int, line: str) -> None:
+            if level == LOG_ERROR and line.strip():
+                errors.append(line.strip())
+
+        with capture_llama_log(on_line):
+            handle = llama_cpp.llama_init_from_model(model.handle, params)
+        if not handle:
+            reason = errors[-1] if errors else "no reason given"
+            raise InferenceError(
+                f"llama.cpp could not make a context of {n_seq} x {n_ctx_seq} tokens: {reason}",
+                "lower --parallel or --max-tokens (the KV cache may not fit in memory)")
+        self.handle = handle
+        self.model = model
+        self.n_seq = n_seq
+        self.n_ctx_seq = n_ctx_seq
+        self.n_batch = options.n_batch
+        self.memory = llama_cpp.llama_get_memory(handle)
+        self._batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)
+        self._tokens = np.ctypeslib.as_array(self._batch.token, shape=(options.n_batch,))
+        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(options.n_batch,))
+        self._n_seq_id = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(options.n_batch,))
+        self._logits = np.ctypeslib.as_array(self._batch.logits, shape=(options.n_batch,))
+        self._n_seq_id[:] = 1
+        self._n = 0
+
+    # -- batch building ------------------------------------------------------------------
+
+    def clear_batch(self) -> None:
+        """Start a new batch."""
+        self._n = 0
+
+    def add(self, tokens: list[int] | np.ndarray, pos0: int, seq: int, last_logits: bool) -> int:
+        """Append ``tokens`` of sequence ``seq`` at positions from ``pos0``; ask for logits of
+        the last one if ``last_logits``. Returns the batch index of the last token."""
+        n = len(tokens)
+        i = self._n
+        if i + n > self.n_batch:
+            raise ValueError(f"batch overflow: {i} + {n} > {self.n_batch}")
+        self._tokens[i:i + n] = tokens
+        self._pos[i:i + n] = np.arange(pos0, pos0 + n, dtype=self._pos.dtype)
+        self._logits[i:i + n] = 0
+        if last_logits:
+            self._logits[i + n - 1] = 1
+        seq_ids = self._batch.seq_id
+        for j in range(i, i + n):
+            seq_ids[j][0] = seq
+        self._n = i + n
+        return i + n - 1
+
+    @property
+    def batch_size(self) -> int:
+        """Tokens in the batch being built."""
+        return self._n
+
+    def decode(self) -> None:
+        """Run the batch through the model."""
+        import llama_cpp
+
+        self._batch.n_tokens = self._n
+        status = llama_cpp.llama_decode(self.handle, self._batch)
+        if status != 0:
+            raise InferenceError(f"llama_decode failed with status {status} on a batch of "
+                                 f"{self._n} tokens",
+                                 "status 1 means the KV cache is full: lower --parallel")
+
+    def logits(self, index: int) -> np.ndarray:
+        """The logits of batch entry ``index`` (a view into llama.cpp's buffer)."""
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self.handle, index)
+        if not ptr:
+            raise InferenceError(f"llama.cpp returned no logits for batch index {index}")
+        return np.ctypeslib.as_array(ptr, shape=(self.model.n_vocab,))
+
+    def synchronize(self) -> None:
+        """Wait until the last decode has finished (it can run asynchronously)."""
+        import llama_cpp
+
+        llama_cpp.llama_synchronize(self.handle)
+
+    def free_seq(self, seq: int) -> None:
+        """Drop every cached token of sequence ``seq`` (``-1``: of all sequences)."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def clear(self) -> None:
+        """Empty the whole KV cache."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def close(self) -> None:
+        """Free the context and its batch."""
+        import llama_cpp
+
+        if self.handle:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self.handle)
+            self.handle = None
+
+
+LineHandler = Callable[[int, str], None]
+
+# ggml_log_level: NONE 0, INFO 1, WARN 2, ERROR 3, DEBUG 4, CONT 5 (continues the last line).
+LOG_ERROR = 3
+_LOG_CONT = 5
+
+_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def capture_llama_log(handler: LineHandler) -> Iterator[None]:
+    """Send every complete llama.cpp log line to ``handler(level, line)`` inside the block.
+
+    The callback is process-wide in llama.cpp, so captures are serialised by a lock.
+    """
+    import llama_cpp
+    from llama_cpp import _logger
+
+    pending: list[str] = []
+    level_of_line = [0]
+
+    def on_log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        starts_line = level != _LOG_CONT and not pending
+        raises_level = level not in (_LOG_CONT, 0) and level > level_of_line[0]
+        if starts_line or raises_level:  # a line is as severe as its worst fragment
+            level_of_line[0] = level
+        pending.append(text.decode("utf-8", errors="replace"))
+        joined = "".join(pending)
+        if "\n" in joined:
+            *lines, rest = joined.split("\n")
+            pending[:] = [rest] if rest else []
+            for line in lines:
+                handler(level_of_line[0], line)
+
+    callback = llama_cpp.llama_log_callback(on_log)
+    with _lock:
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        try:
+            yield
+        finally:
+            if pending:
+                handler(level_of_line[0], "".join(pending))
+            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))

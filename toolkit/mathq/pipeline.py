@@ -1,0 +1,365 @@
+"""``mathq build``: chain the stages into one resumable run over ``build/<model>/``.
+
+A build is a list of :class:`Step` s. Each step knows its artifact, the manifest key its
+stage records, and how to compute *now* the inputs and settings that artifact must have
+been made from. A step whose artifact exists with a matching manifest record is skipped, so
+a rerun redoes only what changed, and a step killed half-way (its output still a
+``.partial``, its record not written) simply runs again. The disk space the whole plan
+needs is checked before the first step starts.
+
+With ``imatrix`` set, the build also computes the recipe's importance matrix (one step, the
+imatrix stage with its defaults) and makes a ``<QUANT>-imat`` variant of every requested
+type the matrix helps (:attr:`mathq.recipes.quants.QuantType.imatrix_helps`), beside the plain one,
+so every measurement and the report can compare the two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mathq.errors import DiskSpaceError, MathqError, MissingImatrixError
+from mathq.fsutil import format_bytes, free_bytes
+from mathq.layout import BuildLayout
+from mathq.manifest import Fingerprint, Manifest
+from mathq.progress import ProgressCallback, no_progress
+from mathq.quantize.calibration import DEFAULT_CALIBRATION
+from mathq.recipes.quants import QuantType, Variant, get_quant
+from mathq.recipes.recipe import Recipe
+
+if TYPE_CHECKING:
+    from mathq.download.fetch import CheckpointPlan
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What to build: the variants, and how much of the measuring to do.
+
+    ``measure`` False stops after the files (GGUFs and Modelfiles); ``skip_smoke`` leaves
+    out only the smoke test, the longest measurement. ``n`` and ``parallel`` are the smoke
+    test's problem count (None: the recipe's) and batch width. ``imatrix`` adds the
+    importance matrix, computed on ``calibration`` (see :func:`build_variants`).
+    """
+
+    quants: tuple[QuantType, ...]
+    n: int | None = None
+    skip_smoke: bool = False
+    measure: bool = True
+    parallel: int = 8
+    imatrix: bool = False
+    calibration: str = DEFAULT_CALIBRATION
+
+
+def build_variants(options: BuildOptions) -> tuple[Variant, ...]:
+    """The variants a build makes, in ``options.quants`` order.
+
+    Without ``imatrix``, each type plain (a type that cannot be made without a matrix is
+    refused). With it, each type plain (unless it requires a matrix) and, when the matrix
+    helps it, also with the matrix.
+    """
+    variants: list[Variant] = []
+    for q in options.quants:
+        if q.requires_imatrix and not options.imatrix:
+            raise MissingImatrixError(f"{q.name} needs an importance matrix",
+                                      "add --imatrix: the build computes one and makes "
+                                      f"{q.name}-imat")
+        if not q.requires_imatrix:
+            variants.append(Variant(q))
+        if options.imatrix and (q.imatrix_helps or q.requires_imatrix):
+            variants.append(Variant(q, imatrix=True))
+    return tuple(variants)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of a build.
+
+    ``fingerprint`` returns the (inputs, settings) the artifact must have been made from,
+    or None when that cannot be known before the step runs (then the step always runs).
+    ``run`` does the work; stages record their artifacts in the manifest themselves, with
+    the same fingerprint functions the build uses here.
+    """
+
+    name: str
+    stage: str
+    artifact: Path
+    key: str
+    needs_bytes: int
+    run: Callable[[ProgressCallback], object]
+    fingerprint: Callable[[], Fingerprint | None] = lambda: None
+    # Artifacts of earlier steps this one reads: when one of them is due to be remade,
+    # so is this step, even though its fingerprint still matches the old file.
+    inputs: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What happened to one step."""
+
+    name: str
+    status: str  # "done", "skipped", "planned"
+    artifact: Path
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """The outcome of every step, in order."""
+
+    model: str
+    root: Path
+    steps: tuple[StepOutcome, ...] = field(default_factory=tuple)
+
+
+def estimate_params(config: dict[str, Any]) -> int:
+    """Weights of a LLaMA checkpoint from its config.json (embeddings, layers, head)."""
+    h, ff, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    attn = 2 * h * h + 2 * h * (h * kv // heads)
+    return 2 * config["vocab_size"] * h + n * (attn + 3 * h * ff + 2 * h) + h
+
+
+def is_current(step: Step, manifest: Manifest) -> bool:
+    """True when the artifact exists and was made from what the step would use now."""
+    if not step.artifact.exists():
+        return False
+    record = manifest.get(step.key)
+    if record is None:
+        return False
+    fp = step.fingerprint()
+    return fp is not None and record.same_recipe(*fp)
+
+
+def due_steps(steps: list[Step], manifest: Manifest) -> set[str]:
+    """Names of the steps a build would run: those not current, and those reading the
+    artifact of a step that runs before them."""
+    due: set[str] = set()
+    remade: set[Path] = set()
+    for step in steps:
+        if not is_current(step, manifest) or remade.intersection(step.inputs):
+            due.add(step.name)
+            remade.add(step.artifact)
+    return due
+
+
+def check_disk(steps: list[Step], manifest: Manifest, root: Path) -> int:
+    """Raise DiskSpaceError unless every step still to run fits; return the bytes needed."""
+    due = due_steps(steps, manifest)
+    needed = sum(s.needs_bytes for s in steps if s.name in due)
+    free = free_bytes(root)
+    if needed > free:
+        raise DiskSpaceError(
+            f"this build needs about {format_bytes(needed)} more; {format_bytes(free)} is free "
+            f"under {root}", "free some space, build fewer variants, or use --build-dir")
+    return needed
+
+
+def run_steps(model: str, root: Path, steps: list[Step], manifest: Manifest,
+              progress: ProgressCallback = no_progress,
+              on_step: Callable[[StepOutcome], None] = lambda _o: None) -> BuildResult:
+    """Run every step that is not current, in order, reporting each outcome."""
+    import time
+
+    check_disk(steps, manifest, root)
+    outcomes = []
+    for step in steps:
+        if is_current(step, manifest):
+            outcome = StepOutcome(step.name, "skipped", step.artifact)
+        else:
+            started = time.perf_counter()
+            step.run(progress)
+            outcome = StepOutcome(step.name, "done", step.artifact,
+                                  time.perf_counter() - started)
+        outcomes.append(outcome)
+        on_step(outcome)
+    return BuildResult(model, root, tuple(outcomes))
+
+
+def plan_outcomes(steps: list[Step], manifest: Manifest) -> list[StepOutcome]:
+    """For ``--dry-run``: which steps would run and which are already current."""
+    due = due_steps(steps, manifest)
+    return [StepOutcome(s.name, "planned" if s.name in due else "skipped", s.artifact)
+            for s in steps]
+
+
+def _read_config(hf_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def plan_build(recipe: Recipe, options: BuildOptions, build_root: Path | None = None) -> list[Step]:
+    """The steps of a build of ``recipe``, in order."""
+    from mathq.convert.converter import ConvertOptions
+    from mathq.convert.stage import checkpoint_inputs, convert_recipe, recipe_hf_dir
+    from mathq.download.stage import download_recipe
+    from mathq.quantize.core import QuantizeOptions
+    from mathq.quantize.stage import QuantizeJob, quantize_fingerprint, quantize_variants
+
+    layout = BuildLayout.for_model(recipe.name, build_root)
+    hf_dir = recipe_hf_dir(recipe, layout)
+    config = _read_config(hf_dir)
+    n_params = estimate_params(config) if config else 0
+    download_bytes = 0
+    if recipe.model.hf_repo is not None and config is None:
+        hub = _hub_plan(recipe, layout)
+        if hub is not None:  # bf16 weights: two bytes a parameter
+            n_params, download_bytes = hub.weights_bytes // 2, hub.missing_bytes
+    steps: list[Step] = []
+    if recipe.model.hf_repo is not None:
+        steps.append(Step(
+            "download", "download", layout.hf_dir, "hf", download_bytes,
+            lambda p: download_recipe(recipe, build_root=build_root, progress=p),
+            # The Hub may have moved the revision: offline, a finished download is current.
+            lambda: _offline_download_fingerprint(layout)))
+    bf16 = layout.gguf("BF16")
+    pre = recipe.model.pre_tokenizer
+    steps.append(Step(
+        "convert", "convert", bf16, bf16.name, 2 * n_params,
+        lambda p: convert_recipe(recipe, ConvertOptions(), build_root, progress=p),
+        lambda: (checkpoint_inputs(hf_dir), {"outtype": "bf16", "pre_tokenizer": pre,
+                                              "verified": True})
+        if hf_dir.is_dir() else None))
+    variants = build_variants(options)
+    if any(v.imatrix for v in variants):
+        steps.append(_imatrix_step(recipe, options, layout))
+    job = QuantizeJob(source=bf16, default_quants=options.quants, layout=layout)
+    for v in variants:
+        opts = QuantizeOptions(quant=v.quant, imatrix=layout.imatrix if v.imatrix else None)
+        out = layout.gguf(v.name)
+        steps.append(Step(
+            f"quantize {v.name}", "quantize", out, out.name,
+            int(n_params * v.quant.bpw / 8 * 1.15),
+            lambda p, o=opts: quantize_variants(job, [o], None, p),
+            lambda o=opts: quantize_fingerprint(bf16, o),
+            (bf16, layout.imatrix) if v.imatrix else (bf16,)))
+    steps += _modelfile_steps(recipe, variants, layout, build_root)
+    if options.measure:
+        steps += _measure_steps(recipe, options, variants, layout, build_root)
+    return steps
+
+
+def _imatrix_step(recipe: Recipe, options: BuildOptions, layout: BuildLayout) -> Step:
+    """The recipe's importance matrix from its BF16 model, with the imatrix stage's
+    defaults (100 chunks of 512 tokens, the recipe's prompt format, no smoke problem)."""
+    from mathq.quantize.imatrix import ImatrixOptions
+    from mathq.quantize.stage import imatrix_fingerprint, recipe_imatrix_job, run_imatrix
+
+    job = recipe_imatrix_job(recipe, layout)
+    opts = ImatrixOptions()
+    # A matrix holds one float per input column of each weight: a few MB for a 7B model.
+    return Step("imatrix", "imatrix", layout.imatrix, layout.key(layout.imatrix), 64 << 20,
+                lambda p: run_imatrix(job, options.calibration, opts, progress=p),
+                lambda: imatrix_fingerprint(job, options.calibration, opts),
+                (job.model,))
+
+
+def _modelfile_steps(recipe: Recipe, variants: tuple[Variant, ...], layout: BuildLayout,
+                     build_root: Path | None) -> list[Step]:
+    """One step writing the Modelfiles of the recipe's Ollama tags for the built variants."""
+    from mathq.modelfile.stage import modelfiles_fingerprint, write_modelfiles
+
+    # Tags name plain types: an imatrix variant is measured, not published under a tag.
+    names = {v.name for v in variants}
+    tags = tuple(tag for tag, quant in recipe.ollama.tags if get_quant(quant).name in names)
+    if not tags:
+        return []
+    return [Step("modelfiles", "modelfile", layout.modelfiles_dir, layout.key(
+        layout.modelfiles_dir), 0,
+        lambda p: write_modelfiles(recipe, None, build_root, tags, p),
+        lambda: modelfiles_fingerprint(recipe, tags))]
+
+
+def _measure_steps(recipe: Recipe, options: BuildOptions, variants: tuple[Variant, ...],
+                   layout: BuildLayout, build_root: Path | None) -> list[Step]:
+    """Smoke tests, speed, KL divergence and the report, each with its stage's fingerprint."""
+    from mathq.datasets.corpus import load_corpus
+    from mathq.evaluate.backends.base import BackendSpec
+    from mathq.evaluate.bench import BenchOptions
+    from mathq.evaluate.kld.measure import KldOptions
+    from mathq.evaluate.smoke import SmokeOptions
+    from mathq.evaluate.stage import (
+        bench_fingerprint,
+        kld_fingerprint,
+        run_bench,
+        run_kld,
+        select_smoke_problems,
+        smoke_fingerprint,
+        smoke_variant,
+    )
+    from mathq.report.stage import ReportOptions, build_report, report_fingerprint
+
+    # The full-precision model is measured too: it is the reference the report compares
+    # every variant's accuracy with, and its KLD is zero by definition.
+    names = list(dict.fromkeys(["BF16", *(v.name for v in variants)]))
+    steps: list[Step] = []
+    if not options.skip_smoke:
+        # Results of an interrupted run of the same GGUF are resumed; results of a GGUF
+        # that has since been rebuilt are discarded.
+        smoke = SmokeOptions(n=options.n, restart_if_changed=True,
+                             backend=BackendSpec(parallel=options.parallel))
+        for q in names:
+            steps.append(Step(
+                f"smoke {q}", "smoke", layout.smoke_summary(q),
+                layout.key(layout.smoke_summary(q)), 1 << 20,
+                lambda p, q=q: smoke_variant(recipe, q, select_smoke_problems(recipe, smoke, p),
+                                             layout, smoke, p),
+                lambda q=q: smoke_fingerprint(recipe, q, smoke, layout), (layout.gguf(q),)))
+    bench = BenchOptions()
+    for q in names:
+        steps.append(Step(
+            f"bench {q}", "bench", layout.bench_summary(q), layout.key(layout.bench_summary(q)),
+            0, lambda p, q=q: run_bench(recipe, [q], bench, build_root, p),
+            lambda q=q: bench_fingerprint(layout, q, bench), (layout.gguf(q),)))
+    kld = KldOptions()
+    for q in names:
+        if q == kld.reference:
+            continue
+        steps.append(Step(
+            f"kld {q}", "kld", layout.kld_summary(q), layout.key(layout.kld_summary(q)),
+            0, lambda p, q=q: run_kld(recipe.path, (q,), kld, build_root, p),
+            lambda q=q: kld_fingerprint(layout, q, kld, load_corpus(kld.corpus)),
+            (layout.gguf(q), layout.gguf(kld.reference))))
+    report = layout.report_dir / "report.html"
+    steps.append(Step(
+        "report", "report", report, layout.key(report), 0,
+        lambda p: build_report(recipe.path, ReportOptions(), build_root, p),
+        lambda: report_fingerprint(recipe, layout), tuple(s.artifact for s in steps)))
+    return steps
+
+
+def _hub_plan(recipe: Recipe, layout: BuildLayout) -> CheckpointPlan | None:
+    """The checkpoint's sizes from the Hub's file list, so a plan made before the download
+    has sizes; None offline or when the Hub cannot be asked (the download step will say
+    why, with its own error)."""
+    from mathq.download.fetch import plan_download
+    from mathq.download.stage import request_for_recipe
+
+    if os.environ.get("HF_HUB_OFFLINE"):
+        return None
+    try:
+        return plan_download(request_for_recipe(recipe), layout.hf_dir)
+    except MathqError:
+        return None
+
+
+def _offline_download_fingerprint(layout: BuildLayout) -> Fingerprint | None:
+    if not os.environ.get("HF_HUB_OFFLINE"):
+        return None
+    record = Manifest(layout.manifest).get("hf")
+    return (record.inputs, record.settings) if record else None
+
+
+def default_options(recipe: Recipe, quants: str | None) -> BuildOptions:
+    """The recipe's variants, or the ``--quant`` list."""
+    from mathq.recipes.quants import parse_quant_list
+
+    chosen = (parse_quant_list(quants) if quants
+              else tuple(get_quant(q) for q in recipe.quants.variants))
+    return BuildOptions(quants=chosen)

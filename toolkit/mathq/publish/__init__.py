@@ -1,0 +1,1 @@
+"""Stage 7, publish: Ollama tags and Hugging Face GGUF repos with a model card."""

@@ -1,0 +1,173 @@
+"""What ``publish`` sends, whichever the destination: the tags' GGUF files, checked and hashed.
+
+Both destinations (an Ollama server and its registry, a Hugging Face repo) start here: the
+names are checked against the registry's rules before any request, each selected tag's GGUF
+must exist in the build folder and hold the quantization its tag promises, and each file's
+SHA-256 comes from the build's digest cache (:mod:`mathq.publish.plan`), so a rerun does not read
+multi-GB files again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mathq.convert.gguf_info import read_gguf_header
+from mathq.errors import GGUFError, InputFileError, InvalidNameError
+from mathq.fsutil import write_text_atomic
+from mathq.layout import BuildLayout
+from mathq.modelfile.write import select_tags
+from mathq.progress import Progress, ProgressCallback, no_progress
+from mathq.recipes.recipe import Recipe, bundled_recipes_dir, name_problem
+
+
+@dataclass(frozen=True)
+class GGUFFile:
+    """One GGUF to publish: where it is, what it holds, and the tags that use it."""
+
+    quant: str
+    path: Path
+    size: int
+    sha256: str
+    bits_per_weight: float
+    n_params: int
+    tags: tuple[str, ...]
+
+
+def check_names(tags: Sequence[str] = (), namespace: str | None = None) -> None:
+    """Refuse a namespace or tag that Ollama's naming rules reject, before anything is sent."""
+    if namespace is not None and (problem := name_problem(namespace, "namespace")):
+        raise InvalidNameError(problem, "Ollama names are 1-80 letters, digits, '_', '.', '-'")
+    for tag in tags:
+        if problem := name_problem(tag, "tag"):
+            raise InvalidNameError(problem, "Ollama names are 1-80 letters, digits, '_', '.', '-'")
+
+
+def recipe_ref(recipe: Recipe) -> str:
+    """How a command line names this recipe: its name if bundled, else its path."""
+    bundled = bundled_recipes_dir().resolve()
+    return recipe.name if recipe.path.resolve().parent == bundled else str(recipe.path)
+
+
+def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None = None,
+              progress: ProgressCallback = no_progress) -> tuple[list[tuple[str, str]],
+                                                                   dict[str, GGUFFile]]:
+    """The ``(tag, quant)`` pairs to publish and each quant's checked, hashed GGUF.
+
+    Raises InvalidNameError (a tag name Ollama refuses), RecipeError (a tag the recipe does
+    not have), InputFileError (a GGUF not built yet) and GGUFError (a GGUF that holds another
+    quantization than its name says).
+    """
+    check_names(tags)
+    pairs = select_tags(recipe, tags)
+    layout = BuildLayout.for_model(recipe.name, build_root)
+    files: dict[str, GGUFFile] = {}
+    quants = list(dict.fromkeys(q for _, q in pairs))
+    for quant in quants:  # check every file before hashing any
+        path = layout.gguf(quant)
+        if not path.is_file():
+            raise InputFileError(f"{path} not found",
+                                 f"make it with `mathq quantize {recipe_ref(recipe)} -Q {quant}`")
+    for quant in quants:
+        path = layout.gguf(quant)
+        summary = read_gguf_header(path).summary
+        if summary.file_type_name != quant:
+            raise GGUFError(f"{path} holds {summary.file_type_name}, not {quant}",
+                            f"rebuild it with `mathq quantize {recipe_ref(recipe)} -Q {quant}`")
+        files[quant] = GGUFFile(
+            quant=quant, path=path, size=summary.size,
+            sha256=sha256_cached(path, layout.digest_cache, progress),
+            bits_per_weight=summary.bits_per_weight, n_params=summary.n_params,
+            tags=tuple(t for t, q in pairs if q == quant))
+    return pairs, files
+
+
+class PublishState:
+    """``publish.json``: what was created and pushed where, read and written whole.
+
+    Entries live under a destination kind and address (``ollama`` / base URL) and a name
+    (``ns/model:tag``). A rerun trusts an entry only together with the server's own answer
+    (the model still exists), so a stale file costs a redundant request, never a skipped one.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.data: dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(self.data, dict):
+                self.data = {}
+        except (OSError, ValueError):
+            self.data = {}
+
+    def get(self, kind: str, where: str, name: str) -> dict[str, Any]:
+        """The entry for ``name`` at ``where`` (empty if none)."""
+        return dict(self.data.get(kind, {}).get(where, {}).get(name, {}))
+
+    def put(self, kind: str, where: str, name: str, **fields: Any) -> None:
+        """Update the entry for ``name`` at ``where`` and write the file atomically."""
+        entry = self.data.setdefault(kind, {}).setdefault(where, {}).setdefault(name, {})
+        entry.update(fields)
+        write_text_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True,
+                                                ensure_ascii=False) + "\n")
+
+
+CHUNK = 1 << 22
+
+
+def _key(path: Path, cache: Path) -> str:
+    """The file's name when it sits beside the cache (a build folder can move), else its path."""
+    path = Path(path).absolute()
+    return path.name if path.parent == Path(cache).absolute().parent else str(path)
+
+
+def _load(cache: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(cache).read_text(encoding="utf-8"))
+        return dict(data["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # a missing or damaged cache only costs a rehash
+
+
+def _save(cache: Path, entries: dict[str, Any]) -> None:
+    write_text_atomic(Path(cache), json.dumps({"files": entries}, indent=1, sort_keys=True) + "\n")
+
+
+def sha256_cached(path: Path, cache: Path, progress: ProgressCallback = no_progress) -> str:
+    """Hex SHA-256 of ``path``, from ``cache`` when size and mtime still match, else computed.
+
+    Hashing streams the file in 4 MiB chunks (memory stays flat) and reports ``sha256``
+    progress in bytes.
+    """
+    path = Path(path)
+    st = path.stat()
+    key = _key(path, cache)
+    entries = _load(cache)
+    entry = entries.get(key)
+    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return str(entry["sha256"])
+    h = hashlib.sha256()
+    done = 0
+    progress(Progress("sha256", 0, st.st_size, "B", item=path.name))
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+            done += len(block)
+            progress(Progress("sha256", done, st.st_size, "B", item=path.name))
+    digest = h.hexdigest()
+    after = path.stat()
+    if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+        entries = _load(cache)  # another process may have added entries meanwhile
+        entries[key] = {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        _save(cache, entries)
+    return digest
+
+
+def forget(path: Path, cache: Path) -> None:
+    """Drop ``path``'s entry, so the next :func:`sha256_cached` reads the file again."""
+    entries = _load(cache)
+    if entries.pop(_key(path, cache), None) is not None:
+        _save(cache, entries)

@@ -1,0 +1,1 @@
+"""Stage 3, quantize: llama.cpp's quantizer, importance matrices and their calibration text."""

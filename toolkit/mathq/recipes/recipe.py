@@ -1,0 +1,331 @@
+"""Recipes: one TOML file per model, loaded into frozen dataclasses and validated.
+
+A recipe says where a model comes from (Hugging Face repo and revision, or a local folder),
+how to prompt it, which quantized variants to make, which Ollama tags to publish and how to
+smoke-test it. Bundled recipes live in the repository's ``recipes/`` folder (shipped inside
+the wheel as ``mathq/_recipes``); a user's own TOML file can be given by path. Every error
+names the file and the field, and unknown keys are refused so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mathq.errors import RecipeError
+from mathq.recipes.prompt import COT_SUFFIXES as _COT_SUFFIX_TEXTS
+from mathq.recipes.prompt import PROMPT_FORMATS, PromptSpec
+from mathq.recipes.prompt import SYSTEM_PROMPT_POLICIES as SYSTEM_PROMPT_POLICIES
+from mathq.recipes.quants import UnknownQuantError, get_quant, parse_variant_list
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+MODEL_KINDS = ("base", "chat")
+# Prompt choices come from the prompt module, where their exact text is defined.
+PROMPT_TEMPLATES = tuple(PROMPT_FORMATS)
+COT_SUFFIXES = tuple(_COT_SUFFIX_TEXTS)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where the checkpoint comes from and what it is."""
+
+    name: str
+    kind: str
+    license_name: str
+    license_url: str
+    hf_repo: str | None = None
+    revision: str = "main"
+    local_dir: Path | None = None
+    pre_tokenizer: str | None = None
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Which variants a build makes, and which one is the default."""
+
+    variants: tuple[str, ...]
+    default: str
+
+
+@dataclass(frozen=True)
+class OllamaSpec:
+    """The Ollama model name, its tags (tag -> quant type) and Modelfile parameters."""
+
+    model: str
+    tags: tuple[tuple[str, str], ...]
+    parameters: tuple[tuple[str, Any], ...]
+
+    def tag_map(self) -> dict[str, str]:
+        """Tags in recipe order, each mapped to its quant type name."""
+        return dict(self.tags)
+
+
+@dataclass(frozen=True)
+class SmokeSpec:
+    """The default smoke test and the published figure it is compared with.
+
+    ``suite`` is a suite name (``math500``) or an absolute path to a JSONL problem file
+    (a recipe names it relative to itself).
+    """
+
+    suite: str
+    n: int
+    max_tokens: int
+    reference_accuracy: float | None
+    reference_source: str
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole recipe, with the file it came from."""
+
+    path: Path
+    model: ModelSpec
+    prompt: PromptSpec
+    quants: QuantSpec
+    ollama: OllamaSpec
+    smoke: SmokeSpec
+
+    @property
+    def name(self) -> str:
+        """The model name, used for file names and the build folder."""
+        return self.model.name
+
+    def variant_names(self, quant_list: str | None = None) -> tuple[str, ...]:
+        """The variants a command works on: ``quant_list`` (comma-separated names such as
+        ``Q4_K_M,Q4_K_M-imat``, checked against llama.cpp's types) or, when it is empty, the
+        recipe's own ``[quants] variants``."""
+        if quant_list:
+            return tuple(v.name for v in parse_variant_list(quant_list))
+        return tuple(self.quants.variants)
+
+
+def bundled_recipes_dir() -> Path:
+    """The folder of bundled recipes: in the wheel, or the repository checkout."""
+    package = Path(__file__).resolve().parent.parent
+    packaged = package / "_recipes"
+    return packaged if packaged.is_dir() else package.parent.parent / "recipes"
+
+
+def bundled_recipe_names() -> list[str]:
+    """Names of the bundled recipes, sorted."""
+    return sorted(p.stem for p in bundled_recipes_dir().glob("*.toml"))
+
+
+def resolve_recipe_path(ref: str | Path) -> Path:
+    """Turn a recipe name or a path into an existing TOML file, or raise RecipeError."""
+    text = str(ref)
+    as_path = Path(text).expanduser()
+    if text.endswith(".toml") or "/" in text or as_path.exists():
+        if not as_path.is_file():
+            raise RecipeError(f"recipe file {text} not found",
+                              "give an existing .toml path or a name from `mathq recipes`",
+                              path=text)
+        return as_path
+    candidate = bundled_recipes_dir() / f"{text}.toml"
+    if candidate.is_file():
+        return candidate
+    names = bundled_recipe_names()
+    close = difflib.get_close_matches(text, names, n=1)
+    hint = f"did you mean {close[0]}?" if close else "run `mathq recipes` for the list"
+    raise RecipeError(f"no recipe named {text!r}", hint)
+
+
+def load_recipe(ref: str | Path) -> Recipe:
+    """Load and validate a recipe by bundled name or by path."""
+    path = resolve_recipe_path(ref)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML: {e}", "fix the syntax", path=str(path)) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot read: {e}", "check the file", path=str(path)) from e
+    return parse_recipe(data, path)
+
+
+class _Table:
+    """Typed, field-naming access to one TOML table, refusing keys nobody read."""
+
+    def __init__(self, data: Any, path: Path, name: str) -> None:
+        self.path, self.name = path, name
+        if not isinstance(data, dict):
+            self.fail(None, f"expected a table [{name}]")
+        self.data: dict[str, Any] = data
+        self.read: set[str] = set()
+
+    def fail(self, key: str | None, problem: str, hint: str | None = None) -> None:
+        field = f"{self.name}.{key}" if key else self.name
+        raise RecipeError(f"{self.path}: [{field}] {problem}", hint or "fix the recipe",
+                          path=str(self.path), field=field)
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        self.read.add(key)
+        if key not in self.data:
+            if default is ...:
+                self.fail(key, "is required")
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            self.fail(key, f"expected {kinds[0].__name__}, got a boolean")
+        if not isinstance(value, kinds):
+            self.fail(key, f"expected {kinds[0].__name__}, got {type(value).__name__}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> str:
+        value = self.get(key, str, default)
+        if value not in choices:
+            self.fail(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def quant(self, key: str, value: str) -> str:
+        try:
+            return get_quant(value).name
+        except UnknownQuantError as e:
+            self.fail(key, e.message, e.hint)
+            raise AssertionError("unreachable") from e
+
+    def finish(self) -> None:
+        extra = sorted(set(self.data) - self.read)
+        if extra:
+            self.fail(extra[0], "is not a recipe field",
+                      "check the spelling against `mathq recipes show deepseek-math-7b-rl`")
+
+
+def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
+    """Validate parsed TOML ``data`` from ``path`` into a :class:`Recipe`."""
+    top = _Table(data, path, "recipe")
+    model = _parse_model(_Table(top.get("model", dict), path, "model"))
+    prompt = _parse_prompt(_Table(top.get("prompt", dict), path, "prompt"), model.kind)
+    quants = _parse_quants(_Table(top.get("quants", dict), path, "quants"))
+    ollama = _parse_ollama(_Table(top.get("ollama", dict), path, "ollama"), quants)
+    smoke = _parse_smoke(_Table(top.get("smoke", dict), path, "smoke"))
+    top.finish()
+    return Recipe(path=path, model=model, prompt=prompt, quants=quants, ollama=ollama,
+                  smoke=smoke)
+
+
+def _parse_model(t: _Table) -> ModelSpec:
+    name = t.get("name", str)
+    if problem := name_problem(name, "model name"):
+        t.fail("name", problem)
+    hf_repo = t.get("hf_repo", str, None)
+    local = t.get("local_dir", str, None)
+    if (hf_repo is None) == (local is None):
+        t.fail("hf_repo", "give exactly one of hf_repo (a Hub repo id) or local_dir (a folder)")
+    if hf_repo is not None and hf_repo.count("/") != 1:
+        t.fail("hf_repo", f"expected 'owner/name', got {hf_repo!r}")
+    local_dir = (t.path.parent / local).resolve() if local is not None else None
+    spec = ModelSpec(
+        name=name,
+        kind=t.choice("kind", MODEL_KINDS),
+        license_name=t.get("license_name", str),
+        license_url=t.get("license_url", str),
+        hf_repo=hf_repo,
+        revision=t.get("revision", str, "main"),
+        local_dir=local_dir,
+        pre_tokenizer=t.get("pre_tokenizer", str, None),
+    )
+    t.finish()
+    return spec
+
+
+def _parse_prompt(t: _Table, kind: str) -> PromptSpec:
+    spec = PromptSpec(
+        template=t.choice("template", PROMPT_TEMPLATES),
+        cot_suffix=t.choice("cot_suffix", COT_SUFFIXES, "en"),
+        append_cot_suffix=t.get("append_cot_suffix", bool, kind == "chat"),
+        system_prompt=t.choice("system_prompt", SYSTEM_PROMPT_POLICIES, "none"),
+        few_shot=t.get("few_shot", int, 0),
+    )
+    if spec.few_shot < 0:
+        t.fail("few_shot", "must be 0 or more")
+    if spec.template == "few-shot" and spec.few_shot == 0:
+        t.fail("few_shot", "the few-shot template needs few_shot > 0 (MATH uses 4)")
+    t.finish()
+    return spec
+
+
+def _parse_quants(t: _Table) -> QuantSpec:
+    variants = t.get("variants", list)
+    if not variants:
+        t.fail("variants", "must list at least one quantization type")
+    names = []
+    for i, v in enumerate(variants):
+        if not isinstance(v, str):
+            t.fail(f"variants[{i}]", f"expected a string, got {type(v).__name__}")
+        names.append(t.quant(f"variants[{i}]", v))
+    default = t.quant("default", t.get("default", str, "Q4_K_M"))
+    t.finish()
+    return QuantSpec(variants=tuple(dict.fromkeys(names)), default=default)
+
+
+def _parse_ollama(t: _Table, quants: QuantSpec) -> OllamaSpec:
+    model = t.get("model", str)
+    if problem := name_problem(model, "model name"):
+        t.fail("model", problem)
+    tags = _Table(t.get("tags", dict), t.path, "ollama.tags")
+    tag_pairs = []
+    for tag, quant in tags.data.items():
+        tags.read.add(tag)
+        if problem := name_problem(tag, "tag"):
+            tags.fail(tag, problem)
+        if not isinstance(quant, str):
+            tags.fail(tag, f"expected a quant type name, got {type(quant).__name__}")
+        tag_pairs.append((tag, tags.quant(tag, quant)))
+    if not tag_pairs:
+        tags.fail(None, "must map at least one tag to a quant type, e.g. latest = \"Q4_K_M\"")
+    params = t.get("parameters", dict, {})
+    for key, value in params.items():
+        ok = isinstance(value, (str, int, float)) or (
+            isinstance(value, list) and all(isinstance(v, str) for v in value))
+        if not ok:
+            t.fail(f"parameters.{key}", "expected a number, string, boolean or list of strings")
+    t.finish()
+    return OllamaSpec(model=model, tags=tuple(tag_pairs), parameters=tuple(params.items()))
+
+
+def _parse_smoke(t: _Table) -> SmokeSpec:
+    suite = t.get("suite", str, "math500")
+    if suite.endswith(".jsonl"):  # a local problem file, relative to the recipe
+        suite = str((t.path.parent / suite).resolve())
+    spec = SmokeSpec(
+        suite=suite,
+        n=t.get("n", int, 100),
+        max_tokens=t.get("max_tokens", int, 1024),
+        reference_accuracy=t.get("reference_accuracy", (float, int), None),
+        reference_source=t.get("reference_source", str, ""),
+    )
+    if spec.n <= 0:
+        t.fail("n", "must be at least 1")
+    if spec.max_tokens <= 0:
+        t.fail("max_tokens", "must be at least 1")
+    if spec.reference_accuracy is not None and not 0 <= spec.reference_accuracy <= 100:
+        t.fail("reference_accuracy", "is a percentage between 0 and 100")
+    t.finish()
+    return spec
+
+
+_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,79}")
+
+
+def name_problem(value: str, what: str = "tag") -> str | None:
+    """Why ``value`` is not a valid Ollama ``what`` (tag, model, namespace), or None if it is."""
+    if _PART.fullmatch(value):
+        return None
+    if not value:
+        return f"empty {what}"
+    if len(value) > 80:
+        return f"{what} {value!r} is {len(value)} characters; Ollama allows at most 80"
+    if not re.match(r"[A-Za-z0-9_]", value):
+        return f"{what} {value!r} must start with a letter, digit or '_'"
+    bad = sorted({c for c in value if not re.match(r"[A-Za-z0-9_.-]", c)})
+    return f"{what} {value!r} contains {''.join(bad)!r}; use only letters, digits, '_', '.', '-'"

@@ -1,0 +1,108 @@
+"""Write a recipe's report: report.md, report.html, report.json and the plots, atomically.
+
+Reads only the summaries in the build folder (and GGUF headers for sizes), so it runs in
+seconds and can be rerun after any stage; every file is written under a temporary name and
+renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mathq import __version__
+from mathq.fsutil import to_jsonable, write_text_atomic
+from mathq.layout import BuildLayout
+from mathq.manifest import Fingerprint, Manifest
+from mathq.progress import Progress, ProgressCallback, no_progress
+from mathq.recipes.recipe import Recipe, load_recipe
+from mathq.report.advice import DEFAULT_KLD_BOUND, Advice, advise
+from mathq.report.html import render_html
+from mathq.report.markdown import render_markdown
+from mathq.report.plots import Plot, write_plots
+from mathq.report.table import ReportData, collect, report_inputs
+
+REPORT_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """Where to write (default: the build folder's report/) and the advice's KLD bound."""
+
+    out_dir: Path | None = None
+    kld_bound: float = DEFAULT_KLD_BOUND
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """The files written, the advice and the table they came from."""
+
+    markdown: Path
+    html: Path
+    json: Path
+    plots: tuple[Plot, ...]
+    advice: Advice
+    data: ReportData
+
+
+def report_json(data: ReportData, advice: Advice, plots: tuple[Plot, ...]) -> dict[str, Any]:
+    """report.json's content: the table model with every figure, missing ones as null."""
+    rows = []
+    for r in data.rows:
+        row = to_jsonable(r)
+        row["gib"] = round(r.size_bytes / 2**30, 6) if r.size_bytes is not None else None
+        rows.append(row)
+    return {
+        "schema": REPORT_SCHEMA, "generator": f"mathq {__version__}",
+        "model": data.model, "recipe": data.recipe,
+        "advice": {"quant": advice.quant, "text": advice.text, "kld_bound": advice.kld_bound,
+                   "accuracy_reference": advice.accuracy_reference},
+        "accuracy_reference": data.accuracy_reference,
+        "paper": {"accuracy": data.paper_accuracy, "source": data.paper_source},
+        "smoke": {"suite": data.smoke_suite, "n": data.smoke_n},
+        "kld": {"reference": data.kld_reference, "corpus": data.kld_corpus,
+                "positions": data.kld_positions},
+        "bench": {"threads": data.bench_threads},
+        "rows": rows,
+        "imatrix_comparisons": [{**to_jsonable(c), "kld_change_pct": c.kld_change_pct,
+                                 "accuracy_change_pp": c.accuracy_change_pp}
+                                for c in data.imatrix_comparisons],
+        "plots": {p.name: {"png": p.png.name, "svg": p.svg.name, "points": p.points}
+                  for p in plots},
+        "sources": data.sources,
+    }
+
+
+def report_fingerprint(recipe: Recipe, layout: BuildLayout) -> Fingerprint:
+    """What the build folder's report is made from: the recipe, every summary and GGUF
+    it reads, and the mathq that renders them."""
+    return report_inputs(recipe, layout), {"mathq": __version__}
+
+
+def build_report(recipe_ref: str | Path, options: ReportOptions = ReportOptions(),
+                 build_root: Path | None = None,
+                 progress: ProgressCallback = no_progress) -> ReportResult:
+    """Gather the build folder's summaries and write every report file."""
+    recipe = load_recipe(recipe_ref)
+    layout = BuildLayout.for_model(recipe.name, build_root)
+    out = options.out_dir or layout.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    steps = ("summaries", "plots", "pages")
+    progress(Progress("report", 0, len(steps), "steps", item=steps[0]))
+    data = collect(recipe, layout)
+    advice = advise(data, options.kld_bound)
+    progress(Progress("report", 1, len(steps), "steps", item=steps[1]))
+    plots = write_plots(data, out, options.kld_bound)
+    progress(Progress("report", 2, len(steps), "steps", item=steps[2]))
+    md, html, js = out / "report.md", out / "report.html", out / "report.json"
+    write_text_atomic(md, render_markdown(data, advice, plots))
+    write_text_atomic(html, render_html(data, advice, plots))
+    write_text_atomic(js, json.dumps(report_json(data, advice, plots), indent=2,
+                                     ensure_ascii=False) + "\n")
+    if options.out_dir is None:
+        fingerprint = report_fingerprint(recipe, layout)
+        Manifest(layout.manifest).record(layout.key(html), "report", *fingerprint)
+    progress(Progress("report", 3, len(steps), "steps"))
+    return ReportResult(md, html, js, plots, advice, data)
