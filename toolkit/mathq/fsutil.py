@@ -2,7 +2,9 @@
 
 An artifact is always written under a temporary name in its final folder and renamed into
 place only when complete and verified, so a killed process never leaves a file that a later
-run could take for a finished one.
+run could take for a finished one. Also here: the exclusive locks on folders two
+processes must not write at once, human-readable sizes, and the plain-JSON view of result
+dataclasses that ``--json`` output and JSON artifacts share.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 ``Llama.create_completion`` does, token bytes, end of generation); :class:`Context` is one
 llama.cpp context for several sequences, with a reusable batch filled through NumPy views. The
 smoke engine (:mod:`mathq.llama.engine`) and the bench stage (:mod:`mathq.evaluate.bench`) both run
-on these, so they decode with the same settings.
+on these, so they decode with the same settings. llama.cpp's own log is captured here too
+(:func:`capture_llama_log`), so its errors become messages and never reach the terminal.
 """
 
 from __future__ import annotations

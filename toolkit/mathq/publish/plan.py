@@ -3,8 +3,8 @@
 Both destinations (an Ollama server and its registry, a Hugging Face repo) start here: the
 names are checked against the registry's rules before any request, each selected tag's GGUF
 must exist in the build folder and hold the quantization its tag promises, and each file's
-SHA-256 comes from the build's digest cache (:mod:`mathq.publish.plan`), so a rerun does not read
-multi-GB files again.
+SHA-256 comes from the build's digest cache (``digests.json``, kept at the end of this
+module), so a rerun does not read multi-GB files again.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""The quantize stage: which BF16 file a command means, and recording what was made.
+"""The quantize stage's build steps: quantized variants and the importance matrix.
 
-:mod:`mathq.quantize.core` quantizes one file; this module resolves ``RECIPE|GGUF`` into an input
-and output names, runs several variants, and records each in the build manifest when the input is a
-recipe's build folder. A variant quantized with an importance matrix is named ``<QUANT>-imat``
+Both steps resolve ``RECIPE|GGUF`` into an input file and output names and record what they
+made in the build manifest (with the fingerprint ``build`` compares) when the input is a
+recipe's build folder.
+
+:mod:`mathq.quantize.core` quantizes one file and :mod:`mathq.quantize.imatrix` computes a
+matrix; this module runs several variants and the recipe's matrix step. A variant quantized with an importance matrix is named ``<QUANT>-imat``
 (:class:`mathq.recipes.quants.Variant`), so it never takes the plain variant's place.
 """
 

@@ -5,6 +5,7 @@ how to prompt it, which quantized variants to make, which Ollama tags to publish
 smoke-test it. Bundled recipes live in the repository's ``recipes/`` folder (shipped inside
 the wheel as ``mathq/_recipes``); a user's own TOML file can be given by path. Every error
 names the file and the field, and unknown keys are refused so a typo never passes silently.
+Ollama's naming rules (:func:`name_problem`) live here too: a recipe's tags must obey them.
 """
 
 from __future__ import annotations
