@@ -5,8 +5,9 @@ made in the build manifest (with the fingerprint ``build`` compares) when the in
 recipe's build folder.
 
 :mod:`mathq.quantize.core` quantizes one file and :mod:`mathq.quantize.imatrix` computes a
-matrix; this module runs several variants and the recipe's matrix step. A variant quantized with an importance matrix is named ``<QUANT>-imat``
-(:class:`mathq.recipes.quants.Variant`), so it never takes the plain variant's place.
+matrix; this module runs several variants and the recipe's matrix step. A variant quantized
+with an importance matrix is named ``<QUANT>-imat`` (:class:`mathq.recipes.quants.Variant`),
+so it never takes the plain variant's place.
 """
 
 from __future__ import annotations
