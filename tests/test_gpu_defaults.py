@@ -352,3 +352,38 @@ def test_smoke_library_default_backend_is_unchanged(tiny_bf16_gguf: Path) -> Non
 def test_parallel_option_is_checked(value: str, message: str) -> None:
     out = run("smoke", RECIPE, "--parallel", value, code=2).output
     assert message in out
+
+
+# --- --ignore-eos: fixed-length answers for speed measurements ------------------------------
+
+def test_ignore_eos_never_picks_an_end_token(tiny_bf16_gguf: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the greedy first token of a prompt an end-of-generation token: a plain run
+    stops at once, an --ignore-eos run goes on to its limit without ever choosing it."""
+    (request,) = _requests(1)
+    with BatchEngine(tiny_bf16_gguf, EngineOptions(threads=1)) as e:
+        first = next(iter(e.generate([request]))).tokens[0]
+    real = LlamaModel.is_eog
+    monkeypatch.setattr(LlamaModel, "is_eog", lambda self, t: t == first or real(self, t))
+    with BatchEngine(tiny_bf16_gguf, EngineOptions(threads=1)) as e:
+        (stopped,) = e.generate([request])
+    assert stopped.tokens == () and stopped.finish_reason == "stop"
+    with BatchEngine(tiny_bf16_gguf, EngineOptions(threads=1, ignore_eos=True)) as e:
+        assert first in e._banned.tolist()
+        (full,) = e.generate([request])
+    assert len(full.tokens) == request.max_tokens and full.finish_reason == "length"
+    assert first not in full.tokens
+
+
+def test_smoke_ignore_eos_drops_stop_strings(tiny_bf16_gguf: Path) -> None:
+    layout = BuildLayout.for_model(RECIPE, Path(os.environ["MATHQ_BUILD_DIR"]))
+    layout.root.mkdir(parents=True)
+    layout.gguf("BF16").symlink_to(tiny_bf16_gguf)
+    run("smoke", RECIPE, "-Q", "BF16", "--suite", PROBLEMS, "--n", "2", "--max-tokens", "5",
+        "--threads", "1", "--ignore-eos")
+    settings = json.loads(layout.smoke_settings("BF16").read_text())
+    assert settings["ignore_eos"] is True and settings["stop"] == []
+    rows = [json.loads(x) for x in layout.smoke_results("BF16").read_text().splitlines()]
+    assert [r["completion_tokens"] for r in rows] == [5, 5]
+    out = run("smoke", RECIPE, "--ignore-eos", "--endpoint", "http://127.0.0.1:9", code=2)
+    assert "--ignore-eos is for llama.cpp in process" in out.output

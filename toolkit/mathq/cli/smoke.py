@@ -59,6 +59,10 @@ def _pct(r: Rate) -> str:
 @click.option("--grade-timeout", "grade_timeout_s", type=click.FloatRange(min=0.1),
               default=DEFAULT_TIMEOUT_S, show_default=True,
               help="Seconds one answer comparison may take (an overrun counts as wrong).")
+@click.option("--ignore-eos", is_flag=True,
+              help="Generate exactly --max-tokens tokens per answer, never stopping at EOS "
+                   "or a stop string (llama.cpp's --ignore-eos): for speed measurements on "
+                   "models with random weights; accuracy is then meaningless.")
 @click.option("--restart", is_flag=True,
               help="Discard earlier results of these variants instead of resuming them.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -70,7 +74,7 @@ def smoke(recipe: str, quant_list: str | None, suite: str | None, n: int | None,
           subjects: tuple[str, ...], levels: tuple[int, ...], max_tokens: int | None,
           parallel: int, threads: int, gpu_layers: int | None, ollama_url: str | None,
           endpoints: tuple[str, ...], served_model: str | None, timeout_s: float,
-          grade_timeout_s: float, restart: bool, out_dir: Path | None,
+          grade_timeout_s: float, ignore_eos: bool, restart: bool, out_dir: Path | None,
           build_dir: Path | None, quiet: bool, as_json: bool) -> None:
     """Smoke-test variants on MATH: greedy answers, graded, with accuracy and speed.
 
@@ -102,10 +106,12 @@ def smoke(recipe: str, quant_list: str | None, suite: str | None, n: int | None,
         raise click.UsageError("--ollama and --endpoint are different backends; give one")
     if gpu_layers is not None and (ollama_url or endpoints):
         raise click.UsageError("--gpu-layers is for llama.cpp in process; a server has its own")
+    if ignore_eos and (ollama_url or endpoints):
+        raise click.UsageError("--ignore-eos is for llama.cpp in process")
     kind = "ollama" if ollama_url else "openai" if endpoints else "llama"
     spec = BackendSpec(kind=kind, urls=(ollama_url,) if ollama_url else endpoints,
                        model=served_model, parallel=parallel, threads=threads,
-                       gpu_layers=gpu_layers, timeout_s=timeout_s)
+                       gpu_layers=gpu_layers, timeout_s=timeout_s, ignore_eos=ignore_eos)
     rec = load_recipe(recipe)
     quants = list(rec.variant_names(quant_list))
     options = SmokeOptions(suite=suite, n=n, seed=seed, subjects=subjects, levels=levels,

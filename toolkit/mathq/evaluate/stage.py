@@ -123,12 +123,14 @@ def smoke_fingerprint(recipe: Recipe, quant: str, options: SmokeOptions,
     gguf = layout.gguf(quant)
     if options.backend.kind != "llama" or options.out_dir is not None or not gguf.is_file():
         return None
-    return ({"gguf": file_identity(gguf)},
-            {"suite": options.suite or recipe.smoke.suite,
-             "n": recipe.smoke.n if options.n is None else options.n, "seed": options.seed,
-             "subjects": list(options.subjects), "levels": list(options.levels),
-             "max_tokens": options.max_tokens or recipe.smoke.max_tokens,
-             "prompt": dataclasses.asdict(recipe.prompt)})
+    settings = {"suite": options.suite or recipe.smoke.suite,
+                "n": recipe.smoke.n if options.n is None else options.n, "seed": options.seed,
+                "subjects": list(options.subjects), "levels": list(options.levels),
+                "max_tokens": options.max_tokens or recipe.smoke.max_tokens,
+                "prompt": dataclasses.asdict(recipe.prompt)}
+    if options.backend.ignore_eos:  # only when set, so earlier records stay current
+        settings["ignore_eos"] = True
+    return {"gguf": file_identity(gguf)}, settings
 
 
 def select_smoke_problems(recipe: Recipe, options: SmokeOptions,
@@ -161,7 +163,7 @@ def smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: Buil
         raise InputFileError(f"no {quant} GGUF at {gguf}",
                              f"make it first: mathq quantize {recipe.name} --quant {quant}")
     ollama_model = ollama_model_name(recipe, quant, spec.model) if spec.kind == "ollama" else None
-    stops = stop_strings(recipe.prompt)
+    stops = () if spec.ignore_eos else stop_strings(recipe.prompt)
     few_shot = recipe.prompt.template == "few-shot"
 
     fingerprint = smoke_fingerprint(recipe, quant, options, layout)
@@ -178,6 +180,8 @@ def smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: Buil
             settings = {"backend": spec.kind, **_target(recipe, quant, spec, gguf, backend),
                         "prompt": dataclasses.asdict(recipe.prompt), "max_tokens": max_tokens,
                         "stop": list(stops), "problems": problems.source}
+            if spec.ignore_eos:
+                settings["ignore_eos"] = True
             conflict = _settings_conflict(paths.settings, settings) if done else None
             if conflict is not None and not options.restart_if_changed:
                 raise conflict

@@ -131,6 +131,7 @@ class BatchEngine:
         self.model = LlamaModel(Path(model_path), self.options.gpu_layers)
         self._ctx: Context | None = None
         self.parallel_choice: ParallelChoice | None = None
+        self._banned = self.model.eog_tokens() if self.options.ignore_eos else None
 
     def __enter__(self) -> BatchEngine:
         return self
@@ -234,7 +235,10 @@ class BatchEngine:
                 for i, seq in enumerate(slots):
                     if seq is None or seq.out_index < 0:
                         continue
-                    token = int(np.argmax(ctx.logits(seq.out_index)))
+                    logits = ctx.logits(seq.out_index)
+                    if self._banned is not None:  # --ignore-eos: as a logit bias of -inf
+                        logits[self._banned] = -np.inf
+                    token = int(np.argmax(logits))
                     generated_total += 1
                     result = self._advance(seq, token)
                     if result is not None:

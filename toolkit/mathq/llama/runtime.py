@@ -47,7 +47,9 @@ class EngineOptions:
     ``flash_attn`` None keeps llama.cpp's choice (where the backend supports it).
     ``n_ctx_seq`` 0 sizes each sequence's cache to the longest prompt plus its token limit.
     ``kv_type`` is the ggml type of the KV cache (``q8_0`` halves its memory; None keeps
-    llama.cpp's F16).
+    llama.cpp's F16). ``ignore_eos`` never picks an end-of-generation token (llama.cpp's
+    ``--ignore-eos``): with no stop strings every completion is exactly its token limit
+    long, which speed measurements on random-weight models need.
     """
 
     parallel: int = 8
@@ -58,6 +60,7 @@ class EngineOptions:
     kv_unified: bool = False
     n_ctx_seq: int = 0
     kv_type: str | None = None
+    ignore_eos: bool = False
 
     def n_threads(self, model: LlamaModel | None = None) -> int:
         """Threads for llama.cpp: the option, or the default for where ``model``'s layers
@@ -175,6 +178,10 @@ class LlamaModel:
                 n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
             cached = self._pieces[token] = buf.raw[:max(n, 0)]
         return cached
+
+    def eog_tokens(self) -> np.ndarray:
+        """Every end-of-generation token of the vocabulary (EOS, EOT, ...)."""
+        return np.array([t for t in range(self.n_vocab) if self.is_eog(t)], dtype=np.int64)
 
     def is_eog(self, token: int) -> bool:
         """End of generation (EOS, EOT, ...), as llama.cpp's vocabulary marks it."""
