@@ -141,8 +141,12 @@ def build_llama(runner: Runner, gpu_dir: Path) -> dict[str, Any]:
     key = f"{prep.sha256(sdist)} {args} {sys.version_info[:2]}"
     target = runner.work / "llama"
     stamp = target / ".mathq-build"
-    if stamp.is_file() and stamp.read_text() == key:
-        return {"cmake_args": args, "how": "already built", "seconds": 0.0}
+    try:
+        done = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        done = {}
+    if done.get("key") == key:
+        return {**done["record"], "reused": True}
     src_root, cmake_dir = runner.work / "src", runner.work / "cmake"
     if not (src_root / ".mathq-src").is_file() or \
             (src_root / ".mathq-src").read_text() != key:
@@ -178,12 +182,12 @@ def build_llama(runner: Runner, gpu_dir: Path) -> dict[str, Any]:
             keep_log_tail(runner)
         for wheel in dist.glob("*.whl"):
             prep.unpack_wheel(wheel, tmp)
-    seconds = round(time.monotonic() - started, 1)
-    (tmp / ".mathq-build").write_text(key)
+    record = {"cmake_args": args, "how": "pip" if has_pip() else "PEP 517 hook",
+              "seconds": round(time.monotonic() - started, 1), "jobs": config.jobs}
+    (tmp / ".mathq-build").write_text(json.dumps({"key": key, "record": record}))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-    return {"cmake_args": args, "how": "pip" if has_pip() else "PEP 517 hook",
-            "seconds": seconds, "jobs": config.jobs}
+    return record
 
 
 def keep_log_tail(runner: Runner, limit: int = 1 << 20) -> None:
@@ -230,8 +234,13 @@ def make_checkpoint(runner: Runner) -> dict[str, Any]:
             "fast_random=True)")
     shutil.rmtree(hf, ignore_errors=True)
     runner.child("checkpoint", [sys.executable, "-c", code, str(hf)])
-    params = c.layers * (4 * c.hidden * c.hidden + 3 * c.hidden * c.ffn) + 2 * 102400 * c.hidden
-    return {"dir": str(hf), "bytes": prep.folder_bytes(hf), "parameters": params}
+    return {"dir": str(hf), "bytes": prep.folder_bytes(hf)}
+
+
+def parameters(c: Config) -> int:
+    """Weights of the model: attention and FFN matrices per layer, embeddings, output head
+    (the norms' few thousand left out)."""
+    return c.layers * (4 * c.hidden * c.hidden + 3 * c.hidden * c.ffn) + 2 * 102400 * c.hidden
 
 
 def convert(runner: Runner) -> dict[str, Any]:
@@ -293,7 +302,7 @@ def run_all(args: argparse.Namespace) -> int:
         if build is not None:
             runner.report["build"] = build
     runner.phase("import", check_import, runner)
-    model = runner.report.setdefault("model", {})
+    model = runner.report.setdefault("model", {"parameters": parameters(config)})
     have_bf16 = gguf_path(runner, "BF16").is_file()
     key = config.model_key()
     if not have_bf16:

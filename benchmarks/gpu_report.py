@@ -31,7 +31,7 @@ def headline(report: dict[str, Any]) -> str:
     llama = report.get("llama") or {}
     device = llama.get("device") or "?"
     build = report.get("build") or {}
-    params = ((report.get("model") or {}).get("checkpoint") or {}).get("parameters")
+    params = (report.get("model") or {}).get("parameters")
     how = {"cuda": f"CUDA build for sm_{c.get('arch')}", "cpu": "CPU build",
            "installed": "this interpreter's llama-cpp-python (dry run)"}.get(c.get("llama"), "")
     lines = [f"mathq on {device}: llama-cpp-python {llama.get('llama_cpp', '?')}, {how}",
@@ -40,7 +40,8 @@ def headline(report: dict[str, Any]) -> str:
              f"102400)" + (f", {params / 1e9:.2f} B parameters" if params else "")]
     if build.get("seconds"):
         lines.append(f"build: {build['seconds']:.0f} s with {build.get('jobs')} jobs "
-                     f"({build.get('cmake_args')})")
+                     f"({build.get('cmake_args')})"
+                     + (", in an earlier run" if build.get("reused") else ""))
     return "\n".join(lines)
 
 

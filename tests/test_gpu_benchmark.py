@@ -172,7 +172,7 @@ def test_report_of_a_partial_run() -> None:
                    "bench_reps": 5, "arch": "90", "llama": "cuda"},
         "llama": {"llama_cpp": "0.3.36", "device": "NVIDIA H200"},
         "build": {"seconds": 301.2, "jobs": 16, "cmake_args": "-DGGML_CUDA=on"},
-        "model": {"checkpoint": {"parameters": 2_463_563_776}},
+        "model": {"parameters": gpu.parameters(gpu_runner.Config())},
         "results": {
             "BF16": {"bench": {"file_size": 2 * 1024**3, "gpu_layers": 9,
                                "offloadable_layers": 9, "vram_bytes": 3 * 1024**3,
