@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
+from mathq.cli.common import (
+    build_dir_option,
+    echo_json,
+    gpu_layers_option,
+    json_option,
+    quiet_option,
+    threads_option,
+)
 from mathq.cli.render import progress_for
 from mathq.evaluate.kld import DEFAULT_CTX, REFERENCE_CHOICES
 
@@ -27,14 +34,14 @@ from mathq.evaluate.kld import DEFAULT_CTX, REFERENCE_CHOICES
               help="Tokens per chunk; the second half of each chunk is scored.")
 @click.option("--chunks", type=click.IntRange(min=1), default=None,
               help="Use at most this many chunks (default: the whole corpus).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="CPU threads for llama.cpp; 0 uses every core.")
+@threads_option
+@gpu_layers_option
 @build_dir_option
 @quiet_option
 @json_option
 def kld(recipe: str, quant_list: str | None, reference: str, corpus: Path | None, n_ctx: int,
-        chunks: int | None, threads: int, build_dir: Path | None, quiet: bool,
-        as_json: bool) -> None:
+        chunks: int | None, threads: int, gpu_layers: int | None, build_dir: Path | None,
+        quiet: bool, as_json: bool) -> None:
     """Measure each variant's KL divergence from the full-precision model.
 
     A few hundred MATH problems cannot tell Q6_K from Q8_0; comparing next-token
@@ -58,7 +65,7 @@ def kld(recipe: str, quant_list: str | None, reference: str, corpus: Path | None
     from mathq.evaluate.stage import run_kld
     quants = tuple(quant_list.split(",")) if quant_list else None
     options = KldOptions(reference=reference, corpus=corpus, n_ctx=n_ctx, max_chunks=chunks,
-                         threads=threads)
+                         threads=threads, gpu_layers=gpu_layers)
     run = run_kld(recipe, quants, options, build_dir, progress_for(quiet))
     if as_json:
         echo_json(run)

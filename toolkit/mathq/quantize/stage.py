@@ -224,7 +224,8 @@ def _record_fields(job: ImatrixJob, text: CalibrationText, options: ImatrixOptio
               "text_sha256": text.sha256}
     settings = {**asdict(options), "seed": seed,
                 "format": job.prompt.template if job.prompt else "plain"}
-    settings.pop("threads")  # does not change the result
+    settings.pop("threads")  # neither changes what is measured
+    settings.pop("gpu_layers")
     return inputs, settings
 
 

@@ -70,7 +70,10 @@ class BackendSpec:
     ``urls`` are the OpenAI-compatible endpoints (kind ``openai``) or the Ollama server
     (kind ``ollama``). ``model`` names the served model (an Ollama name without tag, or the
     OpenAI ``model`` field); None means: the recipe's Ollama name, or what ``/v1/models``
-    lists first.
+    lists first. ``parallel`` 0 is ``--parallel auto``: chosen from the free GPU memory in
+    process (:func:`mathq.llama.devices.choose_parallel`), 8 requests in flight per server.
+    ``ignore_eos`` (in process only) generates every answer to its token limit, ignoring
+    EOS and stop strings: for throughput measurements, never for accuracy.
     """
 
     kind: str = "llama"
@@ -80,3 +83,4 @@ class BackendSpec:
     threads: int = 0
     gpu_layers: int | None = None
     timeout_s: float = 600.0
+    ignore_eos: bool = False
