@@ -59,6 +59,18 @@ class DiskSpaceError(MathqError, OSError):
     """Not enough free space for the planned output."""
 
 
+class OutputError(MathqError, OSError):
+    """An output file or folder cannot be written: read-only file system, no permission,
+    disk full. Raised by :func:`mathq.fsutil.output_error`, the one place OS errors on output
+    paths become messages; ``path`` is what could not be written."""
+
+    def __init__(self, message: str, hint: str | None = None, *,
+                 path: str | None = None, reason: str = "") -> None:
+        super().__init__(message, hint)
+        self.path = path
+        self.reason = reason
+
+
 class GGUFError(MathqError, ValueError):
     """A GGUF file is malformed, or not the kind of GGUF the command needs."""
 

@@ -22,7 +22,7 @@ from mathq.errors import ProblemSetError
 from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S, Judgement, normalize_answer
 from mathq.evaluate.grading.extract import Extraction, extract_answer
 from mathq.evaluate.grading.isolation import judge
-from mathq.fsutil import atomic_output
+from mathq.fsutil import atomic_output, check_writable
 from mathq.progress import Progress, ProgressCallback, no_progress
 
 #: Verdicts, and what each means. Only "correct" counts towards accuracy.
@@ -258,6 +258,8 @@ def regrade_file(path: Path, *, out: Path | None = None,
     """
     path = Path(path)
     rows = read_results(path)
+    target = Path(out) if out is not None else path
+    check_writable(target)  # before the grading, not after it
     records: list[tuple[dict[str, Any], ProblemResult]] = []
     for lineno, row in enumerate(rows, 1):
         where = f"{path}:{lineno}"
@@ -302,6 +304,5 @@ def regrade_file(path: Path, *, out: Path | None = None,
         old = row.get("verdict")
         if old != g.verdict:
             changes.append((rec.id, str(old) if old is not None else "-", g.verdict))
-    target = Path(out) if out is not None else path
     write_results(target, new_rows)
     return RegradeReport(path, target, summarize(results), tuple(changes))
