@@ -13,12 +13,18 @@ from pathlib import Path
 
 from mathq.datasets.problems import ProblemSet, load_problem_set
 from mathq.errors import GGUFError, MissingImatrixError
-from mathq.fsutil import sha256_file, write_text_atomic
+from mathq.fsutil import removing_new_dirs, sha256_file, write_text_atomic
 from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
 from mathq.progress import ProgressCallback, no_progress
 from mathq.quantize.calibration import CalibrationText, build_calibration_text
-from mathq.quantize.core import QuantizeOptions, QuantizeResult, output_name, quantize_gguf
+from mathq.quantize.core import (
+    QuantizeOptions,
+    QuantizeResult,
+    output_name,
+    preflight,
+    quantize_gguf,
+)
 from mathq.quantize.imatrix import INPUT_TYPES, ImatrixOptions, ImatrixResult, compute_imatrix
 from mathq.quantize.imatrix_file import load_imatrix
 from mathq.recipes.prompt import PromptSpec
@@ -70,15 +76,18 @@ def quantize_variants(job: QuantizeJob, options: list[QuantizeOptions],
                       progress: ProgressCallback = no_progress) -> list[QuantizeResult]:
     """Quantize ``job.source`` once per options entry, in order; record each in the manifest."""
     folder = out_dir or (job.layout.root if job.layout else job.source.parent)
+    for opts in options:  # every variant's input checks first: bad input costs no work
+        preflight(job.source, opts)
     results = []
-    for opts in options:
-        name = variant_of(opts).name
-        dest = (job.layout.gguf(name) if job.layout and out_dir is None
-                else folder / output_name(job.source, name))
-        result = quantize_gguf(job.source, dest, opts, progress)
-        if job.layout is not None and out_dir is None:
-            _record(job, opts, result)
-        results.append(result)
+    with removing_new_dirs(folder):
+        for opts in options:
+            name = variant_of(opts).name
+            dest = (job.layout.gguf(name) if job.layout and out_dir is None
+                    else folder / output_name(job.source, name))
+            result = quantize_gguf(job.source, dest, opts, progress)
+            if job.layout is not None and out_dir is None:
+                _record(job, opts, result)
+            results.append(result)
     return results
 
 

@@ -19,7 +19,12 @@ from typing import Any
 
 from mathq.datasets.problems import Problem
 from mathq.errors import ProblemSetError
-from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S, Judgement, normalize_answer
+from mathq.evaluate.grading.equivalence import (
+    DEFAULT_TIMEOUT_S,
+    MAX_ANSWER_CHARS,
+    Judgement,
+    normalize_answer,
+)
 from mathq.evaluate.grading.extract import Extraction, extract_answer
 from mathq.evaluate.grading.isolation import judge
 from mathq.fsutil import atomic_output, check_writable
@@ -79,7 +84,8 @@ def grade_completion(gold: str, completion: str, *, few_shot: bool = False,
         return Grade(None, ex.rule, "no-answer", "empty", ex)
     answer = ex.answer
     verdict = judge(gold, answer)
-    if not verdict.equal and ex.rule == "boxed" and len(ex.boxed) > 1:
+    if not verdict.equal and ex.rule == "boxed" and len(ex.boxed) > 1 \
+            and len(gold) <= MAX_ANSWER_CHARS:  # normalised here, outside any time limit
         k = len(split_top_level(normalize_answer(gold)))
         distinct = list(dict.fromkeys(ex.boxed))
         if 1 < k <= len(distinct):
