@@ -54,9 +54,11 @@ def recipe_ref(recipe: Recipe) -> str:
 
 
 def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None = None,
-              progress: ProgressCallback = no_progress) -> tuple[list[tuple[str, str]],
-                                                                   dict[str, GGUFFile]]:
+              progress: ProgressCallback = no_progress, *, dry_run: bool = False,
+              ) -> tuple[list[tuple[str, str]], dict[str, GGUFFile]]:
     """The ``(tag, quant)`` pairs to publish and each quant's checked, hashed GGUF.
+
+    With ``dry_run`` the digest cache is read but never written: a dry run writes nothing.
 
     Raises InvalidNameError (a tag name Ollama refuses), RecipeError (a tag the recipe does
     not have), InputFileError (a GGUF not built yet) and GGUFError (a GGUF that holds another
@@ -80,7 +82,7 @@ def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None 
                             f"rebuild it with `mathq quantize {recipe_ref(recipe)} -Q {quant}`")
         files[quant] = GGUFFile(
             quant=quant, path=path, size=summary.size,
-            sha256=sha256_cached(path, layout.digest_cache, progress),
+            sha256=sha256_cached(path, layout.digest_cache, progress, save=not dry_run),
             bits_per_weight=summary.bits_per_weight, n_params=summary.n_params,
             tags=tuple(t for t, q in pairs if q == quant))
     return pairs, files
@@ -136,8 +138,10 @@ def _save(cache: Path, entries: dict[str, Any]) -> None:
     write_text_atomic(Path(cache), json.dumps({"files": entries}, indent=1, sort_keys=True) + "\n")
 
 
-def sha256_cached(path: Path, cache: Path, progress: ProgressCallback = no_progress) -> str:
-    """Hex SHA-256 of ``path``, from ``cache`` when size and mtime still match, else computed.
+def sha256_cached(path: Path, cache: Path, progress: ProgressCallback = no_progress, *,
+                  save: bool = True) -> str:
+    """Hex SHA-256 of ``path``, from ``cache`` when size and mtime still match, else computed
+    (and added to ``cache`` unless ``save`` is false).
 
     Hashing streams the file in 4 MiB chunks (memory stays flat) and reports ``sha256``
     progress in bytes.
@@ -159,7 +163,7 @@ def sha256_cached(path: Path, cache: Path, progress: ProgressCallback = no_progr
             progress(Progress("sha256", done, st.st_size, "B", item=path.name))
     digest = h.hexdigest()
     after = path.stat()
-    if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+    if save and (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
         entries = _load(cache)  # another process may have added entries meanwhile
         entries[key] = {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         _save(cache, entries)
