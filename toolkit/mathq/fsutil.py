@@ -101,6 +101,27 @@ def new_dirs(folder: Path) -> list[Path]:
     return missing[::-1]
 
 
+class Debris:
+    """What a command may leave behind if it fails: files and folders that did not exist
+    when it started. :meth:`remove` deletes those (empty folders only), so a failed run
+    leaves the disk as it found it; files that hold resumable progress are simply not
+    listed."""
+
+    def __init__(self, folder: Path, *files: Path) -> None:
+        self.dirs = new_dirs(folder)
+        self.files = [Path(f) for f in files if not Path(f).exists()]
+
+    def remove(self, keep: tuple[Path, ...] = ()) -> None:
+        """Delete the new files (bar ``keep``) and every new folder left empty."""
+        for f in self.files:
+            if f not in keep:
+                with contextlib.suppress(OSError):
+                    f.unlink(missing_ok=True)
+        for d in reversed(self.dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
 @contextlib.contextmanager
 def removing_new_dirs(folder: Path) -> Iterator[None]:
     """Run the block; if it fails, remove the folders under ``folder`` it created that are

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
+from mathq.cli.common import build_dir_option, check_url, echo_json, json_option, quiet_option
 from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
 from mathq.evaluate.summaries import Rate
 
@@ -42,10 +42,10 @@ def _pct(r: Rate) -> str:
 @click.option("--gpu-layers", type=int, default=None,
               help="Layers to offload to the GPU (llama.cpp's -ngl; needs a GPU build of "
                    "llama-cpp-python; default: llama.cpp's).")
-@click.option("--ollama", "ollama_url", metavar="URL", default=None,
+@click.option("--ollama", "ollama_url", metavar="URL", default=None, callback=check_url,
               help="Test the recipe's Ollama tags on this server instead, e.g. "
                    "http://127.0.0.1:11434.")
-@click.option("--endpoint", "endpoints", metavar="URL", multiple=True,
+@click.option("--endpoint", "endpoints", metavar="URL", multiple=True, callback=check_url,
               help="OpenAI-compatible server (llama-server, vLLM) to use instead; repeat to "
                    "spread the problems over several.")
 @click.option("--served-model", metavar="NAME", default=None,
