@@ -37,7 +37,7 @@ WRITE_ERRNOS: dict[int, str] = {
     errno.ENOTDIR: "a part of the path is a file, not a folder",
     errno.EISDIR: "it is a folder",
     errno.ENAMETOOLONG: "file name too long",
-    errno.EEXIST: "a file of that name is in the way",
+    errno.EEXIST: "it is a file, not a folder",
 }
 #: Of those, the ones that can only come from writing, wherever they are raised.
 WRITE_ONLY_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -50,8 +50,10 @@ def output_error(err: OSError, path: Path | str | None = None) -> OutputError:
     folder = Path(str(target)).parent if target is not None else None
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         hint = f"free some space under {folder} or write elsewhere"
-    else:
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         hint = f"make {folder} writable or write elsewhere"
+    else:
+        hint = "fix the path"
     return OutputError(f"cannot write {target}: {reason}", hint,
                        path=None if target is None else str(target), reason=reason)
 

@@ -74,8 +74,12 @@ def _with_output_hint(err: MathqError, ctx: click.Context) -> MathqError:
         return err
     folder = Path(err.path).parent if err.path else None
     where = " or ".join(flags)
-    fix = "free some space" if "space" in err.reason or "quota" in err.reason else (
-        f"make {folder} writable" if folder else "make it writable")
+    if "space" in err.reason or "quota" in err.reason or "too large" in err.reason:
+        fix = "free some space"
+    elif any(w in err.reason for w in ("read-only", "permission", "not permitted")):
+        fix = f"make {folder} writable" if folder else "make it writable"
+    else:
+        fix = "fix the path"
     return OutputError(err.message, f"choose a writable {where}, or {fix}", path=err.path,
                        reason=err.reason)
 

@@ -98,9 +98,11 @@ def publish(recipe: str, namespace: str | None, tags: tuple[str, ...],
     try:
         oplan = hplan = None
         if to_ollama:
-            oplan = plan_ollama(loaded, namespace=namespace, base_url=ollama_base_url(
-                ollama_host), tags=tags, push=not no_push, build_root=build_dir,
-                progress=render, dry_run=dry_run)
+            base_url = ollama_base_url(ollama_host)
+            oplan = plan_ollama(loaded, namespace=namespace, base_url=base_url, tags=tags,
+                                push=not no_push, build_root=build_dir, progress=render,
+                                dry_run=dry_run,
+                                before_hashing=None if dry_run else lambda: _ask(base_url))
         if hf_repo:
             hplan = plan_hub(loaded, hf_repo, private=private, tags=tags,
                              namespace=None if no_push else namespace,
@@ -135,6 +137,14 @@ def publish(recipe: str, namespace: str | None, tags: tuple[str, ...],
                        f"({', '.join(sent)}); {len(hresult.files) - len(sent)} unchanged")
         else:
             click.echo(f"{hresult.url}: all {len(hresult.files)} files unchanged, no commit")
+
+
+def _ask(base_url: str) -> None:
+    """Make sure the Ollama server answers before any file is hashed for it."""
+    from mathq.publish.ollama_api import OllamaAPI
+
+    with OllamaAPI(base_url) as api:
+        api.check()
 
 
 def _echo_dry_run(oplan: Any, hplan: Any) -> None:

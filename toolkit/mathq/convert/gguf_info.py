@@ -89,6 +89,8 @@ def is_gguf(path: Path) -> bool:
 
 def _check_gguf_file(path: Path) -> None:
     """Refuse a missing, unreadable or non-GGUF file with the error that says which."""
+    if path.exists() and not path.is_file():
+        raise GGUFError(f"{path} is not a regular file", "give a .gguf file")
     if not path.is_file():
         raise GGUFError(f"{path} not found", "check the path, or run `mathq convert` first")
     try:

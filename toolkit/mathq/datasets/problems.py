@@ -183,8 +183,11 @@ def read_problems_jsonl(path: Path) -> list[Problem]:
                                   "each line must be one JSON object", path=str(path),
                                   line=lineno) from e
         if not isinstance(row, dict):
-            raise ProblemSetError(f"{where}: expected a JSON object, got {type(row).__name__}",
-                                  path=str(path), line=lineno)
+            kind = {list: "an array", str: "a string", bool: "true/false",
+                    type(None): "null"}.get(type(row), "a number")
+            raise ProblemSetError(f"{where}: expected a JSON object, got {kind}",
+                                  'each line must be one problem, e.g. {"problem": ..., '
+                                  '"answer": ...}', path=str(path), line=lineno)
         try:
             problem = _row_to_problem(row, where, default_id=f"{path.stem}/{lineno}")
         except ProblemSetError as e:
@@ -197,7 +200,9 @@ def read_problems_jsonl(path: Path) -> list[Problem]:
         seen[problem.id] = lineno
         problems.append(problem)
     if not problems:
-        raise ProblemSetError(f"{path}: no problems in file", path=str(path))
+        raise ProblemSetError(f"{path}: no problems in the file (it is empty)",
+                              "give a JSONL file with one MATH or GSM8K problem per line",
+                              path=str(path))
     return problems
 
 

@@ -28,6 +28,9 @@ GO_BUILTIN_FUNCS = ("and", "call", "html", "index", "slice", "js", "len", "not",
 #: Functions Ollama adds (template/template.go, ``funcs``): json, currentDate,
 #: yesterdayDate and toTypeScriptType.
 OLLAMA_FUNCS = ("json", "currentDate", "yesterdayDate", "toTypeScriptType")
+#: Block and parenthesis nesting this parser follows (Go's has no fixed limit); deeper
+#: templates are reported rather than overflowing Python's stack.
+MAX_NESTING = 100
 
 
 class TemplateSyntaxError(ValueError):
@@ -157,6 +160,7 @@ class _Parser:
         self.range_depth = 0
         self.defined: dict[str, bool] = {}  # template name -> non-empty
         self.template_calls_without_pipe: list[int] = []
+        self.depth = 0
 
     # -- tokens
     def next(self) -> Item:
@@ -329,8 +333,16 @@ class _Parser:
             if cmd.children[0].kind in ("bool", "dot", "nil", "number", "string"):
                 self.errorf(f"non executable command in pipeline stage {stage}")
 
+    def nest(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise TemplateSyntaxError(self.items[self.seen].line, f"blocks or parentheses "
+                                      f"nested deeper than {MAX_NESTING} levels, more than "
+                                      "mathq checks; flatten the template")
+
     def parse_control(self, allow_else_if: bool, context: str) -> _Node:
         depth = len(self.vars)
+        self.nest()
         try:
             pipe = self.pipeline(context, "rdelim")
             if context == "range":
@@ -354,6 +366,7 @@ class _Parser:
             return _Node(context, pipe.line, [*body, *else_list], pipe=pipe)
         finally:
             del self.vars[depth:]
+            self.depth -= 1
 
     def if_control(self, _item: Item) -> _Node:
         return self.parse_control(True, "if")
@@ -379,7 +392,9 @@ class _Parser:
         name = self.template_name(token, context)
         pipe = self.pipeline(context, "rdelim")
         saved_vars, self.vars = self.vars, ["$"]
+        self.nest()
         nodes, end = self.item_list()
+        self.depth -= 1
         self.vars = saved_vars
         if end.kind != "end":
             self.errorf(f"unexpected {{{{{end.kind}}}}} in {context}")
@@ -468,7 +483,10 @@ class _Parser:
                 self.errorf(problem)
             return _Node("number", item.line, text=item.val)
         if typ == "lparen":
-            return self.pipeline("parenthesized pipeline", "rparen")
+            self.nest()
+            pipe = self.pipeline("parenthesized pipeline", "rparen")
+            self.depth -= 1
+            return pipe
         if typ in ("string", "rawstring"):
             self.unquote(item)
             return _Node("string", item.line, text=item.val)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +236,9 @@ def _upload_errors(repo_id: str, endpoint: str) -> Iterator[None]:
                           f"unset {OFFLINE_ENV} to publish") from e
     except HfHubHTTPError as e:
         raise _http_error(e, repo_id, endpoint) from e
+    except json.JSONDecodeError as e:  # a server that is not the Hub answered
+        raise UploadError(f"{endpoint} answered something that is not the Hub's JSON",
+                          "check HF_ENDPOINT: it must name the Hub or a mirror of its API") from e
     except ValueError as e:  # the Hub's check of README.md metadata failed
         if not isinstance(e.__cause__, HfHubHTTPError):
             raise

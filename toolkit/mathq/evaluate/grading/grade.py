@@ -252,6 +252,8 @@ _RESULTS_HINT = "give the per-problem JSONL a smoke run wrote (build/<model>/smo
 def read_results(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a results file; a malformed line raises with ``path:line``."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ProblemSetError(f"{path} is not a regular file", _RESULTS_HINT, path=str(path))
     if not path.is_file():
         raise ProblemSetError(f"results file not found: {path}", _RESULTS_HINT, path=str(path))
     rows: list[dict[str, Any]] = []
