@@ -68,6 +68,14 @@ class World:
     urls: dict[str, str]
     simulated: tuple[str, ...]
 
+    def simulate(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Where no file system could be mounted, make writes under ``ro/`` fail with EROFS
+        and under ``full/`` with ENOSPC (after the case's own set-up has written its files)."""
+        if "read-only" in self.simulated:
+            simulate_os_error(monkeypatch, self.ro, EROFS)
+        if "disk full" in self.simulated:
+            simulate_os_error(monkeypatch, self.full, ENOSPC)
+
     @property
     def bf16(self) -> Path:
         return self.build / "tiny-demo" / "tiny-demo-BF16.gguf"
@@ -110,10 +118,5 @@ def world(tmp_path: Path, pristine: Path, servers: dict[str, str],
         if full is None:
             full = root / "full"
             simulated.append("disk full")
-        w = World(root, build, ro, full, servers, tuple(simulated))
-        if "read-only" in simulated:
-            simulate_os_error(monkeypatch, ro, EROFS)
-        if "disk full" in simulated:
-            simulate_os_error(monkeypatch, full, ENOSPC)
-        yield w
+        yield World(root, build, ro, full, servers, tuple(simulated))
         monkeypatch.undo()

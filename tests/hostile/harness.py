@@ -110,7 +110,9 @@ def closed_port_url() -> str:
 
 
 def _mount(*args: str) -> bool:
-    if os.geteuid() != 0:
+    """Run mount(8); False where it is not allowed (not root, or a container without the
+    capability) or where MATHQ_TEST_NO_MOUNT is set (to exercise the simulated path)."""
+    if os.geteuid() != 0 or os.environ.get("MATHQ_TEST_NO_MOUNT"):
         return False
     try:
         return subprocess.run(["mount", *args], capture_output=True, timeout=10).returncode == 0
@@ -132,6 +134,7 @@ def read_only_dir(root: Path) -> Iterator[Path | None]:
     (src / "in.jsonl").write_text('{"id": "1", "answer": "5", "completion": "\\\\boxed{5}"}\n')
     if not (_mount("--bind", str(src), str(ro)) and _mount("-o", "remount,ro,bind", str(ro))):
         _umount(ro)
+        (ro / "in.jsonl").write_bytes((src / "in.jsonl").read_bytes())  # as a mount shows it
         yield None
         return
     try:

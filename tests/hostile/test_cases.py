@@ -215,7 +215,7 @@ CASES: list[Case] = [
     Case("quantize", "a new folder on a read-only disk",
          ("quantize", G, "-Q", "Q8_0", "--out-dir", "{ro}/sub"), 1, "read-only file system"),
     Case("quantize", "--out-dir on a full disk",
-         ("quantize", G, "-Q", "Q8_0", "--out-dir", "{full}"), 1, "disk space"),
+         ("quantize", G, "-Q", "Q8_0", "--out-dir", "{full}"), 1, "space"),
     Case("quantize", "an override that is not a regex",
          ("quantize", G, "-Q", "Q8_0", "--tensor-type", "[=Q8_0", "--out-dir", "{w}/out"), 2,
          "is not a regular expression"),
@@ -414,6 +414,7 @@ def test_hostile_input(case: Case, world: World, monkeypatch: pytest.MonkeyPatch
                       "by failing OS calls (CI, as root, mounts real ones)", stacklevel=1)
     if case.setup is not None:
         case.setup(world)
+    world.simulate(monkeypatch)
     for key, value in case.env:
         monkeypatch.setenv(key, _fill(value, values))
     for target, value in case.patch:

@@ -131,3 +131,12 @@ class CalibrationError(MathqError, ValueError):
 
 class ImatrixComputeError(MathqError, RuntimeError):
     """An importance matrix could not be computed (model, text or llama.cpp failed)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (``kill``, a service manager, a CI timeout). A BaseException, like
+    KeyboardInterrupt, so ``except Exception`` blocks let it through and every cleanup
+    (temporary files deleted, locks released) runs on the way out; the command line then
+    says so in one line and exits with 143 (128 + SIGTERM)."""
+
+    exit_code = 128 + 15

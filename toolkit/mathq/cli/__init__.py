@@ -9,6 +9,7 @@ hint of an unwritable output names the command's own option for choosing another
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from mathq.cli.quantize import quantize
 from mathq.cli.recipes import quants, recipes
 from mathq.cli.report import report
 from mathq.cli.smoke import smoke
-from mathq.errors import MathqError, OutputError
+from mathq.errors import MathqError, OutputError, Terminated
 
 
 class _UserError(click.ClickException):
@@ -50,6 +51,12 @@ class MathqGroup(click.Group):
             return super().invoke(ctx)
         except MathqError as e:
             raise _UserError(_with_output_hint(e, ctx)) from None
+        except Terminated:
+            err = MathqError("stopped by SIGTERM; unfinished files were removed",
+                             "run the same command again: finished work is kept")
+            stopped = _UserError(err)
+            stopped.exit_code = Terminated.exit_code
+            raise stopped from None
         except OSError as e:
             from mathq.fsutil import WRITE_ERRNOS, WRITE_ONLY_ERRNOS, output_error
 
@@ -127,6 +134,13 @@ for command, short_help in PIPELINE:
     cli.add_command(command)
 
 
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+    raise Terminated
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: SIGTERM unwinds like Ctrl-C (temporary files removed,
+    locks released) instead of killing the process mid-write."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     cli(prog_name="mathq")

@@ -31,6 +31,9 @@ DEFAULT_TIMEOUT_S = 5.0
 #: Longer answers are compared as text only: no MATH answer comes near this, and a
 #: runaway output must not reach the parsers' regular expressions, which no alarm stops.
 MAX_ANSWER_CHARS = 1000
+#: Longer answers are not even normalised: a hundred times the longest answer compared as
+#: mathematics is a runaway output, and normalising megabytes takes seconds of the limit.
+MAX_INPUT_CHARS = 100 * MAX_ANSWER_CHARS
 
 #: How a verdict was reached.
 METHODS: tuple[tuple[str, str], ...] = (
@@ -217,6 +220,10 @@ def _same_clock_time(gold: str, pred: str) -> bool | None:
 
 def compare(gold: str, pred: str) -> Judgement:
     """Judge ``pred`` against ``gold`` with no time limit (see :func:`judge`)."""
+    if max(len(gold), len(pred)) > MAX_INPUT_CHARS:
+        g, p = " ".join(gold.split()), " ".join(pred.split())
+        return Judgement(bool(p) and g == p, "unparsed", g[:MAX_ANSWER_CHARS],
+                         p[:MAX_ANSWER_CHARS])
     clock = _same_clock_time(gold, pred)
     if clock is not None:
         return Judgement(clock, "clock", basic_normalize(gold), basic_normalize(pred))
