@@ -29,6 +29,9 @@ from pathlib import Path
 
 import pytest
 
+# The real open(), kept before any test patches it: snapshots read through simulated faults.
+_REAL_OPEN = open
+
 # --- servers -----------------------------------------------------------------------------
 
 
@@ -157,10 +160,13 @@ def full_dir(root: Path) -> Iterator[Path | None]:
         _umount(full)
 
 
-def simulate_os_error(monkeypatch: pytest.MonkeyPatch, folder: Path, code: int) -> None:
+def simulate_os_error(monkeypatch: pytest.MonkeyPatch, folder: Path, code: int,
+                      reads: bool = False) -> None:
     """Make every attempt to create, open for writing, rename or delete a path under
-    ``folder`` fail with ``code`` (EROFS, EACCES, ENOSPC): for machines where a real
-    read-only or full file system cannot be mounted."""
+    ``folder`` fail with ``code`` (EROFS, EACCES, ENOSPC), and with ``reads`` every open
+    for reading too: for what root cannot make real (a folder without permission, an
+    unreadable file) and for machines where a read-only or full file system cannot be
+    mounted."""
     folder = Path(folder).absolute()
 
     def under(path: object) -> bool:
@@ -176,12 +182,12 @@ def simulate_os_error(monkeypatch: pytest.MonkeyPatch, folder: Path, code: int) 
     writing_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
     def guarded_os_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if flags & writing_flags and under(path):
+        if (reads or flags & writing_flags) and under(path):
             raise fail(path)
         return real_os_open(path, flags, *args, **kwargs)
 
     def guarded_open(file, mode="r", *args, **kwargs):  # type: ignore[no-untyped-def]
-        if isinstance(file, (str, bytes, os.PathLike)) and set(mode) & set("wax+") \
+        if isinstance(file, (str, bytes, os.PathLike)) and (reads or set(mode) & set("wax+")) \
                 and under(file):
             raise fail(file)
         return real_open(file, mode, *args, **kwargs)
@@ -226,7 +232,7 @@ def snapshot(root: Path) -> dict[str, tuple[str, int, str]]:
                 out[rel] = ("other", 0, "")
                 continue
             h = hashlib.sha256()
-            with open(p, "rb") as fh:
+            with _REAL_OPEN(p, "rb") as fh:
                 while block := fh.read(1 << 20):
                     h.update(block)
             out[rel] = ("file", p.stat().st_size, h.hexdigest())

@@ -32,7 +32,7 @@ from click.testing import CliRunner
 
 from mathq.cli import cli
 from tests.hostile.conftest import World
-from tests.hostile.harness import make_fifo, snapshot
+from tests.hostile.harness import EACCES, make_fifo, simulate_os_error, snapshot
 
 Setup = Callable[[World], None]
 
@@ -51,6 +51,8 @@ class Case:
     seconds: float | None = None  # a limit on the wall time
     env: tuple[tuple[str, str], ...] = ()
     patch: tuple[tuple[str, object], ...] = ()  # module attributes set for the row
+    denied: str = ""  # a folder (relative to the world) that may not be written to
+    unreadable: str = ""  # a folder whose files may not even be read
 
 
 def write(rel: str, data: bytes | str) -> Setup:
@@ -170,6 +172,11 @@ CASES: list[Case] = [
          writes=("o.jsonl",), seconds=6),
     Case("grade", "a Unicode path", ("grade", "{w}/résultats ∑/r.jsonl"), 0, "",
          write("résultats ∑/r.jsonl", GOOD_LINE), writes=("résultats ∑/r.jsonl",)),
+    Case("grade", "--out in a folder without write permission",
+         ("grade", "{w}/r.jsonl", "--out", "{w}/locked/x.jsonl"), 1, "permission denied",
+         write("r.jsonl", GOOD_LINE), denied="locked"),
+    Case("grade", "an unreadable results file", ("grade", "{w}/secret/r.jsonl"), 2,
+         "permission denied", write("secret/r.jsonl", GOOD_LINE), unreadable="secret"),
     # --- modelfile ---------------------------------------------------------------------
     Case("modelfile", "if without end", ("modelfile", "--check", "{w}/M"), 1,
          "M:3: TEMPLATE: unexpected EOF",
@@ -205,6 +212,11 @@ CASES: list[Case] = [
          "does not exist"),
     Case("modelfile", "read-only --out", ("modelfile", "tiny-demo", "--out", "{ro}"), 1,
          "read-only file system"),
+    Case("modelfile", "--out without write permission",
+         ("modelfile", "tiny-demo", "--out", "{w}/locked"), 1, "permission denied",
+         denied="locked"),
+    Case("modelfile", "--check an unreadable file", ("modelfile", "--check", "{w}/secret/M"),
+         1, "permission denied", write("secret/M", "FROM x\n"), unreadable="secret"),
     Case("modelfile", "a tag that is a path", ("modelfile", "tiny-demo", "--tag", "../../evil",
                                                "--out", "{w}/mf"), 2, "../../evil"),
     Case("modelfile", "an unknown recipe", ("modelfile", "no-such-recipe"), 2,
@@ -212,6 +224,12 @@ CASES: list[Case] = [
     # --- quantize ----------------------------------------------------------------------
     Case("quantize", "read-only --out-dir", ("quantize", G, "-Q", "Q8_0", "--out-dir", "{ro}"),
          1, "read-only file system (choose a writable --out-dir"),
+    Case("quantize", "--out-dir without write permission (chmod 555 for a user)",
+         ("quantize", G, "-Q", "Q8_0", "--out-dir", "{w}/locked"), 1,
+         "permission denied (choose a writable --out-dir", denied="locked"),
+    Case("quantize", "an unreadable input", ("quantize", "{w}/secret/m.gguf", "-Q", "Q8_0",
+                                             "--out-dir", "{w}/out"), 1, "permission denied",
+         write("secret/m.gguf", b"GGUF"), unreadable="secret"),
     Case("quantize", "a new folder on a read-only disk",
          ("quantize", G, "-Q", "Q8_0", "--out-dir", "{ro}/sub"), 1, "read-only file system"),
     Case("quantize", "--out-dir on a full disk",
@@ -353,6 +371,12 @@ CASES: list[Case] = [
     Case("build", "read-only --build-dir", ("build", "tiny-demo", "--files-only", "-Q", "Q8_0",
                                             "--build-dir", "{ro}"), 1,
          "read-only file system (choose a writable --build-dir"),
+    Case("build", "--build-dir without write permission",
+         ("build", "tiny-demo", "--files-only", "-Q", "Q8_0", "--build-dir", "{w}/locked"), 1,
+         "permission denied", denied="locked"),
+    Case("build", "a Unicode --build-dir", ("build", "tiny-demo", "--files-only", "-Q", "Q8_0",
+                                            "--build-dir", "{w}/bâtiment ∑"), 0, "",
+         writes=("bâtiment ∑/",), seconds=30),
     Case("build", "an unknown recipe", ("build", "no-such-recipe"), 2, "no-such-recipe"),
     Case("build", "a recipe that is not TOML", ("build", "{w}/r.toml"), 2, "not valid TOML",
          write("r.toml", "[model\nname=")),
@@ -415,6 +439,11 @@ def test_hostile_input(case: Case, world: World, monkeypatch: pytest.MonkeyPatch
     if case.setup is not None:
         case.setup(world)
     world.simulate(monkeypatch)
+    if case.denied:  # root ignores permission bits, so no chmod can make this real
+        (world.root / case.denied).mkdir(exist_ok=True)
+        simulate_os_error(monkeypatch, world.root / case.denied, EACCES)
+    if case.unreadable:
+        simulate_os_error(monkeypatch, world.root / case.unreadable, EACCES, reads=True)
     for key, value in case.env:
         monkeypatch.setenv(key, _fill(value, values))
     for target, value in case.patch:
@@ -444,10 +473,11 @@ def test_hostile_input(case: Case, world: World, monkeypatch: pytest.MonkeyPatch
     if case.seconds is not None:
         assert took <= case.seconds, f"took {took:.1f} s, limit {case.seconds} s"
     after = snapshot(world.root)
-    for rel in case.writes:
-        after.pop(rel, None)
-        if rel in before:
-            before.pop(rel)
+    for rel in case.writes:  # a name ending in / stands for everything under it
+        for snap in (before, after):
+            for key in [k for k in snap if k == rel or k == rel.rstrip("/")
+                        or (rel.endswith("/") and k.startswith(rel))]:
+                snap.pop(key)
     added = sorted(set(after) - set(before))
     removed = sorted(set(before) - set(after))
     changed = sorted(k for k in set(before) & set(after) if before[k] != after[k])

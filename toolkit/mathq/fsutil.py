@@ -46,7 +46,7 @@ WRITE_ONLY_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EF
 def output_error(err: OSError, path: Path | str | None = None) -> OutputError:
     """The one-line error for an OS error met while writing ``path`` (or ``err.filename``)."""
     target = err.filename if err.filename is not None else path
-    reason = WRITE_ERRNOS.get(err.errno or 0) or (err.strerror or str(err)).lower()
+    reason = os_reason(err)
     folder = Path(str(target)).parent if target is not None else None
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         hint = f"free some space under {folder} or write elsewhere"
@@ -56,6 +56,14 @@ def output_error(err: OSError, path: Path | str | None = None) -> OutputError:
         hint = "fix the path"
     return OutputError(f"cannot write {target}: {reason}", hint,
                        path=None if target is None else str(target), reason=reason)
+
+
+def os_reason(err: OSError) -> str:
+    """The words for an OS error in a message ("permission denied", "read-only file system")."""
+    return WRITE_ERRNOS.get(err.errno or 0) or (err.strerror or str(err)).lower()
+
+
+READ_HINT = "make it readable (e.g. chmod a+r) or check the path"
 
 
 def _is_output_error(err: OSError, folder: Path) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mathq.errors import GGUFError
+from mathq.fsutil import READ_HINT, os_reason
 from mathq.recipes.quants import by_ftype
 
 GGUF_MAGIC = b"GGUF"
@@ -97,7 +98,7 @@ def _check_gguf_file(path: Path) -> None:
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as e:
-        raise GGUFError(f"cannot read {path}: {e.strerror or e}", "check the path") from e
+        raise GGUFError(f"cannot read {path}: {os_reason(e)}", READ_HINT) from e
     if magic != GGUF_MAGIC:
         raise GGUFError(f"{path} is not a GGUF file (no GGUF magic bytes)",
                         "give a .gguf file made by `mathq convert` or llama.cpp")

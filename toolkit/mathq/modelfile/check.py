@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mathq.errors import InputFileError
+from mathq.fsutil import READ_HINT, os_reason
 from mathq.modelfile.options import get_option, parameter_problem
 from mathq.modelfile.templatesyntax import ollama_template_problem
 from mathq.recipes.prompt import BOS
@@ -296,8 +297,8 @@ def check_modelfile(path: Path) -> ModelfileCheck:
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise InputFileError(f"cannot read Modelfile {path}: {e.strerror or e}",
-                             "check the path") from e
+        raise InputFileError(f"cannot read Modelfile {path}: {os_reason(e)}",
+                             READ_HINT) from e
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

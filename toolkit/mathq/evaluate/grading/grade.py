@@ -27,7 +27,7 @@ from mathq.evaluate.grading.equivalence import (
 )
 from mathq.evaluate.grading.extract import Extraction, extract_answer
 from mathq.evaluate.grading.isolation import judge
-from mathq.fsutil import atomic_output, check_writable
+from mathq.fsutil import READ_HINT, atomic_output, check_writable, os_reason
 from mathq.progress import Progress, ProgressCallback, no_progress
 
 #: Verdicts, and what each means. Only "correct" counts towards accuracy.
@@ -260,8 +260,8 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below; bytes, decoded line by line
     except OSError as e:
-        raise ProblemSetError(f"cannot read {path}: {e.strerror or e}",
-                              "check the path and its permissions", path=str(path)) from None
+        raise ProblemSetError(f"cannot read {path}: {os_reason(e)}", READ_HINT,
+                              path=str(path)) from None
     with f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
