@@ -362,6 +362,6 @@ def default_options(recipe: Recipe, quants: str | None) -> BuildOptions:
     """The recipe's variants, or the ``--quant`` list."""
     from mathq.recipes.quants import parse_quant_list
 
-    chosen = (parse_quant_list(quants) if quants
+    chosen = (parse_quant_list(quants) if quants is not None
               else tuple(get_quant(q) for q in recipe.quants.variants))
     return BuildOptions(quants=chosen)

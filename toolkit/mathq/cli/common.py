@@ -38,6 +38,26 @@ def build_dir_option(f: F) -> F:
         help="Root of the build folders (default ./build); artifacts go to <root>/<model>/.")(f)
 
 
+def check_url(_ctx: click.Context | None, param: click.Parameter | None, value: Any) -> Any:
+    """Callback for URL options (one value or several): each must be http(s)://HOST[:PORT],
+    refused at once as bad input (exit 2) rather than failing later as a connection."""
+    from urllib.parse import urlsplit
+
+    if value is None:
+        return value
+    for url in (value,) if isinstance(value, str) else value:
+        try:
+            parts = urlsplit(url)
+            port_ok = parts.port is None or 0 < parts.port < 65536
+        except ValueError:
+            parts, port_ok = None, False
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
+                or not port_ok:
+            raise click.BadParameter(f"{url!r} is not an http(s) URL; give it as "
+                                     "http://HOST:PORT", param=param)
+    return value
+
+
 def echo_json(value: Any) -> None:
     """Print dataclasses, paths and plain values as indented JSON."""
     click.echo(json.dumps(to_jsonable(value), indent=2, ensure_ascii=False))

@@ -63,7 +63,10 @@ def kld(recipe: str, quant_list: str | None, reference: str, corpus: Path | None
     """
     from mathq.evaluate.kld.measure import KldOptions
     from mathq.evaluate.stage import run_kld
-    quants = tuple(quant_list.split(",")) if quant_list else None
+    from mathq.recipes.quants import parse_variant_list
+
+    quants = (tuple(v.name for v in parse_variant_list(quant_list))
+              if quant_list is not None else None)
     options = KldOptions(reference=reference, corpus=corpus, n_ctx=n_ctx, max_chunks=chunks,
                          threads=threads, gpu_layers=gpu_layers)
     run = run_kld(recipe, quants, options, build_dir, progress_for(quiet))

@@ -8,6 +8,7 @@ import click
 
 from mathq.cli.common import (
     build_dir_option,
+    check_url,
     echo_json,
     gpu_layers_option,
     json_option,
@@ -45,10 +46,10 @@ def _pct(r: Rate) -> str:
 @parallel_option
 @threads_option
 @gpu_layers_option
-@click.option("--ollama", "ollama_url", metavar="URL", default=None,
+@click.option("--ollama", "ollama_url", metavar="URL", default=None, callback=check_url,
               help="Test the recipe's Ollama tags on this server instead, e.g. "
                    "http://127.0.0.1:11434.")
-@click.option("--endpoint", "endpoints", metavar="URL", multiple=True,
+@click.option("--endpoint", "endpoints", metavar="URL", multiple=True, callback=check_url,
               help="OpenAI-compatible server (llama-server, vLLM) to use instead; repeat to "
                    "spread the problems over several.")
 @click.option("--served-model", metavar="NAME", default=None,

@@ -47,7 +47,7 @@ from mathq.evaluate.summaries import (
     load_summary,
     save_summary,
 )
-from mathq.fsutil import exclusive_lock, write_text_atomic
+from mathq.fsutil import Debris, exclusive_lock, make_dirs, write_text_atomic
 from mathq.layout import BuildLayout
 from mathq.llama.devices import ParallelChoice
 from mathq.llama.runtime import PARALLEL_AUTO
@@ -76,7 +76,7 @@ def _paths(layout: BuildLayout, quant: str, out_dir: Path | None) -> _Paths:
 @contextlib.contextmanager
 def _exclusive(path: Path) -> Iterator[None]:
     """Refuse a second smoke run writing the same results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     with exclusive_lock(path.with_name(path.name + ".lock"),
                         SmokeError(f"another mathq smoke is writing {path}",
                                    "wait for it to finish, or use --out-dir")):
@@ -157,17 +157,36 @@ def smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: Buil
     """Answer and grade every problem not yet answered for ``quant``; write the summary."""
     spec = options.backend
     paths = _paths(layout, quant, options.out_dir)
-    max_tokens = options.max_tokens or recipe.smoke.max_tokens
     gguf = layout.gguf(quant) if spec.kind == "llama" else None
     if gguf is not None and not gguf.is_file():
         raise InputFileError(f"no {quant} GGUF at {gguf}",
                              f"make it first: mathq quantize {recipe.name} --quant {quant}")
     ollama_model = ollama_model_name(recipe, quant, spec.model) if spec.kind == "ollama" else None
-    stops = () if spec.ignore_eos else stop_strings(recipe.prompt)
-    few_shot = recipe.prompt.template == "few-shot"
 
     fingerprint = smoke_fingerprint(recipe, quant, options, layout)
     manifest = Manifest(layout.manifest)
+    # A run that fails before its first answer (server unreachable, model unloadable)
+    # leaves nothing behind; one that recorded answers keeps them to resume from.
+    debris = Debris(paths.results.parent, paths.results, paths.settings,
+                    paths.results.with_name(paths.results.name + ".lock"),
+                    layout.manifest.with_name(layout.manifest.name + ".lock"))
+    try:
+        return _smoke_variant(recipe, quant, problems, layout, options, progress, paths,
+                              gguf, ollama_model, fingerprint, manifest)
+    except BaseException:
+        answered = paths.results.is_file() and paths.results.stat().st_size > 0
+        debris.remove(keep=(paths.results, paths.settings) if answered else ())
+        raise
+
+
+def _smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: BuildLayout,
+                   options: SmokeOptions, progress: ProgressCallback, paths: _Paths,
+                   gguf: Path | None, ollama_model: str | None,
+                   fingerprint: Fingerprint | None, manifest: Manifest) -> SmokeOutcome:
+    spec = options.backend
+    max_tokens = options.max_tokens or recipe.smoke.max_tokens
+    stops = () if spec.ignore_eos else stop_strings(recipe.prompt)
+    few_shot = recipe.prompt.template == "few-shot"
     with _exclusive(paths.results):
         if options.restart:
             _discard(paths)

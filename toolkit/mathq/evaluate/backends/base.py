@@ -84,3 +84,15 @@ class BackendSpec:
     gpu_layers: int | None = None
     timeout_s: float = 600.0
     ignore_eos: bool = False
+
+
+def counted(value: object) -> int | None:
+    """A server's token count if it is one (a whole number), else None: a server's odd
+    answer must not reach the results file, whose reader checks each field's type."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
+
+
+def reason(value: object) -> str | None:
+    """A server's finish reason if it is a string, else None."""
+    return value if isinstance(value, str) else None
