@@ -8,6 +8,9 @@ builtin so library callers can catch ``FileNotFoundError`` or ``ConnectionError`
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class MathqError(Exception):
     """Base class: a problem the user can fix, with a hint that says how."""
@@ -140,3 +143,35 @@ class Terminated(BaseException):
     says so in one line and exits with 143 (128 + SIGTERM)."""
 
     exit_code = 128 + 15
+
+
+# SIGTERM's exception, held while C code that calls back into Python runs (see
+# hold_termination), and how deep such blocks are nested.
+_held: list[BaseException] = []
+_holding = [0]
+
+
+@contextlib.contextmanager
+def hold_termination() -> Iterator[None]:
+    """Hold a SIGTERM that arrives inside the block until the block ends.
+
+    For blocks in which C code calls back into Python (llama.cpp's log callback): Python runs
+    a signal handler in whatever Python code runs next, there often the callback, and ctypes
+    prints and drops an exception raised in a callback, so the command would carry on.
+    """
+    _holding[0] += 1
+    try:
+        yield
+    finally:
+        _holding[0] -= 1
+    if not _holding[0] and _held:
+        raise _held.pop()
+
+
+def terminate() -> None:
+    """What SIGTERM does in the command line: raise :class:`Terminated` now, or at the end of
+    the :func:`hold_termination` block that is running."""
+    if _holding[0]:
+        _held.append(Terminated())
+        return
+    raise Terminated

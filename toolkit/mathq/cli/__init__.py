@@ -30,7 +30,7 @@ from mathq.cli.quantize import quantize
 from mathq.cli.recipes import quants, recipes
 from mathq.cli.report import report
 from mathq.cli.smoke import smoke
-from mathq.errors import MathqError, OutputError, Terminated
+from mathq.errors import MathqError, OutputError, Terminated, terminate
 
 
 class _UserError(click.ClickException):
@@ -136,7 +136,7 @@ for command, short_help in PIPELINE:
 
 def _on_sigterm(_signum: int, _frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
-    raise Terminated
+    terminate()
 
 
 def main() -> None:

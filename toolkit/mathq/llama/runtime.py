@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mathq.errors import GGUFError, InferenceError, InputFileError
+from mathq.errors import GGUFError, InferenceError, InputFileError, hold_termination
 from mathq.llama.devices import (
     default_threads,
     gpu_offload_supported,
@@ -367,7 +367,10 @@ def capture_llama_log(handler: LineHandler) -> Iterator[None]:
     with _lock:
         llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
         try:
-            yield
+            # llama.cpp calls on_log back while it works; a SIGTERM raised in there would be
+            # printed and dropped by ctypes, so it is held until llama.cpp has returned.
+            with hold_termination():
+                yield
         finally:
             if pending:
                 handler(level_of_line[0], "".join(pending))

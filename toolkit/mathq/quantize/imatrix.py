@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mathq.errors import ImatrixComputeError
+from mathq.errors import ImatrixComputeError, Terminated
 from mathq.llama.devices import (
     default_threads,
     gpu_offload_supported,
@@ -118,7 +118,7 @@ class ActivationCollector:
         self.process_output = process_output
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, int] = {}
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)
 
     def _on_eval(self, address: int, ask: bool, _user: object) -> bool:
@@ -128,8 +128,8 @@ class ActivationCollector:
                 return self.error is None and self.wants(t)
             self.collect(t)
             return True
-        except Exception as e:  # an exception must not unwind through llama.cpp
-            self.error = self.error or e
+        except BaseException as e:  # must not unwind through llama.cpp (ctypes drops it);
+            self.error = self.error or e  # a signal's KeyboardInterrupt/Terminated included
             return False
 
     def wants(self, t: GgmlTensor) -> bool:
@@ -332,7 +332,7 @@ def _decode_chunk(llm: _Llama, batch: object, chunk: list[int]) -> None:
     with capture_llama_log(llm._log):
         rc = llama_cpp.llama_decode(llm.ctx, batch)
     error = llm.collector.error
-    if isinstance(error, ImatrixComputeError):
+    if isinstance(error, (ImatrixComputeError, KeyboardInterrupt, Terminated)):
         raise error
     if error is not None:  # a bug: keep its traceback
         raise RuntimeError(f"activation collector failed: {error!r}") from error
