@@ -110,6 +110,9 @@ def world(tmp_path: Path, pristine: Path, servers: dict[str, str],
     _copy_build(pristine, build)
     monkeypatch.setenv("MATHQ_BUILD_DIR", str(build))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with read_only_dir(root) as ro, full_dir(root) as full:
         simulated = []
         if ro is None:
