@@ -69,7 +69,7 @@ def test_original_math_and_gsm8k_spellings(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ('{"problem": "x", "answer": "1"', "not valid JSON (Expecting ',' delimiter at column 31)"),
-    ('["problem"]', "expected a JSON object, got list"),
+    ('["problem"]', "expected a JSON object, got an array"),
     ('{"answer": "1"}', "missing field 'problem' or 'question'"),
     ('{"problem": "x"}', "missing field 'answer'"),
     ('{"problem": "x", "answer": 3.5, "level": "hard"}', "level must be 1-5 or 'Level N', "
