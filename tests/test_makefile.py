@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_n(venv: Path, *args: str) -> str:
-    out = subprocess.run(["make", "-n", "install", f"VENV={venv}", *args], cwd=ROOT,
+    """`make -n install` as a user would type it, even when the suite itself runs under `make
+    test` (whose MAKELEVEL/MAKEFLAGS would make the inner make a sub-make with other output)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    out = subprocess.run(["make", "-n", "install", f"VENV={venv}", *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True)
     return out.stdout
 
