@@ -16,6 +16,7 @@ resident set again, so peak memory stays bounded by one tensor, not the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -236,9 +237,12 @@ class SafetensorsFile:
             self._map.madvise(mmap.MADV_DONTNEED, start, length)
 
     def close(self) -> None:
-        """Unmap and close; views from :meth:`array` must be gone by now."""
+        """Unmap and close. A view from :meth:`array` still alive (an exception, SIGTERM,
+        unwinding through a frame that holds one) keeps the map open: it is then left to
+        be unmapped when the view goes, instead of failing the unwinding with BufferError."""
         if self._map is not None:
-            self._map.close()
+            with contextlib.suppress(BufferError):
+                self._map.close()
             self._map = None
         self._file.close()
 
