@@ -41,3 +41,10 @@ def build_dir_option(f: F) -> F:
 def echo_json(value: Any) -> None:
     """Print dataclasses, paths and plain values as indented JSON."""
     click.echo(json.dumps(to_jsonable(value), indent=2, ensure_ascii=False))
+
+
+def is_gguf_path(ref: str) -> bool:
+    """Whether a RECIPE|GGUF argument names a GGUF file (as `mathq quantize` decides):
+    a ``.gguf`` name, or an existing file that is not a ``.toml`` recipe."""
+    path = Path(ref)
+    return path.suffix.lower() == ".gguf" or (path.is_file() and path.suffix.lower() != ".toml")

@@ -85,6 +85,8 @@ class SmokeSummary:
     verdicts: dict[str, int] = field(default_factory=dict)
     seed: int | None = None
     runs: int = 1
+    # Versions, CPU and date of the run (:mod:`mathq.evaluate.environment`).
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,20 @@ class BenchSummary:
     n_prompt: int = 512
     n_gen: int = 128
     repetitions: int = 5
+    # Memory (see :mod:`mathq.evaluate.bench`): the peak resident set before the model was
+    # loaded, and llama.cpp's own buffer sizes in bytes (model, kv_cache, compute, output)
+    # for a context of ``buffers_context`` tokens.
+    baseline_rss_bytes: int | None = None
+    llama_buffers: dict[str, int] = field(default_factory=dict)
+    buffers_context: int | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def rss_over_baseline_bytes(self) -> int | None:
+        """Peak resident memory the model added: the peak minus the peak before loading."""
+        if self.peak_rss_bytes is None or self.baseline_rss_bytes is None:
+            return None
+        return max(0, self.peak_rss_bytes - self.baseline_rss_bytes)
 
 
 @dataclass(frozen=True)
@@ -141,6 +157,7 @@ class KldSummary:
     n_chunks: int | None = None
     corpus_sha256: str = ""
     seconds: float | None = None
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 S = TypeVar("S")
