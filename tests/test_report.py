@@ -269,12 +269,13 @@ def test_plots_join_no_two_variants_with_a_line(build) -> None:
     from matplotlib.lines import Line2D
 
     from mathq.report import plots as plots_module
+    from mathq.report.advice import with_advice
     from mathq.report.table import collect
 
     recipe, layout = build
     from mathq.recipes.recipe import load_recipe
 
-    data = collect(load_recipe(recipe), layout)
+    data = with_advice(collect(load_recipe(recipe), layout))
     import matplotlib.pyplot as plt
 
     for name, draw in (("accuracy", plots_module._accuracy), ("kld", plots_module._kld)):

@@ -110,10 +110,11 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
         return
     report = layout.report_dir / "report.html"
     if options.measure and report.is_file():
+        from mathq.report.advice import with_advice
         from mathq.report.table import collect
         from mathq.report.text import render_text
 
-        data = collect(loaded, layout)
+        data = with_advice(collect(loaded, layout))
         click.echo(render_text(data, data.advice))
         click.echo(f"\nReport: {report}\n        {report.with_suffix('.md')}")
     click.echo(f"Build of {loaded.name} finished in {layout.root}")

@@ -21,22 +21,22 @@ options ``mathq publish`` has, and only when the recipe has an Ollama tag for th
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
 from dataclasses import dataclass
 
 from mathq.report.cells import format_p, kld_text, signed
-from mathq.report.paired import ALPHA, PairedDifference
-from mathq.report.table import FULL_PRECISION, ReportData, VariantRow
+from mathq.report.paired import ALPHA, Z95, PairedDifference
+from mathq.report.table import (
+    FULL_PRECISION,
+    ReportData,
+    VariantRow,
+    qualifies,
+    size_class,
+)
 
-Z95 = 1.959964
-_BITS = re.compile(r"^(?:I?Q|TQ)(\d)")
+__all__ = ["Advice", "Pick", "advise", "frontier", "qualifies", "size_class", "with_advice"]
 
-
-def size_class(quant: str) -> int | None:
-    """The bits a variant's type is named for (``Q4_K_M-imat`` -> 4); None for F16/BF16."""
-    m = _BITS.match(quant)
-    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,6 @@ def candidates(data: ReportData) -> list[VariantRow]:
     """Quantized variants with a size class (the reference and float files excluded)."""
     return [r for r in data.rows if r.quant != FULL_PRECISION and not r.is_kld_reference
             and size_class(r.quant) is not None]
-
-
-def qualifies(row: VariantRow) -> bool:
-    """Paired with BF16 without a significant loss, KLD and size measured."""
-    return (row.paired is not None and not row.paired.significant_loss
-            and row.mean_kld is not None and row.size_bytes is not None)
 
 
 def frontier(rows: list[VariantRow]) -> list[VariantRow]:
@@ -222,3 +216,9 @@ def _no_pick_text(data: ReportData, rows: list[VariantRow]) -> str:
                 f"(run `mathq kld {ref}`).")
     return ("No variant qualifies: every measured one loses accuracy significantly against "
             "BF16 or lacks a KL divergence; publish BF16 itself or try larger types.")
+
+
+def with_advice(data: ReportData) -> ReportData:
+    """``data`` with its :attr:`ReportData.advice` filled in (the pages, plots and the
+    table's Advice column read it from there)."""
+    return dataclasses.replace(data, advice=advise(data))

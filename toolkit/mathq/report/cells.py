@@ -18,7 +18,13 @@ from pathlib import Path
 
 from mathq.evaluate.summaries import MeanSd, Rate
 from mathq.fsutil import format_bytes
-from mathq.report.table import ImatrixComparison, ReportData, VariantRow
+from mathq.report.table import (
+    ImatrixComparison,
+    ReportData,
+    VariantRow,
+    qualifies,
+    size_class,
+)
 
 MISSING = "—"
 IMATRIX_MARK = "†"
@@ -133,8 +139,6 @@ def _tags(row: VariantRow, _data: ReportData) -> str:
 
 def status(row: VariantRow, data: ReportData) -> str:
     """Where ``row`` stands in the advice: reference, pick, frontier, dominated, ..."""
-    from mathq.report.advice import qualifies, size_class
-
     advice = data.advice
     if row.quant == data.accuracy_reference or (row.is_kld_reference and row.accuracy is None):
         return REFERENCE

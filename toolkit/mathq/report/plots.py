@@ -99,7 +99,7 @@ def _label(ax: Any, row: VariantRow, x: float, y: float, below: bool = False) ->
 def _ring_picks(ax: Any, data: ReportData, points: dict[str, tuple[float, float]],
                 seen: set[str]) -> None:
     """A gold ring and a star around each size class's pick."""
-    for pick in data.advice.picks:
+    for pick in data.advice.picks if data.advice else ():
         if pick.quant in points:
             x, y = points[pick.quant]
             ax.plot([x], [y], marker="o", markersize=19, mfc="none", mec=COLORS["pick"],
@@ -179,7 +179,7 @@ def _kld(ax: Any, data: ReportData) -> int:
         _point(ax, r, r.bits_per_weight, r.mean_kld, [[err], [err]], _faded(r), seen)
         _label(ax, r, r.bits_per_weight, r.mean_kld, below=r.kind != "stock")
         points[r.quant] = (r.bits_per_weight, r.mean_kld)
-    front = [points[q] for q in data.advice.frontier if q in points]
+    front = [points[q] for q in (data.advice.frontier if data.advice else ()) if q in points]
     if front:
         xs, ys = zip(*sorted(front), strict=True)
         ax.step(xs, ys, where="post", color=COLORS["frontier"], linestyle=":", linewidth=1.5,

@@ -18,7 +18,7 @@ from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.recipes.recipe import Recipe, load_recipe
-from mathq.report.advice import Advice, size_class
+from mathq.report.advice import Advice, size_class, with_advice
 from mathq.report.cells import P_FLOOR
 from mathq.report.html import render_html
 from mathq.report.markdown import render_markdown
@@ -109,7 +109,7 @@ def build_report(recipe_ref: str | Path, options: ReportOptions = ReportOptions(
     out.mkdir(parents=True, exist_ok=True)
     steps = ("summaries", "plots", "pages")
     progress(Progress("report", 0, len(steps), "steps", item=steps[0]))
-    data = collect(recipe, layout, progress)
+    data = with_advice(collect(recipe, layout, progress))
     advice = data.advice
     progress(Progress("report", 1, len(steps), "steps", item=steps[1]))
     plots = write_plots(data, out)

@@ -21,11 +21,11 @@ table too, an :class:`ImatrixComparison` puts the two side by side.
 
 from __future__ import annotations
 
-import functools
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from mathq.convert.gguf_info import read_gguf_header
 from mathq.errors import GGUFError
@@ -51,13 +51,19 @@ from mathq.recipes.quants import (
 from mathq.recipes.recipe import Recipe, bundled_recipes_dir
 from mathq.report.paired import PairedDifference, paired_difference, read_verdicts
 
-if TYPE_CHECKING:
-    from mathq.report.advice import Advice
-
 # The full-precision variant accuracy changes are measured against, when it was smoke-tested.
 FULL_PRECISION = "BF16"
 TUNED_SUFFIX = "-tuned"
 KINDS = ("stock", "imatrix", "tuned")
+
+
+_BITS = re.compile(r"^(?:I?Q|TQ)(\d)")
+
+
+def size_class(quant: str) -> int | None:
+    """The bits a variant's type is named for (``Q4_K_M-imat`` -> 4); None for F16/BF16."""
+    m = _BITS.match(quant)
+    return int(m.group(1)) if m else None
 
 
 def variant_kind(name: str) -> str:
@@ -121,6 +127,13 @@ class VariantRow:
             self.llama_buffers.get("output", 0)
 
 
+def qualifies(row: VariantRow) -> bool:
+    """Paired with BF16 without a significant loss, and KLD and size measured: a variant the
+    recommendation may pick (:mod:`mathq.report.advice`)."""
+    return (row.paired is not None and not row.paired.significant_loss
+            and row.mean_kld is not None and row.size_bytes is not None)
+
+
 @dataclass(frozen=True)
 class ImatrixComparison:
     """A variant made with an importance matrix beside the same type made without one.
@@ -174,6 +187,10 @@ class ReportData:
     environment: dict[str, str] = field(default_factory=dict)
     bench_settings: dict[str, int] = field(default_factory=dict)
     confidence: float = 0.95
+    # The recommendation these rows support (a :class:`mathq.report.advice.Advice`, set by
+    # :func:`mathq.report.advice.with_advice`; typed loosely so this module need not import
+    # the one that reads it).
+    advice: Any = None
 
     @property
     def size_unit(self) -> tuple[str, int]:
@@ -189,13 +206,6 @@ class ReportData:
     def gguf_name(self, quant: str) -> str:
         """The file a variant is built into."""
         return f"{self.model}-{quant}.gguf"
-
-    @functools.cached_property
-    def advice(self) -> Advice:
-        """The recommendation these rows support (:func:`mathq.report.advice.advise`)."""
-        from mathq.report.advice import advise
-
-        return advise(self)
 
     @property
     def subjects(self) -> list[str]:
