@@ -16,7 +16,7 @@ engine uses.
 Memory is measured two ways, both reported. llama.cpp's own figures, read from the lines
 it logs when it allocates (``model buffer``, ``KV buffer``, ``compute buffer``, ``output
 buffer``), for the single-sequence context of the pp/tg tests; and the process's peak
-resident set (``getrusage``) *minus* its peak before the model was loaded, so the Python
+resident set (``VmHWM`` on Linux) *minus* its peak before the model was loaded, so the Python
 interpreter, NumPy and llama.cpp's libraries (about 130 MB, the same for every variant) are
 not counted. Each variant runs in its own spawned process, so the peak belongs to that
 model alone; it also covers the larger context of the throughput test. Load time is
@@ -176,7 +176,19 @@ def bench_gguf(path: Path, options: BenchOptions,
 
 
 def _peak_rss() -> int:
-    """This process's peak resident set so far, in bytes (``ru_maxrss`` is KiB on Linux)."""
+    """This process's peak resident set so far, in bytes.
+
+    On Linux it is ``VmHWM`` from ``/proc/self/status``: the high-water mark of this
+    process's own memory map. ``getrusage``'s ``ru_maxrss`` is not: Linux carries it across
+    ``exec`` from the process that forked, so a spawned child reports its parent's peak
+    (which made every variant's "peak RAM" the same number). Elsewhere ``ru_maxrss``.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss) * (1 if sys.platform == "darwin" else 1024)
 
