@@ -163,13 +163,12 @@ def advise(data: ReportData) -> Advice:
         if front_c:
             pick, lowest = _class_pick(front_c)
             assert pick.paired is not None
-            others = len([r for r in qualified if size_class(r.quant) == bits]) - 1
             if lowest is not None:
                 kld_reason = (f"{_kld_words(pick)}, within the noise of {lowest.quant}'s "
                               f"({_kld_words(lowest)}) at a smaller size")
-            elif others:
-                kld_reason = (f"the lowest {_kld_words(pick)} of the {bits}-bit files that "
-                              "keep BF16's accuracy")
+            elif len(front_c) > 1:
+                kld_reason = (f"the lowest {_kld_words(pick)} of the {bits}-bit files on the "
+                              "frontier")
             else:
                 kld_reason = _kld_words(pick)
             reason = (f"{pick.quant} ({_size_words(data, pick)}): accuracy vs BF16 "
@@ -185,15 +184,15 @@ def advise(data: ReportData) -> Advice:
             reason = (f"No {bits}-bit pick: {by.quant} is no larger than {best.quant} and "
                       "diverges no more from BF16.")
         else:
-            reason = "No " + f"{bits}-bit pick: " + "; ".join(_why_not(r) for r in in_class) + "."
+            reason = f"No {bits}-bit pick: " + "; ".join(_why_not(r) for r in in_class) + "."
         picks.append(Pick(bits, None, reason))
     chosen = next((p for p in picks if p.quant is not None), None)
     if chosen is not None:
         row = next(r for r in rows if r.quant == chosen.quant)
         text = (f"Publish {chosen.quant} ({_size_words(data, row)}): {chosen.label} is the "
                 "smallest size class with a file that loses no accuracy against BF16 "
-                "measurably, and of those files it has the lowest KL divergence "
-                f"({_kld_words(row)}). Other sizes: the pick of each class below.")
+                f"measurably, and {chosen.quant} is that class's pick ({_kld_words(row)}). "
+                "Other sizes: the pick of each class below.")
     else:
         text = _no_pick_text(data, rows)
     return Advice(quant=chosen.quant if chosen else None, text=text, picks=tuple(picks),
