@@ -2,7 +2,6 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-stamp
 
 # llama.cpp is built for this CPU (-march=native) but without its AMX kernels: on the x86-64
 # VMs mathq is tested on they die with SIGILL at their first tile instruction, while the
@@ -11,6 +10,29 @@ ifeq ($(shell uname -m),x86_64)
 LLAMA_FLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 endif
 
+# `make install CUDA=1 [CUDA_ARCH=90]` builds llama-cpp-python with llama.cpp's CUDA backend
+# for the GPUs of this machine (`native`) or the given compute capability (90: H100/H200).
+# The -mno-amx-* flags stay on: they reach only the host C/C++ compiler (CFLAGS/CXXFLAGS),
+# which still builds the CPU backend that runs whatever is not offloaded; nvcc takes its
+# flags from CMAKE_CUDA_FLAGS, which they never enter (nvcc would reject them), and
+# ggml-cuda hands its host compiler only its own warning flags (-Xcompiler).
+# Each flavour (and CUDA architecture) has its own stamp; switching rebuilds llama-cpp-python
+# from source. CUDA builds bypass pip's wheel cache, so it only ever holds the CPU wheel,
+# which switching back to the CPU build may reuse.
+CUDA      ?=
+CUDA_ARCH ?= native
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+ifeq ($(CUDA),1)
+STAMP       := $(VENV)/.installed-cuda-$(CUDA_ARCH)-stamp
+LLAMA_CMAKE := -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=$(CUDA_ARCH)
+else
+STAMP       := $(VENV)/.installed-cpu-stamp
+LLAMA_CMAKE :=
+endif
+LLAMA_ENV   := CFLAGS="$(LLAMA_FLAGS)" CXXFLAGS="$(LLAMA_FLAGS)" CMAKE_ARGS="$(LLAMA_CMAKE)"
+REBUILD_LLAMA := $(BIN)/python -m pip install --quiet --force-reinstall --no-deps \
+	--no-binary llama-cpp-python
+
 .PHONY: install test lint demo screenshots
 
 install: $(STAMP)
@@ -18,8 +40,17 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+ifeq ($(CUDA),1)
+	@echo "Building llama-cpp-python with CUDA for architecture $(CUDA_ARCH) (several minutes)..."
+	$(LLAMA_ENV) $(REBUILD_LLAMA) --no-cache-dir '$(LLAMA_CPP_PYTHON)'
+else
+	@if ls $(VENV)/.installed-cuda-*-stamp >/dev/null 2>&1; then \
+	  echo "Switching llama-cpp-python back to the CPU build..."; \
+	  $(LLAMA_ENV) $(REBUILD_LLAMA) '$(LLAMA_CPP_PYTHON)'; fi
 	@echo "Installing mathq and llama-cpp-python (the first build of llama.cpp takes about 5 minutes on 2 cores)..."
-	CFLAGS="$(LLAMA_FLAGS)" CXXFLAGS="$(LLAMA_FLAGS)" $(BIN)/python -m pip install --quiet -e '.[dev]'
+endif
+	$(LLAMA_ENV) $(BIN)/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*stamp
 	touch $(STAMP)
 
 test: install

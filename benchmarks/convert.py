@@ -187,14 +187,9 @@ def main() -> None:
     if not (hf / "config.json").is_file():
         print(f"writing a {args.layers}-layer DeepSeek-shaped checkpoint to {hf} ...")
         build_checkpoint(hf, spec, fast_random=True)
-    # As in DeepSeek's own tokenizer_config.json: no unknown token. Without this line
-    # transformers' LlamaTokenizerFast (which upstream loads) invents "<unk>" as token 100015;
-    # llama.cpp's vocab GGUF made from the real files has [PAD100015] there.
-    tok_config = json.loads((hf / "tokenizer_config.json").read_text(encoding="utf-8"))
-    tok_config["unk_token"] = None
-    (hf / "tokenizer_config.json").write_text(
-        json.dumps(tok_config, ensure_ascii=False, indent=2), encoding="utf-8"
-    )
+    # The checkpoint's tokenizer_config.json (the test fixture's) says "unk_token": null, as
+    # DeepSeek's own does; without it upstream and mathq both add "<unk>" as token 100015
+    # (transformers' LlamaTokenizerFast default; tests/test_convert.py checks both cases).
     shards = sorted(hf.glob("*.safetensors"))
     size = sum(p.stat().st_size for p in hf.iterdir())
     print(f"checkpoint: {size / 2**30:.2f} GiB in {len(shards)} shards")

@@ -2,6 +2,7 @@
 
 It behaves as Ollama's ``server/routes.go`` and ``server/images.go`` do (read, not copied):
 
+- ``GET /api/version``: ``{"version": "0.12.0"}`` (mathq asks it before any work);
 - ``HEAD /api/blobs/<digest>``: 200 if the blob is stored, 404 if not, 400 for a digest that
   is not ``sha256:<64 hex>``;
 - ``POST /api/blobs/<digest>``: 200 at once if stored; else the body (``Content-Length`` or
@@ -191,6 +192,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     # -- routes ------------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self.ollama._log(OllamaRequest("GET", self.path, None, 0))
+        if self.path == "/api/version":
+            return self._send_json(200, {"version": "0.12.0"})
+        return self._send_json(404, {"error": "404 page not found"})
 
     def do_HEAD(self) -> None:
         self.ollama._log(OllamaRequest("HEAD", self.path, None, 0))

@@ -220,6 +220,39 @@ def test_metadata_agrees_with_llama_cpp_vocab_gguf(tiny, tiny_reader):
     )
 
 
+# SHA-256 of the token list and types llama.cpp's convert_hf_to_gguf.py (get_vocab_base)
+# writes for the tiny checkpoint, as JSON [[token, type], ...]: computed with transformers
+# 4.57.6, whose AutoTokenizer upstream loads. With DeepSeek's "unk_token": null, id 100015 is
+# [PAD100015] (UNUSED); without the key, LlamaTokenizerFast's default "<unk>" is appended
+# there as a special token (CONTROL).
+UPSTREAM_VOCAB_SHA256 = {
+    "unk_token null": "69483ad0293c5b91823851c2e9c9ce2ff3e7192d614090b2c071274663b4ba62",
+    "no unk_token key": "fc4eaadde41701783c1a92fe2637ff705f32e54df0f130eeeece855e4fdec36e",
+}
+
+
+@pytest.mark.parametrize("case", list(UPSTREAM_VOCAB_SHA256))
+def test_token_list_and_types_equal_upstreams(tiny, tmp_path, case):
+    """Every token and type, PAD rows and the 100015 row included, as upstream writes them."""
+    import hashlib
+
+    from mathq.convert.vocab import build_vocab
+
+    _, hf, _ = tiny
+    folder = clone(hf, tmp_path / "hf", copy=("tokenizer_config.json",))
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if case == "no unk_token key":
+        del config["unk_token"]
+    config_path.write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    vocab = build_vocab(folder, 102400, "deepseek-llm")
+    listed = [[t, k] for t, k in zip(vocab.tokens, vocab.token_types, strict=True)]
+    digest = hashlib.sha256(json.dumps(listed, ensure_ascii=False).encode()).hexdigest()
+    assert digest == UPSTREAM_VOCAB_SHA256[case], listed[100015]
+    assert listed[100015] == (["[PAD100015]", TokenType.UNUSED] if case == "unk_token null"
+                              else ["<unk>", TokenType.CONTROL])
+
+
 def read_vectors() -> list[tuple[str, list[int]]]:
     inp = (VOCAB_FIXTURE / "ggml-vocab-deepseek-llm.gguf.inp").read_text(encoding="utf-8")
     out = (VOCAB_FIXTURE / "ggml-vocab-deepseek-llm.gguf.out").read_text(encoding="utf-8")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import subprocess
 from dataclasses import replace
@@ -31,6 +32,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mathq.modelfile.check import parse_modelfile
 from mathq.modelfile.options import parse_go_bool, parse_go_float32, parse_go_int64
+from mathq.modelfile.templatesyntax import (
+    TemplateSyntaxError,
+    ollama_template_problem,
+    parse_template,
+)
 from mathq.modelfile.write import render_modelfile
 from mathq.recipes.prompt import BOS, ChatMessage, few_shot_preamble, render_chat, render_prompt
 from mathq.recipes.recipe import load_recipe
@@ -284,3 +290,105 @@ def test_llama_cpp_reads_the_prompt_with_one_bos_and_eos_as_a_token():
     assert tokens.count(eos) == 1
     at = tokens.index(eos)
     assert llm.detokenize(tokens[at + 1:at + 3]).decode() == "User:"
+
+
+# Templates Go's parser accepts and refuses: every block keyword, missing and extra ends,
+# unclosed actions, comments, strings and parentheses, undefined functions and variables,
+# declarations, trim markers, literals of every kind, errors on later lines.
+PARSE_TABLE = [
+    '{{ if .X }}a', '{{ .Content ', '{{ foo }}', '{{ end }}', 'ok {{ json .X }}',
+    '{{ if .X }}a{{ else }}b{{ end }}', '{{ if .X }}a{{ else if .Y }}b{{ else }}c{{ end }}',
+    '{{ range $i, $m := .Messages }}{{ $i }}{{ $m.Role }}{{ end }}',
+    '{{ range $i, $m, $k := .Messages }}{{ end }}', '{{ $x := 1 }}{{ $x }}', '{{ $y }}',
+    '{{ with .X }}{{ . }}{{ else }}none{{ end }}', '{{ break }}',
+    '{{ range .X }}{{ break }}{{ end }}', '{{ range .X }}{{ continue }}{{ end }}',
+    '{{ if .X }}{{ break }}{{ end }}', '{{/* comment */}}', '{{/* comment */ .X }}',
+    '{{/* unclosed', '{{- .X -}}', '{{-.X}}', '{{ -3 }}', '{{ .X | printf "%s" }}',
+    '{{ .X | 3 }}', '{{ "a" | len }}', '{{ }}', '{{ ( .X }}', '{{ .X ) }}', '{{ (.X).Y }}',
+    '{{ "abc".Y }}', '{{ 3.Y }}', '{{ nil }}', '{{ .X.Y.Z }}', '{{ $.X }}', '{{ $ }}',
+    '{{ "unterminated }}', '{{ `raw\nstring` }}', '{{ `raw }}', "{{ 'a' }}", "{{ 'ab' }}",
+    "{{ '' }}", '{{ 0x1F }}', '{{ 1e10 }}', '{{ 1_000 }}', '{{ 0x }}', '{{ 1.2.3 }}',
+    '{{ 99999999999999999999 }}', '{{ 1+2i }}', '{{ "\\q" }}', '{{ "\\u00e9" }}',
+    '{{ define "x" }}hi{{ end }}{{ template "x" . }}',
+    '{{ define "x" }}hi{{ end }}{{ define "x" }}ho{{ end }}', '{{ block "b" . }}body{{ end }}',
+    '{{ template x }}', '{{ template "x" }}', '{{ if }}{{ end }}', '{{ range }}{{ end }}',
+    '{{ else }}', '{{ if .X }}{{ else }}{{ else }}{{ end }}',
+    '{{ if .X }}\n\n{{ end }}\n{{ end }}', 'line1\nline2\n{{ if .X }}\nline4\n',
+    'a\n{{ .X\n  .Y }}\n', 'a\n{{ .X\n', '{{ .X := 1 }}', '{{ $x = 2 }}',
+    '{{ $x := 1 }}{{ $x = 2 }}', '{{ if .X }}{{ $v := 1 }}{{ end }}{{ $v }}',
+    '{{ eq .Role "user" }}', '{{ and .A .B }}', '{{ slice .Messages 1 }}', '{{ index .M 0 }}',
+    '{{ currentDate }}', '{{ yesterdayDate }}', '{{ toTypeScriptType .X }}', '{{ toJson .X }}',
+    '{{ .X | foo }}', '{{ .X @ }}', '{{ .Xé }}', '{{ .Xé }}', '{{ .X!}}', '{{ $x:=1 }}',
+    '{{ $x : 1 }}', '{{ if .X -}}\n a {{- end }}', '{{ .X }}}', '{{{ .X }}', '}}', '{{', '{{-',
+    '{{- }}', '{{ - }}', '{{ range $i := .X }}{{ end }}', '{{ range $i, := .X }}{{ end }}',
+    '{{ with $x := .X }}{{ $x }}{{ end }}{{ $x }}', '{{ define "a" }}{{ end }}',
+    '{{ if .X }}{{ define "a" }}{{ end }}{{ end }}', '{{ .X, }}', '{{ (.X | len) }}', '{{ (1) }}',
+    '{{ true.X }}', '{{ .X true false }}', '{{ len (slice .M 1 2) }}', 'é{{ .X }}\n{{ .Y ',
+    '{{ print 1 2 | printf "%d" | len }}', '{{ if .X }}a{{ else if }}{{ end }}',
+    '{{ else if .X }}', '{{ range .X }}{{ else }}empty{{ end }}',
+    '{{ range .X }}{{ else }}{{ break }}{{ end }}', '{{/* a */}}{{/* b */ }}', '{{/*a*/}}',
+    '{{- /* a */ -}}', '{{ .X }}{{/* x */}}{{ end', '{{ "\\x4" }}', "{{ '\\n' }}", '{{ 0b101 }}',
+    '{{ 0o17 }}', '{{ 08 }}', '{{ 0777 }}', '{{ .1 }}', '{{ . }}', '{{ .. }}', '{{ $.. }}',
+    '{{ $x.y }}', '{{ -.5 }}', '{{ +1 }}', '{{ 1i }}', '{{ 0x1p4 }}', '{{ 0x1.8 }}',
+]
+
+
+def mathq_parse(template: str) -> str:
+    """mathq's verdict in Go's words: "" when accepted, else Go's error text."""
+    try:
+        parse_template(template)
+    except TemplateSyntaxError as e:
+        return f"template: :{e.line}: {e.message}"
+    return ""
+
+
+def go_parse(go_render, templates: list[str]) -> list[str]:
+    result = go_render(None, mode=["parse"], payload=templates)
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(result.stdout)
+
+
+def test_template_parser_agrees_with_gos_on_the_table(go_render):
+    """Go's text/template (with Ollama's functions) and mathq accept and refuse the same
+    templates, with the same message at the same line."""
+    go = go_parse(go_render, PARSE_TABLE)
+    assert sum(not g for g in go) >= 40 and sum(bool(g) for g in go) >= 60
+    wrong = [(t, g, m) for t, g in zip(PARSE_TABLE, go, strict=True)
+             if (m := mathq_parse(t)) != g]
+    assert not wrong, wrong
+
+
+FRAGMENTS = ["{{", "}}", "{{-", "-}}", " ", "\n", "if", "else", "end", "range", "with", "define",
+             "block", "template", "break", "continue", ".X", ".Messages", "$i", "$m", ":=", "=",
+             ",", "|", "(", ")", '"s"', "`r`", "'c'", "1", "-2", "0x1", "1.5", "eq", "len",
+             "json", "foo", "nil", "true", ".", "$", "/*", "*/", "text", '"', "`", "'",
+             "{{ end }}", "{{ if .X }}", "{{ range $i, $m := .Messages }}", "{{ else }}",
+             "{{/* c */}}", "{{ .Content }}", "{{ $x := 1 }}", "{{ $x }}", "é", "\t",
+             "{{ else if .Y }}", '{{ define "d" }}', '{{ template "d" . }}']
+
+
+def test_template_parser_agrees_with_gos_on_random_templates(go_render):
+    """2,000 seeded random splices of template fragments: same verdict, line and message.
+    ({{else with}} is left out: Go accepts it from 1.23 on, as Ollama's build does.)"""
+    rng = random.Random(16)
+    templates = []
+    while len(templates) < 2000:
+        t = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(1, 14)))
+        if "with" not in t:
+            templates.append(t)
+    go = go_parse(go_render, templates)
+    assert 400 < sum(not g for g in go) < 1600  # both verdicts well represented
+    wrong = [(t, g, m) for t, g in zip(templates, go, strict=True)
+             if (m := mathq_parse(t)) != g]
+    assert not wrong, wrong[:5]
+
+
+def test_else_with_and_ollamas_own_refusals():
+    """{{else with}} parses (Go 1.23+, which Ollama is built with); Ollama additionally
+    refuses {{template}} without a pipeline; Ollama's functions are defined, others not."""
+    parse_template("{{ with .X }}a{{ else with .Y }}b{{ else }}c{{ end }}")
+    assert ollama_template_problem('{{ define "t" }}x{{ end }}\n{{ template "t" }}')[0] == 2
+    assert ollama_template_problem('{{ define "t" }}x{{ end }}{{ template "t" . }}') is None
+    for name in ("json .X", "currentDate", "yesterdayDate", "toTypeScriptType .X", "slice .M 1"):
+        assert ollama_template_problem("{{ " + name + " }}") is None
+    assert ollama_template_problem("{{ toJson .X }}") == (1, 'function "toJson" not defined')

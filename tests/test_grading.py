@@ -20,8 +20,13 @@ import time
 import pytest
 
 from mathq.datasets.problems import find_boxed
-from mathq.evaluate.grading.equivalence import judge_here, normalize_answer
-from mathq.evaluate.grading.extract import RULE_NAMES, extract_answer
+from mathq.evaluate.grading.equivalence import (
+    basic_normalize,
+    is_text_answer,
+    judge_here,
+    normalize_answer,
+)
+from mathq.evaluate.grading.extract import RULE_NAMES, clean_answer, extract_answer
 from mathq.evaluate.grading.grade import grade_completion, split_top_level
 from mathq.evaluate.grading.isolation import JudgePool, judge
 from tests.conftest import FIXTURES
@@ -147,7 +152,7 @@ def test_answers_boxed_one_by_one_are_judged_together():
 
 # --- time limits -----------------------------------------------------------------------
 
-SLOW = "2^{2^{100}}"  # SymPy grinds on this for far longer than any limit below
+SLOW = "9^{9^{9^{9}}}"  # SymPy grinds on this for far longer than any limit below
 
 
 def test_main_thread_comparison_stops_at_the_limit():
@@ -208,3 +213,66 @@ def test_pool_kills_and_replaces_a_stuck_worker():
         assert verdict.method == "timeout" and not verdict.equal
         assert pool.judge(r"\frac12", "0.5").equal  # a fresh worker took over
         assert pool.pids() != [pid]
+
+
+# --- exact numbers and hostile sizes ----------------------------------------------------
+
+@pytest.mark.parametrize(("gold", "pred", "equal"), [
+    (r"\frac{1}{2004!}", r"\boxed{\frac{1}{2006!}}", False),  # both chop to 0 as floats
+    (r"\frac{\sqrt{2}}{2004!}", r"\frac{\sqrt{2}}{2006!}", False),
+    (r"\frac{1}{2004!}", r"\frac{2005 \cdot 2006}{2006!}", True),
+    (r"2^{100}", "1267650600228229401496703205377", False),
+    (r"10^{400}", r"10^{400}+1", False),
+    (r"1.5 \times 10^{-8}", r"1.6 \times 10^{-8}", False),  # below six decimal places
+    (r"10^{-8}", "0.00000001", True),
+    (r"\frac13", "0.333333", True),  # math-verify's rounding, where it means something
+])
+def test_exact_numbers_are_compared_exactly(gold: str, pred: str, equal: bool):
+    assert grade_completion(gold, f"so {pred}" if "boxed" in pred else
+                            rf"\boxed{{{pred}}}").correct is equal
+
+
+HOSTILE_ANSWERS = {
+    "a million digits": "1" * 1_000_000,
+    "a million spaces between digits": "1" + " " * 1_000_000 + "1",
+    "unclosed boxes": r"\boxed{" * 200_000,
+    "nested boxes": r"\boxed{" * 100_000 + "1" + "}" * 100_000,
+    "nested text": r"\text{" * 100_000 + "a" + "}" * 100_000,
+    "unit-like words": "1}" * 300_000 + " sq ft",
+    "dollar signs": "$" * 1_000_000,
+    "answer is, again and again": "The answer is " * 100_000,
+    "blank lines before an exemplar": "x" + "\n" * 1_000_000 + "Problem: 1",
+    "escaped braces": "\\{" * 500_000,
+    "degrees": "^ " * 500_000,
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_ANSWERS))
+def test_extraction_and_normalisation_are_linear(name: str):
+    """Every pattern on the grading path is linear: a million characters of each shape
+    that made one superlinear takes well under a second per pass (quadratic: hours)."""
+    text = HOSTILE_ANSWERS[name]
+    started = time.monotonic()
+    ex = extract_answer(text, few_shot=True)
+    extract_answer(text)
+    normalize_answer(text)
+    basic_normalize(text)
+    is_text_answer(text)
+    clean_answer(text)
+    if ex.answer:
+        normalize_answer(ex.answer)
+    assert time.monotonic() - started < 10, name
+
+
+def test_timeouts_do_not_normalise_again_without_a_limit(monkeypatch):
+    """After the alarm, the verdict carries the answers as given: normalising them again
+    (the work that overran) would run with no limit at all."""
+    import mathq.evaluate.grading.equivalence as eq
+
+    calls = []
+    original = eq.normalize_answer
+    monkeypatch.setattr(eq, "normalize_answer", lambda s: calls.append(s) or original(s))
+    verdict = judge(SLOW, "5", timeout_s=0.3)
+    assert verdict.method == "timeout"
+    assert len(calls) <= 2  # the ones inside the comparison, none after it
+    assert verdict.gold == SLOW

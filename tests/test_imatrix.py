@@ -129,6 +129,34 @@ def test_first_layer_inputs_match_numpy(tiny_bf16_gguf, matrix):
                               sums[f"blk.{layer}.ffn_up.weight.in_sum2"])
 
 
+def test_inputs_in_device_memory_are_copied_out(tiny_bf16_gguf, matrix, tmp_path,
+                                                monkeypatch):
+    """With layers on a GPU, a multiplication's input lives in device memory and is copied
+    to the host with ggml_backend_tensor_get (llama-imatrix's way). CPU buffers answer the
+    same call, so forcing that path here must give the very same matrix, byte for byte."""
+    from mathq.llama.ggml_view import GgmlApi
+
+    api = ggml_api()
+    copied: list[int] = []
+    real_get = api.lib.ggml_backend_tensor_get
+
+    def tensor_get(tensor, data, offset, size):
+        copied.append(size)
+        return real_get(tensor, data, offset, size)
+
+    monkeypatch.setattr(GgmlApi, "is_host", lambda self, t: False)
+    monkeypatch.setattr(api.lib, "ggml_backend_tensor_get", tensor_get)
+    dest = tmp_path / "copied.imatrix.gguf"
+    compute_imatrix(tiny_bf16_gguf, TEXT, dest,
+                    ImatrixOptions(n_ctx=PROVENANCE["ctx"], chunks=PROVENANCE["chunks"]),
+                    dataset="calibration.txt")
+    assert len(copied) >= 2 * 7 * PROVENANCE["chunks"]  # every hooked input of every chunk
+    ours, theirs = GGUFReader(dest), GGUFReader(matrix)
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors, strict=True):
+        assert np.asarray(a.data).tobytes() == np.asarray(b.data).tobytes(), a.name
+
+
 def test_agrees_with_llama_imatrix_within_one_percent(tiny_bf16_gguf, matrix):
     """The committed file was written by llama-imatrix itself on this model and text (see
     tests/fixtures/imatrix/README.md); every tensor's mean squared activations agree."""

@@ -4,6 +4,7 @@ refused, and the validator reads Modelfiles by Ollama's rules with the right lin
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,8 +35,21 @@ def test_committed_modelfiles_are_up_to_date(tmp_path: Path):
     assert len(fresh) == sum(len(load_recipe(n).ollama.tags) for n in bundled_recipe_names())
 
 
-def test_committed_modelfiles_pass_the_validator():
-    files = sorted(str(p) for p in COMMITTED.rglob("*.Modelfile"))
+def test_committed_modelfiles_pass_the_validator(tmp_path: Path):
+    """Copied beside a build folder holding the GGUFs they name (FROM must exist), the
+    committed Modelfiles pass; without those GGUFs, FROM is the only problem."""
+    copies = tmp_path / "modelfiles"
+    shutil.copytree(COMMITTED, copies)
+    files = sorted(str(p) for p in copies.rglob("*.Modelfile"))
+    missing = run("modelfile", "--check", *files, code=1).output.splitlines()
+    assert len(missing) == len(files) + 1
+    assert all(": no such file (paths are relative to the Modelfile)" in line
+               for line in missing[:-1])
+    for f in files:
+        (source,) = parse_modelfile(Path(f).read_text("utf-8")).values("FROM")
+        gguf = (Path(f).parent / source).resolve()
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        gguf.touch()
     out = run("modelfile", "--check", *files).output.splitlines()
     assert out == [f"{f}: ok" for f in files]
 
@@ -241,6 +255,27 @@ BROKEN = {
                             "would start with two"),
     "requires": ("FROM m.gguf\nREQUIRES latest\n", 2,
                  "REQUIRES needs a version such as 0.12.0, got 'latest'"),
+    "if without end": ('FROM m.gguf\nTEMPLATE """{{ if .System }}\n{{ .System }}\n"""\n', 4,
+                       "TEMPLATE: unexpected EOF"),
+    "unclosed action": ('FROM m.gguf\n\nTEMPLATE """{{ range .Messages }}\n{{ .Content """\n', 4,
+                        "TEMPLATE: unclosed action"),
+    "unknown function": ('FROM m.gguf\nTEMPLATE """{{ toUpper .Content }}"""\n', 2,
+                         'TEMPLATE: function "toUpper" not defined'),
+    "extra end": ('FROM m.gguf\nTEMPLATE """{{ .Content }}\n{{ end }}"""\n', 3,
+                  "TEMPLATE: unexpected {{end}}"),
+    "template without pipeline": (
+        'FROM m.gguf\nTEMPLATE """{{ define "t" }}x{{ end }}{{ template "t" }}"""\n', 2,
+        'TEMPLATE: {{template}} without a pipeline: Ollama refuses it (undefined template '
+        'specified); pass one, e.g. {{template "name" .}}'),
+    "template swallows LICENSE": (
+        'FROM m.gguf\nTEMPLATE """{{ .Prompt }}\nPARAMETER temperature 0\nLICENSE """MIT\n'
+        'text"""\n', 2,
+        'TEMPLATE opened with """ is not closed before line 3 (\'PARAMETER temperature 0\'), so '
+        'Ollama '
+        'reads that line into its value; close it with """'),
+    "FROM a missing file": ("FROM ./nonexistent.gguf\n", 1,
+                            "FROM ./nonexistent.gguf: no such file (paths are relative to the "
+                            "Modelfile); build the GGUF first or fix the path"),
     "CRLF line numbers": ("FROM m.gguf\r\n\r\nPARAMETER top_k x\r\n", 3,
                           "top_k takes a whole number, got 'x'"),
 }

@@ -9,6 +9,11 @@
 // and prints, for each string, whether Ollama's create would parse it as a PARAMETER value
 // of that type (strconv.ParseInt base 10, ParseFloat to 32 bits, ParseBool).
 //
+// With the argument "parse" it instead reads a JSON list of templates and prints, for each, ""
+// when Go's parser accepts it as Ollama parses a TEMPLATE (template.New("") with
+// missingkey=zero and Ollama's functions json, currentDate, yesterdayDate and
+// toTypeScriptType), or Go's error message.
+//
 // What it mirrors from Ollama (server/prompt.go, template/template.go):
 //   - the template is parsed with missingkey=zero and a "json" function;
 //   - a template that never names Messages would be rendered in Ollama's legacy
@@ -130,9 +135,40 @@ func parseValues() {
 	}
 }
 
+// ollamaFuncs are the functions Ollama defines for templates (template/template.go); only
+// their names matter to the parser.
+var ollamaFuncs = template.FuncMap{
+	"json":             func(v any) string { return "" },
+	"currentDate":      func(args ...string) string { return "" },
+	"yesterdayDate":    func(args ...string) string { return "" },
+	"toTypeScriptType": func(v any) string { return "" },
+}
+
+// parseTemplates answers the "parse" mode.
+func parseTemplates() {
+	var in []string
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		fail("reading the templates: %v", err)
+	}
+	out := make([]string, len(in))
+	for i, text := range in {
+		_, err := template.New("").Option("missingkey=zero").Funcs(ollamaFuncs).Parse(text)
+		if err != nil {
+			out[i] = err.Error()
+		}
+	}
+	if err := json.NewEncoder(os.Stdout).Encode(out); err != nil {
+		fail("writing: %v", err)
+	}
+}
+
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "strconv" {
 		parseValues()
+		return
+	}
+	if len(os.Args) > 1 && os.Args[1] == "parse" {
+		parseTemplates()
 		return
 	}
 	var req request

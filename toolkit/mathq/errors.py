@@ -59,6 +59,18 @@ class DiskSpaceError(MathqError, OSError):
     """Not enough free space for the planned output."""
 
 
+class OutputError(MathqError, OSError):
+    """An output file or folder cannot be written: read-only file system, no permission,
+    disk full. Raised by :func:`mathq.fsutil.output_error`, the one place OS errors on output
+    paths become messages; ``path`` is what could not be written."""
+
+    def __init__(self, message: str, hint: str | None = None, *,
+                 path: str | None = None, reason: str = "") -> None:
+        super().__init__(message, hint)
+        self.path = path
+        self.reason = reason
+
+
 class GGUFError(MathqError, ValueError):
     """A GGUF file is malformed, or not the kind of GGUF the command needs."""
 
@@ -119,3 +131,12 @@ class CalibrationError(MathqError, ValueError):
 
 class ImatrixComputeError(MathqError, RuntimeError):
     """An importance matrix could not be computed (model, text or llama.cpp failed)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (``kill``, a service manager, a CI timeout). A BaseException, like
+    KeyboardInterrupt, so ``except Exception`` blocks let it through and every cleanup
+    (temporary files deleted, locks released) runs on the way out; the command line then
+    says so in one line and exits with 143 (128 + SIGTERM)."""
+
+    exit_code = 128 + 15

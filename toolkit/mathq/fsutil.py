@@ -2,13 +2,21 @@
 
 An artifact is always written under a temporary name in its final folder and renamed into
 place only when complete and verified, so a killed process never leaves a file that a later
-run could take for a finished one.
+run could take for a finished one. Also here: the exclusive locks on folders two
+processes must not write at once, human-readable sizes, and the plain-JSON view of result
+dataclasses that ``--json`` output and JSON artifacts share.
+
+:func:`output_error` is the one place where an ``OSError`` on an output path (read-only file
+system, no permission, disk full) becomes a one-line :class:`~mathq.errors.OutputError`;
+:func:`atomic_output`, :func:`make_dirs`, :func:`writing` and :func:`exclusive_lock` use it,
+and the command line maps any such error that escapes elsewhere through it too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -17,10 +25,129 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mathq.errors import DiskSpaceError, MathqError
+from mathq.errors import DiskSpaceError, MathqError, OutputError
 from mathq.progress import Progress, ProgressCallback, no_progress
 
 PARTIAL_SUFFIX = ".partial"
+
+#: OS errors that mean "this place cannot be written", with the words a message uses.
+WRITE_ERRNOS: dict[int, str] = {
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.EEXIST: "it is a file, not a folder",
+}
+#: Of those, the ones that can only come from writing, wherever they are raised.
+WRITE_ONLY_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def output_error(err: OSError, path: Path | str | None = None) -> OutputError:
+    """The one-line error for an OS error met while writing ``path`` (or ``err.filename``)."""
+    target = err.filename if err.filename is not None else path
+    reason = os_reason(err)
+    folder = Path(str(target)).parent if target is not None else None
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = f"free some space under {folder} or write elsewhere"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = f"make {folder} writable or write elsewhere"
+    else:
+        hint = "fix the path"
+    return OutputError(f"cannot write {target}: {reason}", hint,
+                       path=None if target is None else str(target), reason=reason)
+
+
+def os_reason(err: OSError) -> str:
+    """The words for an OS error in a message ("permission denied", "read-only file system")."""
+    return WRITE_ERRNOS.get(err.errno or 0) or (err.strerror or str(err)).lower()
+
+
+READ_HINT = "make it readable (e.g. chmod a+r) or check the path"
+
+
+def _is_output_error(err: OSError, folder: Path) -> bool:
+    """Whether an OS error raised while writing into ``folder`` is about that output."""
+    if isinstance(err, MathqError):
+        return False
+    if err.errno in WRITE_ONLY_ERRNOS:
+        return True
+    if err.errno not in WRITE_ERRNOS:
+        return False
+    name = err.filename
+    return name is None or Path(str(name)).absolute().is_relative_to(folder.absolute())
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Map OS errors about writing ``path`` (or anything in its folder) raised in the block
+    to :class:`OutputError`; other errors pass unchanged."""
+    path = Path(path)
+    try:
+        yield
+    except OSError as e:
+        if _is_output_error(e, path if path.is_dir() else path.parent):
+            raise output_error(e, path) from None
+        raise
+
+
+def make_dirs(folder: Path) -> None:
+    """``mkdir -p`` with a clean error when the folder cannot be made."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(e, folder) from None
+
+
+def new_dirs(folder: Path) -> list[Path]:
+    """The folders ``make_dirs(folder)`` would create, outermost first (to remove them
+    again when the command fails before writing anything into them)."""
+    missing: list[Path] = []
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
+
+
+class Debris:
+    """What a command may leave behind if it fails: files and folders that did not exist
+    when it started. :meth:`remove` deletes those (empty folders only), so a failed run
+    leaves the disk as it found it; files that hold resumable progress are simply not
+    listed."""
+
+    def __init__(self, folder: Path, *files: Path) -> None:
+        self.dirs = new_dirs(folder)
+        self.files = [Path(f) for f in files if not Path(f).exists()]
+
+    def remove(self, keep: tuple[Path, ...] = ()) -> None:
+        """Delete the new files (bar ``keep``) and every new folder left empty."""
+        for f in self.files:
+            if f not in keep:
+                with contextlib.suppress(OSError):
+                    f.unlink(missing_ok=True)
+        for d in reversed(self.dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+@contextlib.contextmanager
+def removing_new_dirs(folder: Path) -> Iterator[None]:
+    """Run the block; if it fails, remove the folders under ``folder`` it created that are
+    still empty, so a failed command leaves nothing behind."""
+    created = new_dirs(folder)
+    try:
+        yield
+    except BaseException:
+        for d in reversed(created):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
 
 
 def partial_path(final: Path) -> Path:
@@ -36,15 +163,39 @@ def atomic_output(final: Path) -> Iterator[Path]:
     A stale temporary file from an earlier, killed run is removed first.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(final.parent)
     tmp = partial_path(final)
-    tmp.unlink(missing_ok=True)
     try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:
         tmp.unlink(missing_ok=True)
+        # Prove the folder writable now, before any long work (or a library that reports
+        # a refused open badly) runs.
+        tmp.open("wb").close()
+    except OSError as e:
+        raise output_error(e, tmp) from None
+    try:
+        with writing(final):
+            yield tmp
+            os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def check_writable(final: Path) -> None:
+    """Raise :class:`OutputError` now unless ``final``'s folder (made if missing) takes a new
+    file: for commands that would otherwise find out only after their long work. A folder
+    made here is removed again when the check fails."""
+    final = Path(final)
+    with removing_new_dirs(final.parent):
+        make_dirs(final.parent)
+        probe = partial_path(final)
+        try:
+            probe.open("ab").close()
+            if probe.stat().st_size == 0:
+                probe.unlink()
+        except OSError as e:
+            raise output_error(e, probe) from None
 
 
 def write_text_atomic(final: Path, text: str) -> None:
@@ -102,6 +253,8 @@ def exclusive_lock(lock_file: Path, busy: MathqError) -> Iterator[None]:
         lock.acquire()
     except Timeout:
         raise busy from None
+    except OSError as e:
+        raise output_error(e, lock_file) from None
     try:
         yield
     finally:
@@ -142,8 +295,10 @@ def _save_digests(cache: Path, entries: dict[str, Any]) -> None:
     write_text_atomic(Path(cache), json.dumps({"files": entries}, indent=1, sort_keys=True) + "\n")
 
 
-def sha256_cached(path: Path, cache: Path, progress: ProgressCallback = no_progress) -> str:
-    """Hex SHA-256 of ``path``, from ``cache`` when size and mtime still match, else computed.
+def sha256_cached(path: Path, cache: Path, progress: ProgressCallback = no_progress, *,
+                  save: bool = True) -> str:
+    """Hex SHA-256 of ``path``, from ``cache`` when size and mtime still match, else computed
+    (and added to ``cache`` unless ``save`` is false: a dry run writes nothing).
 
     ``cache`` is a build folder's ``digests.json``, shared by the report (each file's hash)
     and publish (blob digests), so a multi-GB file is read once.
@@ -168,7 +323,7 @@ def sha256_cached(path: Path, cache: Path, progress: ProgressCallback = no_progr
             progress(Progress("sha256", done, st.st_size, "B", item=path.name))
     digest = h.hexdigest()
     after = path.stat()
-    if (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+    if save and (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
         entries = _load_digests(cache)  # another process may have added entries meanwhile
         entries[key] = {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         _save_digests(cache, entries)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from mathq.errors import DiskSpaceError, MathqError, MissingImatrixError
 from mathq.fsutil import format_bytes, free_bytes
 from mathq.layout import BuildLayout
+from mathq.llama.runtime import PARALLEL_AUTO
 from mathq.manifest import Fingerprint, Manifest
 from mathq.progress import ProgressCallback, no_progress
 from mathq.quantize.calibration import DEFAULT_CALIBRATION
@@ -41,7 +42,8 @@ class BuildOptions:
 
     ``measure`` False stops after the files (GGUFs and Modelfiles); ``skip_smoke`` leaves
     out only the smoke test, the longest measurement. ``n`` and ``parallel`` are the smoke
-    test's problem count (None: the recipe's) and batch width. ``imatrix`` adds the
+    test's problem count (None: the recipe's) and batch width (0: ``--parallel auto``,
+    see :func:`mathq.llama.devices.choose_parallel`). ``imatrix`` adds the
     importance matrix, computed on ``calibration`` (see :func:`build_variants`).
     """
 
@@ -49,7 +51,7 @@ class BuildOptions:
     n: int | None = None
     skip_smoke: bool = False
     measure: bool = True
-    parallel: int = 8
+    parallel: int = PARALLEL_AUTO
     imatrix: bool = False
     calibration: str = DEFAULT_CALIBRATION
 
@@ -360,6 +362,6 @@ def default_options(recipe: Recipe, quants: str | None) -> BuildOptions:
     """The recipe's variants, or the ``--quant`` list."""
     from mathq.recipes.quants import parse_quant_list
 
-    chosen = (parse_quant_list(quants) if quants
+    chosen = (parse_quant_list(quants) if quants is not None
               else tuple(get_quant(q) for q in recipe.quants.variants))
     return BuildOptions(quants=chosen)

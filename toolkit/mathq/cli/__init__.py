@@ -1,11 +1,16 @@
 """The ``mathq`` command line: a thin layer that parses options and calls the library.
 
 Every user-caused failure is a :class:`mathq.errors.MathqError`; the group below prints it
-as one ``Error: ...`` line with its exit code and no traceback.
+as one ``Error: ...`` line with its exit code and no traceback. An ``OSError`` that can only
+come from writing (read-only file system, disk full), or a refused permission on a named
+path, is turned into the same kind of line by :func:`mathq.fsutil.output_error`, and the
+hint of an unwritable output names the command's own option for choosing another place.
 """
 
 from __future__ import annotations
 
+import signal
+from pathlib import Path
 from typing import Any
 
 import click
@@ -25,7 +30,7 @@ from mathq.cli.quantize import quantize
 from mathq.cli.recipes import quants, recipes
 from mathq.cli.report import report
 from mathq.cli.smoke import smoke
-from mathq.errors import MathqError
+from mathq.errors import MathqError, OutputError, Terminated
 
 
 class _UserError(click.ClickException):
@@ -45,7 +50,45 @@ class MathqGroup(click.Group):
         try:
             return super().invoke(ctx)
         except MathqError as e:
-            raise _UserError(e) from None
+            raise _UserError(_with_output_hint(e, ctx)) from None
+        except Terminated:
+            err = MathqError("stopped by SIGTERM; unfinished files were removed",
+                             "run the same command again: finished work is kept")
+            stopped = _UserError(err)
+            stopped.exit_code = Terminated.exit_code
+            raise stopped from None
+        except OSError as e:
+            from mathq.fsutil import WRITE_ERRNOS, WRITE_ONLY_ERRNOS, output_error
+
+            if e.errno in WRITE_ONLY_ERRNOS or (e.errno in WRITE_ERRNOS and e.filename):
+                raise _UserError(_with_output_hint(output_error(e), ctx)) from None
+            raise
+
+
+#: Options that choose where a command writes, in the order a hint names them.
+_OUTPUT_OPTIONS = ("--out-dir", "--out", "--dir", "--build-dir")
+
+
+def _with_output_hint(err: MathqError, ctx: click.Context) -> MathqError:
+    """An unwritable output's hint names the options of the running command that choose
+    another place (``choose a writable --out-dir or --build-dir``)."""
+    if not isinstance(err, OutputError) or ctx.invoked_subcommand is None:
+        return err
+    command = cli.get_command(ctx, ctx.invoked_subcommand)
+    flags = [o for o in _OUTPUT_OPTIONS for p in (command.params if command else ())
+             if isinstance(p, click.Option) and o in p.opts]
+    if not flags:
+        return err
+    folder = Path(err.path).parent if err.path else None
+    where = " or ".join(flags)
+    if "space" in err.reason or "quota" in err.reason or "too large" in err.reason:
+        fix = "free some space"
+    elif any(w in err.reason for w in ("read-only", "permission", "not permitted")):
+        fix = f"make {folder} writable" if folder else "make it writable"
+    else:
+        fix = "fix the path"
+    return OutputError(err.message, f"choose a writable {where}, or {fix}", path=err.path,
+                       reason=err.reason)
 
 
 @click.group(cls=MathqGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -91,6 +134,13 @@ for command, short_help in PIPELINE:
     cli.add_command(command)
 
 
+def _on_sigterm(_signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+    raise Terminated
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: SIGTERM unwinds like Ctrl-C (temporary files removed,
+    locks released) instead of killing the process mid-write."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     cli(prog_name="mathq")

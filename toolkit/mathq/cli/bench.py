@@ -9,9 +9,11 @@ import click
 from mathq.cli.common import (
     build_dir_option,
     echo_json,
+    gpu_layers_option,
     is_gguf_path,
     json_option,
     quiet_option,
+    threads_option,
 )
 
 
@@ -39,10 +41,8 @@ def _parallel_list(_ctx: click.Context, _param: click.Parameter, value: str) -> 
 @click.option("--parallel", "parallel", default="1,4,8", show_default=True,
               callback=_parallel_list, metavar="LIST",
               help="Sequence counts for aggregate generation throughput ('' skips it).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="llama.cpp threads; 0 uses every core.")
-@click.option("--gpu-layers", type=int, default=None,
-              help="Layers to offload to the GPU (llama.cpp's -ngl; default: llama.cpp's).")
+@threads_option
+@gpu_layers_option
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="With a GGUF path: also write its summary here as <name>.json.")
 @build_dir_option
@@ -58,7 +58,9 @@ def bench(source: str, quant_list: str | None, n_prompt: int, n_gen: int, repeti
     for 1, 4 and 8 sequences decoded together, which is what `mathq smoke --parallel`
     gains. Memory is llama.cpp's own buffer sizes (model, KV cache, compute) and the
     process's peak RSS minus its peak before the model was loaded; each variant runs in its
-    own process, so both are its own. Summaries go to build/<model>/bench/<QUANT>.json.
+    own process, so both are its own. With a GPU build (make install CUDA=1) every layer is
+    offloaded unless --gpu-layers says otherwise, and the device, the layers offloaded and
+    the GPU memory taken are recorded. Summaries go to build/<model>/bench/<QUANT>.json.
 
     RECIPE|GGUF is a recipe (its build folder's variants) or the path of any GGUF file,
     measured the same way, as `llama-bench -m FILE` would.
@@ -94,7 +96,7 @@ def bench(source: str, quant_list: str | None, n_prompt: int, n_gen: int, repeti
         return
     width = max([8, *(len(o.quant) for o in outcomes)])  # Q4_K_M-imat is 11 wide
     click.echo(f"{'QUANT':<{width}} {'SIZE':>9} {'BPW':>5} {'PP t/s':>15} {'TG t/s':>13} "
-               f"{'LOAD':>6} {'LLAMA MEM':>10} {'RSS+':>9}  AGGREGATE TG t/s BY P")
+               f"{'LOAD':>6} {'LLAMA MEM':>10} {'RSS+':>9}  AGGREGATE TG t/s BY P  (DEVICE)")
     for o in outcomes:
         s = o.summary
         pp = (f"{s.prompt_tokens_per_second.mean:.1f} +- {s.prompt_tokens_per_second.sd:.1f}"
@@ -109,7 +111,12 @@ def bench(source: str, quant_list: str | None, n_prompt: int, n_gen: int, repeti
                if all(b is not None for b in buffers) else "-")
         load = f"{s.load_seconds:.1f}s" if s.load_seconds is not None else "-"
         agg = ", ".join(f"P={p} {v:.1f}" for p, v in s.throughput_by_parallel.items())
+        where = s.device or "CPU"
+        if s.gpu_layers:
+            where += f", {s.gpu_layers}/{s.offloadable_layers} layers"
+        if s.vram_bytes is not None:
+            where += f", {s.vram_bytes / 2**30:.2f} GiB VRAM"
         click.echo(f"{o.quant:<{width}} {s.file_size / 2**30:6.2f} GiB {s.bits_per_weight:5.2f} "
-                   f"{pp:>15} {tg:>13} {load:>6} {mem:>10} {rss:>9}  {agg}")
+                   f"{pp:>15} {tg:>13} {load:>6} {mem:>10} {rss:>9}  {agg}  ({where})")
     click.echo("LLAMA MEM: llama.cpp's model + KV cache + compute buffers (one sequence); "
                "RSS+: peak resident memory over the process's peak before loading.")

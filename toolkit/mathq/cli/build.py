@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
+from mathq.cli.common import (
+    build_dir_option,
+    echo_json,
+    json_option,
+    parse_parallel,
+    quiet_option,
+)
 from mathq.cli.render import progress_for
 from mathq.quantize.calibration import DEFAULT_CALIBRATION
 
@@ -17,8 +23,10 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
               help="Comma-separated variants, e.g. Q5_K_M,Q8_0 (default: the recipe's).")
 @click.option("--n", type=click.IntRange(min=1), default=None,
               help="Problems per smoke test (default: the recipe's [smoke] n).")
-@click.option("--parallel", "-P", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Sequences decoded together in the smoke test.")
+@click.option("--parallel", "-P", default="auto", show_default=True, callback=parse_parallel,
+              metavar="N|auto",
+              help="Sequences decoded together in the smoke test (1-256). auto: as many as "
+                   "the free GPU memory holds KV caches for (at most 128), 8 on the CPU.")
 @click.option("--skip-smoke", is_flag=True,
               help="Leave out the smoke test (the longest step); still bench, KLD and report.")
 @click.option("--files-only", is_flag=True,

@@ -38,9 +38,75 @@ def build_dir_option(f: F) -> F:
         help="Root of the build folders (default ./build); artifacts go to <root>/<model>/.")(f)
 
 
+def check_url(_ctx: click.Context | None, param: click.Parameter | None, value: Any) -> Any:
+    """Callback for URL options (one value or several): each must be http(s)://HOST[:PORT],
+    refused at once as bad input (exit 2) rather than failing later as a connection."""
+    from urllib.parse import urlsplit
+
+    if value is None:
+        return value
+    for url in (value,) if isinstance(value, str) else value:
+        try:
+            parts = urlsplit(url)
+            port_ok = parts.port is None or 0 < parts.port < 65536
+        except ValueError:
+            parts, port_ok = None, False
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
+                or not port_ok:
+            raise click.BadParameter(f"{url!r} is not an http(s) URL; give it as "
+                                     "http://HOST:PORT", param=param)
+    return value
+
+
 def echo_json(value: Any) -> None:
     """Print dataclasses, paths and plain values as indented JSON."""
     click.echo(json.dumps(to_jsonable(value), indent=2, ensure_ascii=False))
+
+
+def gpu_layers_option(f: F) -> F:
+    """``--gpu-layers``: llama.cpp's -ngl, defaulting to every layer when it can offload."""
+    return click.option(
+        "--gpu-layers", type=click.IntRange(min=-1), default=None, metavar="N",
+        help="Layers to put on the GPU (llama.cpp's -ngl; -1: all). Default: all when "
+             "llama.cpp was built with GPU support (make install CUDA=1) and finds a GPU, "
+             "else 0.")(f)
+
+
+def threads_option(f: F) -> F:
+    """``--threads``: llama.cpp's CPU threads; 0 picks them from where the layers are."""
+    return click.option(
+        "--threads", type=click.IntRange(min=0), default=0, show_default=True,
+        help="llama.cpp threads; 0: every core, or at most 4 when every layer is on the "
+             "GPU (the CPU then only feeds it).")(f)
+
+
+def parse_parallel(_ctx: click.Context | None, _param: click.Parameter | None,
+                   value: str | int) -> int:
+    """``--parallel`` as a number of sequences, or ``auto`` as
+    :data:`mathq.llama.runtime.PARALLEL_AUTO`."""
+    from mathq.llama.runtime import PARALLEL_AUTO
+
+    text = str(value).strip().lower()
+    if text == "auto":
+        return PARALLEL_AUTO
+    try:
+        n = int(text)
+    except ValueError:
+        raise click.BadParameter(f"expected a number of sequences or 'auto', got {value!r}")\
+            from None
+    if not 1 <= n <= 256:
+        raise click.BadParameter(f"{n} is not in the range 1-256 (or 'auto')")
+    return n
+
+
+def parallel_option(f: F) -> F:
+    """``--parallel/-P``: sequences decoded together; ``auto`` sizes it to the GPU memory."""
+    return click.option(
+        "--parallel", "-P", default="auto", show_default=True, callback=parse_parallel,
+        metavar="N|auto",
+        help="Sequences decoded together in one context (1-256). auto: as many as the free "
+             "GPU memory holds KV caches for (at most 128), 8 on the CPU; requests in "
+             "flight per server with --ollama/--endpoint (auto: 8).")(f)
 
 
 def is_gguf_path(ref: str) -> bool:

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
+from mathq.cli.common import (
+    build_dir_option,
+    echo_json,
+    gpu_layers_option,
+    json_option,
+    quiet_option,
+    threads_option,
+)
 from mathq.cli.render import progress_for
 from mathq.quantize.calibration import DEFAULT_CALIBRATION
 
@@ -32,8 +39,8 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
               help="Also collect output.weight (llama-imatrix leaves it out by default).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Shuffle of the problems taken from the calibration set.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="CPU threads; 0 uses every core.")
+@threads_option
+@gpu_layers_option
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Output file (default: build/<model>/<model>.imatrix.gguf, or beside the "
                    "GGUF).")
@@ -44,8 +51,8 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
 @json_option
 def imatrix(source: str, calibration: str, chunks: int, all_chunks: bool, n_ctx: int,
             smoke_suite: str | None, plain: bool, process_output: bool, seed: int,
-            threads: int, out: Path | None, force: bool, build_dir: Path | None, quiet: bool,
-            as_json: bool) -> None:
+            threads: int, gpu_layers: int | None, out: Path | None, force: bool,
+            build_dir: Path | None, quiet: bool, as_json: bool) -> None:
     """Compute an importance matrix for a model on math text, without leaving Python.
 
     Importance-matrix quants (IQ2/IQ3, and better Q2_K-Q4_K) spend their bits where a
@@ -70,7 +77,8 @@ def imatrix(source: str, calibration: str, chunks: int, all_chunks: bool, n_ctx:
     job = resolve_imatrix_input(source, build_dir, out=out, smoke_suite=smoke_suite,
                                 plain=plain)
     options = ImatrixOptions(n_ctx=n_ctx, chunks=None if all_chunks else chunks,
-                             process_output=process_output, threads=threads)
+                             process_output=process_output, threads=threads,
+                             gpu_layers=gpu_layers)
     run = run_imatrix(job, calibration, options, seed=seed, force=force,
                       progress=progress_for(quiet))
     if as_json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -9,9 +10,11 @@ import click
 from mathq.cli.common import (
     build_dir_option,
     echo_json,
+    gpu_layers_option,
     is_gguf_path,
     json_option,
     quiet_option,
+    threads_option,
 )
 from mathq.cli.render import progress_for
 from mathq.evaluate.kld import DEFAULT_CTX, REFERENCE_CHOICES
@@ -44,8 +47,8 @@ def _reference(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
               help="Tokens per chunk; the second half of each chunk is scored.")
 @click.option("--chunks", type=click.IntRange(min=1), default=None,
               help="Use at most this many chunks (default: the whole corpus).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="CPU threads for llama.cpp; 0 uses every core.")
+@threads_option
+@gpu_layers_option
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="With a GGUF path: where the reference pass is cached and <name>.json "
                    "written (default: a kld/ folder beside the reference GGUF).")
@@ -53,8 +56,8 @@ def _reference(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
 @quiet_option
 @json_option
 def kld(source: str, quant_list: str | None, reference: str, corpus: Path | None, n_ctx: int,
-        chunks: int | None, threads: int, out_dir: Path | None, build_dir: Path | None,
-        quiet: bool, as_json: bool) -> None:
+        chunks: int | None, threads: int, gpu_layers: int | None, out_dir: Path | None,
+        build_dir: Path | None, quiet: bool, as_json: bool) -> None:
     """Measure each variant's KL divergence from the full-precision model.
 
     A few hundred MATH problems cannot tell Q6_K from Q8_0; comparing next-token
@@ -82,8 +85,10 @@ def kld(source: str, quant_list: str | None, reference: str, corpus: Path | None
     """
     from mathq.evaluate.kld.measure import KldOptions
     from mathq.evaluate.stage import run_kld, run_kld_files
+    from mathq.recipes.quants import parse_variant_list
 
-    options = KldOptions(corpus=corpus, n_ctx=n_ctx, max_chunks=chunks, threads=threads)
+    options = KldOptions(corpus=corpus, n_ctx=n_ctx, max_chunks=chunks, threads=threads,
+                         gpu_layers=gpu_layers)
     if is_gguf_path(source):
         if quant_list:
             raise click.UsageError("--quant picks a recipe's variants; a GGUF path is one file")
@@ -100,9 +105,9 @@ def kld(source: str, quant_list: str | None, reference: str, corpus: Path | None
         if out_dir is not None:
             raise click.UsageError("--out-dir is for a GGUF path; a recipe's results go to "
                                    "build/<model>/kld/")
-        quants = tuple(quant_list.split(",")) if quant_list else None
-        options = KldOptions(reference=reference, corpus=corpus, n_ctx=n_ctx,
-                             max_chunks=chunks, threads=threads)
+        quants = (tuple(v.name for v in parse_variant_list(quant_list))
+                  if quant_list is not None else None)
+        options = dataclasses.replace(options, reference=reference)
         run = run_kld(source, quants, options, build_dir, progress_for(quiet))
     if as_json:
         echo_json(run)

@@ -60,6 +60,11 @@ def modelfile(targets: tuple[str, ...], tags: tuple[str, ...], out: Path | None,
             raise click.UsageError("--check needs one or more Modelfile paths")
         if tags or out:
             raise click.UsageError("--tag and --out only apply when writing Modelfiles")
+        for t in targets:  # a missing file or a pipe is bad input, not a Modelfile problem
+            if not Path(t).exists():
+                raise click.BadParameter(f"{t} does not exist", param_hint="FILE")
+            if not Path(t).is_file():
+                raise click.BadParameter(f"{t} is not a regular file", param_hint="FILE")
         results = [check_modelfile(Path(t)) for t in targets]
         if as_json:
             echo_json([{"path": r.path, "ok": r.ok, "problems": r.problems} for r in results])

@@ -78,7 +78,7 @@ def publish(recipe: str, namespace: str | None, tags: tuple[str, ...],
       mathq publish deepseek-math-7b-rl --no-push --ollama-host http://gpu-box:11434
       HF_TOKEN=hf_... mathq publish deepseek-math-7b-rl --hf-repo me/deepseek-math-7b-rl-GGUF
     """
-    from mathq.publish.hf import plan_hub, publish_hub
+    from mathq.publish.hf import plan_hub, publish_hub, require_online
     from mathq.publish.ollama import plan_ollama, publish_ollama
     from mathq.publish.ollama_api import ollama_base_url
     from mathq.recipes.recipe import load_recipe
@@ -92,17 +92,21 @@ def publish(recipe: str, namespace: str | None, tags: tuple[str, ...],
     if ollama_host and not to_ollama:
         raise click.UsageError("--ollama-host needs --namespace or --no-push")
     loaded = load_recipe(recipe)
+    if hf_repo and not dry_run:
+        require_online()  # before hashing gigabytes for an upload that cannot happen
     render = progress_for(quiet)
     try:
         oplan = hplan = None
         if to_ollama:
-            oplan = plan_ollama(loaded, namespace=namespace, base_url=ollama_base_url(
-                ollama_host), tags=tags, push=not no_push, build_root=build_dir,
-                progress=render)
+            base_url = ollama_base_url(ollama_host)
+            oplan = plan_ollama(loaded, namespace=namespace, base_url=base_url, tags=tags,
+                                push=not no_push, build_root=build_dir, progress=render,
+                                dry_run=dry_run,
+                                before_hashing=None if dry_run else lambda: _ask(base_url))
         if hf_repo:
             hplan = plan_hub(loaded, hf_repo, private=private, tags=tags,
                              namespace=None if no_push else namespace,
-                             build_root=build_dir, progress=render)
+                             build_root=build_dir, progress=render, dry_run=dry_run)
         if dry_run:
             if as_json:
                 echo_json({"dry_run": True, "ollama": oplan, "hub": hplan})
@@ -133,6 +137,14 @@ def publish(recipe: str, namespace: str | None, tags: tuple[str, ...],
                        f"({', '.join(sent)}); {len(hresult.files) - len(sent)} unchanged")
         else:
             click.echo(f"{hresult.url}: all {len(hresult.files)} files unchanged, no commit")
+
+
+def _ask(base_url: str) -> None:
+    """Make sure the Ollama server answers before any file is hashed for it."""
+    from mathq.publish.ollama_api import OllamaAPI
+
+    with OllamaAPI(base_url) as api:
+        api.check()
 
 
 def _echo_dry_run(oplan: Any, hplan: Any) -> None:

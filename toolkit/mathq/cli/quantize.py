@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
+
+
+def _ggml_type(type_name: str) -> str:
+    from mathq.recipes.quants import UnknownQuantError, ggml_type_id
+
+    try:
+        ggml_type_id(type_name)
+    except UnknownQuantError as e:
+        raise click.BadParameter(str(e)) from None
+    return type_name
+
+
+def _parse_type(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    return None if value is None else _ggml_type(value)
 
 
 def _parse_override(_ctx: click.Context, _param: click.Parameter,
@@ -17,7 +32,11 @@ def _parse_override(_ctx: click.Context, _param: click.Parameter,
         pattern, sep, type_name = value.rpartition("=")
         if not sep or not pattern or not type_name:
             raise click.BadParameter(f"expected PATTERN=TYPE, got {value!r}")
-        pairs.append((pattern, type_name))
+        try:  # llama.cpp compiles it as a std::regex, which rejects what Python's re does
+            re.compile(pattern)
+        except re.error as e:
+            raise click.BadParameter(f"{pattern!r} is not a regular expression ({e})") from None
+        pairs.append((pattern, _ggml_type(type_name)))
     return tuple(pairs)
 
 
@@ -30,9 +49,9 @@ def _parse_override(_ctx: click.Context, _param: click.Parameter,
 @click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Importance matrix from `mathq imatrix` or llama-imatrix (GGUF or legacy "
                    ".dat format); outputs are named <QUANT>-imat.")
-@click.option("--output-tensor-type", metavar="TYPE",
+@click.option("--output-tensor-type", metavar="TYPE", callback=_parse_type,
               help="ggml type for output.weight, e.g. Q8_0 (llama-quantize's option).")
-@click.option("--token-embedding-type", metavar="TYPE",
+@click.option("--token-embedding-type", metavar="TYPE", callback=_parse_type,
               help="ggml type for token_embd.weight, e.g. Q8_0.")
 @click.option("--tensor-type", "overrides", multiple=True, metavar="PATTERN=TYPE",
               callback=_parse_override,
@@ -73,7 +92,7 @@ def quantize(source: str, quant_list: str | None, imatrix: Path | None,
     from mathq.recipes.quants import Variant, parse_variant_list
 
     job = resolve_quantize_input(source, build_dir)
-    variants = (parse_variant_list(quant_list) if quant_list
+    variants = (parse_variant_list(quant_list) if quant_list is not None
                 else tuple(Variant(q) for q in job.default_quants))
     options = [QuantizeOptions(quant=v.quant, imatrix=variant_imatrix(v, job, imatrix, source),
                                output_tensor_type=output_tensor_type,

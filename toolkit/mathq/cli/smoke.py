@@ -8,10 +8,14 @@ import click
 
 from mathq.cli.common import (
     build_dir_option,
+    check_url,
     echo_json,
+    gpu_layers_option,
     is_gguf_path,
     json_option,
+    parallel_option,
     quiet_option,
+    threads_option,
 )
 from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
 from mathq.evaluate.summaries import Rate
@@ -43,18 +47,13 @@ def _pct(r: Rate) -> str:
               help="Only this MATH level, 1-5 (repeatable).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None,
               help="New tokens per answer at most (default: the recipe's, 1024).")
-@click.option("--parallel", "-P", type=click.IntRange(1, 256), default=8, show_default=True,
-              help="Sequences decoded together in one context (requests in flight per "
-                   "server with --ollama/--endpoint).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="llama.cpp threads; 0 uses every core.")
-@click.option("--gpu-layers", type=int, default=None,
-              help="Layers to offload to the GPU (llama.cpp's -ngl; needs a GPU build of "
-                   "llama-cpp-python; default: llama.cpp's).")
-@click.option("--ollama", "ollama_url", metavar="URL", default=None,
+@parallel_option
+@threads_option
+@gpu_layers_option
+@click.option("--ollama", "ollama_url", metavar="URL", default=None, callback=check_url,
               help="Test the recipe's Ollama tags on this server instead, e.g. "
                    "http://127.0.0.1:11434.")
-@click.option("--endpoint", "endpoints", metavar="URL", multiple=True,
+@click.option("--endpoint", "endpoints", metavar="URL", multiple=True, callback=check_url,
               help="OpenAI-compatible server (llama-server, vLLM) to use instead; repeat to "
                    "spread the problems over several.")
 @click.option("--served-model", metavar="NAME", default=None,
@@ -65,6 +64,10 @@ def _pct(r: Rate) -> str:
 @click.option("--grade-timeout", "grade_timeout_s", type=click.FloatRange(min=0.1),
               default=DEFAULT_TIMEOUT_S, show_default=True,
               help="Seconds one answer comparison may take (an overrun counts as wrong).")
+@click.option("--ignore-eos", is_flag=True,
+              help="Generate exactly --max-tokens tokens per answer, never stopping at EOS "
+                   "or a stop string (llama.cpp's --ignore-eos): for speed measurements on "
+                   "models with random weights; accuracy is then meaningless.")
 @click.option("--restart", is_flag=True,
               help="Discard earlier results of these variants instead of resuming them.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -78,7 +81,7 @@ def smoke(source: str, recipe_for_gguf: str | None, quant_list: str | None, suit
           max_tokens: int | None,
           parallel: int, threads: int, gpu_layers: int | None, ollama_url: str | None,
           endpoints: tuple[str, ...], served_model: str | None, timeout_s: float,
-          grade_timeout_s: float, restart: bool, out_dir: Path | None,
+          grade_timeout_s: float, ignore_eos: bool, restart: bool, out_dir: Path | None,
           build_dir: Path | None, quiet: bool, as_json: bool) -> None:
     """Smoke-test variants on MATH: greedy answers, graded, with accuracy and speed.
 
@@ -86,7 +89,8 @@ def smoke(source: str, recipe_for_gguf: str | None, quant_list: str | None, suit
     suffix, or the 4-shot format for the base model), is answered greedily up to
     --max-tokens new tokens, stopping at EOS or a stop string, and is graded at once.
     llama.cpp runs in this process and decodes --parallel problems together in one
-    context, taking the next problem as soon as one ends. Results go to
+    context, taking the next problem as soon as one ends; with a GPU build every layer is
+    offloaded and `auto` fits as many sequences as the free GPU memory holds. Results go to
     build/<model>/smoke/<QUANT>.jsonl (one line per problem, written as it is graded) and
     <QUANT>.summary.json (accuracy with a 95% interval, by subject and level, tokens/s,
     the paper's figure). Interrupted? Run the same command again: finished problems are
@@ -99,7 +103,7 @@ def smoke(source: str, recipe_for_gguf: str | None, quant_list: str | None, suit
     \b
     Examples:
       mathq smoke deepseek-math-7b-rl --quant Q4_K_M --n 100
-      mathq smoke deepseek-math-7b-rl -Q Q4_K_M,Q8_0 --n 500 --parallel 16 --gpu-layers 99
+      mathq smoke deepseek-math-7b-rl -Q Q4_K_M,Q8_0 --n 500 --parallel 16 --gpu-layers 20
       mathq smoke deepseek-math-7b-rl --ollama http://127.0.0.1:11434 --parallel 4
       mathq smoke deepseek-math-7b-rl --endpoint http://gpu1:8080 --endpoint http://gpu2:8080
       mathq smoke model-Q4_K_M.gguf --recipe deepseek-math-7b-rl --n 100
@@ -114,10 +118,12 @@ def smoke(source: str, recipe_for_gguf: str | None, quant_list: str | None, suit
         raise click.UsageError("--ollama and --endpoint are different backends; give one")
     if gpu_layers is not None and (ollama_url or endpoints):
         raise click.UsageError("--gpu-layers is for llama.cpp in process; a server has its own")
+    if ignore_eos and (ollama_url or endpoints):
+        raise click.UsageError("--ignore-eos is for llama.cpp in process")
     kind = "ollama" if ollama_url else "openai" if endpoints else "llama"
     spec = BackendSpec(kind=kind, urls=(ollama_url,) if ollama_url else endpoints,
                        model=served_model, parallel=parallel, threads=threads,
-                       gpu_layers=gpu_layers, timeout_s=timeout_s)
+                       gpu_layers=gpu_layers, timeout_s=timeout_s, ignore_eos=ignore_eos)
     gguf = Path(source) if is_gguf_path(source) else None
     if gguf is not None:
         if recipe_for_gguf is None:
@@ -163,5 +169,5 @@ def smoke(source: str, recipe_for_gguf: str | None, quant_list: str | None, suit
         speed = (f"{s.generation_tokens_per_second:.1f} tok/s"
                  if s.generation_tokens_per_second else "- tok/s")
         resumed = f", {o.resumed} resumed" if o.resumed else ""
-        click.echo(f"{o.quant:<8} {_pct(s.accuracy)}{ref}  {speed}  "
+        click.echo(f"{o.quant:<8} {_pct(s.accuracy)}{ref}  {speed}  P={s.parallel}  "
                    f"{s.wall_seconds:.0f}s ({o.answered} answered{resumed})  {o.results}")

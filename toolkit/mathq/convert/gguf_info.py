@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mathq.errors import GGUFError
+from mathq.fsutil import READ_HINT, os_reason
 from mathq.recipes.quants import by_ftype
 
 GGUF_MAGIC = b"GGUF"
@@ -89,13 +90,15 @@ def is_gguf(path: Path) -> bool:
 
 def _check_gguf_file(path: Path) -> None:
     """Refuse a missing, unreadable or non-GGUF file with the error that says which."""
+    if path.exists() and not path.is_file():
+        raise GGUFError(f"{path} is not a regular file", "give a .gguf file")
     if not path.is_file():
         raise GGUFError(f"{path} not found", "check the path, or run `mathq convert` first")
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as e:
-        raise GGUFError(f"cannot read {path}: {e.strerror or e}", "check the path") from e
+        raise GGUFError(f"cannot read {path}: {os_reason(e)}", READ_HINT) from e
     if magic != GGUF_MAGIC:
         raise GGUFError(f"{path} is not a GGUF file (no GGUF magic bytes)",
                         "give a .gguf file made by `mathq convert` or llama.cpp")
@@ -140,6 +143,7 @@ def read_gguf_header(path: Path) -> GGUFHeader:
 
     path = Path(path)
     _check_gguf_file(path)
+    section = "header"
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         try:
             version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
@@ -156,31 +160,45 @@ def read_gguf_header(path: Path) -> GGUFHeader:
                 return m[at + 8:at + 8 + n].decode("utf-8", "replace"), at + 8 + n
 
             values: dict[str, object] = {}
+            section = "metadata"
             for _ in range(n_kv):
                 key, pos = string(pos)
                 (kind,) = struct.unpack_from("<I", m, pos)
                 pos += 4
                 if kind == _STRING:
                     values[key], pos = string(pos)
+                elif kind not in _SCALARS and kind != _ARRAY:
+                    raise ValueError(f"metadata {key!r} has unknown value type {kind}")
                 elif kind == _ARRAY:
                     item, count = struct.unpack_from("<IQ", m, pos)
                     pos += 12
                     if item == _STRING:
                         for _ in range(count):
                             pos += 8 + struct.unpack_from("<Q", m, pos)[0]
-                    else:
+                    elif item in _SCALARS:
                         pos += count * struct.calcsize(_SCALARS[item])
+                    else:
+                        raise ValueError(f"metadata {key!r} is an array of unknown type {item}")
+                    if pos > len(m):
+                        raise struct.error("past the end")
                 else:
                     values[key] = struct.unpack_from(_SCALARS[kind], m, pos)[0]
                     pos += struct.calcsize(_SCALARS[kind])
             index = []
+            section = "tensor index"
             for _ in range(n_tensors):
                 name, pos = string(pos)
                 (n_dims,) = struct.unpack_from("<I", m, pos)
+                if n_dims > 4:  # GGML_MAX_DIMS
+                    raise ValueError(f"tensor {name!r} has {n_dims} dimensions (at most 4)")
                 dims = struct.unpack_from(f"<{n_dims}Q", m, pos + 4)
                 ggml_type, offset = struct.unpack_from("<IQ", m, pos + 4 + 8 * n_dims)
                 pos += 4 + 8 * n_dims + 4 + 8
-                index.append((name, GGMLQuantizationType(ggml_type), dims, offset))
+                try:
+                    kind = GGMLQuantizationType(ggml_type)
+                except ValueError:
+                    raise ValueError(f"tensor {name!r} has unknown type {ggml_type}") from None
+                index.append((name, kind, dims, offset))
             alignment = values.get("general.alignment", 32)
             if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
                 raise ValueError(f"general.alignment {alignment!r} is not a power of two")
@@ -201,9 +219,12 @@ def read_gguf_header(path: Path) -> GGUFHeader:
                                           data_offset + offset, n_bytes))
         except GGUFError:
             raise
-        except (struct.error, KeyError, ValueError, OverflowError) as e:
+        except (struct.error, OverflowError):
+            raise GGUFError(f"{path} is cut short: it ends (at byte {len(m)}) inside its "
+                            f"{section}", "rebuild or download it again") from None
+        except (KeyError, ValueError, MemoryError) as e:
             raise GGUFError(f"{path} is a damaged GGUF file: {e}",
-                            "rebuild it; it may have been cut short") from e
+                            "rebuild or download it again; it may have been cut short") from None
     ftype = values.get("general.file_type")
     summary = GGUFSummary(path=path, architecture=str(values.get("general.architecture", "")),
                           file_type=int(ftype) if isinstance(ftype, int) else None,

@@ -111,6 +111,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], int
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _fail(path, f"has a corrupt header (not JSON: {e})") from e
+    except RecursionError:  # nested deeper than any header: hostile or garbage
+        raise _fail(path, "has a corrupt header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise _fail(path, "has a corrupt header (not a JSON object)")
 
@@ -128,7 +130,7 @@ def _entry(path: Path, name: str, spec: Any, data_start: int) -> TensorEntry:
     if not isinstance(spec, dict):
         raise _fail(path, f"tensor {name!r}: header entry is not an object")
     dtype = spec.get("dtype")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _fail(path, f"tensor {name!r}: unknown dtype {dtype!r}")
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(

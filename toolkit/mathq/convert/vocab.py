@@ -10,8 +10,15 @@ conversion is refused. Verification afterwards tokenizes check texts both ways.
 Token list and types follow llama.cpp's ``convert_hf_to_gguf.py`` (``get_vocab_base``):
 ids missing from the tokenizer up to the model's ``vocab_size`` become ``[PAD{id}]``
 (UNUSED); special added tokens, and added tokens that look special, are CONTROL; other
-added tokens USER_DEFINED. Merges, special-token ids, add_bos/add_eos and the chat template
-are read by gguf-py's own ``SpecialVocab``, the code upstream uses for them.
+added tokens USER_DEFINED. Upstream reads the vocabulary through transformers'
+``AutoTokenizer`` (4.x, as llama.cpp's requirements pin it), which adds the special tokens
+``tokenizer_config.json`` names, or its tokenizer class defaults, that ``tokenizer.json``
+lacks: a ``LlamaTokenizerFast`` config without an ``unk_token`` key gains ``<unk>`` at the
+next free id (DeepSeek's 100015), a CONTROL token. :func:`transformers_special_tokens`
+reproduces that, so both converters write the same token list; a config that says
+``"unk_token": null`` (DeepSeek's own) adds nothing, and ``[PAD100015]`` stays. Merges,
+special-token ids, add_bos/add_eos and the chat template are read by gguf-py's own
+``SpecialVocab``, the code upstream uses for them.
 """
 
 from __future__ import annotations
@@ -119,6 +126,68 @@ def _looks_special(token: str) -> bool:
     )
 
 
+#: Special-token attributes in the order transformers adds missing ones
+#: (``SPECIAL_TOKENS_ATTRIBUTES``), and the defaults of the tokenizer classes mathq meets.
+SPECIAL_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                      "cls_token", "mask_token")
+CLASS_DEFAULTS: dict[str, dict[str, str]] = {
+    "LlamaTokenizer": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "LlamaTokenizerFast": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "CodeLlamaTokenizer": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "CodeLlamaTokenizerFast": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    "GPT2Tokenizer": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                      "unk_token": "<|endoftext|>"},
+    "GPT2TokenizerFast": {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                          "unk_token": "<|endoftext|>"},
+}
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as tokenizer_config.json spells it: a string, or an AddedToken
+    object with ``content``; None when unset."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def transformers_special_tokens(tok_config: dict[str, Any]) -> list[str]:
+    """The special tokens transformers 4.x gives a tokenizer loaded with this config: each
+    attribute's value (a key set to null means none), else the class's default, then the
+    ``additional_special_tokens``; in the order transformers adds them."""
+    defaults = CLASS_DEFAULTS.get(str(tok_config.get("tokenizer_class")), {})
+    out: list[str] = []
+    for attr in SPECIAL_ATTRIBUTES:
+        value = tok_config[attr] if attr in tok_config else defaults.get(attr)
+        if (content := _token_content(value)) is not None and content not in out:
+            out.append(content)
+    for value in tok_config.get("additional_special_tokens") or []:
+        if (content := _token_content(value)) is not None and content not in out:
+            out.append(content)
+    return out
+
+
+def _add_missing_specials(tok_config: dict[str, Any], vocab: dict[str, int],
+                          added: dict[int, dict[str, Any]], id_to_token: dict[int, str],
+                          n_vocab: int) -> None:
+    """Give the special tokens transformers would add their ids, as it does: a token the
+    BPE vocabulary has keeps its id (and becomes special); a new one takes the next id after
+    the added tokens (tokenizers' rule), while that id is inside the embedding matrix."""
+    added_by_content = {a["content"]: i for i, a in added.items()}
+    for content in transformers_special_tokens(tok_config):
+        if content in added_by_content:
+            continue
+        if content in vocab:
+            new_id = vocab[content]
+        else:
+            top = max(added, default=-1)
+            new_id = top + 1 if top >= len(vocab) else len(vocab)
+            if new_id >= n_vocab:
+                continue  # upstream's assertion would stop here; there is no row for it
+        added[new_id] = {"content": content, "special": True, "normalized": True}
+        added_by_content[content] = new_id
+        id_to_token[new_id] = content
+
+
 def build_vocab(
     hf_dir: Path, n_vocab: int, pre_tokenizer: str | None, pre_source: str = "option"
 ) -> GGUFVocab:
@@ -150,6 +219,13 @@ def build_vocab(
             "config.json and the tokenizer do not belong together",
         )
 
+    config_path = hf_dir / "tokenizer_config.json"
+    tok_config: dict[str, Any] = {}
+    if config_path.is_file():
+        loaded = read_checkpoint_json(config_path, "download it again")
+        tok_config = loaded if isinstance(loaded, dict) else {}
+    _add_missing_specials(tok_config, data["model"]["vocab"], added, id_to_token, n_vocab)
+
     tokenizer = load_hf_tokenizer(hf_dir / "tokenizer.json")
     tokens: list[str] = []
     types: list[int] = []
@@ -174,12 +250,9 @@ def build_vocab(
                 types.append(gguf.TokenType.USER_DEFINED)
         tokens.append(token)
 
-    config_path = hf_dir / "tokenizer_config.json"
     add_space_prefix = None
-    if config_path.is_file():
-        tok_config = read_checkpoint_json(config_path, "download it again")
-        if isinstance(tok_config.get("add_prefix_space"), bool):
-            add_space_prefix = tok_config["add_prefix_space"]
+    if isinstance(tok_config.get("add_prefix_space"), bool):
+        add_space_prefix = tok_config["add_prefix_space"]
     special = gguf.SpecialVocab(hf_dir, load_merges=True)
     if not special.merges:
         raise CheckpointError(

@@ -125,7 +125,7 @@ def fetch_suite_file(suite: Suite, *, revision: str | None = None,
     ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE`` are honoured by huggingface_hub itself.
     """
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     from mathq.download.hub import hub_endpoint, hub_errors
 
@@ -135,8 +135,13 @@ def fetch_suite_file(suite: Suite, *, revision: str | None = None,
     try:
         with hub_errors(suite.repo_id, rev, hub_endpoint(),
                         repo_hint="check HF_ENDPOINT, or give a local JSONL file"):
-            local = Path(hf_hub_download(suite.repo_id, suite.filename, repo_type="dataset",
-                                         revision=rev))
+            try:
+                local = Path(hf_hub_download(suite.repo_id, suite.filename,
+                                             repo_type="dataset", revision=rev))
+            except RemoteEntryNotFoundError as e:
+                raise DownloadError(f"the Hub dataset {suite.repo_id}@{rev} has no file "
+                                    f"{suite.filename}",
+                                    "check HF_ENDPOINT, or give a local JSONL file") from e
     except LocalEntryNotFoundError as e:
         raise DownloadError(
             f"{where} is not in the Hugging Face cache and the Hub cannot be reached",
@@ -183,8 +188,11 @@ def read_problems_jsonl(path: Path) -> list[Problem]:
                                   "each line must be one JSON object", path=str(path),
                                   line=lineno) from e
         if not isinstance(row, dict):
-            raise ProblemSetError(f"{where}: expected a JSON object, got {type(row).__name__}",
-                                  path=str(path), line=lineno)
+            kind = {list: "an array", str: "a string", bool: "true/false",
+                    type(None): "null"}.get(type(row), "a number")
+            raise ProblemSetError(f"{where}: expected a JSON object, got {kind}",
+                                  'each line must be one problem, e.g. {"problem": ..., '
+                                  '"answer": ...}', path=str(path), line=lineno)
         try:
             problem = _row_to_problem(row, where, default_id=f"{path.stem}/{lineno}")
         except ProblemSetError as e:
@@ -197,7 +205,9 @@ def read_problems_jsonl(path: Path) -> list[Problem]:
         seen[problem.id] = lineno
         problems.append(problem)
     if not problems:
-        raise ProblemSetError(f"{path}: no problems in file", path=str(path))
+        raise ProblemSetError(f"{path}: no problems in the file (it is empty)",
+                              "give a JSONL file with one MATH or GSM8K problem per line",
+                              path=str(path))
     return problems
 
 
@@ -339,6 +349,10 @@ def write_problems_jsonl(path: Path, problems: Iterable[Problem]) -> None:
 BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
 
+_BRACE_TOKENS = re.compile(r"\\.|[{}]", re.DOTALL)
+_BOX_TAIL = re.compile(r"[^\s$]+")
+
+
 def match_brace(text: str, open_at: int) -> int | None:
     """Index of the ``}`` closing the ``{`` at ``open_at``; None if the text ends first.
 
@@ -346,48 +360,67 @@ def match_brace(text: str, open_at: int) -> int | None:
     inside a box does not unbalance it.
     """
     depth = 0
-    i = open_at
-    n = len(text)
-    while i < n:
-        c = text[i]
-        if c == "\\":
-            i += 2
-            continue
+    for m in _BRACE_TOKENS.finditer(text, open_at):
+        c = m.group()
         if c == "{":
             depth += 1
         elif c == "}":
             depth -= 1
             if depth == 0:
-                return i
-        i += 1
+                return m.start()
     return None
 
 
-def find_boxed(text: str) -> list[str]:
-    """Contents of every complete ``\\boxed{...}``/``\\fbox{...}``/``\\boxed 5``, in order.
+def _closing_braces(text: str) -> dict[int, int]:
+    """Every ``{`` position mapped to its closing ``}`` (unclosed ones left out), in one
+    pass: what :func:`match_brace` answers for each, without rescanning the text per box
+    (many unclosed boxes would make that quadratic)."""
+    partners: dict[int, int] = {}
+    stack: list[int] = []
+    for m in _BRACE_TOKENS.finditer(text):
+        c = m.group()
+        if c == "{":
+            stack.append(m.start())
+        elif c == "}" and stack:
+            partners[stack.pop()] = m.start()
+    return partners
+
+
+def find_boxed(text: str, last: int | None = None) -> list[str]:
+    """Contents of every complete ``\\boxed{...}``/``\\fbox{...}``/``\\boxed 5``, in order
+    (only the ``last`` ones when given).
 
     A box the output was cut off inside (no closing brace) is skipped, and so are empty
-    boxes (a model echoing "put your answer in \\boxed{}").
+    boxes (a model echoing "put your answer in \\boxed{}"). Linear in the text's length;
+    with ``last``, memory too (the contents of many nested boxes overlap: all of them
+    would be quadratic).
     """
-    found: list[str] = []
+    spans: list[tuple[int, int, bool]] = []  # (start, end, a \\boxed 5 tail)
+    partners: dict[int, int] | None = None
     for m in BOX_RE.finditer(text):
         i = m.end()
         while i < len(text) and text[i] in " \t":
             i += 1
         if i < len(text) and text[i] == "{":
-            close = match_brace(text, i)
+            if partners is None:
+                partners = _closing_braces(text)
+            close = partners.get(i)
             if close is None:
                 continue
-            content = text[i + 1 : close].strip()
+            spans.append((i + 1, close, False))
         elif i > m.end():
             # \boxed 5 : the next run of non-space characters, up to a $ or a sentence end.
-            tail = re.match(r"[^\s$]+", text[i:])
-            content = tail.group(0).rstrip(".,;") if tail else ""
-        else:
-            continue
+            tail = _BOX_TAIL.match(text, i)
+            if tail:
+                spans.append((tail.start(), tail.end(), True))
+    found: list[str] = []
+    for start, end, is_tail in reversed(spans):
+        content = text[start:end].rstrip(".,;") if is_tail else text[start:end].strip()
         if content:
             found.append(content)
-    return found
+            if last is not None and len(found) == last:
+                break
+    return found[::-1]
 
 
 def last_boxed(text: str) -> str | None:

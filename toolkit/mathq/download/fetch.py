@@ -36,8 +36,10 @@ from mathq.download.hub import hub_endpoint, hub_errors
 from mathq.errors import CheckpointError, DownloadError, IntegrityError
 from mathq.fsutil import (
     PARTIAL_SUFFIX,
+    Debris,
     ensure_free_space,
     exclusive_lock,
+    make_dirs,
     partial_path,
     write_text_atomic,
 )
@@ -123,7 +125,17 @@ def download_checkpoint(request: DownloadRequest, dest: Path, *, endpoint: str |
     """
     endpoint = (endpoint or hub_endpoint()).rstrip("/")
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    debris = Debris(dest, dest / LOCK_FILE)  # a failed start leaves no empty folder behind
+    try:
+        make_dirs(dest)
+        return _download(request, dest, endpoint, manifest, manifest_key, progress)
+    except BaseException:
+        debris.remove()
+        raise
+
+
+def _download(request: DownloadRequest, dest: Path, endpoint: str, manifest: Manifest | None,
+              manifest_key: str, progress: ProgressCallback) -> DownloadResult:
     with _locked(dest), hub_errors(request.repo_id, request.revision, endpoint):
         fetcher = _Fetcher(request, dest, endpoint, progress)
         commit, listing = fetcher.list_repo()

@@ -15,6 +15,7 @@ a hint, so no message can ever contain it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from typing import TypeVar
@@ -110,6 +111,10 @@ def hub_errors(repo_id: str, revision: str, endpoint: str, *,
             e, endpoint, DownloadError,
             timeout_hint="rerun later; finished files are kept and a rerun resumes",
             failed_hint="rerun; finished files are kept and a rerun resumes") from e
+    except json.JSONDecodeError as e:  # a server that is not the Hub answered
+        raise DownloadError(f"{endpoint} answered something that is not the Hub's JSON",
+                            f"check {ENDPOINT_ENV}: it must name the Hub or a mirror of its "
+                            "API") from e
 
 
 def transport_error(e: Exception, endpoint: str, error: type[E], *, timeout_hint: str,

@@ -22,6 +22,12 @@ not counted. Each variant runs in its own spawned process, so the peak belongs t
 model alone; it also covers the larger context of the throughput test. Load time is
 ``llama_model_load_from_file``'s wall time, which depends on whether the file is in the
 page cache.
+
+Where it ran is recorded too: the device (``CPU`` or the GPU's name), how many layers
+llama.cpp offloaded (every one by default when it can, see :mod:`mathq.llama.devices`),
+and ``vram_bytes``, the GPU memory the process took: the largest drop in the GPUs' free
+memory from just before the model was loaded, sampled with each context at its fullest
+(weights, KV caches and llama.cpp's compute-buffer pool, which keeps what it grew to).
 """
 
 from __future__ import annotations
@@ -75,6 +81,10 @@ class BenchResult:
     baseline_rss_bytes: int | None = None
     llama_buffers: dict[str, int] = field(default_factory=dict)
     buffers_context: int | None = None
+    device: str = "CPU"
+    gpu_layers: int = 0
+    offloadable_layers: int | None = None
+    vram_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,7 @@ def _mean_sd(rates: Sequence[float]) -> MeanSd:
 def bench_gguf(path: Path, options: BenchOptions,
                progress: ProgressCallback = no_progress) -> BenchResult:
     """Measure ``path`` in this process (see the module docstring for the method)."""
+    from mathq.llama.devices import describe_devices, gpu_devices, gpu_free_bytes
     from mathq.llama.runtime import Context, EngineOptions, LlamaModel, pad_context
 
     engine_options = EngineOptions(n_batch=options.n_batch, threads=options.threads,
@@ -101,7 +112,17 @@ def bench_gguf(path: Path, options: BenchOptions,
                                    flash_attn=options.flash_attn)
     rng = np.random.default_rng(options.seed)
     baseline = _peak_rss()
+    free_before = gpu_free_bytes()
     model = LlamaModel(Path(path), options.gpu_layers)
+    vram = [0 if free_before is not None and model.offloaded else None]
+
+    def sample_vram() -> None:
+        """Keep the largest drop in free GPU memory since before the load."""
+        if vram[0] is not None and free_before is not None:
+            now = gpu_free_bytes()
+            if now is not None:
+                vram[0] = max(vram[0], free_before - now)
+
     stage = f"bench {Path(path).name}"
     tests = (options.repetitions + 1) * ((options.n_prompt > 0) + (options.n_gen > 0)) \
         + len(options.parallel)
@@ -160,16 +181,20 @@ def bench_gguf(path: Path, options: BenchOptions,
                     tg.append(options.n_gen / gen_run(ctx, options.n_gen))
                     tick(f"tg{options.n_gen} #{r + 1}")
         finally:
+            sample_vram()
             ctx.close()
         throughput = {}
         if options.parallel:
-            throughput = _throughput(model, options, engine_options, tokens, tick)
-        return BenchResult(path=Path(path), threads=engine_options.n_threads(),
+            throughput = _throughput(model, options, engine_options, tokens, tick, sample_vram)
+        return BenchResult(path=Path(path), threads=engine_options.n_threads(model),
                            load_seconds=round(model.load_seconds, 3),
                            peak_rss_bytes=_peak_rss(),
                            prompt=_mean_sd(pp) if pp else None,
                            generation=_mean_sd(tg) if tg else None,
-                           throughput_by_parallel=throughput, baseline_rss_bytes=baseline,
+                           throughput_by_parallel=throughput,
+                           device=describe_devices(gpu_devices()) if model.offloaded else "CPU",
+                           gpu_layers=model.offloaded, offloadable_layers=model.n_layer + 1,
+                           vram_bytes=vram[0], baseline_rss_bytes=baseline,
                            llama_buffers=buffers, buffers_context=pad_context(ctx_len))
     finally:
         model.close()
@@ -194,7 +219,7 @@ def _peak_rss() -> int:
 
 
 def _throughput(model: Any, options: BenchOptions, engine_options: Any, tokens: Any,
-                tick: Any) -> dict[str, float]:
+                tick: Any, sample_vram: Any) -> dict[str, float]:
     """llama-batched-bench's S_TG for each P: P sequences advancing together."""
     from mathq.llama.runtime import Context, pad_context
 
@@ -227,6 +252,7 @@ def _throughput(model: Any, options: BenchOptions, engine_options: Any, tokens: 
             elapsed = time.perf_counter() - started
             out[str(p)] = round(p * options.throughput_gen / elapsed, 3)
             tick(f"P={p}")
+        sample_vram()
     finally:
         ctx.close()
     return out

@@ -35,6 +35,7 @@ from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
 from mathq.evaluate.grading.grade import ProblemResult, result_for, summarize
 from mathq.evaluate.grading.isolation import judge
 from mathq.evaluate.summaries import SmokeSummary, wilson_rate
+from mathq.llama.devices import ParallelChoice
 from mathq.progress import Progress, ProgressCallback
 from mathq.recipes.prompt import render_prompt
 from mathq.recipes.recipe import Recipe
@@ -227,8 +228,13 @@ def answer_problems(backend: Backend, todo: list[Problem], recipe: Recipe, quant
 
 def build_summary(recipe: Recipe, quant: str, problems: ProblemSet,
                   records: Sequence[ProblemResult], options: SmokeOptions, max_tokens: int,
-                  *, target: str, backend: str, imatrix: str | None = None) -> SmokeSummary:
-    """The variant's summary from its results, one record per problem."""
+                  *, target: str, backend: str, imatrix: str | None = None,
+                  parallel_choice: ParallelChoice | None = None) -> SmokeSummary:
+    """The variant's summary from its results, one record per problem.
+
+    ``parallel`` is the number of sequences decoded together (``parallel_choice``, which
+    also says why), or the option's value when no choice is known.
+    """
     g = summarize(records)
     # Wall time: each run's last record marks how long it ran; runs add up.
     runs: dict[str, float] = {}
@@ -241,7 +247,9 @@ def build_summary(recipe: Recipe, quant: str, problems: ProblemSet,
     return SmokeSummary(
         model=recipe.name, quant=quant, gguf=target, suite=problems.name,
         suite_source=problems.source, backend=backend,
-        parallel=options.backend.parallel, max_tokens=max_tokens,
+        parallel=(parallel_choice.parallel if parallel_choice is not None
+                  else options.backend.parallel),
+        max_tokens=max_tokens,
         accuracy=wilson_rate(g.correct, g.total),
         by_subject={k: wilson_rate(t.correct, t.total) for k, t in g.by_subject.items()},
         by_level={k: wilson_rate(t.correct, t.total) for k, t in g.by_level.items()},
@@ -252,6 +260,7 @@ def build_summary(recipe: Recipe, quant: str, problems: ProblemSet,
         reference_accuracy=recipe.smoke.reference_accuracy,
         reference_source=recipe.smoke.reference_source, imatrix=imatrix,
         verdicts=dict(g.verdicts), seed=options.seed, runs=max(1, len(known)),
+        parallel_choice=parallel_choice,
         environment=measurement_environment(
             (options.backend.threads or os.cpu_count() or 1)
             if options.backend.kind == "llama" else None))

@@ -46,10 +46,14 @@ from mathq.evaluate.smoke import (
 )
 from mathq.evaluate.summaries import (
     BenchSummary,
+    SmokeSummary,
+    load_summary,
     save_summary,
 )
-from mathq.fsutil import exclusive_lock, write_text_atomic
+from mathq.fsutil import Debris, exclusive_lock, make_dirs, write_text_atomic
 from mathq.layout import BuildLayout
+from mathq.llama.devices import ParallelChoice
+from mathq.llama.runtime import PARALLEL_AUTO
 from mathq.manifest import Fingerprint, Manifest, file_identity
 from mathq.progress import ProgressCallback, no_progress
 from mathq.recipes.prompt import stop_strings
@@ -75,7 +79,7 @@ def _paths(layout: BuildLayout, quant: str, out_dir: Path | None) -> _Paths:
 @contextlib.contextmanager
 def _exclusive(path: Path) -> Iterator[None]:
     """Refuse a second smoke run writing the same results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     with exclusive_lock(path.with_name(path.name + ".lock"),
                         SmokeError(f"another mathq smoke is writing {path}",
                                    "wait for it to finish, or use --out-dir")):
@@ -122,12 +126,14 @@ def smoke_fingerprint(recipe: Recipe, quant: str, options: SmokeOptions,
     gguf = layout.gguf(quant)
     if options.backend.kind != "llama" or options.out_dir is not None or not gguf.is_file():
         return None
-    return ({"gguf": file_identity(gguf)},
-            {"suite": options.suite or recipe.smoke.suite,
-             "n": recipe.smoke.n if options.n is None else options.n, "seed": options.seed,
-             "subjects": list(options.subjects), "levels": list(options.levels),
-             "max_tokens": options.max_tokens or recipe.smoke.max_tokens,
-             "prompt": dataclasses.asdict(recipe.prompt)})
+    settings = {"suite": options.suite or recipe.smoke.suite,
+                "n": recipe.smoke.n if options.n is None else options.n, "seed": options.seed,
+                "subjects": list(options.subjects), "levels": list(options.levels),
+                "max_tokens": options.max_tokens or recipe.smoke.max_tokens,
+                "prompt": dataclasses.asdict(recipe.prompt)}
+    if options.backend.ignore_eos:  # only when set, so earlier records stay current
+        settings["ignore_eos"] = True
+    return {"gguf": file_identity(gguf)}, settings
 
 
 def select_smoke_problems(recipe: Recipe, options: SmokeOptions,
@@ -161,28 +167,50 @@ def smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: Buil
         raise SmokeError("a GGUF outside the build folder needs an output folder",
                          "pass --out-dir")
     paths = _paths(layout, quant, options.out_dir)
-    max_tokens = options.max_tokens or recipe.smoke.max_tokens
     gguf = (gguf_path or layout.gguf(quant)) if spec.kind == "llama" else None
     if gguf is not None and not gguf.is_file():
         raise InputFileError(f"no {quant} GGUF at {gguf}",
                              f"make it first: mathq quantize {recipe.name} --quant {quant}")
     ollama_model = ollama_model_name(recipe, quant, spec.model) if spec.kind == "ollama" else None
-    stops = stop_strings(recipe.prompt)
-    few_shot = recipe.prompt.template == "few-shot"
 
     fingerprint = smoke_fingerprint(recipe, quant, options, layout)
     manifest = Manifest(layout.manifest)
+    # A run that fails before its first answer (server unreachable, model unloadable)
+    # leaves nothing behind; one that recorded answers keeps them to resume from.
+    debris = Debris(paths.results.parent, paths.results, paths.settings,
+                    paths.results.with_name(paths.results.name + ".lock"),
+                    layout.manifest.with_name(layout.manifest.name + ".lock"))
+    try:
+        return _smoke_variant(recipe, quant, problems, layout, options, progress, paths,
+                              gguf, ollama_model, fingerprint, manifest)
+    except BaseException:
+        answered = paths.results.is_file() and paths.results.stat().st_size > 0
+        debris.remove(keep=(paths.results, paths.settings) if answered else ())
+        raise
+
+
+def _smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: BuildLayout,
+                   options: SmokeOptions, progress: ProgressCallback, paths: _Paths,
+                   gguf: Path | None, ollama_model: str | None,
+                   fingerprint: Fingerprint | None, manifest: Manifest) -> SmokeOutcome:
+    spec = options.backend
+    max_tokens = options.max_tokens or recipe.smoke.max_tokens
+    stops = () if spec.ignore_eos else stop_strings(recipe.prompt)
+    few_shot = recipe.prompt.template == "few-shot"
     with _exclusive(paths.results):
         if options.restart:
             _discard(paths)
         done = read_results_log(paths.results)
         backend = None
+        choice = None
         try:
             if spec.kind == "openai" and spec.model is None:
                 backend = open_backend(spec)  # the served model's name is part of the settings
             settings = {"backend": spec.kind, **_target(recipe, quant, spec, gguf, backend),
                         "prompt": dataclasses.asdict(recipe.prompt), "max_tokens": max_tokens,
                         "stop": list(stops), "problems": problems.source}
+            if spec.ignore_eos:
+                settings["ignore_eos"] = True
             conflict = _settings_conflict(paths.settings, settings) if done else None
             if conflict is not None and not options.restart_if_changed:
                 raise conflict
@@ -205,6 +233,7 @@ def smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: Buil
                     total=len(wanted),
                     correct_before=sum(done[i].correct for i in wanted if i in done),
                     progress=progress))
+                choice = _parallel_choice(spec, backend)
         finally:
             if backend is not None:
                 backend.close()
@@ -215,13 +244,39 @@ def smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: Buil
                                 target=gguf.name if gguf else str(ollama_model or
                                                                   settings.get("served_model")),
                                 backend=describe_backend(spec),
-                                imatrix=gguf_imatrix(gguf) if gguf else None)
+                                imatrix=gguf_imatrix(gguf) if gguf else None,
+                                parallel_choice=choice or _earlier_choice(paths.summary, spec))
         save_summary(paths.summary, summary)
         if fingerprint is not None:
             manifest.record(layout.key(paths.summary), "smoke", *fingerprint,
                             size=paths.summary.stat().st_size)
     return SmokeOutcome(quant=quant, results=paths.results, summary_path=paths.summary,
                         summary=summary, resumed=resumed, answered=len(todo))
+
+
+def _parallel_choice(spec: BackendSpec, backend: Backend) -> ParallelChoice:
+    """What this run's backend decoded together: the engine's choice (``--parallel auto``
+    or given), or a server backend's requests in flight."""
+    chosen = getattr(backend, "parallel_choice", None)
+    if chosen is not None:
+        return chosen
+    requested = str(spec.parallel) if spec.parallel != PARALLEL_AUTO else "auto"
+    return ParallelChoice(backend.parallel, f"{backend.parallel} requests in flight per server",
+                          requested=requested, device=describe_backend(spec))
+
+
+def _earlier_choice(summary: Path, spec: BackendSpec) -> ParallelChoice | None:
+    """A run that only resumed finished results answered nothing: keep the choice the
+    results were made with, from the summary it replaces."""
+    if summary.is_file():
+        with contextlib.suppress(MathqError):
+            old = load_summary(summary, SmokeSummary)
+            return old.parallel_choice or ParallelChoice(
+                old.parallel, "recorded without a reason", requested=str(old.parallel))
+    if spec.parallel == PARALLEL_AUTO:
+        return None
+    return ParallelChoice(spec.parallel, f"--parallel {spec.parallel}",
+                          requested=str(spec.parallel))
 
 
 def _discard(paths: _Paths) -> None:
@@ -257,7 +312,9 @@ def _bench_summary(model: str, quant: str, gguf: Path, options: BenchOptions,
         generation_tokens_per_second=result.generation,
         throughput_by_parallel=result.throughput_by_parallel,
         imatrix=gguf_imatrix(gguf), n_prompt=options.n_prompt, n_gen=options.n_gen,
-        repetitions=options.repetitions, baseline_rss_bytes=result.baseline_rss_bytes,
+        repetitions=options.repetitions, device=result.device,
+        gpu_layers=result.gpu_layers, offloadable_layers=result.offloadable_layers,
+        vram_bytes=result.vram_bytes, baseline_rss_bytes=result.baseline_rss_bytes,
         llama_buffers=dict(result.llama_buffers), buffers_context=result.buffers_context,
         environment=measurement_environment(result.threads))
 

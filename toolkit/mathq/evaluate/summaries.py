@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from mathq.errors import MathqError
 from mathq.fsutil import to_jsonable, write_text_atomic
+from mathq.llama.devices import ParallelChoice
 
 SCHEMA_VERSION = 1
 
@@ -85,6 +86,9 @@ class SmokeSummary:
     verdicts: dict[str, int] = field(default_factory=dict)
     seed: int | None = None
     runs: int = 1
+    # How many sequences were decoded together and why (``--parallel auto`` or given);
+    # None in summaries written before mathq recorded it.
+    parallel_choice: ParallelChoice | None = None
     # Versions, CPU and date of the run (:mod:`mathq.evaluate.environment`).
     environment: dict[str, str] = field(default_factory=dict)
 
@@ -111,6 +115,14 @@ class BenchSummary:
     n_prompt: int = 512
     n_gen: int = 128
     repetitions: int = 5
+    # Where it ran: the device (``CPU``, or the GPU's name), layers offloaded of the
+    # model's offloadable ones (its layers plus the output layer), and the GPU memory this
+    # process took (the drop in the GPUs' free memory from before loading to the fullest
+    # context). None in summaries written before mathq recorded them.
+    device: str | None = None
+    gpu_layers: int | None = None
+    offloadable_layers: int | None = None
+    vram_bytes: int | None = None
     # Memory (see :mod:`mathq.evaluate.bench`): the peak resident set before the model was
     # loaded, and llama.cpp's own buffer sizes in bytes (model, kv_cache, compute, output)
     # for a context of ``buffers_context`` tokens.

@@ -29,6 +29,7 @@ and a new prompt takes the lowest free slot.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -38,7 +39,16 @@ from pathlib import Path
 import numpy as np
 
 from mathq.errors import InferenceError
-from mathq.llama.runtime import Context, EngineOptions, LlamaModel, pad_context
+from mathq.llama.devices import (
+    ParallelChoice,
+    choose_parallel,
+    describe_devices,
+    gpu_devices,
+    gpu_free_bytes,
+    kv_bytes_per_element,
+    kv_bytes_per_sequence,
+)
+from mathq.llama.runtime import PARALLEL_AUTO, Context, EngineOptions, LlamaModel, pad_context
 
 
 @dataclass(frozen=True)
@@ -109,14 +119,19 @@ class BatchEngine:
 
     Use as a context manager. :meth:`generate` yields each completion as soon as it ends;
     the caller can do its own work (grading) between yields, while no decode runs.
+    With ``options.parallel`` :data:`~mathq.llama.runtime.PARALLEL_AUTO` each
+    :meth:`generate` chooses the number from the free GPU memory (the CPU default without
+    a GPU); :attr:`parallel_choice` says what the last call chose and why.
     """
 
     def __init__(self, model_path: Path, options: EngineOptions | None = None) -> None:
         self.options = options or EngineOptions()
-        if self.options.parallel < 1:
-            raise ValueError("parallel must be at least 1")
+        if self.options.parallel < 0:
+            raise ValueError("parallel must be at least 1 (or 0 for auto)")
         self.model = LlamaModel(Path(model_path), self.options.gpu_layers)
         self._ctx: Context | None = None
+        self.parallel_choice: ParallelChoice | None = None
+        self._banned = self.model.eog_tokens() if self.options.ignore_eos else None
 
     def __enter__(self) -> BatchEngine:
         return self
@@ -138,9 +153,48 @@ class BatchEngine:
         if ctx is None or ctx.n_ctx_seq < n_ctx_seq or ctx.n_seq < n_seq:
             if ctx is not None:
                 ctx.close()
+                self._ctx = None
             self._ctx = ctx = Context(self.model, n_seq, n_ctx_seq, self.options)
         ctx.clear()
         return ctx
+
+    def _open(self, n_requests: int, n_ctx_seq: int) -> tuple[Context, int]:
+        """The context for one :meth:`generate` call and how many sequences share it.
+
+        With ``--parallel auto`` a context llama.cpp cannot allocate (the estimate of the
+        compute buffers was short) is retried with half the sequences, down to one.
+        """
+        model = self.model
+        on_gpu = model.gpu_layers_repeating > 0
+        device = describe_devices(gpu_devices()) if on_gpu else "CPU"
+        if self.options.parallel != PARALLEL_AUTO:
+            n_seq = min(self.options.parallel, n_requests)
+            self.parallel_choice = ParallelChoice(
+                n_seq, f"--parallel {self.options.parallel}"
+                + (f", {n_requests} problems" if n_seq < self.options.parallel else ""),
+                requested=str(self.options.parallel), device=device)
+            return self._context_for(n_seq, n_ctx_seq), n_seq
+        layers = model.gpu_layers_repeating if on_gpu else model.n_layer
+        kv = kv_bytes_per_sequence(n_ctx_seq, layers, model.n_embd_k, model.n_embd_v,
+                                   kv_bytes_per_element(self.options.kv_type))
+        choice = choose_parallel(n_requests, gpu=on_gpu,
+                                 free_bytes=gpu_free_bytes() if on_gpu else None,
+                                 kv_bytes_per_seq=kv, device=device)
+        n_seq = choice.parallel
+        while True:
+            try:
+                ctx = self._context_for(n_seq, n_ctx_seq)
+                break
+            except InferenceError:
+                if n_seq == 1:
+                    raise
+                n_seq //= 2
+        if n_seq != choice.parallel:
+            choice = dataclasses.replace(
+                choice, parallel=n_seq,
+                reason=f"{choice.reason}; llama.cpp could not allocate that many, so {n_seq}")
+        self.parallel_choice = choice
+        return ctx, n_seq
 
     def generate(self, requests: Iterable[GenRequest],
                  on_step: Callable[[StepStats], None] | None = None) -> Iterator[GenResult]:
@@ -160,8 +214,7 @@ class BatchEngine:
                 raise InferenceError(
                     f"the prompt of {r.id} has {len(p)} tokens; the context holds {limit}",
                     "use a model with a longer context, or fewer few-shot examples")
-        n_seq = min(self.options.parallel, len(todo))
-        ctx = self._context_for(n_seq, limit)
+        ctx, n_seq = self._open(len(todo), limit)
         pending = deque(todo)
         slots: list[_Seq | None] = [None] * n_seq
         steps = prompt_total = generated_total = 0
@@ -182,7 +235,10 @@ class BatchEngine:
                 for i, seq in enumerate(slots):
                     if seq is None or seq.out_index < 0:
                         continue
-                    token = int(np.argmax(ctx.logits(seq.out_index)))
+                    logits = ctx.logits(seq.out_index)
+                    if self._banned is not None:  # --ignore-eos: as a logit bias of -inf
+                        logits[self._banned] = -np.inf
+                    token = int(np.argmax(logits))
                     generated_total += 1
                     result = self._advance(seq, token)
                     if result is not None:

@@ -83,6 +83,11 @@ def ggml_api() -> GgmlApi:
     lib.ggml_op_name.argtypes = [ctypes.c_int]
     lib.ggml_backend_buffer_is_host.restype = ctypes.c_bool
     lib.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]
+    lib.ggml_nbytes.restype = ctypes.c_size_t
+    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                                            ctypes.c_size_t]
     expected = lib.ggml_tensor_overhead() - GGML_OBJECT_SIZE
     if ctypes.sizeof(GgmlTensor) != expected:
         raise GgmlLayoutError(
@@ -120,13 +125,39 @@ def f32_view(t: GgmlTensor) -> np.ndarray:
     Shape is ggml's ``ne`` reversed (``[ne3, ne2, ne1, ne0]``), so the last axis runs
     along a row. Valid only while ggml keeps the tensor, i.e. inside the callback.
     """
+    ne, nb, extent = _f32_layout(t)
+    if extent == 0:
+        return np.zeros(ne[::-1], np.float32)
+    raw = (ctypes.c_char * extent).from_address(t.data)
+    return np.ndarray(shape=tuple(ne[::-1]), dtype=np.float32, buffer=raw,
+                      strides=tuple(nb[::-1]))
+
+
+def f32_array(api: GgmlApi, t: GgmlTensor) -> np.ndarray:
+    """An F32 tensor wherever it lives: :func:`f32_view` of host memory, or a copy of
+    device (GPU) memory made with ``ggml_backend_tensor_get``, as llama-imatrix does."""
+    if api.is_host(t):
+        return f32_view(t)
+    ne, nb, extent = _f32_layout(t)
+    if extent == 0:
+        return np.zeros(ne[::-1], np.float32)
+    if not t.buffer or not t.data:
+        raise ValueError(f"tensor {tensor_name(t)} has no memory to read")
+    nbytes = api.lib.ggml_nbytes(ctypes.addressof(t))
+    if nbytes != extent:  # ggml's size of a strided tensor is the same span
+        raise ValueError(f"tensor {tensor_name(t)}: ggml_nbytes {nbytes} != {extent}")
+    raw = (ctypes.c_char * extent)()
+    api.lib.ggml_backend_tensor_get(ctypes.addressof(t), raw, 0, extent)
+    return np.ndarray(shape=tuple(ne[::-1]), dtype=np.float32, buffer=raw,
+                      strides=tuple(nb[::-1]))
+
+
+def _f32_layout(t: GgmlTensor) -> tuple[list[int], list[int], int]:
+    """``ne``, ``nb`` and the bytes an F32 tensor spans (0 when it is empty)."""
     if t.type != GGML_TYPE_F32:
         raise ValueError(f"tensor {tensor_name(t)} is not F32 (type {t.type})")
     ne = [int(t.ne[i]) for i in range(GGML_MAX_DIMS)]
     nb = [int(t.nb[i]) for i in range(GGML_MAX_DIMS)]
     if min(ne) <= 0:
-        return np.zeros(ne[::-1], np.float32)
-    extent = sum((n - 1) * s for n, s in zip(ne, nb, strict=True)) + 4
-    raw = (ctypes.c_char * extent).from_address(t.data)
-    return np.ndarray(shape=tuple(ne[::-1]), dtype=np.float32, buffer=raw,
-                      strides=tuple(nb[::-1]))
+        return ne, nb, 0
+    return ne, nb, sum((n - 1) * s for n, s in zip(ne, nb, strict=True)) + 4

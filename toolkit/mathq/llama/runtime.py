@@ -4,7 +4,8 @@
 ``Llama.create_completion`` does, token bytes, end of generation); :class:`Context` is one
 llama.cpp context for several sequences, with a reusable batch filled through NumPy views. The
 smoke engine (:mod:`mathq.llama.engine`) and the bench stage (:mod:`mathq.evaluate.bench`) both run
-on these, so they decode with the same settings.
+on these, so they decode with the same settings. llama.cpp's own log is captured here too
+(:func:`capture_llama_log`), so its errors become messages and never reach the terminal.
 """
 
 from __future__ import annotations
@@ -23,20 +24,34 @@ from pathlib import Path
 import numpy as np
 
 from mathq.errors import GGUFError, InferenceError, InputFileError
+from mathq.llama.devices import (
+    default_threads,
+    gpu_offload_supported,
+    offloaded_layers,
+    resolve_gpu_layers,
+)
 
 #: llama.cpp pads a sequence's context to this many cells; mathq sizes contexts the same way.
 CTX_PAD = 256
+#: ``EngineOptions.parallel`` for ``--parallel auto``: chosen by
+#: :func:`mathq.llama.devices.choose_parallel`.
+PARALLEL_AUTO = 0
 
 
 @dataclass(frozen=True)
 class EngineOptions:
     """How the engine runs; each field maps to a llama.cpp context or model parameter.
 
-    ``gpu_layers`` and ``flash_attn`` left at None keep llama.cpp's own defaults (all layers
-    on the GPU when there is one; flash attention where the backend supports it).
+    ``parallel`` :data:`PARALLEL_AUTO` lets the engine choose from the free GPU memory
+    (:func:`mathq.llama.devices.choose_parallel`). ``gpu_layers`` None puts every layer on
+    the GPU when llama.cpp can offload and none otherwise; ``threads`` 0 picks the thread
+    count from where the layers ended up (:func:`mathq.llama.devices.default_threads`);
+    ``flash_attn`` None keeps llama.cpp's choice (where the backend supports it).
     ``n_ctx_seq`` 0 sizes each sequence's cache to the longest prompt plus its token limit.
     ``kv_type`` is the ggml type of the KV cache (``q8_0`` halves its memory; None keeps
-    llama.cpp's F16).
+    llama.cpp's F16). ``ignore_eos`` never picks an end-of-generation token (llama.cpp's
+    ``--ignore-eos``): with no stop strings every completion is exactly its token limit
+    long, which speed measurements on random-weight models need.
     """
 
     parallel: int = 8
@@ -47,10 +62,14 @@ class EngineOptions:
     kv_unified: bool = False
     n_ctx_seq: int = 0
     kv_type: str | None = None
+    ignore_eos: bool = False
 
-    def n_threads(self) -> int:
-        """Threads for llama.cpp: the option, or every core."""
-        return self.threads or os.cpu_count() or 1
+    def n_threads(self, model: LlamaModel | None = None) -> int:
+        """Threads for llama.cpp: the option, or the default for where ``model``'s layers
+        are (every core when none is given)."""
+        if model is None:
+            return self.threads or os.cpu_count() or 1
+        return default_threads(self.threads, model.offloaded, model.n_layer)
 
 
 def quiet_llama_cpp() -> None:
@@ -68,7 +87,12 @@ def pad_context(n: int) -> int:
 
 
 class LlamaModel:
-    """A GGUF loaded by llama.cpp, with the vocabulary calls the engine and bench need."""
+    """A GGUF loaded by llama.cpp, with the vocabulary calls the engine and bench need.
+
+    ``gpu_layers`` None offloads every layer when llama.cpp can (see
+    :mod:`mathq.llama.devices`); ``offloaded`` is how many of the ``n_layer + 1`` layers
+    llama.cpp put on the GPU.
+    """
 
     def __init__(self, path: Path, gpu_layers: int | None = None) -> None:
         import llama_cpp
@@ -80,8 +104,8 @@ class LlamaModel:
         llama_cpp.llama_backend_init()
         quiet_llama_cpp()
         params = llama_cpp.llama_model_default_params()
-        if gpu_layers is not None:
-            params.n_gpu_layers = gpu_layers
+        self.gpu = gpu_offload_supported()
+        self.gpu_layers = params.n_gpu_layers = resolve_gpu_layers(gpu_layers)
         errors: list[str] = []
         #: llama.cpp's own account of the weights' memory, from its load log (bytes by kind).
         self.buffer_bytes: dict[str, int] = {}
@@ -106,8 +130,31 @@ class LlamaModel:
         self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(handle))
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.n_layer = int(llama_cpp.llama_model_n_layer(handle))
+        self.offloaded = offloaded_layers(self.gpu_layers, self.n_layer, self.gpu)
+        n_embd = int(llama_cpp.llama_model_n_embd(handle))
+        n_head = max(1, int(llama_cpp.llama_model_n_head(handle)))
+        n_head_kv = int(llama_cpp.llama_model_n_head_kv(handle))
+        arch = self.meta("general.architecture") or "llama"
+        head_k = int(self.meta(f"{arch}.attention.key_length") or n_embd // n_head)
+        head_v = int(self.meta(f"{arch}.attention.value_length") or n_embd // n_head)
+        #: Widths of one layer's K and V cache rows (``n_embd_k_gqa``, ``n_embd_v_gqa``).
+        self.n_embd_k, self.n_embd_v = head_k * n_head_kv, head_v * n_head_kv
         self._pieces: dict[int, bytes] = {}
         self._eog: dict[int, bool] = {}
+
+    @property
+    def gpu_layers_repeating(self) -> int:
+        """Repeating (transformer) layers on the GPU: the output layer is offloaded first."""
+        return max(0, self.offloaded - 1)
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text, or None when the file lacks the key."""
+        import llama_cpp
+
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_model_meta_val_str(self.handle, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
 
     def tokenize(self, text: str) -> list[int]:
         """Prompt tokens as ``Llama.create_completion`` makes them: BOS if the model adds
@@ -136,6 +183,10 @@ class LlamaModel:
                 n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
             cached = self._pieces[token] = buf.raw[:max(n, 0)]
         return cached
+
+    def eog_tokens(self) -> np.ndarray:
+        """Every end-of-generation token of the vocabulary (EOS, EOT, ...)."""
+        return np.array([t for t in range(self.n_vocab) if self.is_eog(t)], dtype=np.int64)
 
     def is_eog(self, token: int) -> bool:
         """End of generation (EOS, EOT, ...), as llama.cpp's vocabulary marks it."""
@@ -167,7 +218,7 @@ class Context:
         params.n_batch = options.n_batch
         params.n_ubatch = min(options.n_batch, 512)
         params.n_seq_max = n_seq
-        params.n_threads = params.n_threads_batch = options.n_threads()
+        params.n_threads = params.n_threads_batch = options.n_threads(model)
         params.kv_unified = options.kv_unified
         params.no_perf = True
         if options.kv_type is not None:

@@ -13,11 +13,15 @@ Ollama's parser is a small state machine with some sharp edges this module repro
 - characters that are not printable (other than space, tab and newlines) are dropped
   without a word, so a no-break space in a template silently disappears.
 
-Then ``create`` refuses what its later steps refuse: no FROM, a parameter it does not know
-or cannot parse (see :mod:`mathq.modelfile.options`), a MESSAGE role other than system, user
-or assistant, a REQUIRES that is not a version. Problems that Ollama lets through but that
-are certainly mistakes (an ignored parameter, an instruction given twice where only the last
-counts, BOS inside a template) are reported too. Line numbers count from 1 as editors do.
+Then ``create`` refuses what its later steps refuse: no FROM, a FROM path with no file behind
+it (Ollama then takes it for a model name, which fails), a TEMPLATE Go's text/template parser
+refuses (see :mod:`mathq.modelfile.templatesyntax`, reported at the Modelfile line of the
+error), a parameter it does not know or cannot parse (see :mod:`mathq.modelfile.options`), a
+MESSAGE role other than system, user or assistant, a REQUIRES that is not a version.
+Problems that Ollama lets through but that are certainly mistakes (an ignored parameter, an
+instruction given twice where only the last counts, BOS inside a template, a quoted value
+whose closing quotes are missing so that it swallows the instructions after it) are reported
+too. Line numbers count from 1 as editors do.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mathq.errors import InputFileError
+from mathq.fsutil import READ_HINT, os_reason
 from mathq.modelfile.options import get_option, parameter_problem
+from mathq.modelfile.templatesyntax import ollama_template_problem
 from mathq.recipes.prompt import BOS
 
 INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "ADAPTER", "DRAFT", "LICENSE",
@@ -37,6 +43,9 @@ _SINGLE = ("TEMPLATE", "SYSTEM", "ADAPTER", "RENDERER", "PARSER", "REQUIRES")
 _SEMVER = re.compile(
     r"v?(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*)){0,2}(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?")
 _WHITESPACE = " \t\r\n"
+# A line inside a triple-quoted value that starts like an instruction: the value's closing
+# quotes are missing and it runs on until a later instruction's closing quotes.
+_SWALLOWED = re.compile(r"^(?:" + "|".join(INSTRUCTIONS) + r")[ \t]", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,7 @@ class ParsedModelfile:
     commands: tuple[Command, ...]
     problems: tuple[Problem, ...]
     syntax_error: Problem | None = None
+    triple_quoted: tuple[bool, ...] = ()
 
     def values(self, instruction: str) -> list[str]:
         """The values of every command of one instruction, in file order."""
@@ -110,6 +120,7 @@ class _Scanner:
     def __init__(self, text: str) -> None:
         self.text = text
         self.commands: list[Command] = []
+        self.quoted: list[bool] = []  # per command: its value was opened with """
         self.problems: list[Problem] = []
         self.syntax_error: Problem | None = None
 
@@ -173,6 +184,7 @@ class _Scanner:
                     value, ok = _unquote(buf.strip(_WHITESPACE))
                     if ok and newline:
                         self.commands.append(Command(instruction, name, value, start_line))
+                        self.quoted.append(buf.lstrip(_WHITESPACE).startswith('"""'))
                         state, buf = "nil", ""
                     else:
                         buf += ch
@@ -191,6 +203,7 @@ class _Scanner:
                 return self.fail(start_line, f"{instruction} value opened with {quote} "
                                  "is never closed")
             self.commands.append(Command(instruction, name, value, start_line))
+            self.quoted.append(buf.lstrip(_WHITESPACE).startswith('"""'))
         elif state == "name" and buf.upper() not in INSTRUCTIONS:
             return self.fail(start_line, f"unknown instruction {buf!r}; expected one of "
                              f"{', '.join(INSTRUCTIONS)}")
@@ -209,7 +222,7 @@ def parse_modelfile(text: str) -> ParsedModelfile:
     scanner = _Scanner(text.removeprefix("\ufeff"))
     scanner.run()
     return ParsedModelfile(tuple(scanner.commands), tuple(scanner.problems),
-                           scanner.syntax_error)
+                           scanner.syntax_error, tuple(scanner.quoted))
 
 
 def _command_problems(parsed: ParsedModelfile) -> list[Problem]:
@@ -217,7 +230,17 @@ def _command_problems(parsed: ParsedModelfile) -> list[Problem]:
     if not any(c.instruction == "FROM" for c in parsed.commands):
         problems.append(Problem(1, "no FROM instruction; Ollama needs one"))
     first_seen: dict[str, int] = {}
-    for c in parsed.commands:
+    for c, triple in zip(parsed.commands, parsed.triple_quoted, strict=True):
+        swallowed = _SWALLOWED.search(c.value) if triple and '"""' in c.value else None
+        if swallowed:
+            at = c.line + c.value.count("\n", 0, swallowed.start())
+            line_text = c.value[swallowed.start():].split("\n", 1)[0]
+            problems.append(Problem(c.line, f'{c.instruction} opened with """ is not closed '
+                                    f"before line {at} ({line_text[:40]!r}), so Ollama reads "
+                                    f'that line into its value; close it with """'))
+            continue
+        if c.instruction == "TEMPLATE" and (bad := ollama_template_problem(c.value)):
+            problems.append(Problem(c.line + bad[0] - 1, f"TEMPLATE: {bad[1]}"))
         key = f"PARAMETER {c.name}" if c.instruction == "PARAMETER" else c.instruction
         single = c.instruction in _SINGLE or (
             c.instruction == "PARAMETER" and (opt := get_option(c.name)) is not None
@@ -248,14 +271,34 @@ def check_modelfile_text(text: str) -> tuple[Problem, ...]:
                         key=lambda p: p.line))
 
 
+def _looks_like_path(value: str) -> bool:
+    """A FROM value that can only be a path (a bare ``m.gguf`` is also a valid model name)."""
+    return value.startswith(("/", "./", "../", "~", ".\\", "..\\"))
+
+
+def _file_problems(path: Path, parsed: ParsedModelfile) -> list[Problem]:
+    """FROM/ADAPTER/DRAFT paths that do not exist next to the Modelfile: Ollama takes such a
+    value for a model name, and ``create`` fails."""
+    problems = []
+    for c in parsed.commands:
+        if c.instruction in ("FROM", "ADAPTER", "DRAFT") and _looks_like_path(c.value):
+            target = path.parent / Path(c.value).expanduser()
+            if not target.exists():
+                problems.append(Problem(c.line, f"{c.instruction} {c.value}: no such file "
+                                        "(paths are relative to the Modelfile); build the "
+                                        "GGUF first or fix the path"))
+    return problems
+
+
 def check_modelfile(path: Path) -> ModelfileCheck:
-    """Check one Modelfile on disk; a missing or undecodable file is reported, not raised."""
+    """Check one Modelfile on disk, FROM paths included; an undecodable file is reported,
+    a missing or unreadable one raised."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise InputFileError(f"cannot read Modelfile {path}: {e.strerror or e}",
-                             "check the path") from e
+        raise InputFileError(f"cannot read Modelfile {path}: {os_reason(e)}",
+                             READ_HINT) from e
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -263,4 +306,9 @@ def check_modelfile(path: Path) -> ModelfileCheck:
         return ModelfileCheck(path, (Problem(line, "not valid UTF-8 (byte "
                                              f"0x{data[e.start]:02x}); save the file as "
                                              "UTF-8"),))
-    return ModelfileCheck(path, check_modelfile_text(text))
+    problems = check_modelfile_text(text)
+    parsed = parse_modelfile(text)
+    if parsed.syntax_error is None:
+        problems = tuple(sorted([*problems, *_file_problems(path, parsed)],
+                                key=lambda p: p.line))
+    return ModelfileCheck(path, problems)

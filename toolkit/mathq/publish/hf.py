@@ -17,12 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mathq import __version__
-from mathq.download.hub import TOKEN_ENV, hub_endpoint, token_configured, transport_error
+from mathq.download.hub import (
+    OFFLINE_ENV,
+    TOKEN_ENV,
+    hub_endpoint,
+    token_configured,
+    transport_error,
+)
 from mathq.errors import InvalidNameError, UploadError
 from mathq.modelfile.write import MODELFILE_SUFFIX, render_modelfile
 from mathq.progress import Progress, ProgressCallback, no_progress
@@ -104,15 +111,15 @@ def check_repo_id(repo_id: str) -> None:
 
 def plan_hub(recipe: Recipe, repo_id: str, *, private: bool = False, tags: Sequence[str] = (),
              namespace: str | None = None, build_root: Path | None = None,
-             endpoint: str | None = None,
-             progress: ProgressCallback = no_progress) -> HubPlan:
+             endpoint: str | None = None, progress: ProgressCallback = no_progress,
+             dry_run: bool = False) -> HubPlan:
     """Check the repo id and files, hash the GGUFs, write the Modelfiles and the card.
 
     Reads only local files: nothing is sent. ``namespace`` (where the same tags are pushed
     to Ollama's registry, if they are) adds ``ollama run`` lines to the card.
     """
     check_repo_id(repo_id)
-    _pairs, files = tag_files(recipe, tags, build_root, progress)
+    _pairs, files = tag_files(recipe, tags, build_root, progress, dry_run=dry_run)
     ggufs = list(files.values())
     modelfiles = {f.quant: f"{f.quant}{MODELFILE_SUFFIX}" for f in ggufs}
     rows = card_files(recipe, ggufs, modelfiles, build_root)
@@ -132,14 +139,28 @@ def _text_file(path: str, text: str) -> HubFile:
     return HubFile(path, len(data), hashlib.sha256(data).hexdigest(), text=text)
 
 
+def require_online() -> None:
+    """Refuse an upload at once while huggingface_hub is told to stay offline."""
+    import os
+
+    from huggingface_hub import constants
+
+    said = os.environ.get(OFFLINE_ENV, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    if constants.HF_HUB_OFFLINE or said:
+        raise UploadError(f"{OFFLINE_ENV} is set, so nothing can be uploaded to the Hub",
+                          f"unset {OFFLINE_ENV} to publish, or use --dry-run to see the plan")
+
+
 def publish_hub(plan: HubPlan, progress: ProgressCallback = no_progress) -> HubResult:
     """Create the repo if needed and commit the files that differ from the repo's.
 
-    Raises UploadError (no or insufficient token, unreachable endpoint, refused upload).
+    Raises UploadError (offline, no or insufficient token, unreachable endpoint, refused
+    upload).
     """
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.hf_api import RepoFile
 
+    require_online()
     api = HfApi(endpoint=plan.endpoint, library_name="mathq", library_version=__version__)
     with _upload_errors(plan.repo_id, plan.endpoint), _hub_bars_off():
         url = str(api.create_repo(plan.repo_id, private=plan.private, exist_ok=True))
@@ -206,12 +227,18 @@ def _upload_errors(repo_id: str, endpoint: str) -> Iterator[None]:
     they stay short and cannot echo headers or the token.
     """
     import httpx2
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     try:
         yield
+    except OfflineModeIsEnabled as e:
+        raise UploadError(f"{OFFLINE_ENV} is set, so nothing can be uploaded to the Hub",
+                          f"unset {OFFLINE_ENV} to publish") from e
     except HfHubHTTPError as e:
         raise _http_error(e, repo_id, endpoint) from e
+    except json.JSONDecodeError as e:  # a server that is not the Hub answered
+        raise UploadError(f"{endpoint} answered something that is not the Hub's JSON",
+                          "check HF_ENDPOINT: it must name the Hub or a mirror of its API") from e
     except ValueError as e:  # the Hub's check of README.md metadata failed
         if not isinstance(e.__cause__, HfHubHTTPError):
             raise

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,7 +147,8 @@ def request_fingerprint(body: dict[str, Any]) -> str:
 
 def plan_ollama(recipe: Recipe, *, namespace: str | None, base_url: str,
                 tags: Sequence[str] = (), push: bool = True, build_root: Path | None = None,
-                progress: ProgressCallback = no_progress) -> OllamaPlan:
+                progress: ProgressCallback = no_progress, dry_run: bool = False,
+                before_hashing: Callable[[], None] | None = None) -> OllamaPlan:
     """Check names and files, hash the GGUFs, and build each tag's Modelfile and request.
 
     Reads only local files: nothing is sent. A push needs a namespace (the registry's user
@@ -156,7 +157,8 @@ def plan_ollama(recipe: Recipe, *, namespace: str | None, base_url: str,
     check_names(tags, namespace)
     if push and not namespace:
         raise InvalidNameError("pushing needs a namespace", "pass --namespace, or --no-push")
-    pairs, files = tag_files(recipe, tags, build_root, progress)
+    pairs, files = tag_files(recipe, tags, build_root, progress, dry_run=dry_run,
+                             before_hashing=before_hashing)
     layout = BuildLayout.for_model(recipe.name, build_root)
     plans = []
     for tag, quant in pairs:

@@ -81,6 +81,11 @@ class Status:
     completed: int | None = None
 
 
+#: Seconds a question to the server (does it have this blob, this model?) may take: it
+#: answers those at once, so a server that does not is hung, not busy.
+QUICK_TIMEOUT_S = 30.0
+
+
 class OllamaAPI:
     """A client for one Ollama server; use as a context manager to close its connections."""
 
@@ -104,12 +109,34 @@ class OllamaAPI:
         """Close the connection pool."""
         self._http.close()
 
+    @staticmethod
+    def _quick() -> object:
+        import httpx2
+
+        return httpx2.Timeout(QUICK_TIMEOUT_S, connect=10.0)
+
     # -- blobs -------------------------------------------------------------------------------
+
+    def check(self) -> str:
+        """The server's version (``GET /api/version``), asked before any work: an
+        unreachable, hung or foreign server is named at once, not after hashing GGUFs."""
+        with self._errors("ask its version"):
+            r = self._http.get("/api/version", timeout=self._quick())
+        try:
+            version = r.json().get("version") if r.status_code == 200 else None
+        except (ValueError, AttributeError):
+            version = None
+        if not isinstance(version, str):
+            raise ServerError(f"{self.base_url} does not answer like an Ollama server "
+                              f"(GET /api/version: HTTP {r.status_code})",
+                              "check --ollama-host (or OLLAMA_HOST), e.g. "
+                              "http://127.0.0.1:11434")
+        return version
 
     def has_blob(self, digest: str) -> bool:
         """Whether the server already holds the blob ``digest`` (``sha256:<hex>``)."""
         with self._errors("check blob " + digest):
-            r = self._http.head(f"/api/blobs/{digest}")
+            r = self._http.head(f"/api/blobs/{digest}", timeout=self._quick())
         if r.status_code == 200:
             return True
         if r.status_code == 404:
@@ -155,7 +182,7 @@ class OllamaAPI:
     def has_model(self, name: str) -> bool:
         """Whether the server has a model called ``name`` (``POST /api/show``)."""
         with self._errors(f"look up {name}"):
-            r = self._http.post("/api/show", json={"model": name})
+            r = self._http.post("/api/show", json={"model": name}, timeout=self._quick())
         if r.status_code == 200:
             return True
         if r.status_code == 404:

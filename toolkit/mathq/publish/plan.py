@@ -10,7 +10,7 @@ does not read multi-GB files again.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,9 +54,14 @@ def recipe_ref(recipe: Recipe) -> str:
 
 
 def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None = None,
-              progress: ProgressCallback = no_progress) -> tuple[list[tuple[str, str]],
-                                                                   dict[str, GGUFFile]]:
+              progress: ProgressCallback = no_progress, *, dry_run: bool = False,
+              before_hashing: Callable[[], None] | None = None,
+              ) -> tuple[list[tuple[str, str]], dict[str, GGUFFile]]:
     """The ``(tag, quant)`` pairs to publish and each quant's checked, hashed GGUF.
+
+    With ``dry_run`` the digest cache is read but never written: a dry run writes nothing.
+    ``before_hashing`` runs once every name and file is checked and before any file is
+    hashed (publishing asks its server there: an unreachable one costs no hashing).
 
     Raises InvalidNameError (a tag name Ollama refuses), RecipeError (a tag the recipe does
     not have), InputFileError (a GGUF not built yet) and GGUFError (a GGUF that holds another
@@ -72,15 +77,20 @@ def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None 
         if not path.is_file():
             raise InputFileError(f"{path} not found",
                                  f"make it with `mathq quantize {recipe_ref(recipe)} -Q {quant}`")
+    summaries = {}
     for quant in quants:
         path = layout.gguf(quant)
-        summary = read_gguf_header(path).summary
+        summary = summaries[quant] = read_gguf_header(path).summary
         if summary.file_type_name != quant:
             raise GGUFError(f"{path} holds {summary.file_type_name}, not {quant}",
                             f"rebuild it with `mathq quantize {recipe_ref(recipe)} -Q {quant}`")
+    if before_hashing is not None:
+        before_hashing()
+    for quant in quants:
+        path, summary = layout.gguf(quant), summaries[quant]
         files[quant] = GGUFFile(
             quant=quant, path=path, size=summary.size,
-            sha256=sha256_cached(path, layout.digest_cache, progress),
+            sha256=sha256_cached(path, layout.digest_cache, progress, save=not dry_run),
             bits_per_weight=summary.bits_per_weight, n_params=summary.n_params,
             tags=tuple(t for t, q in pairs if q == quant))
     return pairs, files

@@ -152,19 +152,30 @@ def check_text_overlap(text: str, source: str, smoke: ProblemSet) -> None:
             "set, from which mathq drops graded problems itself")
 
 
+def load_calibration(ref: str, progress: ProgressCallback = no_progress,
+                     ) -> tuple[str | list[Problem], str]:
+    """The calibration source read and checked on its own (an empty text is refused), so
+    bad input is named before the smoke set is loaded."""
+    loaded, source = calibration_problems(ref, progress)
+    if isinstance(loaded, str) and not loaded.strip():
+        raise CalibrationError(f"{source} is empty", "give a file with math text")
+    return loaded, source
+
+
 def build_calibration_text(ref: str, smoke: ProblemSet, *, spec: PromptSpec | None = None,
                            max_chars: int | None = None, seed: int = 0,
-                           progress: ProgressCallback = no_progress) -> CalibrationText:
-    """The calibration text for ``ref``, checked against (and cleaned of) ``smoke``.
+                           progress: ProgressCallback = no_progress,
+                           preloaded: tuple[str | list[Problem], str] | None = None,
+                           ) -> CalibrationText:
+    """The calibration text for ``ref`` (or ``preloaded``, from :func:`load_calibration`),
+    checked against (and cleaned of) ``smoke``.
 
     Problems are shuffled with ``seed`` (train files are often sorted by subject) and taken
     until the text reaches ``max_chars``, so a 100-chunk run does not render all of MATH.
     """
-    loaded, source = calibration_problems(ref, progress)
+    loaded, source = preloaded or load_calibration(ref, progress)
     if isinstance(loaded, str):
         check_text_overlap(loaded, source, smoke)
-        if not loaded.strip():
-            raise CalibrationError(f"{source} is empty", "give a file with math text")
         text = loaded[:max_chars] if max_chars else loaded
         return CalibrationText(text, source, 1, (), _sha(text))
     dropped = overlapping(loaded, smoke)

@@ -114,12 +114,10 @@ def _terminated(struct_type: type, items: list) -> ctypes.Array:
     return array
 
 
-def quantize_gguf(source: Path, dest: Path, options: QuantizeOptions,
-                  progress: ProgressCallback = no_progress) -> QuantizeResult:
-    """Quantize ``source`` into ``dest`` (written atomically) and verify the result."""
-    import llama_cpp
-
-    source, dest = Path(source), Path(dest)
+def preflight(source: Path, options: QuantizeOptions) -> tuple[GGUFSummary, Imatrix | None]:
+    """Every check that needs no output: input kind, type, matrix and overrides. Run for
+    all variants before the first is made, so bad input never leaves half the work done."""
+    source = Path(source)
     quant = options.quant
     model = read_gguf_summary(source)
     if quant.is_float:
@@ -136,6 +134,27 @@ def quantize_gguf(source: Path, dest: Path, options: QuantizeOptions,
                             "pass --imatrix FILE; `mathq quants` marks the types that need one")
     if imatrix is not None:
         check_imatrix_fits(imatrix, model)
+    for pattern, type_name in options.overrides:
+        ggml_type_id(type_name)
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise QuantizeError(f"tensor type override {pattern!r} is not a regular "
+                                f"expression ({e})", "fix the PATTERN of --tensor-type") from None
+    for type_name in (options.output_tensor_type, options.token_embedding_type):
+        if type_name:
+            ggml_type_id(type_name)
+    return model, imatrix
+
+
+def quantize_gguf(source: Path, dest: Path, options: QuantizeOptions,
+                  progress: ProgressCallback = no_progress) -> QuantizeResult:
+    """Quantize ``source`` into ``dest`` (written atomically) and verify the result."""
+    import llama_cpp
+
+    source, dest = Path(source), Path(dest)
+    quant = options.quant
+    model, imatrix = preflight(source, options)
     ensure_free_space(dest.parent, _estimated_size(model, quant), f"{dest.name}")
 
     params = llama_cpp.llama_model_quantize_default_params()

@@ -25,7 +25,6 @@ llama.cpp), so its output and mathq's agree (benchmarks/imatrix.py, tests/test_i
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,17 @@ from pathlib import Path
 import numpy as np
 
 from mathq.errors import ImatrixComputeError
+from mathq.llama.devices import (
+    default_threads,
+    gpu_offload_supported,
+    offloaded_layers,
+    resolve_gpu_layers,
+)
 from mathq.llama.ggml_view import (
     GGML_TYPE_F32,
     GgmlApi,
     GgmlTensor,
-    f32_view,
+    f32_array,
     ggml_api,
     tensor_at,
     tensor_name,
@@ -59,7 +64,8 @@ class ImatrixOptions:
 
     ``chunks`` None takes every whole chunk of the text. ``parse_special`` makes special
     token text (DeepSeek's ``<｜end▁of▁sentence｜>`` between chat turns) the special token,
-    as ``llama-imatrix --parse-special`` does.
+    as ``llama-imatrix --parse-special`` does. ``threads`` 0 and ``gpu_layers`` None are
+    :mod:`mathq.llama.devices`' defaults (every layer on the GPU when llama.cpp can offload).
     """
 
     n_ctx: int = 512
@@ -67,6 +73,7 @@ class ImatrixOptions:
     process_output: bool = False
     parse_special: bool = True
     threads: int = 0
+    gpu_layers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -145,11 +152,8 @@ class ActivationCollector:
         """The data phase: add this node's input rows to its weight's sums and count."""
         src0, src1 = t.src[0].contents, t.src[1].contents
         name = weight_name(tensor_name(src0))
-        if not self.api.is_host(src1):
-            raise ImatrixComputeError(
-                f"the input of {name} is in device memory",
-                "run on the CPU (mathq's llama-cpp-python build is CPU-only)")
-        x = f32_view(src1)  # (ne3, ne2, ne1, ne0): rows along axis 2
+        x = f32_array(self.api, src1)  # (ne3, ne2, ne1, ne0): rows along axis 2; a host
+        # copy when the layer runs on the GPU
         squares = np.einsum("abij,abij->abj", x, x)
         n2, n3 = int(src0.ne[2]), int(src0.ne[3])
         n_mat = n2 * n3
@@ -199,7 +203,8 @@ class _Llama:
 
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = 0
+        self.gpu = gpu_offload_supported()
+        self.gpu_layers = mparams.n_gpu_layers = resolve_gpu_layers(self.options.gpu_layers)
         with capture_llama_log(self._log):
             self.model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(),
                                                               mparams)
@@ -239,10 +244,15 @@ class _Llama:
         cparams.n_batch = o.n_ctx
         cparams.n_ubatch = min(o.n_ctx, MAX_UBATCH)
         cparams.n_seq_max = 1
-        cparams.n_threads = cparams.n_threads_batch = o.threads or (os.cpu_count() or 1)
+        n_layer = int(llama_cpp.llama_model_n_layer(self.model))
+        offloaded = offloaded_layers(self.gpu_layers, n_layer, self.gpu)
+        cparams.n_threads = cparams.n_threads_batch = default_threads(o.threads, offloaded,
+                                                                      n_layer)
         cparams.cb_eval = self.collector.callback
         cparams.cb_eval_user_data = None
-        cparams.op_offload = False  # keep every multiplication (and its input) on the host
+        # Layers left on the CPU keep their multiplications there (no copies of their
+        # weights to the GPU per batch); offloaded layers' inputs are copied to the host.
+        cparams.op_offload = False
         cparams.no_perf = True
         with capture_llama_log(self._log):
             self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)

@@ -63,10 +63,17 @@ def load_imatrix(path: Path) -> Imatrix:
 def _load_gguf(path: Path) -> Imatrix:
     from gguf import GGMLQuantizationType, GGUFReader
 
+    from mathq.convert.gguf_info import read_gguf_header
+    from mathq.errors import GGUFError
+
+    try:  # mathq's own scanner first: its errors say what is wrong in words
+        read_gguf_header(path)
+    except GGUFError as e:
+        raise _bad(path, e.message.removeprefix(f"{path} ")) from None
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError ...
-        raise _bad(path, f"unreadable GGUF ({e})") from e
+        raise _bad(path, f"unreadable GGUF ({type(e).__name__})") from e
     fields = reader.fields
     missing = [k for k in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE) if k not in fields]
     if missing:

@@ -1,9 +1,13 @@
-"""The quantize stage: which BF16 file a command means, and recording what was made.
+"""The quantize stage's build steps: quantized variants and the importance matrix.
 
-:mod:`mathq.quantize.core` quantizes one file; this module resolves ``RECIPE|GGUF`` into an input
-and output names, runs several variants, and records each in the build manifest when the input is a
-recipe's build folder. A variant quantized with an importance matrix is named ``<QUANT>-imat``
-(:class:`mathq.recipes.quants.Variant`), so it never takes the plain variant's place.
+Both steps resolve ``RECIPE|GGUF`` into an input file and output names and record what they
+made in the build manifest (with the fingerprint ``build`` compares) when the input is a
+recipe's build folder.
+
+:mod:`mathq.quantize.core` quantizes one file and :mod:`mathq.quantize.imatrix` computes a
+matrix; this module runs several variants and the recipe's matrix step. A variant quantized
+with an importance matrix is named ``<QUANT>-imat`` (:class:`mathq.recipes.quants.Variant`),
+so it never takes the plain variant's place.
 """
 
 from __future__ import annotations
@@ -11,14 +15,21 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mathq.convert.gguf_info import read_gguf_header
 from mathq.datasets.problems import ProblemSet, load_problem_set
 from mathq.errors import GGUFError, MissingImatrixError
-from mathq.fsutil import sha256_file, write_text_atomic
+from mathq.fsutil import removing_new_dirs, sha256_file, write_text_atomic
 from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
 from mathq.progress import ProgressCallback, no_progress
-from mathq.quantize.calibration import CalibrationText, build_calibration_text
-from mathq.quantize.core import QuantizeOptions, QuantizeResult, output_name, quantize_gguf
+from mathq.quantize.calibration import CalibrationText, build_calibration_text, load_calibration
+from mathq.quantize.core import (
+    QuantizeOptions,
+    QuantizeResult,
+    output_name,
+    preflight,
+    quantize_gguf,
+)
 from mathq.quantize.imatrix import INPUT_TYPES, ImatrixOptions, ImatrixResult, compute_imatrix
 from mathq.quantize.imatrix_file import load_imatrix
 from mathq.recipes.prompt import PromptSpec
@@ -70,15 +81,18 @@ def quantize_variants(job: QuantizeJob, options: list[QuantizeOptions],
                       progress: ProgressCallback = no_progress) -> list[QuantizeResult]:
     """Quantize ``job.source`` once per options entry, in order; record each in the manifest."""
     folder = out_dir or (job.layout.root if job.layout else job.source.parent)
+    for opts in options:  # every variant's input checks first: bad input costs no work
+        preflight(job.source, opts)
     results = []
-    for opts in options:
-        name = variant_of(opts).name
-        dest = (job.layout.gguf(name) if job.layout and out_dir is None
-                else folder / output_name(job.source, name))
-        result = quantize_gguf(job.source, dest, opts, progress)
-        if job.layout is not None and out_dir is None:
-            _record(job, opts, result)
-        results.append(result)
+    with removing_new_dirs(folder):
+        for opts in options:
+            name = variant_of(opts).name
+            dest = (job.layout.gguf(name) if job.layout and out_dir is None
+                    else folder / output_name(job.source, name))
+            result = quantize_gguf(job.source, dest, opts, progress)
+            if job.layout is not None and out_dir is None:
+                _record(job, opts, result)
+            results.append(result)
     return results
 
 
@@ -174,12 +188,16 @@ def recipe_imatrix_job(recipe: Recipe, layout: BuildLayout) -> ImatrixJob:
 
 def _calibration(job: ImatrixJob, calibration: str, options: ImatrixOptions, seed: int,
                  progress: ProgressCallback) -> tuple[ProblemSet, CalibrationText]:
-    """The smoke set and the calibration text cleaned of it, cut to what the run reads."""
+    """The smoke set and the calibration text cleaned of it, cut to what the run reads.
+    The model and the calibration source are checked first: bad input is named before
+    the smoke set is loaded (which may need the Hub)."""
+    read_gguf_header(job.model)
+    preloaded = load_calibration(calibration, progress)
     smoke = load_problem_set(job.smoke_suite, progress=progress)
     budget = (options.chunks * options.n_ctx * CHARS_PER_TOKEN_BOUND
               if options.chunks is not None else None)
     text = build_calibration_text(calibration, smoke, spec=job.prompt, max_chars=budget,
-                                  seed=seed, progress=progress)
+                                  seed=seed, progress=progress, preloaded=preloaded)
     return smoke, text
 
 
@@ -220,7 +238,8 @@ def _record_fields(job: ImatrixJob, text: CalibrationText, options: ImatrixOptio
               "text_sha256": text.sha256}
     settings = {**asdict(options), "seed": seed,
                 "format": job.prompt.template if job.prompt else "plain"}
-    settings.pop("threads")  # does not change the result
+    settings.pop("threads")  # neither changes what is measured
+    settings.pop("gpu_layers")
     return inputs, settings
 
 

@@ -5,7 +5,8 @@ how to prompt it, which quantized variants to make, which Ollama tags to publish
 smoke-test it and which text KL divergence is measured on. Bundled recipes live in the
 repository's ``recipes/`` folder (shipped inside the wheel as ``mathq/_recipes``); a user's
 own TOML file can be given by path. Every error names the file and the field, and unknown
-keys are refused so a typo never passes silently.
+keys are refused so a typo never passes silently. Ollama's naming rules (:func:`name_problem`)
+live here too: a recipe's tags must obey them.
 """
 
 from __future__ import annotations
@@ -117,9 +118,9 @@ class Recipe:
 
     def variant_names(self, quant_list: str | None = None) -> tuple[str, ...]:
         """The variants a command works on: ``quant_list`` (comma-separated names such as
-        ``Q4_K_M,Q4_K_M-imat``, checked against llama.cpp's types) or, when it is empty, the
-        recipe's own ``[quants] variants``."""
-        if quant_list:
+        ``Q4_K_M,Q4_K_M-imat``, checked against llama.cpp's types) or, when it is not given
+        (None), the recipe's own ``[quants] variants``; an empty list is refused."""
+        if quant_list is not None:
             return tuple(v.name for v in parse_variant_list(quant_list))
         return tuple(self.quants.variants)
 
@@ -141,6 +142,9 @@ def resolve_recipe_path(ref: str | Path) -> Path:
     text = str(ref)
     as_path = Path(text).expanduser()
     if text.endswith(".toml") or "/" in text or as_path.exists():
+        if as_path.exists() and not as_path.is_file():
+            raise RecipeError(f"recipe {text} is not a regular file",
+                              "give a .toml file or a name from `mathq recipes`", path=text)
         if not as_path.is_file():
             raise RecipeError(f"recipe file {text} not found",
                               "give an existing .toml path or a name from `mathq recipes`",

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mathq.evaluate.backends.base import Backend, BackendSpec
+from mathq.llama.devices import CPU_PARALLEL
 
 
 def open_backend(spec: BackendSpec, *, gguf: Path | None = None,
@@ -24,15 +25,18 @@ def open_backend(spec: BackendSpec, *, gguf: Path | None = None,
         if gguf is None:
             raise ValueError("the llama backend needs a GGUF file")
         return LlamaBackend(gguf, EngineOptions(parallel=spec.parallel, threads=spec.threads,
-                                                gpu_layers=spec.gpu_layers))
+                                                gpu_layers=spec.gpu_layers,
+                                                ignore_eos=spec.ignore_eos))
+    # A server schedules its own slots: `auto` means mathq's usual requests in flight.
+    in_flight = spec.parallel or CPU_PARALLEL
     if spec.kind == "ollama":
         from mathq.evaluate.backends.ollama import OllamaBackend
 
         if ollama_model is None:
             raise ValueError("the ollama backend needs a model name")
-        return OllamaBackend(spec.urls[0], ollama_model, spec.parallel, spec.timeout_s)
+        return OllamaBackend(spec.urls[0], ollama_model, in_flight, spec.timeout_s)
     if spec.kind == "openai":
         from mathq.evaluate.backends.openai import OpenAIBackend
 
-        return OpenAIBackend(spec.urls, spec.model, spec.parallel, spec.timeout_s)
+        return OpenAIBackend(spec.urls, spec.model, in_flight, spec.timeout_s)
     raise ValueError(f"unknown backend kind {spec.kind!r}")

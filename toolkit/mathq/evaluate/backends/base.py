@@ -70,7 +70,10 @@ class BackendSpec:
     ``urls`` are the OpenAI-compatible endpoints (kind ``openai``) or the Ollama server
     (kind ``ollama``). ``model`` names the served model (an Ollama name without tag, or the
     OpenAI ``model`` field); None means: the recipe's Ollama name, or what ``/v1/models``
-    lists first.
+    lists first. ``parallel`` 0 is ``--parallel auto``: chosen from the free GPU memory in
+    process (:func:`mathq.llama.devices.choose_parallel`), 8 requests in flight per server.
+    ``ignore_eos`` (in process only) generates every answer to its token limit, ignoring
+    EOS and stop strings: for throughput measurements, never for accuracy.
     """
 
     kind: str = "llama"
@@ -80,3 +83,16 @@ class BackendSpec:
     threads: int = 0
     gpu_layers: int | None = None
     timeout_s: float = 600.0
+    ignore_eos: bool = False
+
+
+def counted(value: object) -> int | None:
+    """A server's token count if it is one (a whole number), else None: a server's odd
+    answer must not reach the results file, whose reader checks each field's type."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else None
+
+
+def reason(value: object) -> str | None:
+    """A server's finish reason if it is a string, else None."""
+    return value if isinstance(value, str) else None

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from mathq.evaluate.backends.base import Completion, Request, TokenCallback
+from mathq.llama.devices import ParallelChoice
 from mathq.llama.engine import BatchEngine, EngineOptions, GenRequest, GenResult, StepStats
 
 #: Seconds between progress updates while waiting for the next completion.
@@ -30,6 +31,11 @@ class LlamaBackend:
         self.engine = BatchEngine(gguf, options)
         self.parallel = options.parallel
         self.description = "llama.cpp"
+
+    @property
+    def parallel_choice(self) -> ParallelChoice | None:
+        """How many sequences the last :meth:`complete` decoded together, and why."""
+        return self.engine.parallel_choice
 
     @property
     def load_seconds(self) -> float:

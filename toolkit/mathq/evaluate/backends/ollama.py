@@ -17,8 +17,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mathq.errors import ServerError
-from mathq.evaluate.backends.base import Completion, Request, TokenCallback
-from mathq.evaluate.backends.connections import ThreadClients, server_errors
+from mathq.evaluate.backends.base import Completion, Request, TokenCallback, counted, reason
+from mathq.evaluate.backends.connections import (
+    Deadline,
+    Reply,
+    ThreadClients,
+    lines_within,
+    server_errors,
+)
 from mathq.evaluate.backends.pool import run_concurrently
 
 
@@ -46,25 +52,30 @@ class OllamaBackend:
         started = time.perf_counter()
         parts: list[str] = []
         final: dict[str, Any] = {}
+        deadline = Deadline(self._clients.timeout_s, f"Ollama at {self.base}")
         with (server_errors(f"Ollama at {self.base}",
                             "start it (`ollama serve`), or check --ollama"),
               self._clients.get().stream("POST", url, json=body) as response):
             if response.status_code >= 400:
-                response.read()
-                raise ServerError(*self._refusal(response))
-            for line in response.iter_lines():
+                raw = "\n".join(lines_within(response, deadline))
+                raise ServerError(*self._refusal(Reply(response.status_code, raw.encode())))
+            for line in lines_within(response, deadline):
                 if not line.strip():
                     continue
                 try:
                     event = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ServerError(f"{url} streamed a line that is not JSON: {line[:80]}",
+                    raise ServerError(f"{url} streamed a line that is not JSON: {line[:80]!r}",
                                       "is it an Ollama server?") from e
+                if not isinstance(event, dict):
+                    raise ServerError(f"{url} streamed {line[:80]!r}, not a JSON object",
+                                      "is it an Ollama server?")
                 if "error" in event:
                     raise ServerError(f"Ollama failed on {self.model}: {event['error']}",
                                       "see the Ollama server's log")
-                content = (event.get("message") or {}).get("content", "")
-                if content:
+                message = event.get("message")
+                content = message.get("content", "") if isinstance(message, dict) else ""
+                if content and isinstance(content, str):
                     parts.append(content)
                     with self._lock:
                         self._generated += 1
@@ -75,21 +86,23 @@ class OllamaBackend:
             raise ServerError(f"Ollama at {self.base} ended the reply without done",
                               "see the Ollama server's log")
         return Completion(id=request.id, text="".join(parts),
-                          prompt_tokens=final.get("prompt_eval_count"),
-                          completion_tokens=final.get("eval_count"),
-                          finish_reason=final.get("done_reason"),
+                          prompt_tokens=counted(final.get("prompt_eval_count")),
+                          completion_tokens=counted(final.get("eval_count")),
+                          finish_reason=reason(final.get("done_reason")),
                           seconds=time.perf_counter() - started)
 
-    def _refusal(self, response: Any) -> tuple[str, str]:
+    def _refusal(self, response: Reply) -> tuple[str, str]:
         try:
-            detail = str(response.json().get("error", ""))
+            answer = response.json()
+            detail = str(answer.get("error", "") if isinstance(answer, dict) else answer)[:200]
         except ValueError:
             detail = response.text.strip()[:200]
         if response.status_code == 404:
             return (f"Ollama at {self.base} has no model {self.model}",
                     "create the tag first (`mathq publish`, or `ollama create`), or pass "
                     "--served-model")
-        return (f"Ollama refused {self.model}: HTTP {response.status_code} {detail}",
+        return (f"Ollama at {self.base} refused {self.model}: HTTP {response.status_code} "
+                f"{detail}",
                 "see the Ollama server's log")
 
     def complete(self, requests: Sequence[Request],

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mathq.errors import ServerError
-from mathq.evaluate.backends.base import Completion, Request, TokenCallback
-from mathq.evaluate.backends.connections import ThreadClients, server_errors
+from mathq.evaluate.backends.base import Completion, Request, TokenCallback, counted, reason
+from mathq.evaluate.backends.connections import ThreadClients, fetch, server_errors
 from mathq.evaluate.backends.pool import run_concurrently
 
 
@@ -58,7 +58,7 @@ class OpenAIBackend:
 
     def _call(self, method: str, url: str, **kwargs: Any) -> Any:
         with server_errors(url, "start the server, or check --endpoint"):
-            return self._clients.get().request(method, url, **kwargs)
+            return fetch(self._clients.get(), method, url, self._clients.timeout_s, **kwargs)
 
     def _served_model(self, base: str) -> str:
         """The first model ``/v1/models`` lists (llama-server lists its GGUF)."""
@@ -82,13 +82,16 @@ class OpenAIBackend:
         try:
             choice = data["choices"][0]
             text = choice["text"]
+            if not isinstance(text, str):
+                raise TypeError(text)
         except (KeyError, IndexError, TypeError) as e:
             raise ServerError(f"{url} answered without choices[0].text",
                               "is it an OpenAI-compatible completions endpoint?") from e
-        usage = data.get("usage") or {}
-        return Completion(id=request.id, text=text, prompt_tokens=usage.get("prompt_tokens"),
-                          completion_tokens=usage.get("completion_tokens"),
-                          finish_reason=choice.get("finish_reason"),
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        return Completion(id=request.id, text=text,
+                          prompt_tokens=counted(usage.get("prompt_tokens")),
+                          completion_tokens=counted(usage.get("completion_tokens")),
+                          finish_reason=reason(choice.get("finish_reason")),
                           seconds=time.perf_counter() - started)
 
     def complete(self, requests: Sequence[Request],

@@ -31,6 +31,9 @@ DEFAULT_TIMEOUT_S = 5.0
 #: Longer answers are compared as text only: no MATH answer comes near this, and a
 #: runaway output must not reach the parsers' regular expressions, which no alarm stops.
 MAX_ANSWER_CHARS = 1000
+#: Longer answers are not even normalised: a hundred times the longest answer compared as
+#: mathematics is a runaway output, and normalising megabytes takes seconds of the limit.
+MAX_INPUT_CHARS = 100 * MAX_ANSWER_CHARS
 
 #: How a verdict was reached.
 METHODS: tuple[tuple[str, str], ...] = (
@@ -68,7 +71,10 @@ _UNIT_TEXT_RE = re.compile(r"^(?P<body>.*?\S)\s*\\(?:text|mbox|textrm|mathrm)\{[
                            r"(?:\s*\^\s*\{?\s*[23]\s*\}?)?$")
 # Words after a number ('18 dollars', '10 sq. ft'); each word ends at a space, so a long
 # run of letters cannot be split many ways (no catastrophic backtracking).
-_UNIT_WORD_RE = re.compile(r"^(?P<body>-?[\d.,/]+|\S*\d\S*?\})\s+[A-Za-z]{2,}\.?"
+# The body is a number, or one whitespace-free token holding a digit and ending in '}'
+# ('\frac{1}{2}'); the lookahead keeps that test linear (a lazy '\S*\d\S*?\}' was
+# quadratic on a long run of digits).
+_UNIT_WORD_RE = re.compile(r"^(?P<body>-?[\d.,/]+|(?=\S*\d)\S*\})\s+[A-Za-z]{2,}\.?"
                            r"(?:\s+[A-Za-z]+\.?)*\s*(?:\^\s*\{?\s*[23]\s*\}?)?$")
 _THOUSANDS_RE = re.compile(r"^(?P<sign>-?)(?P<int>\d{1,3}(?:,\d{3})+)(?P<frac>\.\d+)?$")
 _IN_RE = re.compile(r"^[A-Za-z]\s*\\in\s*")
@@ -77,23 +83,28 @@ _CLOCK_RE = re.compile(r"^(\d{1,2}):(\d{2})\s*(?:([ap])\.?\s*m\.?)?$", re.IGNORE
 _CHOICE_RE = re.compile(r"^\(([A-Za-z])\)(?:\s.*)?$|^([A-Za-z])\)?$")
 
 
+_BRACES_RE = re.compile(r"[{}]")
+_WRAPPER_OPEN_RE = re.compile(r"^\\(" + "|".join(_WRAPPERS) + r")\s*\{")
+#: Layers of \text{\text{...}} unwrapped at most: each layer is a pass over the answer.
+MAX_UNWRAP = 8
+
+
 def _unwrap_whole(s: str) -> str:
     """``\\text{...}`` (or \\mbox, \\mathrm, ...) around the whole answer -> its content."""
-    while True:
-        m = re.match(r"^\\(" + "|".join(_WRAPPERS) + r")\s*\{", s)
+    for _ in range(MAX_UNWRAP):
+        m = _WRAPPER_OPEN_RE.match(s)
         if not m:
             return s
-        depth, i = 0, m.end() - 1
-        for i in range(m.end() - 1, len(s)):
-            if s[i] == "{":
-                depth += 1
-            elif s[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    break
-        if depth != 0 or i != len(s) - 1:
+        depth, close = 0, -1
+        for b in _BRACES_RE.finditer(s, m.end() - 1):
+            depth += 1 if b.group() == "{" else -1
+            if depth == 0:
+                close = b.start()
+                break
+        if close != len(s) - 1:
             return s
         s = s[m.end() : -1].strip()
+    return s
 
 
 def basic_normalize(answer: str) -> str:
@@ -209,6 +220,10 @@ def _same_clock_time(gold: str, pred: str) -> bool | None:
 
 def compare(gold: str, pred: str) -> Judgement:
     """Judge ``pred`` against ``gold`` with no time limit (see :func:`judge`)."""
+    if max(len(gold), len(pred)) > MAX_INPUT_CHARS:
+        g, p = " ".join(gold.split()), " ".join(pred.split())
+        return Judgement(bool(p) and g == p, "unparsed", g[:MAX_ANSWER_CHARS],
+                         p[:MAX_ANSWER_CHARS])
     clock = _same_clock_time(gold, pred)
     if clock is not None:
         return Judgement(clock, "clock", basic_normalize(gold), basic_normalize(pred))
@@ -230,11 +245,56 @@ def compare(gold: str, pred: str) -> Judgement:
 
 
 def _math_equal(gold: str, pred: str) -> bool | None:
-    """math-verify's verdict, or None when it cannot parse one of the answers."""
+    """math-verify's verdict, or None when it cannot parse one of the answers. Two plain
+    numbers are compared exactly first (see :func:`exact_verdict`)."""
     gold_parsed, pred_parsed = _mv_parse(gold), _mv_parse(pred)
     if not gold_parsed or not pred_parsed:
         return None
+    exact = exact_verdict(gold_parsed[0], pred_parsed[0])
+    if exact is not None:
+        return exact
     return bool(_math_verify().verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+
+#: Decimal places math-verify rounds to when a float is involved: below this magnitude its
+#: comparison cannot tell numbers apart.
+FLOAT_ROUNDING = 6
+
+
+def exact_verdict(gold: Any, pred: Any) -> bool | None:
+    """Equal or not, for two numbers (no variables), decided without float rounding; None
+    when that is not possible and math-verify should decide.
+
+    math-verify compares ``(a - b).evalf(chop=True)`` with 0 and rounds floats to six
+    places: ``1/2004!`` and ``1/2006!`` both chop to 0 and are called equal. Exact values
+    (integers, fractions, factorials, radicals) are compared exactly here; when a float is
+    involved and either value is too small for six decimal places (or beyond a float's
+    integers), the comparison is relative instead, since rounding decides nothing there.
+    """
+    import sympy
+
+    if not (isinstance(gold, sympy.Expr) and isinstance(pred, sympy.Expr)):
+        return None
+    if gold.free_symbols or pred.free_symbols or not (gold.is_number and pred.is_number):
+        return None
+    floats = gold.has(sympy.Float) or pred.has(sympy.Float)
+    try:
+        diff = sympy.expand(gold - pred)
+        if not floats and diff.is_Rational:
+            return diff == 0
+        scale = max(abs(gold).evalf(30), abs(pred).evalf(30))
+        if not scale.is_Number or scale == 0:
+            return None
+        if floats and 10**-FLOAT_ROUNDING <= scale <= 2**53:
+            return None  # math-verify's rounding is meaningful here
+        rel = (abs(diff) / scale).evalf(30)
+    except (TypeError, ValueError, ArithmeticError, RecursionError):
+        return None
+    if not rel.is_Number:
+        return None
+    if floats:
+        return bool(rel <= 10**-FLOAT_ROUNDING)
+    return False if rel > sympy.Float("1e-25") else None
 
 
 def _percent_equal(gold: str, pred: str) -> bool | None:
@@ -268,6 +328,13 @@ def _on_alarm(_signum: int, _frame: Any) -> None:
         raise ComparisonTimeout
 
 
+def unjudged(method: str, gold: str, pred: str) -> Judgement:
+    """The verdict when the comparison ran out of time or failed: unequal, with the answers
+    as given (cut to :data:`MAX_ANSWER_CHARS`). Normalising them here would run the work that
+    just overran again, with no limit at all."""
+    return Judgement(False, method, gold[:MAX_ANSWER_CHARS], pred[:MAX_ANSWER_CHARS])
+
+
 def signals_usable() -> bool:
     """Whether this thread can time work with SIGALRM (main thread, POSIX)."""
     return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
@@ -293,10 +360,10 @@ def judge_here(gold: str, pred: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Ju
     except ComparisonTimeout:
         _Alarm.armed = False
         signal.setitimer(signal.ITIMER_REAL, 0)
-        return Judgement(False, "timeout", normalize_answer(gold), normalize_answer(pred))
+        return unjudged("timeout", gold, pred)
     except Exception:  # a parser bug on odd model output must not stop a whole run
         logging.getLogger(__name__).debug("comparison failed", exc_info=True)
-        return Judgement(False, "error", normalize_answer(gold), normalize_answer(pred))
+        return unjudged("error", gold, pred)
     finally:
         signal.signal(signal.SIGALRM, old_handler)
         if old_delay > 0:

@@ -47,7 +47,9 @@ _FINAL_RE = re.compile(r"final answer is\s*:?\s*(?=\$)", re.IGNORECASE)
 _ANSWER_IS_RE = re.compile(r"\banswer is\b\s*:?\s*", re.IGNORECASE)
 _ANSWER_ZH_RE = re.compile(r"(?:最终)?答案\s*(?:是|为|應為|应为|：|:)\s*[:：]?\s*")
 _NUMBER_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d])|-?\d+(?:\.\d+)?|-?\.\d+")
-_FEW_SHOT_STOPS = re.compile(r"\n\s*(?:Problem:|Q: |Question:)")
+# A whole run of whitespace (never entered midway, so each run is scanned once) before
+# the start of a new exemplar.
+_FEW_SHOT_STOPS = re.compile(r"(?<!\s)\s+(?=Problem:|Q: |Question:)")
 _MATH_OPENERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
 
@@ -101,12 +103,32 @@ def _whole_span(text: str) -> str | None:
     return None
 
 
+#: Boxed answers kept per completion (the last ones): more never change a verdict.
+MAX_BOXES = 64
+#: Layers of $...$ or \\boxed{} around an answer unwrapped at most (each is a pass over it).
+MAX_UNWRAP = 8
+
+
 def clean_answer(answer: str) -> str:
     """Trim what surrounds an extracted answer: $ signs, a whole \\boxed{}, final dots."""
     a = " ".join(answer.replace("**", "").split()).lstrip(":：").strip()
-    while (inner := _whole_span(a)) is not None:
+    for _ in range(MAX_UNWRAP):
+        inner = _whole_span(a)
+        if inner is None:
+            break
         a = inner.strip()
     return a.rstrip(" .。,;；").strip()
+
+
+def _few_shot_cut(text: str) -> int:
+    """Where a base model starts its own next exemplar: the first newline (after position
+    0) that only whitespace separates from "Problem:", "Q: " or "Question:"; else the end.
+    (``\\n\\s*(?:Problem:|...)`` says the same, in quadratic time on long blank runs.)"""
+    for m in _FEW_SHOT_STOPS.finditer(text):
+        newline = text.find("\n", max(m.start(), 1), m.end())
+        if newline >= 0:
+            return newline
+    return len(text)
 
 
 def extract_answer(completion: str, *, few_shot: bool = False) -> Extraction:
@@ -117,10 +139,8 @@ def extract_answer(completion: str, *, few_shot: bool = False) -> Extraction:
     """
     text = completion
     if few_shot:
-        stop = _FEW_SHOT_STOPS.search(text, 1)
-        if stop:
-            text = text[: stop.start()]
-    boxed = tuple(find_boxed(text))
+        text = text[: _few_shot_cut(text)]
+    boxed = tuple(find_boxed(text, last=MAX_BOXES))
 
     finals = list(_FINAL_RE.finditer(text))
     if finals:

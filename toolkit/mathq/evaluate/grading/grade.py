@@ -19,10 +19,15 @@ from typing import Any
 
 from mathq.datasets.problems import Problem
 from mathq.errors import ProblemSetError
-from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S, Judgement, normalize_answer
+from mathq.evaluate.grading.equivalence import (
+    DEFAULT_TIMEOUT_S,
+    MAX_ANSWER_CHARS,
+    Judgement,
+    normalize_answer,
+)
 from mathq.evaluate.grading.extract import Extraction, extract_answer
 from mathq.evaluate.grading.isolation import judge
-from mathq.fsutil import atomic_output
+from mathq.fsutil import READ_HINT, atomic_output, check_writable, os_reason
 from mathq.progress import Progress, ProgressCallback, no_progress
 
 #: Verdicts, and what each means. Only "correct" counts towards accuracy.
@@ -79,7 +84,8 @@ def grade_completion(gold: str, completion: str, *, few_shot: bool = False,
         return Grade(None, ex.rule, "no-answer", "empty", ex)
     answer = ex.answer
     verdict = judge(gold, answer)
-    if not verdict.equal and ex.rule == "boxed" and len(ex.boxed) > 1:
+    if not verdict.equal and ex.rule == "boxed" and len(ex.boxed) > 1 \
+            and len(gold) <= MAX_ANSWER_CHARS:  # normalised here, outside any time limit
         k = len(split_top_level(normalize_answer(gold)))
         distinct = list(dict.fromkeys(ex.boxed))
         if 1 < k <= len(distinct):
@@ -133,12 +139,49 @@ class ProblemResult:
             if name not in values:
                 raise ProblemSetError(f"{where}: missing field {name!r}",
                                       "each result needs id, completion and the gold answer")
+        if not isinstance(values["id"], (str, int)) or isinstance(values["id"], bool):
+            raise ProblemSetError(f"{where}: field 'id' must be a string or a number, got "
+                                  f"{_json_type(values['id'])}", 'give each result an id, '
+                                  'e.g. "id": "test/algebra/1.json"')
         values["id"] = str(values["id"])
-        for name in ("answer", "completion"):
-            if not isinstance(values[name], str):
-                raise ProblemSetError(f"{where}: field {name!r} must be a string, "
-                                      f"got {type(values[name]).__name__}")
+        for name, value in values.items():
+            kinds = _FIELD_TYPES.get(name)
+            if kinds is None or (value is None and name not in ("answer", "completion")):
+                continue
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                wanted = " or ".join(_TYPE_WORDS[k] for k in kinds)
+                raise ProblemSetError(
+                    f"{where}: field {name!r} must be {wanted}, got {_json_type(value)}",
+                    f"fix that line; e.g. \"{name}\": {_EXAMPLES[name]}")
         return cls(**values)
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "answer": (str,), "completion": (str,), "subject": (str,), "level": (int,),
+    "extracted": (str,), "rule": (str,), "verdict": (str,), "method": (str,),
+    "few_shot": (bool,), "prompt_tokens": (int,), "completion_tokens": (int,),
+    "seconds": (int, float), "finish_reason": (str,), "run": (str,),
+    "run_seconds": (int, float),
+}
+_TYPE_WORDS = {str: "a string", int: "a whole number", float: "a number", bool: "true or false"}
+_EXAMPLES = {"answer": '"5" (the gold answer, quoted)', "completion": '"... \\\\boxed{5}"',
+             "subject": '"Algebra"', "level": "3", "extracted": '"5"', "rule": '"boxed"',
+             "verdict": '"correct"', "method": '"math-verify"', "few_shot": "false",
+             "prompt_tokens": "120", "completion_tokens": "300", "seconds": "1.5",
+             "finish_reason": '"stop"', "run": '"20250101T000000"', "run_seconds": "12.5"}
+
+
+def _json_type(value: Any) -> str:
+    """JSON's name for a value's type: what the user wrote, not Python's name for it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
 
 
 def result_for(problem: Problem, completion: str, *, few_shot: bool = False,
@@ -203,28 +246,50 @@ def summarize(results: Iterable[ProblemResult]) -> GradeSummary:
     )
 
 
+_RESULTS_HINT = "give the per-problem JSONL a smoke run wrote (build/<model>/smoke/<QUANT>.jsonl)"
+
+
 def read_results(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a results file; a malformed line raises with ``path:line``."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ProblemSetError(f"{path} is not a regular file", _RESULTS_HINT, path=str(path))
     if not path.is_file():
-        raise ProblemSetError(f"results file not found: {path}",
-                              "give the per-problem JSONL a smoke run wrote", path=str(path))
+        raise ProblemSetError(f"results file not found: {path}", _RESULTS_HINT, path=str(path))
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below; bytes, decoded line by line
+    except OSError as e:
+        raise ProblemSetError(f"cannot read {path}: {os_reason(e)}", READ_HINT,
+                              path=str(path)) from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ProblemSetError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x})",
+                                      _RESULTS_HINT, path=str(path), line=lineno) from None
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ProblemSetError(f"{path}:{lineno}: not valid JSON ({e.msg} at column "
-                                      f"{e.colno})", path=str(path), line=lineno) from e
+                raise ProblemSetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})",
+                                      "each line must be one JSON object; fix or delete that "
+                                      "line", path=str(path), line=lineno) from None
+            except RecursionError:
+                raise ProblemSetError(f"{where}: JSON nested too deeply",
+                                      "each line must be one flat JSON object", path=str(path),
+                                      line=lineno) from None
             if not isinstance(row, dict):
-                raise ProblemSetError(f"{path}:{lineno}: expected a JSON object",
-                                      path=str(path), line=lineno)
+                raise ProblemSetError(f"{where}: expected a JSON object, got {_json_type(row)}",
+                                      'each line must look like {"id": ..., "answer": ..., '
+                                      '"completion": ...}', path=str(path), line=lineno)
             rows.append(row)
     if not rows:
-        raise ProblemSetError(f"{path}: no results in file", path=str(path))
+        raise ProblemSetError(f"{path}: no results in the file (it is empty)", _RESULTS_HINT,
+                              path=str(path))
     return rows
 
 
@@ -258,6 +323,8 @@ def regrade_file(path: Path, *, out: Path | None = None,
     """
     path = Path(path)
     rows = read_results(path)
+    target = Path(out) if out is not None else path
+    check_writable(target)  # before the grading, not after it
     records: list[tuple[dict[str, Any], ProblemResult]] = []
     for lineno, row in enumerate(rows, 1):
         where = f"{path}:{lineno}"
@@ -302,6 +369,5 @@ def regrade_file(path: Path, *, out: Path | None = None,
         old = row.get("verdict")
         if old != g.verdict:
             changes.append((rec.id, str(old) if old is not None else "-", g.verdict))
-    target = Path(out) if out is not None else path
     write_results(target, new_rows)
     return RegradeReport(path, target, summarize(results), tuple(changes))

@@ -21,8 +21,8 @@ from mathq.evaluate.grading.equivalence import (
     DEFAULT_TIMEOUT_S,
     Judgement,
     judge_here,
-    normalize_answer,
     signals_usable,
+    unjudged,
 )
 
 #: Extra seconds the caller waits beyond the worker's own deadline before killing it.
@@ -79,7 +79,7 @@ class _Worker:
         except (EOFError, OSError):
             method = "error"
         self.stop(kill=True)
-        return Judgement(False, method, normalize_answer(gold), normalize_answer(pred))
+        return unjudged(method, gold, pred)
 
     @property
     def pid(self) -> int | None:

@@ -12,7 +12,6 @@ numpy view into llama.cpp's output buffer, so a chunk costs one buffer of
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 from types import TracebackType
 
@@ -20,18 +19,26 @@ import numpy as np
 
 from mathq.errors import GGUFError, MathqError
 from mathq.evaluate.kld.logprob_file import scored_per_chunk
+from mathq.llama.devices import (
+    default_threads,
+    gpu_offload_supported,
+    offloaded_layers,
+    resolve_gpu_layers,
+)
 from mathq.llama.runtime import LOG_ERROR, capture_llama_log
 
 
 class ChunkEvaluator:
     """A loaded model and a one-sequence context of ``n_ctx`` tokens; use as a context manager."""
 
-    def __init__(self, model_path: Path, n_ctx: int, threads: int = 0) -> None:
+    def __init__(self, model_path: Path, n_ctx: int, threads: int = 0,
+                 gpu_layers: int | None = None) -> None:
         self.model_path = Path(model_path)
         self.n_ctx = n_ctx
         self.first = n_ctx // 2
         self.n_scored = scored_per_chunk(n_ctx)
-        self.threads = threads or (os.cpu_count() or 1)
+        self.threads = threads
+        self.gpu_layers = gpu_layers
         self._model = self._ctx = self._batch = None
         self.errors: list[str] = []
 
@@ -40,7 +47,8 @@ class ChunkEvaluator:
 
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = 0
+        gpu = gpu_offload_supported()
+        mparams.n_gpu_layers = resolve_gpu_layers(self.gpu_layers)
         with capture_llama_log(self._on_log):
             self._model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(),
                                                                mparams)
@@ -52,6 +60,9 @@ class ChunkEvaluator:
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self.bos = int(llama_cpp.llama_vocab_bos(self._vocab))
+        n_layer = int(llama_cpp.llama_model_n_layer(self._model))
+        self.threads = default_threads(
+            self.threads, offloaded_layers(mparams.n_gpu_layers, n_layer, gpu), n_layer)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self.n_ctx
         cparams.n_batch = self.n_ctx

@@ -39,9 +39,11 @@ CACHE_FORMAT = 1   # bump when the cache's meaning changes, so old files are not
 
 @dataclass(frozen=True)
 class KldOptions:
-    """How to measure: the reference variant, the text, the chunk size and threads.
+    """How to measure: the reference variant, the text, the chunk size, and where to run.
 
     ``max_chunks`` caps the number of ``n_ctx``-token chunks (None: the whole corpus).
+    ``threads`` 0 and ``gpu_layers`` None are :mod:`mathq.llama.devices`' defaults (every
+    layer on the GPU when llama.cpp can offload).
     """
 
     reference: str = "BF16"
@@ -49,6 +51,7 @@ class KldOptions:
     n_ctx: int = DEFAULT_CTX
     max_chunks: int | None = None
     threads: int = 0
+    gpu_layers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def ensure_reference_file(ref_path: Path, reference: str, cache_dir: Path, corpu
                                   f.n_vocab, computed=False, seconds=0.0)
     started = time.perf_counter()
     stage = f"reference {options.reference}"
-    with ChunkEvaluator(ref_path, options.n_ctx, options.threads) as ev:
+    with ChunkEvaluator(ref_path, options.n_ctx, options.threads, options.gpu_layers) as ev:
         tokens = ev.tokenize(corpus.text)
         n_chunk = len(tokens) // options.n_ctx
         if options.max_chunks is not None:
@@ -181,7 +184,7 @@ def measure_gguf(path: Path, quant: str, model: str, reference: ReferenceCache, 
     ref = LogprobFile(reference.path)
     started = time.perf_counter()
     stage = f"kld {quant}"
-    with ChunkEvaluator(path, ref.n_ctx, options.threads) as ev:
+    with ChunkEvaluator(path, ref.n_ctx, options.threads, options.gpu_layers) as ev:
         if ev.n_vocab != ref.n_vocab:
             raise GGUFError(f"{path.name} has a vocabulary of {ev.n_vocab} tokens, the reference "
                             f"{reference.reference} has {ref.n_vocab}",
