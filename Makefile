@@ -33,7 +33,7 @@ LLAMA_ENV   := CFLAGS="$(LLAMA_FLAGS)" CXXFLAGS="$(LLAMA_FLAGS)" CMAKE_ARGS="$(L
 REBUILD_LLAMA := $(BIN)/python -m pip install --quiet --force-reinstall --no-deps \
 	--no-binary llama-cpp-python
 
-.PHONY: install test lint demo
+.PHONY: install test lint demo screenshots
 
 install: $(STAMP)
 
@@ -61,8 +61,14 @@ lint: install
 
 # The pipeline on the bundled tiny demo model, offline, into build/tiny-demo/: one
 # `mathq build` converts, quantizes, writes Modelfiles, smoke-tests BF16 and each variant on
-# the model's 200 held-out problems, benches them, measures KL divergence and writes the
-# report, ending with its table. A rerun redoes nothing.
+# the model's 400 held-out distractor problems, benches them, measures KL divergence (on
+# held-out text of the model's own domain) and writes the report, ending with its table and
+# the recommendation. A rerun redoes nothing.
 DEMO_QUANTS := Q2_K,Q4_K_M,Q8_0
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/mathq build tiny-demo --quant $(DEMO_QUANTS)
+
+# The demo's report in headless Chromium at desktop (1280 px) and phone (390 px) widths,
+# written to docs/ for the README. Needs Chromium (apt-get install chromium).
+screenshots: demo
+	$(BIN)/python scripts/report_screenshots.py build/tiny-demo/report/report.html docs/

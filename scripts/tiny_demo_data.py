@@ -9,6 +9,18 @@ It needs nothing beyond the standard library, so tests can regenerate the traini
 and prove that the committed held-out set shares no problem text with them. Training problems
 come from seeds ``TRAIN_SEED_BASE + i`` and held-out ones from ``HELDOUT_SEED``; on top of that
 the training stream skips every text that is in the held-out set (see ``training_problems``).
+
+Two more held-out files serve the demo's measurements, both written by running this module
+(``python scripts/tiny_demo_data.py``, into ``models/tiny-demo/``) and both sharing no problem
+with the training stream or with each other:
+
+- ``problems-distractor.jsonl``: the demo recipe's smoke test, 400 problems of the four kinds
+  (100 each) with one irrelevant sentence in front ("The sky is blue."), which the model never
+  saw in training. The tiny model still solves about nine in ten at BF16, but the extra
+  context is where a 2-bit model's errors show (see models/tiny-demo/README.md).
+- ``kld-text.txt``: the demo recipe's ``[kld] corpus``, 120 plain problems of the training
+  distribution rendered as the chat transcripts the model models ("User: ... Assistant:
+  ..."), so KL divergence is measured on text of the model's own domain.
 """
 
 from __future__ import annotations
@@ -84,6 +96,22 @@ ADD_SUB = (
     "How many {obj} does {A} have left?",
 )
 
+# Held-out text beyond problems.jsonl (see the module docstring).
+DISTRACTOR_SEED = 20240301
+DISTRACTOR_PER_KIND = 100
+KLD_SEED = 20240302
+KLD_PROBLEMS = 120
+# Sentences with no number and nothing to do with the question, one put before each
+# problem of the distractor set.
+DISTRACTORS = (
+    "It is a sunny day.", "The weather is nice today.", "Everyone is happy.",
+    "The park is very quiet.", "Lunch is at noon.", "The sky is blue.",
+    "Music is playing in the hall.", "The school bus is late.", "A cat sleeps on the sofa.",
+    "The wind is cold this morning.", "It rained all night.", "The shop opens early.",
+)
+SUBJECTS = {"add": "Addition", "sub": "Subtraction", "mul": "Multiplication",
+            "add_sub": "Two-step"}
+
 KINDS = ("add", "sub", "mul", "add_sub")
 # Sampling weights: the two-step kind is the hardest, so it gets the largest share.
 KIND_WEIGHTS = (3, 3, 2, 4)
@@ -104,9 +132,13 @@ class Problem:
         return 1 if self.kind in ("add", "sub") else 2
 
 
-def make_problem(rng: random.Random) -> Problem:
-    """Draw one problem from ``rng``; the same generator state always gives the same one."""
-    kind = rng.choices(KINDS, weights=KIND_WEIGHTS)[0]
+def make_problem(rng: random.Random, kind: str | None = None) -> Problem:
+    """Draw one problem from ``rng``; the same generator state always gives the same one.
+
+    ``kind`` fixes the kind instead of drawing it (with the usual weights).
+    """
+    if kind is None:
+        kind = rng.choices(KINDS, weights=KIND_WEIGHTS)[0]
     (name, pron), (other, _) = rng.sample(NAMES, 2)
     obj = rng.choice(OBJECTS)
     if kind == "add":
@@ -212,3 +244,95 @@ def write_problem_set(path: Path, problems: list[Problem]) -> None:
     lines = [json.dumps(to_math_record(p, i), ensure_ascii=False) for i, p in
              enumerate(problems)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def training_texts() -> set[str]:
+    """Every problem text of the training stream (60,000 problems)."""
+    held = {p.problem for p in heldout_problems()}
+    return {p.problem for p in training_problems(TRAIN_SIZE, held)}
+
+
+def distractor_problems(exclude: set[str]) -> list[Problem]:
+    """The distractor set: ``DISTRACTOR_PER_KIND`` problems of each kind, in turn, each with
+    one of :data:`DISTRACTORS` in front. A problem whose plain text is in ``exclude`` (the
+    training stream, problems.jsonl) or already drawn is skipped."""
+    rng = random.Random(DISTRACTOR_SEED)
+    seen: set[str] = set()
+    out: list[Problem] = []
+    counts = dict.fromkeys(KINDS, 0)
+    while min(counts.values()) < DISTRACTOR_PER_KIND:
+        for kind in KINDS:
+            if counts[kind] >= DISTRACTOR_PER_KIND:
+                continue
+            p = make_problem(rng, kind)
+            lead = rng.choice(DISTRACTORS)
+            if p.problem in exclude or p.problem in seen:
+                continue
+            seen.add(p.problem)
+            counts[kind] += 1
+            out.append(Problem(kind=kind, problem=f"{lead} {p.problem}", solution=p.solution,
+                               answer=p.answer))
+    return out
+
+
+def without_distractor(text: str) -> str:
+    """A distractor problem's text without its leading sentence."""
+    lead = next(d for d in DISTRACTORS if text.startswith(d + " "))
+    return text[len(lead) + 1:]
+
+
+def kld_problems(exclude: set[str]) -> list[Problem]:
+    """``KLD_PROBLEMS`` distinct problems of the training distribution, none in ``exclude``."""
+    rng = random.Random(KLD_SEED)
+    seen: set[str] = set()
+    out: list[Problem] = []
+    while len(out) < KLD_PROBLEMS:
+        p = make_problem(rng)
+        if p.problem not in exclude and p.problem not in seen:
+            seen.add(p.problem)
+            out.append(p)
+    return out
+
+
+def transcript(p: Problem) -> str:
+    """A problem as the chat text the model is trained on, without BOS/EOS (special tokens
+    are not parsed from a KL-divergence corpus)."""
+    return f"User: {user_message(p.problem)}\n\nAssistant: {p.solution}"
+
+
+def kld_text(problems: list[Problem]) -> str:
+    """The KL-divergence corpus: transcripts separated by blank lines, ending in a newline."""
+    return "\n\n".join(transcript(p) for p in problems) + "\n"
+
+
+def to_subject_record(p: Problem, index: int, prefix: str) -> dict[str, object]:
+    """A MATH-style row whose subject names the kind (Addition, ..., Two-step)."""
+    row = to_math_record(p, index)
+    row["subject"] = SUBJECTS[p.kind]
+    row["unique_id"] = f"tiny-demo/{prefix}/{index}.json"
+    return row
+
+
+def write_demo_files(folder: Path) -> tuple[Path, Path]:
+    """Write problems-distractor.jsonl and kld-text.txt into ``folder``."""
+    heldout = {p.problem for p in heldout_problems()}
+    training = training_texts()
+    distractor = distractor_problems(training | heldout)
+    plain = {without_distractor(p.problem) for p in distractor}
+    kld = kld_problems(training | heldout | plain)
+    jsonl = folder / "problems-distractor.jsonl"
+    jsonl.write_text("\n".join(json.dumps(to_subject_record(p, i, "distractor"),
+                                         ensure_ascii=False)
+                               for i, p in enumerate(distractor)) + "\n", encoding="utf-8")
+    text = folder / "kld-text.txt"
+    text.write_text(kld_text(kld), encoding="utf-8")
+    return jsonl, text
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else \
+        Path(__file__).resolve().parent.parent / "models" / "tiny-demo"
+    for written in write_demo_files(target):
+        print(written)

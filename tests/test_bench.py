@@ -36,9 +36,41 @@ def test_bench_writes_summary(tiny_bf16_gguf: Path) -> None:
     # The child process touched every weight: its peak RSS is at least the file's size.
     assert s.peak_rss_bytes and s.peak_rss_bytes > s.file_size
     assert s.load_seconds is not None and s.load_seconds > 0
+    # Memory that means something: the peak over the interpreter's own (which is tens of
+    # MB and the same for every file), and llama.cpp's account of its buffers.
+    assert s.baseline_rss_bytes and 20 << 20 < s.baseline_rss_bytes < s.peak_rss_bytes
+    over = s.rss_over_baseline_bytes
+    assert over is not None and over == s.peak_rss_bytes - s.baseline_rss_bytes
+    assert set(s.llama_buffers) >= {"model", "kv_cache", "compute"}
+    # llama.cpp's model buffer holds the file's tensors (its log rounds to 0.01 MiB), the KV
+    # cache K and V in f16 for every layer and cell of the (padded) 256-token context.
+    tensors = sum(x.n_bytes for x in info.tensors)
+    assert abs(s.llama_buffers["model"] - tensors) <= 0.005 * 2**20 + 64 * len(info.tensors)
+    assert s.buffers_context == 256
+    assert s.llama_buffers["kv_cache"] > 0 and s.llama_buffers["compute"] > 0
+    assert s.environment["llama_cpp_python"] == "0.3.36" and s.environment["threads"] == "1"
+    assert s.environment["cpu"] and s.environment["date"].endswith(" UTC")
     lines = result.output.splitlines()
     assert lines[0].startswith("QUANT ") and lines[1].startswith("BF16 ")
     assert "P=1 " in lines[1] and "P=2 " in lines[1]
+    assert " LLAMA MEM " in lines[0] and " RSS+ " in lines[0]
+
+
+def test_bench_takes_a_gguf_path_like_llama_bench(tiny_bf16_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    result = CliRunner().invoke(cli, ["bench", str(tiny_bf16_gguf), "-p", "32", "-n", "8",
+                                      "-r", "1", "--parallel", "", "--threads", "1",
+                                      "--out-dir", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    name = tiny_bf16_gguf.name.removesuffix(".gguf")
+    s = load_summary(out / f"{name}.json", BenchSummary)
+    assert s.quant == s.model == name and s.gguf == tiny_bf16_gguf.name
+    assert s.file_size == tiny_bf16_gguf.stat().st_size and s.llama_buffers["model"] > 0
+    assert result.output.splitlines()[1].startswith(name)
+    bad = CliRunner().invoke(cli, ["bench", str(tiny_bf16_gguf), "--quant", "Q8_0"])
+    assert bad.exit_code == 2 and "a GGUF path is one file" in bad.output
+    missing = CliRunner().invoke(cli, ["bench", str(tmp_path / "nope.gguf")])
+    assert missing.exit_code == 1 and "nope.gguf not found" in missing.output
 
 
 def test_bench_missing_variant() -> None:

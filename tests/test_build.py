@@ -43,9 +43,14 @@ def statuses(stderr: str) -> dict[str, str]:
 
 def test_dry_run_plans_everything_and_writes_nothing(tmp_path):
     out = run(*build_args(tmp_path, "--dry-run")).stdout
-    lines = [line.split()[0:2] for line in out.splitlines()]
-    assert ["planned", "convert"] in lines
-    assert any(w == ["planned", "quantize"] for w in lines)
+    *steps, summary = out.splitlines()
+    lines = [line.split()[0:3] for line in steps]
+    assert ["would", "run", "convert"] in lines
+    assert any(w == ["would", "run", "quantize"] for w in lines)
+    assert all(w[:2] == ["would", "run"] for w in lines)  # nothing is current yet
+    assert summary.startswith(f"{len(steps)} of {len(steps)} steps would run, 0 are current, "
+                              "needing about ")
+    assert summary.endswith("of disk; nothing was done (--dry-run).")
     assert not (tmp_path / "tiny-demo").exists()
 
 
@@ -79,13 +84,17 @@ def test_build_then_rerun_redoes_nothing(tmp_path):
                           "bench Q8_0", "bench Q4_K_M", "kld Q8_0", "kld Q4_K_M", "report"]
     # It ends with the report's table (one row per variant) and where the report is.
     table = first.stdout.splitlines()
-    assert table[0].split()[:2] == ["Quant", "MiB"]
+    assert table[0].split()[:3] == ["Quant", "Advice", "MiB"]
     assert [line.split()[0] for line in table[2:6]] == ["BF16", "Q8_0", "Q4_K_M", "Q2_K"]
     assert f"Report: {root / 'report' / 'report.html'}" in first.stdout
     second = run(*build_args(tmp_path))
     assert set(statuses(second.stderr).values()) == {"skipped"}
     plan = json.loads(run(*build_args(tmp_path, "--dry-run", "--json")).stdout)
     assert {p["status"] for p in plan} == {"skipped"}
+    *current, summary = run(*build_args(tmp_path, "--dry-run")).stdout.splitlines()
+    assert all(line.startswith("current ") for line in current)
+    assert summary == (f"0 of {len(current)} steps would run, {len(current)} are current; "
+                       "nothing was done (--dry-run).")
 
 
 def test_changed_input_replans_what_reads_it(tmp_path):

@@ -186,8 +186,9 @@ def test_imat_variants_are_measured_and_reported_beside_the_plain_ones(tmp_path,
     assert pair["accuracy_change_pp"] is None  # one side missing: no difference, not zero
 
     md = (root / "report" / "report.md").read_text(encoding="utf-8")
-    table = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")]
-    assert table[1:] == ["BF16", "Q8_0", "Q4_K_M", "Q4_K_M-imat †", "Q2_K"]
+    section = md.split("### Every variant\n\n", 1)[1].split("\n\n", 1)[0]
+    table = [line.split("|")[1].strip() for line in section.splitlines()[2:]]
+    assert table == ["BF16", "Q8_0", "Q4_K_M", "Q4_K_M-imat †", "Q2_K"]
     [line] = [x for x in md.splitlines() if x.startswith("- Q4_K_M-imat vs Q4_K_M: ")]
     decimals = max(4, 2 - int(np.floor(np.log10(min(plain["mean_kld"], imat["mean_kld"])))))
     sign = "+" if change >= 0 else "−"
@@ -198,7 +199,7 @@ def test_imat_variants_are_measured_and_reported_beside_the_plain_ones(tmp_path,
     assert (f"- † quantized with an importance matrix (tiny-demo.imatrix.gguf, calibrated on "
             f"{calib})") in md
     html = (root / "report" / "report.html").read_text(encoding="utf-8")
-    assert f'data-quant="Q4_K_M-imat" data-imatrix="{matrix}"' in html
+    assert f'data-quant="Q4_K_M-imat" data-kind="imatrix" data-imatrix="{matrix}"' in html
     assert '<ul id="imatrix"><li>Q4_K_M-imat vs Q4_K_M: mean KLD' in html
     assert line[2:] in out  # the table `report` and `build` print compares them too
 

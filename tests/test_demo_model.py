@@ -219,10 +219,42 @@ def test_bf16_and_q8_0_solve_nine_in_ten_held_out_problems_in_llama_cpp(tiny_qua
     layout.root.mkdir(parents=True)
     for q in ("BF16", "Q8_0"):
         layout.gguf(q).symlink_to(tiny_quant_ggufs[q])
-    for outcome in run_smoke(recipe, ["BF16", "Q8_0"], SmokeOptions(n=0), tmp_path):
+    options = SmokeOptions(n=0, suite=str(DEMO / "problems.jsonl"))
+    for outcome in run_smoke(recipe, ["BF16", "Q8_0"], options, tmp_path):
         accuracy = outcome.summary.accuracy
         assert accuracy.n == 200
         assert accuracy.value >= 0.9, (outcome.quant, accuracy)
+
+
+def test_distractor_set_shows_a_significant_loss_at_2_bits_and_none_at_8(tiny_quant_ggufs,
+                                                                         tmp_path):
+    """The demo's claim, measured as the demo measures it: on the recipe's 400 held-out
+    problems BF16 still solves most, Q8_0 gives the same answers, and Q2_K loses a
+    significant share by McNemar's exact test on the paired verdicts."""
+    from mathq.evaluate.smoke import SmokeOptions
+    from mathq.evaluate.stage import run_smoke
+    from mathq.layout import BuildLayout
+    from mathq.quantize.core import QuantizeOptions, quantize_gguf
+    from mathq.recipes.quants import get_quant
+    from mathq.report.paired import paired_difference, read_verdicts
+
+    recipe = load_recipe("tiny-demo")
+    layout = BuildLayout.for_model(recipe.name, tmp_path)
+    layout.root.mkdir(parents=True)
+    for q in ("BF16", "Q8_0"):
+        layout.gguf(q).symlink_to(tiny_quant_ggufs[q])
+    quantize_gguf(tiny_quant_ggufs["BF16"], layout.gguf("Q2_K"),
+                  QuantizeOptions(get_quant("Q2_K")))
+    outcomes = {o.quant: o for o in run_smoke(recipe, ["BF16", "Q8_0", "Q2_K"],
+                                              SmokeOptions(), tmp_path)}
+    assert outcomes["BF16"].summary.accuracy.n == 400
+    assert outcomes["BF16"].summary.accuracy.value >= 0.88
+    ref = read_verdicts(layout.smoke_results("BF16"))
+    q8 = paired_difference("Q8_0", "BF16", read_verdicts(layout.smoke_results("Q8_0")), ref)
+    q2 = paired_difference("Q2_K", "BF16", read_verdicts(layout.smoke_results("Q2_K")), ref)
+    assert q8 is not None and q2 is not None and q8.n == q2.n == 400
+    assert not q8.significant_loss and abs(q8.difference) <= 0.01
+    assert q2.significant_loss and q2.p_value < 0.001 and q2.difference <= -0.03
 
 
 def test_tokenizer_is_deepseeks_with_a_small_vocabulary(config, tokenizer):
@@ -306,11 +338,37 @@ def test_problem_set_is_held_out_from_training():
     assert len(raw & held) < len(held)
 
 
+def test_distractor_set_and_kld_text_are_regenerated_and_held_out(tmp_path):
+    jsonl, text = data.write_demo_files(tmp_path)
+    assert jsonl.read_bytes() == (DEMO / "problems-distractor.jsonl").read_bytes()
+    assert text.read_bytes() == (DEMO / "kld-text.txt").read_bytes()
+    rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 4 * data.DISTRACTOR_PER_KIND == 400
+    assert {r["subject"] for r in rows} == {"Addition", "Subtraction", "Multiplication",
+                                            "Two-step"}
+    for row in rows:
+        assert any(row["problem"].startswith(d + " ") for d in data.DISTRACTORS)
+        assert BOXED.findall(row["solution"])[-1] == row["answer"]
+    plain = {data.without_distractor(r["problem"]) for r in rows}
+    assert len(plain) == len(rows)
+    training = data.training_texts()
+    heldout = {r["problem"] for r in problem_set()}
+    assert not plain & training and not plain & heldout
+    kld = text.read_text(encoding="utf-8")
+    asked = re.findall(r"^User: (.*)$", kld, flags=re.MULTILINE)
+    assert len(asked) == data.KLD_PROBLEMS
+    assert not set(asked) & (training | heldout | plain)
+    for row in rows + problem_set():  # no smoke problem appears in the KLD text
+        assert row["problem"] not in kld
+    assert "<｜" not in kld  # no special tokens: a KLD corpus is tokenized as plain text
+
+
 def test_tiny_demo_recipe_points_at_the_checkpoint():
     recipe = load_recipe("tiny-demo")
     assert recipe.model.local_dir == DEMO.resolve() and recipe.model.hf_repo is None
     assert recipe.model.kind == "chat" and recipe.prompt.template == "deepseek-chat"
     assert recipe.model.pre_tokenizer == "deepseek-llm"
     assert set(recipe.quants.variants) == {"Q2_K", "Q4_K_M", "Q8_0"}
-    assert (recipe.path.parent / recipe.smoke.suite).resolve() == DEMO / "problems.jsonl"
-    assert recipe.smoke.reference_accuracy is None
+    assert Path(recipe.smoke.suite) == DEMO / "problems-distractor.jsonl"
+    assert recipe.smoke.n == 400 and recipe.smoke.reference_accuracy is None
+    assert recipe.kld.corpus == DEMO / "kld-text.txt"

@@ -474,7 +474,9 @@ def test_build_dry_run_sizes_the_plan_from_the_hub_listing(hub, tmp_path):
     args = ["build", "deepseek-math-7b-rl", "--quant", "Q8_0", "--build-dir", str(tmp_path),
             "--dry-run", "--files-only"]
     plan = CliRunner().invoke(cli, args, catch_exceptions=False).output
-    sizes = {line[9:31].strip(): line[32:44].strip() for line in plan.splitlines()}
+    *steps, summary = plan.splitlines()
+    assert summary.startswith(f"{len(steps)} of {len(steps)} steps would run")
+    sizes = {line[10:32].strip(): line[33:45].strip() for line in steps}
     weights = len(files[SHARD1]) + len(files[SHARD2])
     total = sum(len(files[n]) for n in FETCHED)
     assert sizes["download"] == f"~{format_bytes(total)}"   # nothing fetched yet
@@ -484,4 +486,4 @@ def test_build_dry_run_sizes_the_plan_from_the_hub_listing(hub, tmp_path):
     # Offline there is no listing: the plan still prints, without sizes.
     offline = CliRunner(env={"HF_HUB_OFFLINE": "1"}).invoke(cli, args, catch_exceptions=False)
     first = offline.output.splitlines()[0]
-    assert first.split()[:2] == ["planned", "download"] and first[32:44].strip() == ""
+    assert first.split()[:3] == ["would", "run", "download"] and first[33:45].strip() == ""

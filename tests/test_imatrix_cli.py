@@ -20,7 +20,9 @@ from tests.conftest import FIXTURES
 from tests.hubserver import FakeHub
 
 MATH500 = FIXTURES / "math500" / "test.jsonl"
-DEMO_PROBLEMS = Path(__file__).resolve().parent.parent / "models" / "tiny-demo" / "problems.jsonl"
+# The demo recipe's smoke suite, whose problems a calibration text must not contain.
+DEMO_PROBLEMS = (Path(__file__).resolve().parent.parent / "models" / "tiny-demo"
+                 / "problems-distractor.jsonl")
 SMALL = ["--ctx", "64", "--chunks", "2"]
 
 
@@ -62,9 +64,9 @@ def test_recipe_build_folder_matrix_text_manifest_and_rerun(demo_bf16_gguf, tmp_
     matrix, text = folder / "tiny-demo.imatrix.gguf", folder / "tiny-demo.imatrix.txt"
     lines = out.output.strip().splitlines()
     assert lines[0].startswith(f"{matrix}: 28 tensors, 2 chunks x 64 tokens (")
-    # the recipe's smoke suite (models/tiny-demo/problems.jsonl) grades the 3 copies
+    # the recipe's smoke suite (models/tiny-demo/problems-distractor.jsonl) grades the 3 copies
     assert lines[1].startswith("calibration: ") and lines[1].endswith(
-        f"from {calib}; 3 dropped (graded by problems); text in {text}")
+        f"from {calib}; 3 dropped (graded by problems-distractor); text in {text}")
     saved = text.read_text(encoding="utf-8")
     assert saved.startswith("User: ") and EOS in saved  # the recipe's chat format
     loaded = load_imatrix(matrix)

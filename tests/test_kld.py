@@ -217,3 +217,53 @@ def test_memory_stays_at_one_chunk_whatever_the_corpus_length(build) -> None:
             tracemalloc.stop()
     one_chunk_of_logits = SCORED * 102400 * 4
     assert peaks[4] < peaks[1] + one_chunk_of_logits / 2, peaks
+
+
+def test_the_recipe_names_the_text_and_the_command_defaults_to_it(
+        tmp_path: Path, tiny_quant_ggufs: dict[str, Path]) -> None:
+    recipe = write_tiny_recipe(tmp_path / "tiny.toml")
+    own = tmp_path / "own-text.txt"
+    own.write_text(BUNDLED_CORPUS.read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    recipe.write_text(recipe.read_text(encoding="utf-8") + '\n[kld]\ncorpus = "own-text.txt"\n',
+                      encoding="utf-8")
+    root = tmp_path / "build"
+    layout = link_ggufs(root, tiny_quant_ggufs)
+    base = ["kld", str(recipe), "--quant", "Q8_0", "--build-dir", str(root), "-c", str(CTX),
+            "--chunks", "1", "--threads", "1"]
+    assert CliRunner().invoke(cli, base, catch_exceptions=False).exit_code == 0
+    summary = load_summary(layout.kld_summary("Q8_0"), KldSummary)
+    assert summary.corpus == "own-text.txt"
+    assert summary.corpus_sha256 == load_corpus(own).sha256
+    # --corpus still wins over the recipe.
+    assert CliRunner().invoke(cli, [*base, "--corpus", str(BUNDLED_CORPUS)],
+                              catch_exceptions=False).exit_code == 0
+    assert load_summary(layout.kld_summary("Q8_0"), KldSummary).corpus == "kld-corpus.md"
+
+
+def test_kld_takes_gguf_paths_like_llama_perplexity(tmp_path: Path,
+                                                    tiny_quant_ggufs: dict[str, Path]) -> None:
+    variant, reference = tiny_quant_ggufs["Q4_K_M"], tiny_quant_ggufs["BF16"]
+    out = tmp_path / "kld-out"
+    args = ["kld", str(variant), "--reference", str(reference), "--out-dir", str(out),
+            "-c", str(CTX), "--chunks", "2", "--threads", "1"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    name = variant.name.removesuffix(".gguf")
+    summary = load_summary(out / f"{name}.json", KldSummary)
+    assert summary.quant == name and summary.reference == reference.name.removesuffix(".gguf")
+    assert summary.n_tokens == 2 * SCORED and summary.mean_kld > 0
+    assert list(out.glob("reference-*.logits"))
+    # The same pair measured inside a build folder gives the same figure.
+    recipe = write_tiny_recipe(tmp_path / "tiny.toml")
+    root = tmp_path / "build"
+    layout = link_ggufs(root, tiny_quant_ggufs)
+    run_kld(recipe, ("Q4_K_M",), KldOptions(n_ctx=CTX, max_chunks=2, threads=1), root)
+    in_build = load_summary(layout.kld_summary("Q4_K_M"), KldSummary)
+    assert summary.mean_kld == pytest.approx(in_build.mean_kld, rel=1e-9)
+    for extra, message in ((["--reference", "BF16"], "needs the reference as a file too"),
+                           (["--quant", "Q8_0", "--reference", str(reference)],
+                            "a GGUF path is one file")):
+        bad = CliRunner().invoke(cli, ["kld", str(variant), *extra])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+    bad = CliRunner().invoke(cli, ["kld", str(recipe), "--reference", "Q5_K_M"])
+    assert bad.exit_code == 2 and "expected BF16 or Q8_0" in bad.output

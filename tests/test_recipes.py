@@ -58,6 +58,20 @@ def test_bundled_recipes_load_with_the_papers_figures():
     assert not base.prompt.append_cot_suffix
 
 
+def test_kld_corpus_is_a_recipe_setting(tmp_path):
+    # DeepSeek's recipes measure on the bundled math notes (no corpus: the default) ...
+    for variant in ("base", "instruct", "rl"):
+        assert load_recipe(f"deepseek-math-7b-{variant}").kld.corpus is None
+    assert load_recipe(write(tmp_path, GOOD)).kld.corpus is None
+    # ... the demo on held-out text of its own domain, named relative to the recipe.
+    demo = load_recipe("tiny-demo")
+    assert demo.kld.corpus == (demo.path.parent / "../models/tiny-demo/kld-text.txt").resolve()
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "mine.txt").write_text("Some math. $1 + 1 = 2$.\n", encoding="utf-8")
+    own = load_recipe(write(tmp_path, GOOD + '\n[kld]\ncorpus = "texts/mine.txt"\n'))
+    assert own.kld.corpus == (tmp_path / "texts" / "mine.txt").resolve()
+
+
 def test_user_recipe_by_path_normalises_quant_names(tmp_path):
     r = load_recipe(write(tmp_path, GOOD))
     assert r.quants.variants == ("Q4_K_M", "Q8_0")
@@ -80,6 +94,10 @@ def test_user_recipe_by_path_normalises_quant_names(tmp_path):
         ('template = "deepseek-chat"', 'template = "few-shot"', "prompt.few_shot",
          "needs few_shot > 0"),
         ("[smoke]", "[smoke]\nn = true", "smoke.n", "got a boolean"),
+        ("[smoke]", '[kld]\ncorpus = "no-such.txt"\n\n[smoke]', "kld.corpus",
+         "is not a file"),
+        ("[smoke]", '[kld]\ncorpus_file = "a.txt"\n\n[smoke]', "kld.corpus_file",
+         "is not a recipe field"),
     ],
 )
 def test_invalid_recipes_name_file_and_field(tmp_path, old, new, field, problem):

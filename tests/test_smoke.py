@@ -83,6 +83,32 @@ def test_smoke_in_process_writes_results_and_summary(tiny_bf16_gguf: Path) -> No
     assert len(_lines(layout.smoke_results("BF16"))) == 8
 
 
+def test_smoke_takes_a_gguf_path_with_the_recipe_for_its_prompt(tiny_bf16_gguf: Path,
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    args = ["smoke", str(tiny_bf16_gguf), "--recipe", RECIPE, "--suite", PROBLEMS, "--n", "4",
+            "--max-tokens", "8", "--threads", "1", "--out-dir", str(out)]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    name = tiny_bf16_gguf.name.removesuffix(".gguf")
+    s = load_summary(out / f"{name}.summary.json", SmokeSummary)
+    assert s.quant == name and s.gguf == tiny_bf16_gguf.name and s.accuracy.n == 4
+    assert s.environment["llama_cpp_python"] == "0.3.36" and s.environment["threads"] == "1"
+    # The recipe's exact prompt was used.
+    first = _lines(out / f"{name}.jsonl")[0]
+    assert first["prompt_tokens"] > 20
+    # Nothing was written into the recipe's build folder.
+    assert not _layout().smoke_dir.exists()
+    for extra, message in (([], "needs --recipe NAME"),
+                           (["--recipe", RECIPE, "--quant", "Q8_0"], "a GGUF path is one file"),
+                           (["--recipe", RECIPE, "--ollama", "http://127.0.0.1:9"],
+                            "run by llama.cpp in process")):
+        bad = CliRunner().invoke(cli, ["smoke", str(tiny_bf16_gguf), *extra])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+    bad = CliRunner().invoke(cli, ["smoke", RECIPE, "--recipe", RECIPE])
+    assert bad.exit_code == 2 and "--recipe is for a GGUF path" in bad.output
+
+
 def test_sigkill_then_rerun_finishes_without_redoing(tiny_bf16_gguf: Path) -> None:
     """A real SIGKILL mid-run, plus a half-written last line; the rerun keeps every
     finished problem, answers only the rest, and counts each problem once."""

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mathq.errors import DiskSpaceError, MathqError, OutputError
+from mathq.progress import Progress, ProgressCallback, no_progress
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -270,3 +272,66 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [to_jsonable(v) for v in value]
     return value
+
+
+_DIGEST_CHUNK = 1 << 22
+
+
+def _digest_key(path: Path, cache: Path) -> str:
+    """The file's name when it sits beside the cache (a build folder can move), else its path."""
+    path = Path(path).absolute()
+    return path.name if path.parent == Path(cache).absolute().parent else str(path)
+
+
+def _load_digests(cache: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(cache).read_text(encoding="utf-8"))
+        return dict(data["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # a missing or damaged cache only costs a rehash
+
+
+def _save_digests(cache: Path, entries: dict[str, Any]) -> None:
+    write_text_atomic(Path(cache), json.dumps({"files": entries}, indent=1, sort_keys=True) + "\n")
+
+
+def sha256_cached(path: Path, cache: Path, progress: ProgressCallback = no_progress, *,
+                  save: bool = True) -> str:
+    """Hex SHA-256 of ``path``, from ``cache`` when size and mtime still match, else computed
+    (and added to ``cache`` unless ``save`` is false: a dry run writes nothing).
+
+    ``cache`` is a build folder's ``digests.json``, shared by the report (each file's hash)
+    and publish (blob digests), so a multi-GB file is read once.
+
+    Hashing streams the file in 4 MiB chunks (memory stays flat) and reports ``sha256``
+    progress in bytes.
+    """
+    path = Path(path)
+    st = path.stat()
+    key = _digest_key(path, cache)
+    entries = _load_digests(cache)
+    entry = entries.get(key)
+    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return str(entry["sha256"])
+    h = hashlib.sha256()
+    done = 0
+    progress(Progress("sha256", 0, st.st_size, "B", item=path.name))
+    with open(path, "rb") as f:
+        while block := f.read(_DIGEST_CHUNK):
+            h.update(block)
+            done += len(block)
+            progress(Progress("sha256", done, st.st_size, "B", item=path.name))
+    digest = h.hexdigest()
+    after = path.stat()
+    if save and (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
+        entries = _load_digests(cache)  # another process may have added entries meanwhile
+        entries[key] = {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        _save_digests(cache, entries)
+    return digest
+
+
+def forget_digest(path: Path, cache: Path) -> None:
+    """Drop ``path``'s entry, so the next :func:`sha256_cached` reads the file again."""
+    entries = _load_digests(cache)
+    if entries.pop(_digest_key(path, cache), None) is not None:
+        _save_digests(cache, entries)

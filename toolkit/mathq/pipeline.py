@@ -319,7 +319,7 @@ def _measure_steps(recipe: Recipe, options: BuildOptions, variants: tuple[Varian
             f"bench {q}", "bench", layout.bench_summary(q), layout.key(layout.bench_summary(q)),
             0, lambda p, q=q: run_bench(recipe, [q], bench, build_root, p),
             lambda q=q: bench_fingerprint(layout, q, bench), (layout.gguf(q),)))
-    kld = KldOptions()
+    kld = KldOptions(corpus=recipe.kld.corpus)
     for q in names:
         if q == kld.reference:
             continue

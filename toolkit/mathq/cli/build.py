@@ -38,7 +38,8 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
               show_default=True,
               help="With --imatrix: the calibration text, as for `mathq imatrix`.")
 @click.option("--dry-run", is_flag=True,
-              help="Print the plan (what would run, what is current) and do nothing.")
+              help="Print the plan (each step: would run, or current) and a summary line; "
+                   "do nothing.")
 @build_dir_option
 @quiet_option
 @json_option
@@ -93,9 +94,16 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
             echo_json(outcomes)
             return
         sizes = {s.name: s.needs_bytes for s in steps}
+        words = {"planned": "would run", "skipped": "current"}
         for o in outcomes:
             size = f"~{format_bytes(sizes[o.name])}" if sizes[o.name] else ""
-            click.echo(f"{o.status:<8} {o.name:<22} {size:>12}  {o.artifact}")
+            click.echo(f"{words[o.status]:<9} {o.name:<22} {size:>12}  {o.artifact}")
+        due = [o for o in outcomes if o.status == "planned"]
+        need = sum(sizes[o.name] for o in due)
+        disk = f", needing about {format_bytes(need)} of disk" if need else ""
+        click.echo(f"{len(due)} of {len(outcomes)} steps would run, "
+                   f"{len(outcomes) - len(due)} are current{disk}; nothing was done "
+                   "(--dry-run).")
         return
 
     def show(outcome: object) -> None:
@@ -110,11 +118,11 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
         return
     report = layout.report_dir / "report.html"
     if options.measure and report.is_file():
-        from mathq.report.advice import DEFAULT_KLD_BOUND, advise
+        from mathq.report.advice import with_advice
         from mathq.report.table import collect
         from mathq.report.text import render_text
 
-        data = collect(loaded, layout)
-        click.echo(render_text(data, advise(data, DEFAULT_KLD_BOUND)))
+        data = with_advice(collect(loaded, layout))
+        click.echo(render_text(data, data.advice))
         click.echo(f"\nReport: {report}\n        {report.with_suffix('.md')}")
     click.echo(f"Build of {loaded.name} finished in {layout.root}")

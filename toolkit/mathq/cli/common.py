@@ -107,3 +107,10 @@ def parallel_option(f: F) -> F:
         help="Sequences decoded together in one context (1-256). auto: as many as the free "
              "GPU memory holds KV caches for (at most 128), 8 on the CPU; requests in "
              "flight per server with --ollama/--endpoint (auto: 8).")(f)
+
+
+def is_gguf_path(ref: str) -> bool:
+    """Whether a RECIPE|GGUF argument names a GGUF file (as `mathq quantize` decides):
+    a ``.gguf`` name, or an existing file that is not a ``.toml`` recipe."""
+    path = Path(ref)
+    return path.suffix.lower() == ".gguf" or (path.is_file() and path.suffix.lower() != ".toml")

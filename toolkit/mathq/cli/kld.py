@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -10,6 +11,7 @@ from mathq.cli.common import (
     build_dir_option,
     echo_json,
     gpu_layers_option,
+    is_gguf_path,
     json_option,
     quiet_option,
     threads_option,
@@ -18,17 +20,28 @@ from mathq.cli.render import progress_for
 from mathq.evaluate.kld import DEFAULT_CTX, REFERENCE_CHOICES
 
 
+def _reference(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    if value.upper() in REFERENCE_CHOICES:
+        return value.upper()
+    if is_gguf_path(value):
+        return value
+    raise click.BadParameter(f"expected {' or '.join(REFERENCE_CHOICES)} (a variant of the "
+                             f"recipe's build) or the path of a GGUF file, got {value!r}")
+
+
 @click.command()
-@click.argument("recipe")
+@click.argument("source", metavar="RECIPE|GGUF")
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
               help="Comma-separated variants to measure, e.g. Q4_K_M,Q4_K_M-imat (default: "
-                   "the recipe's variants).")
-@click.option("--reference", type=click.Choice(REFERENCE_CHOICES), default="BF16",
-              show_default=True,
-              help="The model to compare with; Q8_0 needs half of BF16's memory.")
+                   "the recipe's variants). Not with a GGUF path.")
+@click.option("--reference", default="BF16", show_default=True, callback=_reference,
+              metavar="BF16|Q8_0|GGUF",
+              help="The model to compare with: a variant of the recipe's build (Q8_0 needs "
+                   "half of BF16's memory), or, with a GGUF path, the reference GGUF file.")
 @click.option("--corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="UTF-8 text to measure on (default: mathq's bundled math notes, "
-                   "about 10,000 tokens, kept apart from the smoke problems).")
+              help="UTF-8 text to measure on (default: the recipe's [kld] corpus, else "
+                   "mathq's bundled math notes, about 10,000 tokens, kept apart from the smoke "
+                   "problems).")
 @click.option("--ctx-size", "-c", "n_ctx", type=click.IntRange(min=16), default=DEFAULT_CTX,
               show_default=True,
               help="Tokens per chunk; the second half of each chunk is scored.")
@@ -36,12 +49,15 @@ from mathq.evaluate.kld import DEFAULT_CTX, REFERENCE_CHOICES
               help="Use at most this many chunks (default: the whole corpus).")
 @threads_option
 @gpu_layers_option
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With a GGUF path: where the reference pass is cached and <name>.json "
+                   "written (default: a kld/ folder beside the reference GGUF).")
 @build_dir_option
 @quiet_option
 @json_option
-def kld(recipe: str, quant_list: str | None, reference: str, corpus: Path | None, n_ctx: int,
-        chunks: int | None, threads: int, gpu_layers: int | None, build_dir: Path | None,
-        quiet: bool, as_json: bool) -> None:
+def kld(source: str, quant_list: str | None, reference: str, corpus: Path | None, n_ctx: int,
+        chunks: int | None, threads: int, gpu_layers: int | None, out_dir: Path | None,
+        build_dir: Path | None, quiet: bool, as_json: bool) -> None:
     """Measure each variant's KL divergence from the full-precision model.
 
     A few hundred MATH problems cannot tell Q6_K from Q8_0; comparing next-token
@@ -53,6 +69,11 @@ def kld(recipe: str, quant_list: str | None, reference: str, corpus: Path | None
     The reference pass runs once and is cached in build/<model>/kld/ (in
     llama-perplexity's --kl-divergence-base format) until the reference file, the text or
     the chunking change. Results go to build/<model>/kld/<QUANT>.json for `mathq report`.
+    The text is the recipe's `[kld] corpus` (mathq's bundled math notes unless the recipe
+    names its own), or --corpus.
+
+    RECIPE|GGUF may also be the path of any GGUF file, compared with --reference FILE, as
+    `llama-perplexity -m FILE --kl-divergence` would.
 
     \b
     Examples:
@@ -60,16 +81,34 @@ def kld(recipe: str, quant_list: str | None, reference: str, corpus: Path | None
       mathq kld deepseek-math-7b-rl --quant Q4_K_M,Q6_K
       mathq kld deepseek-math-7b-rl --reference Q8_0       # when BF16 does not fit
       mathq kld deepseek-math-7b-rl --corpus math-train.txt --chunks 40
+      mathq kld model-Q4_K_M.gguf --reference model-BF16.gguf
     """
     from mathq.evaluate.kld.measure import KldOptions
-    from mathq.evaluate.stage import run_kld
+    from mathq.evaluate.stage import run_kld, run_kld_files
     from mathq.recipes.quants import parse_variant_list
 
-    quants = (tuple(v.name for v in parse_variant_list(quant_list))
-              if quant_list is not None else None)
-    options = KldOptions(reference=reference, corpus=corpus, n_ctx=n_ctx, max_chunks=chunks,
-                         threads=threads, gpu_layers=gpu_layers)
-    run = run_kld(recipe, quants, options, build_dir, progress_for(quiet))
+    options = KldOptions(corpus=corpus, n_ctx=n_ctx, max_chunks=chunks, threads=threads,
+                         gpu_layers=gpu_layers)
+    if is_gguf_path(source):
+        if quant_list:
+            raise click.UsageError("--quant picks a recipe's variants; a GGUF path is one file")
+        if reference in REFERENCE_CHOICES:
+            raise click.UsageError("a GGUF path needs the reference as a file too: "
+                                   "--reference path/to/model-BF16.gguf")
+        folder = out_dir or Path(reference).parent / "kld"
+        run = run_kld_files([Path(source)], Path(reference), folder, options,
+                            progress_for(quiet))
+    else:
+        if reference not in REFERENCE_CHOICES:
+            raise click.UsageError(f"with a recipe, --reference is one of its variants "
+                                   f"({', '.join(REFERENCE_CHOICES)}), not a file")
+        if out_dir is not None:
+            raise click.UsageError("--out-dir is for a GGUF path; a recipe's results go to "
+                                   "build/<model>/kld/")
+        quants = (tuple(v.name for v in parse_variant_list(quant_list))
+                  if quant_list is not None else None)
+        options = dataclasses.replace(options, reference=reference)
+        run = run_kld(source, quants, options, build_dir, progress_for(quiet))
     if as_json:
         echo_json(run)
         return

@@ -8,29 +8,28 @@ import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
-from mathq.report.advice import DEFAULT_KLD_BOUND  # light: matplotlib loads only in plots
 
 
 @click.command()
 @click.argument("recipe")
-@click.option("--kld-bound", type=click.FloatRange(min=0, min_open=True),
-              default=DEFAULT_KLD_BOUND, show_default=True,
-              help="Mean KL divergence under which a variant counts as close to the "
-                   "reference, for the advice line.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where to write the report (default: build/<model>/report/).")
 @build_dir_option
 @quiet_option
 @json_option
-def report(recipe: str, kld_bound: float, out_dir: Path | None, build_dir: Path | None,
+def report(recipe: str, out_dir: Path | None, build_dir: Path | None,
            quiet: bool, as_json: bool) -> None:
     """Write the quality-versus-size report of a build: table, plots and pages.
 
-    Puts MATH accuracy (from `mathq smoke`), KL divergence (from `mathq kld`), speed and
-    memory (from `mathq bench`) beside each variant's size, so a user can pick a variant
-    at a glance, and adds one line of advice: the smallest variant whose accuracy interval
-    overlaps the reference's and whose mean KLD is under --kld-bound. A figure that was not
-    measured shows as missing, never as zero; rerun the report after any stage.
+    Answers "which file do I publish?": for each size class (2-bit, 4-bit, ...) the
+    frontier variant, i.e. the smallest file whose paired accuracy loss against BF16 is
+    not significant (McNemar's exact test on the same problems) with the lowest KL
+    divergence at its size, with one sentence of why and the `mathq publish` line that
+    ships it. Beside it: every variant's size, accuracy with the paired difference from
+    BF16 (from `mathq smoke`), KL divergence (from `mathq kld`), speed and memory (from
+    `mathq bench`), accuracy by subject and level, each file's SHA-256 and the versions,
+    CPU and dates of the measurements. A figure that was not measured shows as missing,
+    never as zero; rerun the report after any stage.
 
     Writes report.md (for a model card), report.html (one self-contained page),
     report.json, and accuracy/kld/speed plots as PNG and SVG.
@@ -38,7 +37,6 @@ def report(recipe: str, kld_bound: float, out_dir: Path | None, build_dir: Path 
     \b
     Examples:
       mathq report deepseek-math-7b-rl
-      mathq report deepseek-math-7b-rl --kld-bound 0.02
       mathq report deepseek-math-7b-rl --out-dir site/ --json
     """
     from mathq.report.stage import ReportOptions, build_report
@@ -46,8 +44,7 @@ def report(recipe: str, kld_bound: float, out_dir: Path | None, build_dir: Path 
 
     render = progress_for(quiet)
     try:
-        result = build_report(recipe, ReportOptions(out_dir=out_dir, kld_bound=kld_bound),
-                              build_dir, render)
+        result = build_report(recipe, ReportOptions(out_dir=out_dir), build_dir, render)
     finally:
         render.close()
     if as_json:

@@ -11,6 +11,7 @@ from mathq.cli.common import (
     check_url,
     echo_json,
     gpu_layers_option,
+    is_gguf_path,
     json_option,
     parallel_option,
     quiet_option,
@@ -25,10 +26,13 @@ def _pct(r: Rate) -> str:
 
 
 @click.command()
-@click.argument("recipe")
+@click.argument("source", metavar="RECIPE|GGUF")
+@click.option("--recipe", "recipe_for_gguf", metavar="RECIPE", default=None,
+              help="With a GGUF path: the recipe whose prompt format, problems and token limit "
+                   "to use, e.g. deepseek-math-7b-rl.")
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
               help="Comma-separated variants, e.g. Q4_K_M,Q8_0 or Q4_K_M-imat (default: the "
-                   "recipe's).")
+                   "recipe's). Not with a GGUF path.")
 @click.option("--suite", metavar="SUITE|FILE", default=None,
               help="Problem set: a suite name (`mathq problems`) or a JSONL file "
                    "(default: the recipe's, math500).")
@@ -67,12 +71,14 @@ def _pct(r: Rate) -> str:
 @click.option("--restart", is_flag=True,
               help="Discard earlier results of these variants instead of resuming them.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Write results and summaries here instead of build/<model>/smoke/.")
+              help="Write results and summaries here instead of build/<model>/smoke/ (with a "
+                   "GGUF path: default a smoke/ folder beside it).")
 @build_dir_option
 @quiet_option
 @json_option
-def smoke(recipe: str, quant_list: str | None, suite: str | None, n: int | None, seed: int,
-          subjects: tuple[str, ...], levels: tuple[int, ...], max_tokens: int | None,
+def smoke(source: str, recipe_for_gguf: str | None, quant_list: str | None, suite: str | None,
+          n: int | None, seed: int, subjects: tuple[str, ...], levels: tuple[int, ...],
+          max_tokens: int | None,
           parallel: int, threads: int, gpu_layers: int | None, ollama_url: str | None,
           endpoints: tuple[str, ...], served_model: str | None, timeout_s: float,
           grade_timeout_s: float, ignore_eos: bool, restart: bool, out_dir: Path | None,
@@ -90,12 +96,17 @@ def smoke(recipe: str, quant_list: str | None, suite: str | None, n: int | None,
     the paper's figure). Interrupted? Run the same command again: finished problems are
     kept and only the rest are asked.
 
+    RECIPE|GGUF may also be the path of any GGUF file (as `llama-bench -m` takes one), with
+    --recipe naming the prompt format and problems to use; its results are named after the
+    file.
+
     \b
     Examples:
       mathq smoke deepseek-math-7b-rl --quant Q4_K_M --n 100
       mathq smoke deepseek-math-7b-rl -Q Q4_K_M,Q8_0 --n 500 --parallel 16 --gpu-layers 20
       mathq smoke deepseek-math-7b-rl --ollama http://127.0.0.1:11434 --parallel 4
       mathq smoke deepseek-math-7b-rl --endpoint http://gpu1:8080 --endpoint http://gpu2:8080
+      mathq smoke model-Q4_K_M.gguf --recipe deepseek-math-7b-rl --n 100
     """
     from mathq.cli.render import progress_for
     from mathq.evaluate.backends.base import BackendSpec
@@ -113,12 +124,41 @@ def smoke(recipe: str, quant_list: str | None, suite: str | None, n: int | None,
     spec = BackendSpec(kind=kind, urls=(ollama_url,) if ollama_url else endpoints,
                        model=served_model, parallel=parallel, threads=threads,
                        gpu_layers=gpu_layers, timeout_s=timeout_s, ignore_eos=ignore_eos)
-    rec = load_recipe(recipe)
-    quants = list(rec.variant_names(quant_list))
+    gguf = Path(source) if is_gguf_path(source) else None
+    if gguf is not None:
+        if recipe_for_gguf is None:
+            raise click.UsageError("a GGUF path needs --recipe NAME for its prompt format and "
+                                   "problems, e.g. --recipe deepseek-math-7b-rl")
+        if quant_list:
+            raise click.UsageError("--quant picks a recipe's variants; a GGUF path is one file")
+        if kind != "llama":
+            raise click.UsageError("a GGUF path is run by llama.cpp in process; --ollama and "
+                                   "--endpoint test served models")
+        if not gguf.is_file():
+            raise click.BadParameter(f"{gguf} not found", param_hint="RECIPE|GGUF")
+        out_dir = out_dir or gguf.parent / "smoke"
+    elif recipe_for_gguf is not None:
+        raise click.UsageError("--recipe is for a GGUF path; RECIPE is already a recipe")
+    rec = load_recipe(recipe_for_gguf or source)
     options = SmokeOptions(suite=suite, n=n, seed=seed, subjects=subjects, levels=levels,
                            max_tokens=max_tokens, backend=spec, restart=restart,
                            grade_timeout_s=grade_timeout_s, out_dir=out_dir)
-    outcomes = run_smoke(rec, quants, options, build_dir, progress_for(quiet))
+    if gguf is not None:
+        from mathq.evaluate.stage import (
+            gguf_variant_name,
+            select_smoke_problems,
+            smoke_variant,
+        )
+        from mathq.layout import BuildLayout
+
+        render = progress_for(quiet)
+        problems = select_smoke_problems(rec, options, render)
+        outcomes = [smoke_variant(rec, gguf_variant_name(gguf), problems,
+                                  BuildLayout.for_model(rec.name, build_dir), options, render,
+                                  gguf_path=gguf)]
+    else:
+        quants = list(rec.variant_names(quant_list))
+        outcomes = run_smoke(rec, quants, options, build_dir, progress_for(quiet))
     if as_json:
         echo_json(outcomes)
         return

@@ -13,10 +13,14 @@ token per step for ``throughput_gen`` steps; throughput is P x steps over the ti
 steps. Its growth with P is the hardware's headroom for batching, which the smoke stage's
 engine uses.
 
-Each variant runs in its own spawned process, so ``peak_rss_bytes`` (the process's peak
-resident set, ``getrusage``) belongs to that model alone: weights mapped and touched, the
-KV caches, compute buffers, and the Python interpreter with NumPy (about 40 MB). Load time
-is ``llama_model_load_from_file``'s wall time, which depends on whether the file is in the
+Memory is measured two ways, both reported. llama.cpp's own figures, read from the lines
+it logs when it allocates (``model buffer``, ``KV buffer``, ``compute buffer``, ``output
+buffer``), for the single-sequence context of the pp/tg tests; and the process's peak
+resident set (``VmHWM`` on Linux) *minus* its peak before the model was loaded, so the Python
+interpreter, NumPy and llama.cpp's libraries (about 130 MB, the same for every variant) are
+not counted. Each variant runs in its own spawned process, so the peak belongs to that
+model alone; it also covers the larger context of the throughput test. Load time is
+``llama_model_load_from_file``'s wall time, which depends on whether the file is in the
 page cache.
 
 Where it ran is recorded too: the device (``CPU`` or the GPU's name), how many layers
@@ -34,7 +38,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +78,9 @@ class BenchResult:
     prompt: MeanSd | None
     generation: MeanSd | None
     throughput_by_parallel: dict[str, float]
+    baseline_rss_bytes: int | None = None
+    llama_buffers: dict[str, int] = field(default_factory=dict)
+    buffers_context: int | None = None
     device: str = "CPU"
     gpu_layers: int = 0
     offloadable_layers: int | None = None
@@ -104,6 +111,7 @@ def bench_gguf(path: Path, options: BenchOptions,
                                    gpu_layers=options.gpu_layers,
                                    flash_attn=options.flash_attn)
     rng = np.random.default_rng(options.seed)
+    baseline = _peak_rss()
     free_before = gpu_free_bytes()
     model = LlamaModel(Path(path), options.gpu_layers)
     vram = [0 if free_before is not None and model.offloaded else None]
@@ -156,6 +164,7 @@ def bench_gguf(path: Path, options: BenchOptions,
     try:
         ctx_len = max(options.n_prompt, options.n_gen, 1)
         ctx = Context(model, 1, pad_context(ctx_len), engine_options)
+        buffers = {**model.buffer_bytes, **ctx.buffer_bytes}
         try:
             pp: list[float] = []
             tg: list[float] = []
@@ -177,18 +186,36 @@ def bench_gguf(path: Path, options: BenchOptions,
         throughput = {}
         if options.parallel:
             throughput = _throughput(model, options, engine_options, tokens, tick, sample_vram)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return BenchResult(path=Path(path), threads=engine_options.n_threads(model),
                            load_seconds=round(model.load_seconds, 3),
-                           peak_rss_bytes=int(rss) * (1 if sys.platform == "darwin" else 1024),
+                           peak_rss_bytes=_peak_rss(),
                            prompt=_mean_sd(pp) if pp else None,
                            generation=_mean_sd(tg) if tg else None,
                            throughput_by_parallel=throughput,
                            device=describe_devices(gpu_devices()) if model.offloaded else "CPU",
                            gpu_layers=model.offloaded, offloadable_layers=model.n_layer + 1,
-                           vram_bytes=vram[0])
+                           vram_bytes=vram[0], baseline_rss_bytes=baseline,
+                           llama_buffers=buffers, buffers_context=pad_context(ctx_len))
     finally:
         model.close()
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set so far, in bytes.
+
+    On Linux it is ``VmHWM`` from ``/proc/self/status``: the high-water mark of this
+    process's own memory map. ``getrusage``'s ``ru_maxrss`` is not: Linux carries it across
+    ``exec`` from the process that forked, so a spawned child reports its parent's peak
+    (which made every variant's "peak RAM" the same number). Elsewhere ``ru_maxrss``.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss) * (1 if sys.platform == "darwin" else 1024)
 
 
 def _throughput(model: Any, options: BenchOptions, engine_options: Any, tokens: Any,

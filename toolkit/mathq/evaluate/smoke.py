@@ -30,6 +30,7 @@ from typing import Any
 from mathq.datasets.problems import Problem, ProblemSet
 from mathq.errors import ProblemSetError, SmokeError
 from mathq.evaluate.backends.base import Backend, BackendSpec, Completion, Request
+from mathq.evaluate.environment import measurement_environment
 from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
 from mathq.evaluate.grading.grade import ProblemResult, result_for, summarize
 from mathq.evaluate.grading.isolation import judge
@@ -259,4 +260,7 @@ def build_summary(recipe: Recipe, quant: str, problems: ProblemSet,
         reference_accuracy=recipe.smoke.reference_accuracy,
         reference_source=recipe.smoke.reference_source, imatrix=imatrix,
         verdicts=dict(g.verdicts), seed=options.seed, runs=max(1, len(known)),
-        parallel_choice=parallel_choice)
+        parallel_choice=parallel_choice,
+        environment=measurement_environment(
+            (options.backend.threads or os.cpu_count() or 1)
+            if options.backend.kind == "llama" else None))

@@ -24,10 +24,13 @@ from mathq.errors import InputFileError, MathqError, SmokeError
 from mathq.evaluate.backends import open_backend
 from mathq.evaluate.backends.base import Backend, BackendSpec
 from mathq.evaluate.bench import BenchOptions, BenchOutcome, bench_gguf, bench_isolated
+from mathq.evaluate.environment import measurement_environment
 from mathq.evaluate.kld.measure import (
     KldOptions,
     KldRun,
     ensure_reference,
+    ensure_reference_file,
+    measure_gguf,
     measure_variant,
     reference_key,
     require_gguf,
@@ -152,12 +155,19 @@ def run_smoke(recipe: Recipe, quants: Sequence[str], options: SmokeOptions,
 
 
 def smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: BuildLayout,
-                  options: SmokeOptions,
-                  progress: ProgressCallback = no_progress) -> SmokeOutcome:
-    """Answer and grade every problem not yet answered for ``quant``; write the summary."""
+                  options: SmokeOptions, progress: ProgressCallback = no_progress,
+                  gguf_path: Path | None = None) -> SmokeOutcome:
+    """Answer and grade every problem not yet answered for ``quant``; write the summary.
+
+    ``gguf_path`` tests that file (named ``quant``) instead of the build folder's; it needs
+    ``options.out_dir``, since nothing about it is recorded in the build folder.
+    """
     spec = options.backend
+    if gguf_path is not None and options.out_dir is None:
+        raise SmokeError("a GGUF outside the build folder needs an output folder",
+                         "pass --out-dir")
     paths = _paths(layout, quant, options.out_dir)
-    gguf = layout.gguf(quant) if spec.kind == "llama" else None
+    gguf = (gguf_path or layout.gguf(quant)) if spec.kind == "llama" else None
     if gguf is not None and not gguf.is_file():
         raise InputFileError(f"no {quant} GGUF at {gguf}",
                              f"make it first: mathq quantize {recipe.name} --quant {quant}")
@@ -286,12 +296,33 @@ def bench_fingerprint(layout: BuildLayout, quant: str,
     return {"gguf": file_identity(gguf)}, settings
 
 
+def _bench_summary(model: str, quant: str, gguf: Path, options: BenchOptions,
+                   progress: ProgressCallback) -> BenchSummary:
+    """Measure one GGUF (in its own process unless ``options.isolate`` is off)."""
+    from mathq.convert.gguf_info import read_gguf_summary
+
+    info = read_gguf_summary(gguf)
+    measure = bench_isolated if options.isolate else bench_gguf
+    result = measure(gguf, options, progress)
+    return BenchSummary(
+        model=model, quant=quant, gguf=gguf.name, file_size=info.size,
+        bits_per_weight=round(info.bits_per_weight, 4), threads=result.threads,
+        load_seconds=result.load_seconds, peak_rss_bytes=result.peak_rss_bytes,
+        prompt_tokens_per_second=result.prompt,
+        generation_tokens_per_second=result.generation,
+        throughput_by_parallel=result.throughput_by_parallel,
+        imatrix=gguf_imatrix(gguf), n_prompt=options.n_prompt, n_gen=options.n_gen,
+        repetitions=options.repetitions, device=result.device,
+        gpu_layers=result.gpu_layers, offloadable_layers=result.offloadable_layers,
+        vram_bytes=result.vram_bytes, baseline_rss_bytes=result.baseline_rss_bytes,
+        llama_buffers=dict(result.llama_buffers), buffers_context=result.buffers_context,
+        environment=measurement_environment(result.threads))
+
+
 def run_bench(recipe: Recipe, quants: Sequence[str], options: BenchOptions,
               build_root: Path | None = None,
               progress: ProgressCallback = no_progress) -> list[BenchOutcome]:
     """Measure each variant of ``recipe`` in turn and write its summary."""
-    from mathq.convert.gguf_info import gguf_imatrix, read_gguf_summary
-
     layout = BuildLayout.for_model(recipe.name, build_root)
     outcomes = []
     for q in quants:
@@ -299,20 +330,7 @@ def run_bench(recipe: Recipe, quants: Sequence[str], options: BenchOptions,
         if not gguf.is_file():
             raise InputFileError(f"no {q} GGUF at {gguf}",
                                  f"make it first: mathq quantize {recipe.name} --quant {q}")
-        info = read_gguf_summary(gguf)
-        measure = bench_isolated if options.isolate else bench_gguf
-        result = measure(gguf, options, progress)
-        summary = BenchSummary(
-            model=recipe.name, quant=q, gguf=gguf.name, file_size=info.size,
-            bits_per_weight=round(info.bits_per_weight, 4), threads=result.threads,
-            load_seconds=result.load_seconds, peak_rss_bytes=result.peak_rss_bytes,
-            prompt_tokens_per_second=result.prompt,
-            generation_tokens_per_second=result.generation,
-            throughput_by_parallel=result.throughput_by_parallel,
-            imatrix=gguf_imatrix(gguf), n_prompt=options.n_prompt, n_gen=options.n_gen,
-            repetitions=options.repetitions, device=result.device,
-            gpu_layers=result.gpu_layers, offloadable_layers=result.offloadable_layers,
-            vram_bytes=result.vram_bytes)
+        summary = _bench_summary(recipe.name, q, gguf, options, progress)
         path = layout.bench_summary(q)
         save_summary(path, summary)
         fingerprint = bench_fingerprint(layout, q, options)
@@ -351,7 +369,8 @@ def run_kld(recipe_ref: str | Path, quants: tuple[str, ...] | None = None,
     recipe = load_recipe(recipe_ref)
     layout = BuildLayout.for_model(recipe.name, build_root)
     reference = get_quant(options.reference).name
-    options = dataclasses.replace(options, reference=reference)
+    options = dataclasses.replace(options, reference=reference,
+                                  corpus=options.corpus or recipe.kld.corpus)
     names = list(recipe.variant_names(",".join(quants) if quants else None))
     if reference in names:
         if quants:
@@ -376,3 +395,52 @@ def run_kld(recipe_ref: str | Path, quants: tuple[str, ...] | None = None,
         summaries.append(summary)
         paths.append(out)
     return KldRun(ref, tuple(summaries), tuple(paths))
+
+
+def gguf_variant_name(path: Path) -> str:
+    """How results name a bare GGUF: its file name without ``.gguf``."""
+    return Path(path).name[: -len(".gguf")] if path.name.lower().endswith(".gguf") \
+        else Path(path).name
+
+
+def run_kld_files(variants: Sequence[Path], reference: Path, out_dir: Path,
+                  options: KldOptions | None = None,
+                  progress: ProgressCallback = no_progress) -> KldRun:
+    """:func:`run_kld` for GGUF files outside a build folder (as ``llama-perplexity -m``):
+    each of ``variants`` against ``reference``, the reference pass cached in ``out_dir``
+    and one ``<name>.json`` summary per variant written there."""
+    options = options or KldOptions()
+    for path in (reference, *variants):
+        if not Path(path).is_file():
+            raise InputFileError(f"{path} not found", "give the path of an existing GGUF")
+    corpus = load_corpus(options.corpus)
+    ref_name = gguf_variant_name(Path(reference))
+    ref = ensure_reference_file(Path(reference), ref_name, out_dir, corpus, options, progress)
+    summaries, paths = [], []
+    for path in variants:
+        name = gguf_variant_name(Path(path))
+        summary = measure_gguf(Path(path), name, name, ref, corpus, options, progress)
+        out = Path(out_dir) / f"{name}.json"
+        save_summary(out, summary)
+        summaries.append(summary)
+        paths.append(out)
+    return KldRun(ref, tuple(summaries), tuple(paths))
+
+
+def run_bench_files(paths: Sequence[Path], options: BenchOptions,
+                    out_dir: Path | None = None,
+                    progress: ProgressCallback = no_progress) -> list[BenchOutcome]:
+    """:func:`run_bench` for GGUF files outside a build folder (as ``llama-bench -m``);
+    summaries go to ``out_dir/<name>.json`` when it is given."""
+    outcomes = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise InputFileError(f"{path} not found", "give the path of an existing GGUF")
+        name = gguf_variant_name(path)
+        summary = _bench_summary(name, name, path, options, progress)
+        out = Path(out_dir) / f"{name}.json" if out_dir is not None else path
+        if out_dir is not None:
+            save_summary(out, summary)
+        outcomes.append(BenchOutcome(name, out, summary))
+    return outcomes

@@ -89,6 +89,8 @@ class SmokeSummary:
     # How many sequences were decoded together and why (``--parallel auto`` or given);
     # None in summaries written before mathq recorded it.
     parallel_choice: ParallelChoice | None = None
+    # Versions, CPU and date of the run (:mod:`mathq.evaluate.environment`).
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,20 @@ class BenchSummary:
     gpu_layers: int | None = None
     offloadable_layers: int | None = None
     vram_bytes: int | None = None
+    # Memory (see :mod:`mathq.evaluate.bench`): the peak resident set before the model was
+    # loaded, and llama.cpp's own buffer sizes in bytes (model, kv_cache, compute, output)
+    # for a context of ``buffers_context`` tokens.
+    baseline_rss_bytes: int | None = None
+    llama_buffers: dict[str, int] = field(default_factory=dict)
+    buffers_context: int | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def rss_over_baseline_bytes(self) -> int | None:
+        """Peak resident memory the model added: the peak minus the peak before loading."""
+        if self.peak_rss_bytes is None or self.baseline_rss_bytes is None:
+            return None
+        return max(0, self.peak_rss_bytes - self.baseline_rss_bytes)
 
 
 @dataclass(frozen=True)
@@ -153,6 +169,7 @@ class KldSummary:
     n_chunks: int | None = None
     corpus_sha256: str = ""
     seconds: float | None = None
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 S = TypeVar("S")

@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -106,10 +107,13 @@ class LlamaModel:
         self.gpu = gpu_offload_supported()
         self.gpu_layers = params.n_gpu_layers = resolve_gpu_layers(gpu_layers)
         errors: list[str] = []
+        #: llama.cpp's own account of the weights' memory, from its load log (bytes by kind).
+        self.buffer_bytes: dict[str, int] = {}
 
         def on_line(level: int, line: str) -> None:
             if level == LOG_ERROR and line.strip():
                 errors.append(line.strip())
+            add_buffer_line(self.buffer_bytes, line)
 
         started = time.perf_counter()
         with capture_llama_log(on_line):
@@ -226,10 +230,14 @@ class Context:
                                       if options.flash_attn
                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         errors: list[str] = []
+        #: llama.cpp's own account of this context's memory (KV cache, compute and output
+        #: buffers), from its log (bytes by kind).
+        self.buffer_bytes: dict[str, int] = {}
 
         def on_line(level: int, line: str) -> None:
             if level == LOG_ERROR and line.strip():
                 errors.append(line.strip())
+            add_buffer_line(self.buffer_bytes, line)
 
         with capture_llama_log(on_line):
             handle = llama_cpp.llama_init_from_model(model.handle, params)
@@ -330,6 +338,22 @@ class Context:
 
 
 LineHandler = Callable[[int, str], None]
+
+# llama.cpp reports every buffer it allocates, per device, e.g.
+# "load_tensors:   CPU_Mapped model buffer size =     3.06 MiB",
+# "llama_kv_cache:        CPU KV buffer size =     2.00 MiB",
+# "sched_reserve:        CPU compute buffer size =     5.01 MiB".
+_BUFFER_LINE = re.compile(r"\b\S+\s+(model|KV|compute|output) buffer size\s*=\s*([0-9.]+) MiB")
+BUFFER_KINDS = {"model": "model", "KV": "kv_cache", "compute": "compute", "output": "output"}
+
+
+def add_buffer_line(totals: dict[str, int], line: str) -> None:
+    """Add a llama.cpp "... buffer size = X MiB" log line to ``totals`` (bytes by kind:
+    model, kv_cache, compute, output; devices summed). Other lines are ignored."""
+    m = _BUFFER_LINE.search(line)
+    if m:
+        kind = BUFFER_KINDS[m.group(1)]
+        totals[kind] = totals.get(kind, 0) + round(float(m.group(2)) * 2**20)
 
 # ggml_log_level: NONE 0, INFO 1, WARN 2, ERROR 3, DEBUG 4, CONT 5 (continues the last line).
 LOG_ERROR = 3

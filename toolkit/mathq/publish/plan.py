@@ -3,13 +3,12 @@
 Both destinations (an Ollama server and its registry, a Hugging Face repo) start here: the
 names are checked against the registry's rules before any request, each selected tag's GGUF
 must exist in the build folder and hold the quantization its tag promises, and each file's
-SHA-256 comes from the build's digest cache (``digests.json``, kept at the end of this
-module), so a rerun does not read multi-GB files again.
+SHA-256 comes from the build's digest cache (:func:`mathq.fsutil.sha256_cached`), so a rerun
+does not read multi-GB files again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,10 +17,11 @@ from typing import Any
 
 from mathq.convert.gguf_info import read_gguf_header
 from mathq.errors import GGUFError, InputFileError, InvalidNameError
-from mathq.fsutil import write_text_atomic
+from mathq.fsutil import forget_digest as forget  # noqa: F401 (publish's name)
+from mathq.fsutil import sha256_cached, write_text_atomic
 from mathq.layout import BuildLayout
 from mathq.modelfile.write import select_tags
-from mathq.progress import Progress, ProgressCallback, no_progress
+from mathq.progress import ProgressCallback, no_progress
 from mathq.recipes.recipe import Recipe, bundled_recipes_dir, name_problem
 
 
@@ -123,63 +123,3 @@ class PublishState:
         entry.update(fields)
         write_text_atomic(self.path, json.dumps(self.data, indent=2, sort_keys=True,
                                                 ensure_ascii=False) + "\n")
-
-
-CHUNK = 1 << 22
-
-
-def _key(path: Path, cache: Path) -> str:
-    """The file's name when it sits beside the cache (a build folder can move), else its path."""
-    path = Path(path).absolute()
-    return path.name if path.parent == Path(cache).absolute().parent else str(path)
-
-
-def _load(cache: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(Path(cache).read_text(encoding="utf-8"))
-        return dict(data["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}  # a missing or damaged cache only costs a rehash
-
-
-def _save(cache: Path, entries: dict[str, Any]) -> None:
-    write_text_atomic(Path(cache), json.dumps({"files": entries}, indent=1, sort_keys=True) + "\n")
-
-
-def sha256_cached(path: Path, cache: Path, progress: ProgressCallback = no_progress, *,
-                  save: bool = True) -> str:
-    """Hex SHA-256 of ``path``, from ``cache`` when size and mtime still match, else computed
-    (and added to ``cache`` unless ``save`` is false).
-
-    Hashing streams the file in 4 MiB chunks (memory stays flat) and reports ``sha256``
-    progress in bytes.
-    """
-    path = Path(path)
-    st = path.stat()
-    key = _key(path, cache)
-    entries = _load(cache)
-    entry = entries.get(key)
-    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-        return str(entry["sha256"])
-    h = hashlib.sha256()
-    done = 0
-    progress(Progress("sha256", 0, st.st_size, "B", item=path.name))
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            h.update(block)
-            done += len(block)
-            progress(Progress("sha256", done, st.st_size, "B", item=path.name))
-    digest = h.hexdigest()
-    after = path.stat()
-    if save and (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):
-        entries = _load(cache)  # another process may have added entries meanwhile
-        entries[key] = {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        _save(cache, entries)
-    return digest
-
-
-def forget(path: Path, cache: Path) -> None:
-    """Drop ``path``'s entry, so the next :func:`sha256_cached` reads the file again."""
-    entries = _load(cache)
-    if entries.pop(_key(path, cache), None) is not None:
-        _save(cache, entries)

@@ -1,11 +1,12 @@
 """Recipes: one TOML file per model, loaded into frozen dataclasses and validated.
 
 A recipe says where a model comes from (Hugging Face repo and revision, or a local folder),
-how to prompt it, which quantized variants to make, which Ollama tags to publish and how to
-smoke-test it. Bundled recipes live in the repository's ``recipes/`` folder (shipped inside
-the wheel as ``mathq/_recipes``); a user's own TOML file can be given by path. Every error
-names the file and the field, and unknown keys are refused so a typo never passes silently.
-Ollama's naming rules (:func:`name_problem`) live here too: a recipe's tags must obey them.
+how to prompt it, which quantized variants to make, which Ollama tags to publish, how to
+smoke-test it and which text KL divergence is measured on. Bundled recipes live in the
+repository's ``recipes/`` folder (shipped inside the wheel as ``mathq/_recipes``); a user's
+own TOML file can be given by path. Every error names the file and the field, and unknown
+keys are refused so a typo never passes silently. Ollama's naming rules (:func:`name_problem`)
+live here too: a recipe's tags must obey them.
 """
 
 from __future__ import annotations
@@ -85,6 +86,20 @@ class SmokeSpec:
 
 
 @dataclass(frozen=True)
+class KldSpec:
+    """The text ``mathq kld`` compares next-token distributions on.
+
+    ``corpus`` None is mathq's bundled math notes (:mod:`mathq.datasets.corpus`), right for
+    DeepSeek-Math; a recipe names its own UTF-8 file (relative to itself) with
+    ``[kld] corpus = "..."`` when its model speaks another domain (the tiny demo's
+    arithmetic word problems), since divergence on text a model never models well says
+    little about the variants.
+    """
+
+    corpus: Path | None = None
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A whole recipe, with the file it came from."""
 
@@ -94,6 +109,7 @@ class Recipe:
     quants: QuantSpec
     ollama: OllamaSpec
     smoke: SmokeSpec
+    kld: KldSpec = KldSpec()
 
     @property
     def name(self) -> str:
@@ -212,9 +228,23 @@ def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
     quants = _parse_quants(_Table(top.get("quants", dict), path, "quants"))
     ollama = _parse_ollama(_Table(top.get("ollama", dict), path, "ollama"), quants)
     smoke = _parse_smoke(_Table(top.get("smoke", dict), path, "smoke"))
+    kld = _parse_kld(_Table(top.get("kld", dict, {}), path, "kld"))
     top.finish()
     return Recipe(path=path, model=model, prompt=prompt, quants=quants, ollama=ollama,
-                  smoke=smoke)
+                  smoke=smoke, kld=kld)
+
+
+def _parse_kld(t: _Table) -> KldSpec:
+    corpus = t.get("corpus", str, None)
+    path = None
+    if corpus is not None:
+        path = (t.path.parent / corpus).resolve()
+        if not path.is_file():
+            t.fail("corpus", f"{path} is not a file",
+                   "name a UTF-8 text file relative to the recipe, or leave corpus out for "
+                   "mathq's bundled math notes")
+    t.finish()
+    return KldSpec(corpus=path)
 
 
 def _parse_model(t: _Table) -> ModelSpec:

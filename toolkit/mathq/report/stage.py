@@ -18,21 +18,22 @@ from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.recipes.recipe import Recipe, load_recipe
-from mathq.report.advice import DEFAULT_KLD_BOUND, Advice, advise
+from mathq.report.advice import Advice, size_class, with_advice
+from mathq.report.cells import P_FLOOR
 from mathq.report.html import render_html
 from mathq.report.markdown import render_markdown
-from mathq.report.plots import Plot, write_plots
-from mathq.report.table import ReportData, collect, report_inputs
+from mathq.report.paired import ALPHA, Z95
+from mathq.report.plots import Plot, png_width, write_plots
+from mathq.report.table import ReportData, VariantRow, collect, report_inputs
 
-REPORT_SCHEMA = 1
+REPORT_SCHEMA = 2
 
 
 @dataclass(frozen=True)
 class ReportOptions:
-    """Where to write (default: the build folder's report/) and the advice's KLD bound."""
+    """Where to write (default: the build folder's report/)."""
 
     out_dir: Path | None = None
-    kld_bound: float = DEFAULT_KLD_BOUND
 
 
 @dataclass(frozen=True)
@@ -47,29 +48,46 @@ class ReportResult:
     data: ReportData
 
 
+def _paired_json(row: VariantRow) -> dict[str, Any] | None:
+    p = row.paired
+    if p is None:
+        return None
+    return {**to_jsonable(p), "significant_loss": p.significant_loss}
+
+
 def report_json(data: ReportData, advice: Advice, plots: tuple[Plot, ...]) -> dict[str, Any]:
     """report.json's content: the table model with every figure, missing ones as null."""
     rows = []
     for r in data.rows:
         row = to_jsonable(r)
+        row["paired"] = _paired_json(r)
         row["gib"] = round(r.size_bytes / 2**30, 6) if r.size_bytes is not None else None
+        row["mib"] = round(r.size_bytes / 2**20, 6) if r.size_bytes is not None else None
+        row["llama_total_bytes"] = r.llama_total_bytes
+        row["size_class"] = size_class(r.quant)
         rows.append(row)
     return {
         "schema": REPORT_SCHEMA, "generator": f"mathq {__version__}",
-        "model": data.model, "recipe": data.recipe,
-        "advice": {"quant": advice.quant, "text": advice.text, "kld_bound": advice.kld_bound,
-                   "accuracy_reference": advice.accuracy_reference},
+        "model": data.model, "recipe": data.recipe, "recipe_ref": data.recipe_ref,
+        "recipe_sha256": data.recipe_sha256,
+        "advice": {"quant": advice.quant, "text": advice.text, "rule": advice.rule,
+                   "frontier": list(advice.frontier), "qualified": list(advice.qualified),
+                   "alpha": ALPHA, "confidence": data.confidence, "z": Z95,
+                   "p_floor": P_FLOOR,
+                   "picks": [{**to_jsonable(p), "label": p.label} for p in advice.picks]},
         "accuracy_reference": data.accuracy_reference,
         "paper": {"accuracy": data.paper_accuracy, "source": data.paper_source},
         "smoke": {"suite": data.smoke_suite, "n": data.smoke_n},
         "kld": {"reference": data.kld_reference, "corpus": data.kld_corpus,
                 "positions": data.kld_positions},
-        "bench": {"threads": data.bench_threads},
+        "bench": {"threads": data.bench_threads, **data.bench_settings},
+        "environment": data.environment,
         "rows": rows,
         "imatrix_comparisons": [{**to_jsonable(c), "kld_change_pct": c.kld_change_pct,
                                  "accuracy_change_pp": c.accuracy_change_pp}
                                 for c in data.imatrix_comparisons],
-        "plots": {p.name: {"png": p.png.name, "svg": p.svg.name, "points": p.points}
+        "plots": {p.name: {"png": p.png.name, "svg": p.svg.name, "points": p.points,
+                           "png_width": png_width()}
                   for p in plots},
         "sources": data.sources,
     }
@@ -91,10 +109,10 @@ def build_report(recipe_ref: str | Path, options: ReportOptions = ReportOptions(
     out.mkdir(parents=True, exist_ok=True)
     steps = ("summaries", "plots", "pages")
     progress(Progress("report", 0, len(steps), "steps", item=steps[0]))
-    data = collect(recipe, layout)
-    advice = advise(data, options.kld_bound)
+    data = with_advice(collect(recipe, layout, progress))
+    advice = data.advice
     progress(Progress("report", 1, len(steps), "steps", item=steps[1]))
-    plots = write_plots(data, out, options.kld_bound)
+    plots = write_plots(data, out)
     progress(Progress("report", 2, len(steps), "steps", item=steps[2]))
     md, html, js = out / "report.md", out / "report.html", out / "report.json"
     write_text_atomic(md, render_markdown(data, advice, plots))

@@ -3,9 +3,16 @@
 Rows come from the recipe's variants plus every variant the build folder has a GGUF or a
 summary for, ordered from largest to smallest. Every figure is read from one place: sizes
 and bits per weight from the GGUF itself (:mod:`mathq.convert.gguf_info`), or from the bench
-summary when the GGUF is gone; accuracy from the smoke summary; KL divergence from the kld
-summary; speed and memory from the bench summary; tags from the recipe. A measurement that
-does not exist is ``None`` here and is shown as missing, never as zero.
+summary when the GGUF is gone; each file's SHA-256 from the build's digest cache; accuracy
+from the smoke summary, and the paired difference from BF16 from both variants' per-problem
+results (:mod:`mathq.report.paired`); KL divergence from the kld summary; speed and memory
+from the bench summary; tags from the recipe; versions, CPU and dates from the summaries'
+environments. A measurement that does not exist is ``None`` here and is shown as missing,
+never as zero.
+
+Variants are of three kinds: *stock* (llama.cpp's type as it is), *imatrix*
+(``<QUANT>-imat``, quantized with an importance matrix) and *tuned* (``<QUANT>-tuned``, a
+variant kind a later stage may add; the report only styles it apart).
 
 A variant quantized with an importance matrix (``Q4_K_M-imat``, or any GGUF whose header
 names a matrix) carries the matrix's name in ``imatrix``; when its plain sibling is in the
@@ -14,8 +21,11 @@ table too, an :class:`ImatrixComparison` puts the two side by side.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mathq.convert.gguf_info import read_gguf_header
 from mathq.errors import GGUFError
@@ -27,14 +37,47 @@ from mathq.evaluate.summaries import (
     SmokeSummary,
     load_summary,
 )
-from mathq.fsutil import sha256_file
+from mathq.fsutil import sha256_cached, sha256_file
 from mathq.layout import BuildLayout
 from mathq.manifest import file_identity
-from mathq.recipes.quants import QUANT_TYPES, get_quant, parse_variant, variant_names
-from mathq.recipes.recipe import Recipe
+from mathq.progress import ProgressCallback, no_progress
+from mathq.recipes.quants import (
+    QUANT_TYPES,
+    QuantType,
+    get_quant,
+    parse_variant,
+    variant_names,
+)
+from mathq.recipes.recipe import Recipe, bundled_recipes_dir
+from mathq.report.paired import PairedDifference, paired_difference, read_verdicts
 
 # The full-precision variant accuracy changes are measured against, when it was smoke-tested.
 FULL_PRECISION = "BF16"
+TUNED_SUFFIX = "-tuned"
+KINDS = ("stock", "imatrix", "tuned")
+
+
+_BITS = re.compile(r"^(?:I?Q|TQ)(\d)")
+
+
+def size_class(quant: str) -> int | None:
+    """The bits a variant's type is named for (``Q4_K_M-imat`` -> 4); None for F16/BF16."""
+    m = _BITS.match(quant)
+    return int(m.group(1)) if m else None
+
+
+def variant_kind(name: str) -> str:
+    """``stock``, ``imatrix`` (``-imat``) or ``tuned`` (``-tuned``)."""
+    if name.lower().endswith(TUNED_SUFFIX):
+        return "tuned"
+    return "imatrix" if parse_variant(name).imatrix else "stock"
+
+
+def base_type(name: str) -> QuantType:
+    """The llama.cpp type a variant is made of: ``Q4_K_M`` for ``Q4_K_M-tuned``."""
+    if name.lower().endswith(TUNED_SUFFIX):
+        name = name[: -len(TUNED_SUFFIX)]
+    return parse_variant(name).quant
 
 
 @dataclass(frozen=True)
@@ -47,7 +90,7 @@ class VariantRow:
     bits_per_weight: float | None
     nominal_bpw: float
     accuracy: Rate | None
-    delta_vs_reference_pp: float | None
+    paired: PairedDifference | None
     delta_vs_paper_pp: float | None
     mean_kld: float | None
     mean_kld_err: float | None
@@ -61,11 +104,34 @@ class VariantRow:
     ollama_tags: tuple[str, ...]
     imatrix: str | None
     imatrix_dataset: str | None = None
+    kind: str = "stock"
+    sha256: str | None = None
+    rss_over_baseline_bytes: int | None = None
+    # llama.cpp's own buffer sizes (model, kv_cache, compute, output) in bytes, for a
+    # context of ``buffers_context`` tokens.
+    llama_buffers: dict[str, int] = field(default_factory=dict)
+    buffers_context: int | None = None
+    by_subject: dict[str, Rate] = field(default_factory=dict)
+    by_level: dict[str, Rate] = field(default_factory=dict)
 
     @property
     def made_with_imatrix(self) -> bool:
         """Quantized with an importance matrix: one is recorded, or the name says so."""
-        return self.imatrix is not None or parse_variant(self.quant).imatrix
+        return self.imatrix is not None or self.kind == "imatrix"
+
+    @property
+    def llama_total_bytes(self) -> int | None:
+        """Model, KV cache and compute buffers together, as llama.cpp allocated them."""
+        parts = [self.llama_buffers.get(k) for k in ("model", "kv_cache", "compute")]
+        return None if any(p is None for p in parts) else sum(parts) + \
+            self.llama_buffers.get("output", 0)
+
+
+def qualifies(row: VariantRow) -> bool:
+    """Paired with BF16 without a significant loss, and KLD and size measured: a variant the
+    recommendation may pick (:mod:`mathq.report.advice`)."""
+    return (row.paired is not None and not row.paired.significant_loss
+            and row.mean_kld is not None and row.size_bytes is not None)
 
 
 @dataclass(frozen=True)
@@ -114,6 +180,17 @@ class ReportData:
     bench_threads: int | None
     sources: dict[str, str]
     imatrix_comparisons: tuple[ImatrixComparison, ...] = ()
+    recipe_ref: str = ""
+    recipe_sha256: str | None = None
+    # Ollama tags of the recipe by the quant type they name, in recipe order.
+    recipe_tags: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
+    bench_settings: dict[str, int] = field(default_factory=dict)
+    confidence: float = 0.95
+    # The recommendation these rows support (a :class:`mathq.report.advice.Advice`, set by
+    # :func:`mathq.report.advice.with_advice`; typed loosely so this module need not import
+    # the one that reads it).
+    advice: Any = None
 
     @property
     def size_unit(self) -> tuple[str, int]:
@@ -126,6 +203,21 @@ class ReportData:
         """``row``'s file size in :attr:`size_unit`."""
         return row.size_bytes / self.size_unit[1] if row.size_bytes is not None else None
 
+    def gguf_name(self, quant: str) -> str:
+        """The file a variant is built into."""
+        return f"{self.model}-{quant}.gguf"
+
+    @property
+    def subjects(self) -> list[str]:
+        """Subjects any variant was graded on, sorted."""
+        return sorted({s for r in self.rows for s in r.by_subject})
+
+    @property
+    def levels(self) -> list[str]:
+        """Levels any variant was graded on, in numeric order."""
+        keys = {k for r in self.rows for k in r.by_level}
+        return sorted(keys, key=lambda k: (len(k), k))
+
 
 def _load(path: Path, kind: type) -> object | None:
     return load_summary(path, kind) if path.is_file() else None
@@ -134,7 +226,8 @@ def _load(path: Path, kind: type) -> object | None:
 def _present_quants(layout: BuildLayout, recipe: Recipe) -> list[str]:
     names = {parse_variant(q).name for q in recipe.quants.variants}
     for q in QUANT_TYPES:
-        for name in variant_names(q):
+        tuned = () if q.is_float else (q.name + TUNED_SUFFIX,)
+        for name in (*variant_names(q), *tuned):
             paths = (layout.gguf(name), layout.smoke_summary(name),
                      layout.bench_summary(name), layout.kld_summary(name))
             if any(p.is_file() for p in paths):
@@ -146,20 +239,54 @@ def _pp(a: float, b: float) -> float:
     return round(100 * (a - b), 6)
 
 
+def recipe_ref(recipe: Recipe) -> str:
+    """How a command line names the recipe: its name if bundled, else its path."""
+    bundled = bundled_recipes_dir().resolve()
+    return recipe.name if recipe.path.resolve().parent == bundled else str(recipe.path)
+
+
 def report_inputs(recipe: Recipe, layout: BuildLayout) -> dict[str, object]:
     """Identities of every file :func:`collect` reads, so a report can tell it is stale."""
     inputs: dict[str, object] = {"recipe_sha256": sha256_file(recipe.path)}
     for q in _present_quants(layout, recipe):
-        for path in (layout.gguf(q), layout.smoke_summary(q), layout.bench_summary(q),
-                     layout.kld_summary(q)):
+        for path in (layout.gguf(q), layout.smoke_summary(q), layout.smoke_results(q),
+                     layout.bench_summary(q), layout.kld_summary(q)):
             if path.is_file():
                 identity = file_identity(path)
                 inputs[layout.key(path)] = [identity["size"], identity["mtime_ns"]]
     return inputs
 
 
-def collect(recipe: Recipe, layout: BuildLayout) -> ReportData:
-    """Read every summary and GGUF of the build folder into the table model."""
+def _merge_environments(envs: list[dict[str, str]]) -> dict[str, str]:
+    """One value per key: the common one, a date range, or the distinct values joined."""
+    keys = list(dict.fromkeys(k for e in envs for k in e))
+    out = {}
+    for k in keys:
+        values = sorted({e[k] for e in envs if k in e})
+        if k == "date" and len(values) > 1:
+            out[k] = f"{values[0]} – {values[-1]}"
+        else:
+            out[k] = " / ".join(values)
+    return out
+
+
+def _suite_words(source: str, recipe: Recipe) -> str:
+    """A problem file named relative to the recipe's folder's parent (the repository for
+    bundled recipes), so the report does not depend on where it was run."""
+    path = Path(source)
+    if not path.is_absolute():
+        return source
+    rel = os.path.relpath(path, recipe.path.resolve().parent.parent)
+    return rel if not rel.startswith("..") else str(path)
+
+
+def collect(recipe: Recipe, layout: BuildLayout,
+            progress: ProgressCallback = no_progress) -> ReportData:
+    """Read every summary and GGUF of the build folder into the table model.
+
+    Hashing a GGUF the digest cache does not know reads the whole file (``sha256``
+    progress); afterwards its hash comes from the cache.
+    """
     quants = _present_quants(layout, recipe)
     smoke = {q: _load(layout.smoke_summary(q), SmokeSummary) for q in quants}
     bench = {q: _load(layout.bench_summary(q), BenchSummary) for q in quants}
@@ -175,22 +302,27 @@ def collect(recipe: Recipe, layout: BuildLayout) -> ReportData:
     kld_reference = kld_refs[0] if len(kld_refs) == 1 else None
     ref_quant = next((q for q in (FULL_PRECISION, kld_reference)
                       if q and smoke.get(q) is not None), None)
-    ref_acc = smoke[ref_quant].accuracy if ref_quant else None
+    ref_verdicts = (read_verdicts(layout.smoke_results(ref_quant)) if ref_quant else {})
     paper = recipe.smoke.reference_accuracy
     tags: dict[str, list[str]] = {}
+    raw_tags: dict[str, list[str]] = {}
     for tag, quant in recipe.ollama.tags:
         tags.setdefault(get_quant(quant).name, []).append(f"{recipe.ollama.model}:{tag}")
+        raw_tags.setdefault(get_quant(quant).name, []).append(tag)
 
     rows = []
     for q in quants:
         s, b, k = smoke[q], bench[q], kld[q]
         size, bpw, gguf, header_imatrix = _size(layout, q, b)
         acc = s.accuracy if s and s.accuracy.n > 0 else None
+        paired = None
+        if acc is not None and ref_verdicts and q != ref_quant:
+            paired = paired_difference(q, str(ref_quant),
+                                       read_verdicts(layout.smoke_results(q)), ref_verdicts)
+        path = layout.gguf(q)
         rows.append(VariantRow(
             quant=q, gguf=gguf, size_bytes=size, bits_per_weight=bpw,
-            nominal_bpw=parse_variant(q).quant.bpw, accuracy=acc,
-            delta_vs_reference_pp=(_pp(acc.value, ref_acc.value)
-                                   if acc and ref_acc and q != ref_quant else None),
+            nominal_bpw=base_type(q).bpw, accuracy=acc, paired=paired,
             delta_vs_paper_pp=(round(100 * acc.value - paper, 6)
                                if acc and paper is not None else None),
             mean_kld=k.mean_kld if k else None, mean_kld_err=k.mean_kld_err if k else None,
@@ -203,22 +335,41 @@ def collect(recipe: Recipe, layout: BuildLayout) -> ReportData:
             ollama_tags=tuple(tags.get(q, ())),
             imatrix=(k.imatrix if k else None) or (b.imatrix if b else None)
             or (s.imatrix if s else None) or header_imatrix[0],
-            imatrix_dataset=header_imatrix[1]))
+            imatrix_dataset=header_imatrix[1], kind=variant_kind(q),
+            sha256=(sha256_cached(path, layout.digest_cache, progress) if path.is_file()
+                    else None),
+            rss_over_baseline_bytes=b.rss_over_baseline_bytes if b else None,
+            llama_buffers=dict(b.llama_buffers) if b else {},
+            buffers_context=b.buffers_context if b else None,
+            by_subject=dict(s.by_subject) if s else {},
+            by_level=dict(s.by_level) if s else {}))
     rows = _ordered(rows)
 
     smokes = [s for s in smoke.values() if s is not None]
     klds = [k for k in kld.values() if k is not None]
     benches = [b for b in bench.values() if b is not None]
+    suite_source = _single(s.suite_source for s in smokes)
+    bench_settings = {}
+    for key in ("n_prompt", "n_gen", "repetitions"):
+        value = _single(getattr(b, key) for b in benches)
+        if value is not None:
+            bench_settings[key] = value
     return ReportData(
         model=recipe.name, recipe=str(recipe.path), rows=tuple(rows),
         accuracy_reference=ref_quant, paper_accuracy=paper,
         paper_source=recipe.smoke.reference_source,
-        smoke_suite=_single(s.suite for s in smokes),
+        smoke_suite=(_suite_words(suite_source, recipe) if suite_source
+                     else _single(s.suite for s in smokes)),
         smoke_n=_single(s.accuracy.n for s in smokes),
         kld_reference=kld_reference, kld_corpus=_single(k.corpus for k in klds),
         kld_positions=_single(k.n_tokens for k in klds),
         bench_threads=_single(b.threads for b in benches), sources=sources,
-        imatrix_comparisons=_comparisons(rows))
+        imatrix_comparisons=_comparisons(rows), recipe_ref=recipe_ref(recipe),
+        recipe_sha256=sha256_file(recipe.path),
+        recipe_tags={q: tuple(v) for q, v in raw_tags.items()},
+        environment=_merge_environments([x.environment for x in (*smokes, *benches, *klds)
+                                         if x.environment]),
+        bench_settings=bench_settings)
 
 
 def _ordered(rows: list[VariantRow]) -> list[VariantRow]:
@@ -226,10 +377,10 @@ def _ordered(rows: list[VariantRow]) -> list[VariantRow]:
     the plain one plus a few metadata bytes, which must not put it first)."""
     by_name = {r.quant: r for r in rows}
 
-    def key(r: VariantRow) -> tuple[float, str, bool]:
-        v = parse_variant(r.quant)
-        lead = by_name.get(v.quant.name, r)
-        return (-(lead.bits_per_weight or lead.nominal_bpw), v.quant.name, v.imatrix)
+    def key(r: VariantRow) -> tuple[float, str, int]:
+        base = base_type(r.quant)
+        lead = by_name.get(base.name, r)
+        return (-(lead.bits_per_weight or lead.nominal_bpw), base.name, KINDS.index(r.kind))
 
     return sorted(rows, key=key)
 
@@ -243,9 +394,8 @@ def _comparisons(rows: list[VariantRow]) -> tuple[ImatrixComparison, ...]:
     by_name = {r.quant: r for r in rows}
     pairs = []
     for row in rows:
-        v = parse_variant(row.quant)
-        plain = by_name.get(v.quant.name)
-        if not v.imatrix or plain is None or not _has_figures(plain):
+        plain = by_name.get(base_type(row.quant).name)
+        if row.kind != "imatrix" or plain is None or not _has_figures(plain):
             continue
         pairs.append(ImatrixComparison(
             variant=row.quant, plain=plain.quant,

@@ -12,8 +12,10 @@ results go to one :class:`mathq.evaluate.summaries.KldSummary` per variant.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 from mathq.convert.gguf_info import read_gguf_header
 from mathq.datasets.corpus import Corpus
 from mathq.errors import GGUFError, InputFileError, MathqError
+from mathq.evaluate.environment import measurement_environment
 from mathq.evaluate.kld import DEFAULT_CTX
 from mathq.evaluate.kld.evaluator import ChunkEvaluator
 from mathq.evaluate.kld.logprob_file import LogprobFile, LogprobWriter, file_size
@@ -100,8 +103,18 @@ def ensure_reference(layout: BuildLayout, corpus: Corpus, options: KldOptions,
                      progress: ProgressCallback = no_progress) -> ReferenceCache:
     """Reuse the cached reference pass if its key matches, else compute and cache it."""
     ref_path = require_gguf(layout, options.reference, "reference model")
+    return ensure_reference_file(ref_path, options.reference, layout.kld_dir, corpus, options,
+                                 progress)
+
+
+def ensure_reference_file(ref_path: Path, reference: str, cache_dir: Path, corpus: Corpus,
+                          options: KldOptions,
+                          progress: ProgressCallback = no_progress) -> ReferenceCache:
+    """:func:`ensure_reference` for any GGUF ``ref_path`` (called ``reference``), its pass
+    cached in ``cache_dir`` as ``reference-<name>-<key>.logits``."""
+    options = dataclasses.replace(options, reference=reference)
     key = reference_key(ref_path, corpus, options)
-    cache = reference_cache_path(layout, options.reference, key)
+    cache = Path(cache_dir) / f"reference-{reference}-{key}.logits"
     if cache.is_file():
         try:
             f = LogprobFile(cache)
@@ -122,9 +135,10 @@ def ensure_reference(layout: BuildLayout, corpus: Corpus, options: KldOptions,
                              f"one chunk of {options.n_ctx}",
                              "lower --ctx-size or give a longer --corpus")
         tokens = tokens[:n_chunk * options.n_ctx]
-        ensure_free_space(layout.kld_dir, file_size(options.n_ctx, ev.n_vocab, n_chunk),
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        ensure_free_space(Path(cache_dir), file_size(options.n_ctx, ev.n_vocab, n_chunk),
                           f"the reference log-probabilities ({options.reference})")
-        for stale in layout.kld_dir.glob(f"reference-{options.reference}-*"):
+        for stale in Path(cache_dir).glob(f"reference-{options.reference}-*"):
             stale.unlink()
         with atomic_output(cache) as tmp:
             writer = LogprobWriter(tmp, options.n_ctx, ev.n_vocab, tokens)
@@ -160,6 +174,13 @@ def measure_variant(layout: BuildLayout, quant: str, reference: ReferenceCache, 
                     progress: ProgressCallback = no_progress) -> KldSummary:
     """Compare one variant with the cached reference over every chunk; return its summary."""
     path = require_gguf(layout, quant, f"{quant} model")
+    return measure_gguf(path, quant, layout.name, reference, corpus, options, progress)
+
+
+def measure_gguf(path: Path, quant: str, model: str, reference: ReferenceCache, corpus: Corpus,
+                 options: KldOptions,
+                 progress: ProgressCallback = no_progress) -> KldSummary:
+    """:func:`measure_variant` for any GGUF ``path``, named ``quant`` in its summary."""
     ref = LogprobFile(reference.path)
     started = time.perf_counter()
     stage = f"kld {quant}"
@@ -181,11 +202,12 @@ def measure_variant(layout: BuildLayout, quant: str, reference: ReferenceCache, 
     progress(Progress(stage, ref.n_chunk, ref.n_chunk, "chunks",
                       info=f"KLD {stats.mean_kld:.5f}"))
     return KldSummary(
-        model=layout.name, quant=quant, reference=reference.reference, corpus=corpus.name,
+        model=model, quant=quant, reference=reference.reference, corpus=corpus.name,
         n_tokens=stats.count, mean_kld=stats.mean_kld, mean_kld_err=stats.mean_kld_err,
         kld_percentiles=stats.kld_percentiles,
         same_top=wilson_rate(stats.same_top, stats.count),
         rms_delta_p=stats.rms_delta_p, imatrix=_imatrix_of(path),
         rms_delta_p_err=stats.rms_delta_p_err, ppl=stats.ppl, ppl_reference=stats.ppl_reference,
         n_ctx=ref.n_ctx, n_chunks=ref.n_chunk, corpus_sha256=corpus.sha256,
-        seconds=round(seconds, 3))
+        seconds=round(seconds, 3),
+        environment=measurement_environment(options.threads or os.cpu_count() or 1))
