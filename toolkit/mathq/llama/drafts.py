@@ -131,33 +131,43 @@ class Drafter:
 class RowCost:
     """A decode step's time as ``fixed * micro_batches + per_row * rows``, fitted online.
 
-    Least squares over the engine's recent generation steps (older ones weigh less), plus a
-    prior: until the steps have varied enough to tell the two parts apart, the fixed part
-    is ``prior_rows`` rows' worth. Only the ratio matters to :func:`plan_step`.
+    Least squares over the engine's generation steps (older ones weigh less), shrunk
+    towards a prior: the fixed part is ``prior_rows`` rows' worth until about
+    ``prior_steps`` steps that vary enough to tell the two parts apart say otherwise (a
+    few noisy steps on a shared machine must not swing the plan). Only the ratio matters
+    to :func:`plan_step`.
     """
 
-    def __init__(self, prior_rows: float, decay: float = 0.98) -> None:
+    def __init__(self, prior_rows: float, decay: float = 0.98, prior_steps: float = 20.0) -> None:
         self.prior_rows = prior_rows
         self.decay = decay
+        self.prior_steps = prior_steps
         self._s = np.zeros(5)  # sum uu, ur, rr, ut, rt
+        self._n = 0.0  # steps seen, decayed like the sums
 
     def observe(self, micro_batches: int, rows: int, seconds: float) -> None:
         """Add one timed step."""
         u, r, t = float(micro_batches), float(rows), float(seconds)
         self._s = self.decay * self._s + np.array([u * u, u * r, r * r, u * t, r * t])
+        self._n = self.decay * self._n + 1.0
 
     @property
     def fixed_rows(self) -> float:
         """How many rows the fixed part of a micro-batch costs as much as."""
         uu, ur, rr, ut, rt = self._s
         det = uu * rr - ur * ur
-        if det <= 1e-6 * uu * rr or uu == 0:
+        if uu == 0 or det <= 1e-6 * uu * rr:
             return self.prior_rows
         fixed = (rr * ut - ur * rt) / det
         per_row = (uu * rt - ur * ut) / det
         if per_row <= 0 or fixed <= 0:
             return self.prior_rows
-        return float(min(512.0, max(0.25, fixed / per_row)))
+        fitted = min(512.0, max(0.25, fixed / per_row))
+        # How much the steps tell the parts apart: the share of row variance not explained
+        # by the micro-batch count, times the steps seen.
+        weight = self._n * det / (uu * rr)
+        return float((self.prior_steps * self.prior_rows + weight * fitted)
+                     / (self.prior_steps + weight))
 
 
 @dataclass(frozen=True)
