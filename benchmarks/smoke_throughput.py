@@ -1,36 +1,45 @@
-"""Benchmark: smoke-test problems per hour — mathq's engine vs its peers, same model, same
-problems, same machine, one run.
+"""Benchmark: smoke-test problems per hour — mathq's engine, plain and drafted, vs its peers,
+same model, same problems, same machine, one run.
 
-For each model kind (BF16 and Q4_K_M of the DeepSeek-shaped benchmark model, see
-``benchsetup.py``), on the same MATH-500 problems in the RL recipe's exact prompt, greedy,
-``--max-tokens`` new tokens each:
+For each model kind (``--kinds``: BF16 and quantized variants) of ``--model``, on the same
+problems in the recipe's exact prompt, greedy, ``--max-tokens`` new tokens at most:
 
-- ``mathq P=8``: ``run_smoke`` with the in-process continuous-batching engine, 8 sequences;
-- ``mathq P=1``: the same engine, one sequence at a time;
+- ``mathq P=8``: ``run_smoke`` with the in-process continuous-batching engine, 8 sequences,
+  one token per step (``--no-draft``);
+- ``mathq P=8 drafted``: the same, checking drafted tokens in batches: BF16's answers to the
+  same problems (its undrafted results, computed first) and prompt lookup; BF16 itself
+  drafts by lookup only;
+- ``mathq P=8 self-drafted``: drafting from the variant's own undrafted answers (computed
+  first): every draft is right until the text ends, the ceiling of what drafting can gain
+  here, and what a variant that follows BF16 closely (a trained model's Q8_0) comes near;
+- ``mathq P=1`` and ``mathq P=1 drafted``: the same engine, one sequence at a time;
 - ``create_completion``: a sequential loop over llama-cpp-python's ``Llama.create_completion``
   (temperature 0), the obvious way to write this without mathq;
 - ``llama-server -np 8``: llama.cpp's server built from the same sdist, 8 slots, driven
   through mathq's OpenAI-compatible backend with 8 requests in flight.
 
+Models (``--model``): ``deepseek-shape``, the DeepSeek-shaped 0.65 B model with random
+weights (``benchsetup.py``) on MATH-500 in the RL recipe's prompt; its text is gibberish,
+so BF16's answers are a poor guess of a variant's beyond the first divergence. ``demo``,
+the trained tiny demo model on its own word problems: a variant really writes BF16's text.
+
 Every timing starts after the model is loaded (server start-up and ``Llama()`` excluded)
 and ends when the last answer is back; mathq's includes grading. Problems per hour =
 problems / seconds x 3600. With ``--rounds`` > 1 each contender runs that many times in
 rotated order and its fastest run counts (on a shared machine: the least disturbed one).
+Drafted runs report the share of drafted tokens kept, completion tokens per decode step,
+and how many answers are token for token those of the undrafted run at the same P.
 
-Then llama-batched-bench (same sdist, same threads) measures the hardware's headroom for
-the same shape of work (prompts of the mean prompt length, ``--max-tokens`` generated):
-S_TG (generation alone) and S (prompt and generation together) at 8 sequences over 1.
-Targets: mathq P=8 >= 0.9x llama-server's problems per hour; mathq's P=8/P=1 gain >= 0.9x
-the batched-bench headroom. A smoke run also reads every prompt, which batching does not
-speed up, so its gain is bounded by S's headroom; S_TG's is the bound for long answers.
-
-With random weights no answer ends early (no EOS), so every problem costs exactly
-``--max-tokens`` tokens in every contender: equal work, which the token totals show.
+Then, if ``batched-bench`` is among the contenders, llama-batched-bench measures the
+hardware's headroom for the same shape of work (S_TG and S at 8 sequences over 1).
 
     python benchmarks/smoke_throughput.py                       # both kinds, 16 problems
-    python benchmarks/smoke_throughput.py --kinds Q4_K_M --threads 1 --rounds 2
+    python benchmarks/smoke_throughput.py --kinds Q8_0,Q4_K_M --contenders batched,drafted
+    python benchmarks/smoke_throughput.py --model demo --kinds Q8_0,Q4_K_M --n 200
 
-Not run by CI. Builds llama.cpp's tools on first use (about 10 minutes on 2 cores).
+Not run by CI. llama.cpp's tools are built on first use (about 10 minutes on 2 cores) from
+the pinned sdist; where that cannot be had (offline), the server and batched-bench are
+reported as unavailable and the rest still runs.
 """
 
 from __future__ import annotations
@@ -38,50 +47,108 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 from benchsetup import BENCH_DIR, ROOT, batched_bench, load_note, model_path, tool
 
-RECIPE = "deepseek-math-7b-rl"
-PROBLEMS = ROOT / "tests" / "fixtures" / "math500" / "test.jsonl"
+CONTENDERS = ("batched", "drafted", "self-drafted", "single", "single-drafted", "loop",
+              "server", "batched-bench")
 
 
-Run = tuple[float, int, int]  # seconds, completion tokens, prompt tokens
+@dataclass(frozen=True)
+class Model:
+    """A benchmark model: its recipe (prompt, stops), problems and GGUF files."""
+
+    recipe: str
+    problems: Path
+    gguf: Callable[[str], Path]
 
 
-def _smoke(gguf: Path, kind: str, n: int, max_tokens: int, spec: object) -> Run:
-    """mathq's smoke stage on ``gguf`` (or through ``spec``'s servers)."""
+def demo_path(kind: str) -> Path:
+    """The tiny demo model in ``.bench/`` as ``kind``, converted and quantized on first use."""
+    from mathq.convert.converter import ConvertOptions, convert_checkpoint
+    from mathq.quantize.core import QuantizeOptions, quantize_gguf
+    from mathq.recipes.quants import get_quant
+
+    BENCH_DIR.mkdir(exist_ok=True)
+    bf16 = BENCH_DIR / "tiny-demo-BF16.gguf"
+    if not bf16.exists():
+        convert_checkpoint(ROOT / "models" / "tiny-demo", bf16,
+                           ConvertOptions(pre_tokenizer="deepseek-llm"))
+    out = BENCH_DIR / f"tiny-demo-{kind}.gguf"
+    if not out.exists():
+        quantize_gguf(bf16, out, QuantizeOptions(quant=get_quant(kind)))
+    return out
+
+
+MODELS = {
+    "deepseek-shape": Model("deepseek-math-7b-rl",
+                            ROOT / "tests" / "fixtures" / "math500" / "test.jsonl", model_path),
+    "demo": Model("tiny-demo", ROOT / "models" / "tiny-demo" / "problems-distractor.jsonl",
+                  demo_path),
+}
+
+
+@dataclass
+class Run:
+    """One contender's run: wall seconds, token counts, answers and drafting figures."""
+
+    seconds: float
+    tokens: int
+    prompt_tokens: int
+    answers: dict[str, str] = field(default_factory=dict)
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+
+
+def _smoke(model: Model, gguf: Path, kind: str, n: int, max_tokens: int, spec: object,
+           reference: Path | None = None, keep: Path | None = None) -> Run:
+    """mathq's smoke stage on ``gguf`` (or through ``spec``'s servers); ``keep`` saves the
+    results file there."""
     from mathq.evaluate.smoke import SmokeOptions
     from mathq.evaluate.stage import run_smoke
     from mathq.layout import BuildLayout
     from mathq.recipes.recipe import load_recipe
 
-    recipe = load_recipe(RECIPE)
+    recipe = load_recipe(model.recipe)
     with tempfile.TemporaryDirectory(dir=BENCH_DIR) as root:
         layout = BuildLayout.for_model(recipe.name, Path(root))
         layout.root.mkdir(parents=True)
         layout.gguf(kind).symlink_to(gguf)
-        options = SmokeOptions(suite=str(PROBLEMS), n=n, max_tokens=max_tokens,
-                               backend=spec)  # type: ignore[arg-type]
+        options = SmokeOptions(suite=str(model.problems), n=n, max_tokens=max_tokens,
+                               backend=spec, draft_reference=reference)  # type: ignore[arg-type]
         (outcome,) = run_smoke(recipe, [kind], options, Path(root))
+        rows = [json.loads(line) for line in outcome.results.read_text().splitlines()]
+        if keep is not None:
+            shutil.copyfile(outcome.results, keep)
     s = outcome.summary
-    return s.wall_seconds, s.completion_tokens, s.prompt_tokens
+    return Run(s.wall_seconds, s.completion_tokens, s.prompt_tokens,
+               {r["id"]: r["completion"] for r in rows}, s.drafted_tokens or 0,
+               s.accepted_tokens or 0, s.decode_steps or 0)
 
 
-def mathq_engine(gguf: Path, kind: str, n: int, max_tokens: int, parallel: int,
-                 threads: int) -> Run:
+def mathq_engine(model: Model, gguf: Path, kind: str, n: int, max_tokens: int, parallel: int,
+                 threads: int, draft: bool = False, reference: Path | None = None,
+                 keep: Path | None = None) -> Run:
     from mathq.evaluate.backends.base import BackendSpec
 
-    return _smoke(gguf, kind, n, max_tokens, BackendSpec(parallel=parallel, threads=threads))
+    return _smoke(model, gguf, kind, n, max_tokens,
+                  BackendSpec(parallel=parallel, threads=threads, draft=draft),
+                  reference if draft else None, keep)
 
 
-def create_completion_loop(gguf: Path, n: int, max_tokens: int, threads: int) -> Run:
+def create_completion_loop(model: Model, gguf: Path, n: int, max_tokens: int,
+                           threads: int) -> Run:
     """llama-cpp-python's own API, one problem after another."""
     from llama_cpp import Llama
 
@@ -89,20 +156,22 @@ def create_completion_loop(gguf: Path, n: int, max_tokens: int, threads: int) ->
     from mathq.recipes.prompt import render_prompt, stop_strings
     from mathq.recipes.recipe import load_recipe
 
-    spec = load_recipe(RECIPE).prompt
-    chosen = select_problems(load_problem_set(PROBLEMS), n=n, seed=0).problems
+    spec = load_recipe(model.recipe).prompt
+    chosen = select_problems(load_problem_set(model.problems), n=n, seed=0).problems
     llm = Llama(str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                 verbose=False)
     tokens = prompt_tokens = 0
+    answers = {}
     started = time.perf_counter()
     for p in chosen:
         out = llm.create_completion(render_prompt(spec, p.problem), max_tokens=max_tokens,
                                     temperature=0.0, stop=list(stop_strings(spec)))
         tokens += out["usage"]["completion_tokens"]
         prompt_tokens += out["usage"]["prompt_tokens"]
+        answers[p.id] = out["choices"][0]["text"]
     seconds = time.perf_counter() - started
     llm.close()
-    return seconds, tokens, prompt_tokens
+    return Run(seconds, tokens, prompt_tokens, answers)
 
 
 def _free_port() -> int:
@@ -111,7 +180,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def llama_server(gguf: Path, kind: str, n: int, max_tokens: int, parallel: int,
+def llama_server(model: Model, gguf: Path, kind: str, n: int, max_tokens: int, parallel: int,
                  threads: int) -> Run:
     """llama-server with ``parallel`` slots, through mathq's OpenAI-compatible backend."""
     from mathq.evaluate.backends.base import BackendSpec
@@ -136,16 +205,28 @@ def llama_server(gguf: Path, kind: str, n: int, max_tokens: int, parallel: int,
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"llama-server did not start; see {log}")
             time.sleep(0.5)
-        return _smoke(gguf, kind, n, max_tokens,
+        return _smoke(model, gguf, kind, n, max_tokens,
                       BackendSpec(kind="openai", urls=(url,), parallel=parallel))
     finally:
         proc.terminate()
         proc.wait(30)
 
 
+def _tool_available(name: str) -> str | None:
+    """None when llama.cpp's ``name`` is built or can be; else why not."""
+    try:
+        tool(name)
+    except (subprocess.CalledProcessError, OSError) as e:
+        return f"{name} could not be built from the pinned sdist ({e})"
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="deepseek-shape")
     ap.add_argument("--kinds", default="BF16,Q4_K_M")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS),
+                    help=f"comma-separated, of {', '.join(CONTENDERS)}")
     ap.add_argument("--n", type=int, default=16, help="problems")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--parallel", type=int, default=8)
@@ -156,61 +237,107 @@ def main() -> None:
                     help="llama.cpp threads for every contender; on a machine shared with "
                          "other work use 1 (spinning threads of 2 slow each other down)")
     args = ap.parse_args()
+    model = MODELS[args.model]
+    chosen = args.contenders.split(",")
+    unknown = set(chosen) - set(CONTENDERS)
+    if unknown:
+        ap.error(f"unknown contenders: {', '.join(sorted(unknown))}")
     p = args.parallel
-    report: dict[str, object] = {"n": args.n, "max_tokens": args.max_tokens, "parallel": p,
+    common = (args.n, args.max_tokens)
+    report: dict[str, object] = {"model": args.model, "n": args.n,
+                                 "max_tokens": args.max_tokens, "parallel": p,
                                  "threads": args.threads, "rounds": args.rounds,
                                  "load_before": load_note()}
-    print(f"{args.n} problems, {args.max_tokens} new tokens each, {args.threads} threads, "
-          f"{args.rounds} round(s); {load_note()}")
+    print(f"{args.model}: {args.n} problems, {args.max_tokens} new tokens at most, "
+          f"{args.threads} threads, {args.rounds} round(s); {load_note()}")
+    unavailable = {c: why for c, name in (("server", "llama-server"),
+                                          ("batched-bench", "llama-batched-bench"))
+                   if c in chosen and (why := _tool_available(name))}
+    for c, why in unavailable.items():
+        print(f"  {c}: left out: {why}")
+        chosen.remove(c)
+    report["unavailable"] = unavailable
+    reference = None
+    if {"drafted", "single-drafted"} & set(chosen):
+        # BF16's undrafted answers: what the variants draft from, as in a build.
+        reference = BENCH_DIR / f"reference-{args.model}-{args.n}-{args.max_tokens}.jsonl"
+        run = mathq_engine(model, model.gguf("BF16"), "BF16", *common, p, args.threads,
+                           keep=reference)
+        print(f"  BF16 reference answers: {run.seconds:.1f}s, {run.tokens} tokens")
     for kind in args.kinds.split(","):
-        gguf = model_path(kind)
-        tool("llama-server")  # build before timing anything
-        contenders = {
-            f"mathq P={p}": partial(mathq_engine, gguf, kind, args.n, args.max_tokens, p,
-                                    args.threads),
-            "mathq P=1": partial(mathq_engine, gguf, kind, args.n, args.max_tokens, 1,
-                                 args.threads),
-            "create_completion loop": partial(create_completion_loop, gguf, args.n,
-                                              args.max_tokens, args.threads),
-            f"llama-server -np {p}": partial(llama_server, gguf, kind, args.n,
-                                             args.max_tokens, p, args.threads),
+        gguf = model.gguf(kind)
+        ref = reference if kind != "BF16" else None
+        engine = partial(mathq_engine, model, gguf, kind, *common, threads=args.threads)
+        own = None
+        if "self-drafted" in chosen:
+            own = BENCH_DIR / f"own-{args.model}-{kind}-{args.n}-{args.max_tokens}.jsonl"
+            engine(p, keep=own)
+        every = {
+            "batched": (f"mathq P={p}", partial(engine, p)),
+            "drafted": (f"mathq P={p} drafted", partial(engine, p, draft=True, reference=ref)),
+            "self-drafted": (f"mathq P={p} self-drafted",
+                             partial(engine, p, draft=True, reference=own)),
+            "single": ("mathq P=1", partial(engine, 1)),
+            "single-drafted": ("mathq P=1 drafted",
+                               partial(engine, 1, draft=True, reference=ref)),
+            "loop": ("create_completion loop",
+                     partial(create_completion_loop, model, gguf, *common, args.threads)),
+            "server": (f"llama-server -np {p}",
+                       partial(llama_server, model, gguf, kind, *common, p, args.threads)),
         }
+        contenders = dict(every[c] for c in chosen if c in every)
         names = list(contenders)
         all_runs: dict[str, list[Run]] = {k: [] for k in names}
         for r in range(args.rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
                 all_runs[name].append(contenders[name]())
-                sec, tok, _ = all_runs[name][-1]
-                print(f"  [{kind}] {name}: {sec:.1f}s, {tok} tokens; {load_note()}", flush=True)
-        runs = {k: min(v) for k, v in all_runs.items()}
-        mean_prompt = round(runs["mathq P=1"][2] / args.n)
-        bb = batched_bench(gguf, args.threads, (1, p), mean_prompt, args.max_tokens)
-        print(f"\n{kind}: {gguf.name} ({gguf.stat().st_size / 2**30:.2f} GiB); {load_note()}")
-        print(f"  {'contender':<26} {'seconds':>8} {'tokens':>7} {'tok/s':>7} {'problems/h':>11}")
-        per_hour = {}
-        for name, (seconds, tokens, _) in runs.items():
-            per_hour[name] = args.n / seconds * 3600
-            print(f"  {name:<26} {seconds:8.1f} {tokens:7d} {tokens / seconds:7.2f} "
-                  f"{per_hour[name]:11.0f}")
-        vs_server = per_hour[f"mathq P={p}"] / per_hour[f"llama-server -np {p}"]
-        gain = per_hour[f"mathq P={p}"] / per_hour["mathq P=1"]
-        vs_loop = per_hour[f"mathq P={p}"] / per_hour["create_completion loop"]
-        head_tg = bb[p]["speed_tg"] / bb[1]["speed_tg"]
-        head_all = bb[p]["speed"] / bb[1]["speed"]
-        print(f"  llama-batched-bench (pp {mean_prompt}, tg {args.max_tokens}): S_TG P=1 "
-              f"{bb[1]['speed_tg']:.2f}, P={p} {bb[p]['speed_tg']:.2f} t/s -> {head_tg:.2f}x; "
-              f"S (prompt+generation) -> {head_all:.2f}x")
-        print(f"  mathq P={p} / llama-server:          {vs_server:.2f}x  (target >= 0.90)")
-        print(f"  mathq P={p} / P=1 gain:              {gain:.2f}x = {gain / head_tg:.2f} of the "
-              f"S_TG headroom, {gain / head_all:.2f} of the S headroom (target >= 0.90)")
-        print(f"  mathq P={p} / create_completion loop: {vs_loop:.2f}x")
-        report[kind] = {"runs": {k: [{"seconds": s, "tokens": t, "prompt_tokens": pt}
-                                     for s, t, pt in v] for k, v in all_runs.items()},
-                        "problems_per_hour": per_hour, "batched_bench": bb,
-                        "vs_server": vs_server, "gain": gain, "headroom_tg": head_tg,
-                        "headroom_all": head_all, "vs_create_completion": vs_loop,
-                        "load_after": load_note()}
-    out = BENCH_DIR / "smoke_throughput.json"
+                last = all_runs[name][-1]
+                print(f"  [{kind}] {name}: {last.seconds:.1f}s, {last.tokens} tokens; "
+                      f"{load_note()}", flush=True)
+        runs = {k: min(v, key=lambda x: x.seconds) for k, v in all_runs.items()}
+        print(f"\n{args.model} {kind}: {gguf.name} ({gguf.stat().st_size / 2**30:.2f} GiB); "
+              f"{load_note()}")
+        print(f"  {'contender':<24} {'seconds':>8} {'tokens':>7} {'problems/h':>11} "
+              f"{'kept':>6} {'tok/step':>8} {'same':>6}")
+        per_hour: dict[str, float] = {}
+        rows: dict[str, dict[str, object]] = {}
+        for name, run in runs.items():
+            per_hour[name] = args.n / run.seconds * 3600
+            plain = runs.get(name.removesuffix(" drafted").removesuffix(" self-drafted"))
+            same = (sum(run.answers.get(i) == a for i, a in plain.answers.items())
+                    / len(plain.answers) if name.endswith("drafted") and plain else None)
+            kept = run.accepted / run.drafted if run.drafted else None
+            per_step = run.tokens / run.steps if run.steps else None
+            rows[name] = {"seconds": run.seconds, "tokens": run.tokens,
+                          "prompt_tokens": run.prompt_tokens, "problems_per_hour": per_hour[name],
+                          "drafted": run.drafted, "accepted": run.accepted,
+                          "steps": run.steps, "identical_to_undrafted": same,
+                          "all_seconds": [x.seconds for x in all_runs[name]]}
+            print(f"  {name:<24} {run.seconds:8.1f} {run.tokens:7d} {per_hour[name]:11.0f} "
+                  + (f"{100 * kept:5.1f}%" if kept is not None else f"{'-':>6}")
+                  + (f" {per_step:8.2f}" if per_step is not None else f" {'-':>8}")
+                  + (f" {100 * same:5.1f}%" if same is not None else f" {'-':>6}"))
+        ratios: dict[str, float] = {}
+        for a, b in ((f"mathq P={p} drafted", f"mathq P={p}"),
+                     (f"mathq P={p} self-drafted", f"mathq P={p}"),
+                     ("mathq P=1 drafted", "mathq P=1"),
+                     (f"mathq P={p} drafted", f"llama-server -np {p}"),
+                     (f"mathq P={p}", f"llama-server -np {p}"),
+                     (f"mathq P={p}", "mathq P=1"),
+                     (f"mathq P={p}", "create_completion loop")):
+            if a in per_hour and b in per_hour:
+                ratios[f"{a} / {b}"] = per_hour[a] / per_hour[b]
+                print(f"  {a} / {b}: {ratios[f'{a} / {b}']:.2f}x")
+        entry: dict[str, object] = {"runs": rows, "ratios": ratios, "load_after": load_note()}
+        if "batched-bench" in chosen and "mathq P=1" in runs:
+            mean_prompt = round(runs["mathq P=1"].prompt_tokens / args.n)
+            bb = batched_bench(gguf, args.threads, (1, p), mean_prompt, args.max_tokens)
+            entry["batched_bench"] = bb
+            print(f"  llama-batched-bench (pp {mean_prompt}, tg {args.max_tokens}): S_TG "
+                  f"{bb[p]['speed_tg'] / bb[1]['speed_tg']:.2f}x, S "
+                  f"{bb[p]['speed'] / bb[1]['speed']:.2f}x at P={p} over P=1")
+        report[kind] = entry
+    out = BENCH_DIR / f"smoke_throughput-{args.model}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{load_note()}; figures in {out}")
 

@@ -64,6 +64,9 @@ def test_build_then_rerun_redoes_nothing(tmp_path):
         assert manifest.get(path.name) is not None
         smoke = json.loads((root / "smoke" / f"{q}.summary.json").read_text())
         assert smoke["accuracy"]["n"] == N  # the reference is smoke-tested too
+        if q != "BF16":  # variants draft from BF16's answers, smoke-tested first
+            assert smoke["draft_reference"] == str(root / "smoke" / "BF16.jsonl")
+            assert smoke["drafted_tokens"] > 0 and smoke["draft_off"] is None
         assert manifest.get(f"smoke/{q}.summary.json").stage == "smoke"
         assert manifest.get(f"bench/{q}.json").inputs["gguf"]["name"] == path.name
     assert manifest.get("kld/BF16.json") is None  # the reference, not measured against itself
@@ -173,3 +176,16 @@ def test_sigkill_mid_smoke_then_rerun_resumes_the_problems(tmp_path):
     assert len(ids) == len(set(ids)) == N
     summary = json.loads((root / "smoke" / "Q8_0.summary.json").read_text())
     assert summary["accuracy"]["n"] == N  # each problem counted once
+
+
+def test_no_draft_smoke_tests_token_by_token(tmp_path):
+    """--no-draft reaches every smoke test; drafting decides no answer, so turning it back
+    on leaves the finished tests current."""
+    args = ["build", "tiny-demo", "--quant", "Q8_0", "--n", "4", "--build-dir", str(tmp_path)]
+    run(*args, "--no-draft")
+    smoke = tmp_path / "tiny-demo" / "smoke"
+    for q in ("BF16", "Q8_0"):
+        summary = json.loads((smoke / f"{q}.summary.json").read_text())
+        assert summary["draft_off"] == "--no-draft" and summary["drafted_tokens"] == 0
+        assert summary["draft_reference"] is None
+    assert set(statuses(run(*args).stderr).values()) == {"skipped"}

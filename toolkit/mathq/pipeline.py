@@ -45,6 +45,8 @@ class BuildOptions:
     test's problem count (None: the recipe's) and batch width (0: ``--parallel auto``,
     see :func:`mathq.llama.devices.choose_parallel`). ``imatrix`` adds the
     importance matrix, computed on ``calibration`` (see :func:`build_variants`).
+    ``draft`` lets each variant's smoke test draft from BF16's answers, which are smoke-tested
+    first (:mod:`mathq.llama.drafts`).
     """
 
     quants: tuple[QuantType, ...]
@@ -54,6 +56,7 @@ class BuildOptions:
     parallel: int = PARALLEL_AUTO
     imatrix: bool = False
     calibration: str = DEFAULT_CALIBRATION
+    draft: bool = True
 
 
 def build_variants(options: BuildOptions) -> tuple[Variant, ...]:
@@ -305,7 +308,8 @@ def _measure_steps(recipe: Recipe, options: BuildOptions, variants: tuple[Varian
         # Results of an interrupted run of the same GGUF are resumed; results of a GGUF
         # that has since been rebuilt are discarded.
         smoke = SmokeOptions(n=options.n, restart_if_changed=True,
-                             backend=BackendSpec(parallel=options.parallel))
+                             backend=BackendSpec(parallel=options.parallel,
+                                                 draft=options.draft))
         for q in names:
             steps.append(Step(
                 f"smoke {q}", "smoke", layout.smoke_summary(q),

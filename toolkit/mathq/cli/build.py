@@ -37,6 +37,9 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
 @click.option("--calibration", "-c", metavar="FILE|SET", default=DEFAULT_CALIBRATION,
               show_default=True,
               help="With --imatrix: the calibration text, as for `mathq imatrix`.")
+@click.option("--no-draft", "no_draft", is_flag=True,
+              help="Smoke tests decode one token per step instead of also checking drafted "
+                   "tokens (BF16's answers, prompt text) in batches; same answers.")
 @click.option("--dry-run", is_flag=True,
               help="Print the plan (each step: would run, or current) and a summary line; "
                    "do nothing.")
@@ -44,7 +47,7 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
 @quiet_option
 @json_option
 def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, skip_smoke: bool,
-          files_only: bool, use_imatrix: bool, calibration: str, dry_run: bool,
+          files_only: bool, use_imatrix: bool, calibration: str, no_draft: bool, dry_run: bool,
           build_dir: Path | None, quiet: bool, as_json: bool) -> None:
     """Run the whole pipeline for a recipe into build/<model>/, redoing only what changed.
 
@@ -84,7 +87,7 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
     loaded = load_recipe(recipe)
     options = replace(default_options(loaded, quant_list), n=n, parallel=parallel,
                       skip_smoke=skip_smoke, measure=not files_only, imatrix=use_imatrix,
-                      calibration=calibration)
+                      calibration=calibration, draft=not no_draft)
     layout = BuildLayout.for_model(loaded.name, build_dir)
     manifest = Manifest(layout.manifest)
     steps = plan_build(loaded, options, build_dir)

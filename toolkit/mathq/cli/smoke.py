@@ -68,6 +68,10 @@ def _pct(r: Rate) -> str:
               help="Generate exactly --max-tokens tokens per answer, never stopping at EOS "
                    "or a stop string (llama.cpp's --ignore-eos): for speed measurements on "
                    "models with random weights; accuracy is then meaningless.")
+@click.option("--no-draft", "no_draft", is_flag=True,
+              help="Decode one token per step. By default llama.cpp in process also checks "
+                   "drafted tokens in batches (BF16's answer to the same problem, and text "
+                   "from the prompt): the same greedy answers in fewer steps.")
 @click.option("--restart", is_flag=True,
               help="Discard earlier results of these variants instead of resuming them.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -81,7 +85,8 @@ def smoke(source: str, recipe_for_gguf: str | None, quant_list: str | None, suit
           max_tokens: int | None,
           parallel: int, threads: int, gpu_layers: int | None, ollama_url: str | None,
           endpoints: tuple[str, ...], served_model: str | None, timeout_s: float,
-          grade_timeout_s: float, ignore_eos: bool, restart: bool, out_dir: Path | None,
+          grade_timeout_s: float, ignore_eos: bool, no_draft: bool, restart: bool,
+          out_dir: Path | None,
           build_dir: Path | None, quiet: bool, as_json: bool) -> None:
     """Smoke-test variants on MATH: greedy answers, graded, with accuracy and speed.
 
@@ -95,6 +100,12 @@ def smoke(source: str, recipe_for_gguf: str | None, quant_list: str | None, suit
     <QUANT>.summary.json (accuracy with a 95% interval, by subject and level, tokens/s,
     the paper's figure). Interrupted? Run the same command again: finished problems are
     kept and only the rest are asked.
+
+    In process, each step also checks drafted tokens in one batch and keeps those the model
+    would have chosen: BF16's answer to the same problem (its results in the build folder
+    or --out-dir) while the variant's text follows it, and n-grams of the prompt and the
+    answer so far. The number checked adapts to how often drafts are kept and to what rows
+    cost; the summary records drafted and kept tokens. --no-draft turns it off.
 
     RECIPE|GGUF may also be the path of any GGUF file (as `llama-bench -m` takes one), with
     --recipe naming the prompt format and problems to use; its results are named after the
@@ -123,7 +134,8 @@ def smoke(source: str, recipe_for_gguf: str | None, quant_list: str | None, suit
     kind = "ollama" if ollama_url else "openai" if endpoints else "llama"
     spec = BackendSpec(kind=kind, urls=(ollama_url,) if ollama_url else endpoints,
                        model=served_model, parallel=parallel, threads=threads,
-                       gpu_layers=gpu_layers, timeout_s=timeout_s, ignore_eos=ignore_eos)
+                       gpu_layers=gpu_layers, timeout_s=timeout_s, ignore_eos=ignore_eos,
+                       draft=not no_draft)
     gguf = Path(source) if is_gguf_path(source) else None
     if gguf is not None:
         if recipe_for_gguf is None:
@@ -168,6 +180,9 @@ def smoke(source: str, recipe_for_gguf: str | None, quant_list: str | None, suit
                else "")
         speed = (f"{s.generation_tokens_per_second:.1f} tok/s"
                  if s.generation_tokens_per_second else "- tok/s")
+        if s.drafted_tokens:
+            speed += (f"  drafts {100 * (s.accepted_tokens or 0) / s.drafted_tokens:.0f}% "
+                      f"kept, {s.tokens_per_step or 0:.2f} tok/step")
         resumed = f", {o.resumed} resumed" if o.resumed else ""
         click.echo(f"{o.quant:<8} {_pct(s.accuracy)}{ref}  {speed}  P={s.parallel}  "
                    f"{s.wall_seconds:.0f}s ({o.answered} answered{resumed})  {o.results}")

@@ -10,6 +10,11 @@ loses at most the problems in flight. A rerun reads the finished ids and asks on
 rest; a line cut short by the kill is dropped. The summary is computed from the file, one
 record per problem, so a problem is never counted twice.
 
+In process, a variant drafts from BF16's answers to the same problems (its results file,
+the *reference*) and from prompt lookup, and checks the drafts in batches
+(:mod:`mathq.llama.drafts`): same greedy answers, fewer decode steps. The drafts never
+decide an answer, so they are not part of the settings results are resumed under.
+
 Results are only resumed under the settings that made them (backend, model file, prompt,
 token limit, stop strings, problem source): a ``.settings.json`` beside the JSONL records
 them, and a rerun with other settings is refused until ``restart`` discards the old results.
@@ -22,7 +27,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +68,8 @@ class SmokeOptions:
     restart_if_changed: bool = False
     grade_timeout_s: float = DEFAULT_TIMEOUT_S
     out_dir: Path | None = None
+    #: Results file to draft from instead of BF16's (see :func:`draft_reference`).
+    draft_reference: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,36 @@ def append_result(f: Any, result: ProblemResult) -> None:
 
 
 
+def read_reference(path: Path) -> dict[str, str]:
+    """Completions by problem id from a results file, read only: drafts to check, so a
+    damaged line is skipped rather than repaired or refused."""
+    completions: dict[str, str] = {}
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError:
+        return completions
+    for raw in lines:
+        try:
+            row = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(row, dict) and isinstance(row.get("completion"), str) \
+                and isinstance(row.get("id"), (str, int)):
+            completions[str(row["id"])] = row["completion"]
+    return completions
+
+
+def draft_off_reason(spec: BackendSpec) -> str | None:
+    """Why a run with ``spec`` does not draft, or None when it does."""
+    if spec.kind != "llama":
+        return f"the {spec.kind} backend decodes on its own"
+    if not spec.draft:
+        return "--no-draft"
+    if spec.ignore_eos:
+        return "--ignore-eos (its ban on EOS would have to hold at every drafted position)"
+    return None
+
+
 # ---------------------------------------------------------------------------------------
 # Settings that results are valid for
 
@@ -182,11 +219,16 @@ def describe_backend(spec: BackendSpec) -> str:
 def answer_problems(backend: Backend, todo: list[Problem], recipe: Recipe, quant: str,
             max_tokens: int, stops: tuple[str, ...], few_shot: bool, timeout_s: float,
             results: Path, *, done_before: int, total: int, correct_before: int,
-            progress: ProgressCallback) -> dict[str, ProblemResult]:
-    """Run ``todo`` through the backend; grade and append each answer as it arrives."""
+            progress: ProgressCallback,
+            references: Mapping[str, str] | None = None) -> dict[str, ProblemResult]:
+    """Run ``todo`` through the backend; grade and append each answer as it arrives.
+
+    ``references`` are other completions of the same problems, by id, to draft from."""
     by_id = {p.id: p for p in todo}
+    references = references or {}
     requests = [Request(id=p.id, prompt=render_prompt(recipe.prompt, p.problem),
-                        question=p.problem, max_tokens=max_tokens, stop=stops) for p in todo]
+                        question=p.problem, max_tokens=max_tokens, stop=stops,
+                        reference=references.get(p.id, "")) for p in todo]
     run_id = uuid.uuid4().hex[:12]
     stage = f"smoke {quant}"
     state = {"done": done_before, "correct": correct_before, "tokens": 0}
@@ -199,8 +241,10 @@ def answer_problems(backend: Backend, todo: list[Problem], recipe: Recipe, quant
         elapsed = time.perf_counter() - started
         rate = state["tokens"] / elapsed if elapsed > 0 else 0.0
         acc = 100.0 * state["correct"] / state["done"] if state["done"] else 0.0
+        drafted, kept = getattr(backend, "draft_totals", (0, 0))
+        drafts = f", {100.0 * kept / drafted:.0f}% of {drafted} drafts kept" if drafted else ""
         progress(Progress(stage, state["done"], total, "problems", item=item,
-                          info=f"{acc:.1f}% correct, {rate:.1f} tok/s"))
+                          info=f"{acc:.1f}% correct, {rate:.1f} tok/s{drafts}"))
 
     def on_tokens(n: int) -> None:
         state["tokens"] = n
@@ -211,7 +255,8 @@ def answer_problems(backend: Backend, todo: list[Problem], recipe: Recipe, quant
                           judge=lambda g, p: judge(g, p, timeout_s),
                           prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
                           seconds=round(c.seconds, 3), finish_reason=c.finish_reason,
-                          run=run_id, run_seconds=round(time.perf_counter() - started, 3))
+                          run=run_id, run_seconds=round(time.perf_counter() - started, 3),
+                          steps=c.steps, drafted=c.drafted, accepted=c.accepted)
 
     new: dict[str, ProblemResult] = {}
     report()
@@ -229,12 +274,17 @@ def answer_problems(backend: Backend, todo: list[Problem], recipe: Recipe, quant
 def build_summary(recipe: Recipe, quant: str, problems: ProblemSet,
                   records: Sequence[ProblemResult], options: SmokeOptions, max_tokens: int,
                   *, target: str, backend: str, imatrix: str | None = None,
-                  parallel_choice: ParallelChoice | None = None) -> SmokeSummary:
+                  parallel_choice: ParallelChoice | None = None,
+                  draft_reference: str | None = None) -> SmokeSummary:
     """The variant's summary from its results, one record per problem.
 
     ``parallel`` is the number of sequences decoded together (``parallel_choice``, which
-    also says why), or the option's value when no choice is known.
+    also says why), or the option's value when no choice is known. Drafting figures are
+    summed over the records that carry them (None when none does).
     """
+    stepped = [r for r in records if r.steps is not None]
+    steps = sum(r.steps or 0 for r in stepped) if stepped else None
+    stepped_tokens = sum(r.completion_tokens or 0 for r in stepped)
     g = summarize(records)
     # Wall time: each run's last record marks how long it ran; runs add up.
     runs: dict[str, float] = {}
@@ -263,4 +313,9 @@ def build_summary(recipe: Recipe, quant: str, problems: ProblemSet,
         parallel_choice=parallel_choice,
         environment=measurement_environment(
             (options.backend.threads or os.cpu_count() or 1)
-            if options.backend.kind == "llama" else None))
+            if options.backend.kind == "llama" else None),
+        draft_reference=draft_reference, draft_off=draft_off_reason(options.backend),
+        drafted_tokens=sum(r.drafted or 0 for r in stepped) if stepped else None,
+        accepted_tokens=sum(r.accepted or 0 for r in stepped) if stepped else None,
+        decode_steps=steps,
+        tokens_per_step=round(stepped_tokens / steps, 3) if steps else None)

@@ -41,7 +41,9 @@ from mathq.evaluate.smoke import (
     answer_problems,
     build_summary,
     describe_backend,
+    draft_off_reason,
     ollama_model_name,
+    read_reference,
     read_results_log,
 )
 from mathq.evaluate.summaries import (
@@ -222,6 +224,7 @@ def _smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: Bui
             wanted = {p.id for p in problems.problems}
             todo = [p for p in problems.problems if p.id not in done]
             resumed = len(wanted) - len(todo)
+            reference = draft_reference(layout, quant, options, paths.results)
             if todo:
                 if fingerprint is not None:  # the summary is about to be out of date
                     manifest.forget(layout.key(paths.summary))
@@ -232,7 +235,8 @@ def _smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: Bui
                     options.grade_timeout_s, paths.results, done_before=resumed,
                     total=len(wanted),
                     correct_before=sum(done[i].correct for i in wanted if i in done),
-                    progress=progress))
+                    progress=progress,
+                    references=read_reference(reference) if reference is not None else None))
                 choice = _parallel_choice(spec, backend)
         finally:
             if backend is not None:
@@ -245,13 +249,29 @@ def _smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: Bui
                                                                   settings.get("served_model")),
                                 backend=describe_backend(spec),
                                 imatrix=gguf_imatrix(gguf) if gguf else None,
-                                parallel_choice=choice or _earlier_choice(paths.summary, spec))
+                                parallel_choice=choice or _earlier_choice(paths.summary, spec),
+                                draft_reference=str(reference) if reference else None)
         save_summary(paths.summary, summary)
         if fingerprint is not None:
             manifest.record(layout.key(paths.summary), "smoke", *fingerprint,
                             size=paths.summary.stat().st_size)
     return SmokeOutcome(quant=quant, results=paths.results, summary_path=paths.summary,
                         summary=summary, resumed=resumed, answered=len(todo))
+
+
+def draft_reference(layout: BuildLayout, quant: str, options: SmokeOptions,
+                    results: Path) -> Path | None:
+    """The results file a variant drafts from: ``options.draft_reference``, else BF16's
+    results beside this run's (``--out-dir``) or in the build folder. None for BF16 itself
+    (it drafts by prompt lookup only) and when drafting is off."""
+    if draft_off_reason(options.backend) is not None:
+        return None
+    found = [options.draft_reference] if options.draft_reference is not None else [
+        results.with_name(layout.smoke_results("BF16").name), layout.smoke_results("BF16")]
+    for path in found:
+        if path is not None and path.is_file() and path.resolve() != results.resolve():
+            return path
+    return None
 
 
 def _parallel_choice(spec: BackendSpec, backend: Backend) -> ParallelChoice:

@@ -91,6 +91,17 @@ class SmokeSummary:
     parallel_choice: ParallelChoice | None = None
     # Versions, CPU and date of the run (:mod:`mathq.evaluate.environment`).
     environment: dict[str, str] = field(default_factory=dict)
+    # Drafted decoding (:mod:`mathq.llama.drafts`), summed over the answers that recorded
+    # it: the reference results drafted from (None: prompt lookup only), why drafting was
+    # off (None: on), guessed tokens checked and kept, decode steps, and completion tokens
+    # per decode step (how many fewer passes than one token each; the wall-time gain is
+    # what benchmarks/smoke_throughput.py measures).
+    draft_reference: str | None = None
+    draft_off: str | None = None
+    drafted_tokens: int | None = None
+    accepted_tokens: int | None = None
+    decode_steps: int | None = None
+    tokens_per_step: float | None = None
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,18 @@ The KV cache is per sequence by default (``kv_unified`` false, llama-server's de
 attention then runs over each sequence's own tokens only. llama.cpp splits such a batch
 into micro-batches of consecutive sequence ids, so the batch lists sequences in id order
 and a new prompt takes the lowest free slot.
+
+Drafted steps (speculative decoding without a second model, :mod:`mathq.llama.drafts`):
+a generating sequence may add up to k guessed tokens after its last one, with logits for
+each row. The step keeps the longest prefix of guesses that equal the greedy choice at the
+row before, adds the model's own choice after them, and removes the rejected positions from
+that sequence's KV cache (``llama_memory_seq_rm``). Greedy stays greedy: every kept token
+is the argmax of logits computed over exactly the tokens before it. What changes is the
+batch shape (k + 1 rows of one sequence instead of one), with the same consequence as P > 1
+above: where llama.cpp's kernels round such a batch differently, a near-tie can go the
+other way. How many guesses a step checks, if any, is chosen from each sequence's
+acceptance so far and a cost model of rows fitted to the step times
+(:func:`mathq.llama.drafts.plan_step`).
 """
 
 from __future__ import annotations
@@ -48,6 +60,7 @@ from mathq.llama.devices import (
     kv_bytes_per_element,
     kv_bytes_per_sequence,
 )
+from mathq.llama.drafts import MAX_DRAFT, Candidate, Drafter, RowCost, micro_batches, plan_step
 from mathq.llama.runtime import PARALLEL_AUTO, Context, EngineOptions, LlamaModel, pad_context
 
 
@@ -59,6 +72,8 @@ class GenRequest:
     prompt: str
     max_tokens: int
     stop: tuple[str, ...] = ()
+    #: Another model's completion of the same prompt, to draft from (BF16's, for a variant).
+    reference: str = ""
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,8 @@ class GenResult:
 
     ``finish_reason`` is ``stop`` (end-of-generation token or stop string) or ``length``.
     ``seconds`` runs from the step the prompt entered the batch to the step it finished.
+    ``steps`` counts the decode steps that produced its tokens; ``drafted`` the guessed
+    tokens they checked and ``accepted`` those kept.
     """
 
     id: str
@@ -75,6 +92,9 @@ class GenResult:
     prompt_tokens: int
     finish_reason: str
     seconds: float
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def completion_tokens(self) -> int:
@@ -93,6 +113,8 @@ class StepStats:
     prompt_tokens: int
     generated_tokens: int
     seconds: float
+    drafted: int = 0
+    accepted: int = 0
 
 
 @dataclass
@@ -105,9 +127,17 @@ class _Seq:
     started: float
     n_past: int = 0
     out_index: int = -1
+    #: Position of the token whose logits are at ``out_index``.
+    out_index_pos: int = -1
     tokens: list[int] = field(default_factory=list)
     text: bytearray = field(default_factory=bytearray)
     stops: tuple[bytes, ...] = ()
+    drafter: Drafter | None = None
+    #: Guessed tokens in this step's batch after the last token, each with logits.
+    drafts: tuple[int, ...] = ()
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def prefilling(self) -> bool:
@@ -132,6 +162,11 @@ class BatchEngine:
         self._ctx: Context | None = None
         self.parallel_choice: ParallelChoice | None = None
         self._banned = self.model.eog_tokens() if self.options.ignore_eos else None
+        #: Why drafted steps are off, or None when they are on.
+        self.draft_off: str | None = (
+            "--no-draft" if not self.options.draft
+            else "--ignore-eos (its ban on EOS would have to hold at every drafted position)"
+            if self.options.ignore_eos else None)
 
     def __enter__(self) -> BatchEngine:
         return self
@@ -217,7 +252,9 @@ class BatchEngine:
         ctx, n_seq = self._open(len(todo), limit)
         pending = deque(todo)
         slots: list[_Seq | None] = [None] * n_seq
-        steps = prompt_total = generated_total = 0
+        steps = prompt_total = generated_total = drafted_total = accepted_total = 0
+        # Rows are nearly free next to a pass over the weights on a GPU, not on a CPU.
+        cost = RowCost(prior_rows=64.0 if self.model.gpu_layers_repeating > 0 else 4.0)
         started = time.perf_counter()
         try:
             while pending or any(s is not None for s in slots):
@@ -225,35 +262,89 @@ class BatchEngine:
                 for i, slot in enumerate(slots):
                     if slot is None and pending:
                         r, p = pending.popleft()
-                        slots[i] = _Seq(r, p, min(r.max_tokens, limit - len(p)), now,
-                                        stops=tuple(s.encode() for s in r.stop if s))
-                prompt_total += self._fill_batch(ctx, slots)
+                        slots[i] = self._new_seq(r, p, limit, now)
+                read, micro = self._fill_batch(ctx, slots, cost)
+                prompt_total += read
+                rows = ctx.batch_size
+                tick = time.perf_counter()
                 ctx.decode()
+                if not read:  # a generation step: time it for the cost model
+                    ctx.synchronize()
+                    cost.observe(micro, rows, time.perf_counter() - tick)
                 steps += 1
                 active = sum(s is not None for s in slots)
                 finished: list[GenResult] = []
                 for i, seq in enumerate(slots):
                     if seq is None or seq.out_index < 0:
                         continue
-                    logits = ctx.logits(seq.out_index)
-                    if self._banned is not None:  # --ignore-eos: as a logit bias of -inf
-                        logits[self._banned] = -np.inf
-                    token = int(np.argmax(logits))
-                    generated_total += 1
-                    result = self._advance(seq, token)
+                    accepted_before = seq.accepted
+                    result, emitted = self._take(ctx, seq)
+                    generated_total += emitted
+                    drafted_total += len(seq.drafts)
+                    accepted_total += seq.accepted - accepted_before
                     if result is not None:
                         ctx.free_seq(i)
                         slots[i] = None
                         finished.append(result)
+                    elif seq.n_past < seq.out_index_pos + 1 + len(seq.drafts):
+                        ctx.free_seq(i, seq.n_past)  # the rejected guesses
                 if on_step is not None:
                     on_step(StepStats(steps, active, len(pending), prompt_total,
-                                      generated_total, time.perf_counter() - started))
+                                      generated_total, time.perf_counter() - started,
+                                      drafted_total, accepted_total))
                 yield from finished
         finally:
             ctx.free_seq(-1)
 
-    def _fill_batch(self, ctx: Context, slots: list[_Seq | None]) -> int:
-        """Put one step's tokens into the batch; return how many were prompt tokens.
+    def _new_seq(self, request: GenRequest, prompt: list[int], limit: int,
+                 now: float) -> _Seq:
+        """A sequence for ``request``, with its drafter unless drafting is off."""
+        drafter = None
+        if self.draft_off is None:
+            reference: list[int] = []
+            if request.reference:
+                reference = self.model.tokenize(request.reference)
+                if self.model.add_bos and reference[:1] == [self.model.bos]:
+                    reference = reference[1:]
+            drafter = Drafter(prompt, reference)
+        return _Seq(request, prompt, min(request.max_tokens, limit - len(prompt)), now,
+                    stops=tuple(s.encode() for s in request.stop if s), drafter=drafter)
+
+    def _take(self, ctx: Context, seq: _Seq) -> tuple[GenResult | None, int]:
+        """Read a step's logits for ``seq``: its greedy token after the last one, then,
+        while each guess equals the greedy token before it, after each guess. Returns the
+        result if the sequence ended, and how many tokens it took.
+
+        Kept guesses and the model's own next token go into the output; the cache keeps
+        the last token and the kept guesses (``n_past`` says where the next one goes).
+        """
+        seq.steps += 1
+        emitted: list[int] = []
+        result = None
+        for j in range(1 + len(seq.drafts)):
+            logits = ctx.logits(seq.out_index + j)
+            if self._banned is not None:  # --ignore-eos: as a logit bias of -inf
+                logits[self._banned] = -np.inf
+            token = int(np.argmax(logits))
+            emitted.append(token)
+            result = self._advance(seq, token)
+            if result is not None or j == len(seq.drafts) or seq.drafts[j] != token:
+                break
+        kept = len(emitted) - 1 if result is None else min(len(emitted), len(seq.drafts))
+        seq.drafted += len(seq.drafts)
+        seq.accepted += kept
+        if result is not None:
+            return dataclasses.replace(result, steps=seq.steps, drafted=seq.drafted,
+                                       accepted=seq.accepted), len(emitted)
+        seq.n_past = seq.out_index_pos + len(emitted)
+        if seq.drafter is not None:
+            seq.drafter.accepted(len(seq.drafts), kept, emitted)
+        return None, len(emitted)
+
+    def _fill_batch(self, ctx: Context, slots: list[_Seq | None],
+                    cost: RowCost) -> tuple[int, int]:
+        """Put one step's tokens into the batch; return how many were prompt tokens and
+        how many micro-batches llama.cpp will make of a generation step.
 
         A prompt is read in calls of its own, ``n_batch`` tokens at a time, exactly as a
         lone sequence reads it: llama.cpp would split a batch mixing sequences into
@@ -261,12 +352,14 @@ class BatchEngine:
         alone a prompt leaves the very cache and first logits that P = 1 (and
         llama-cpp-python) get. It costs no throughput: the generating sequences wait one
         call, which is as long as their token would have taken in a mixed batch.
-        Otherwise every generating sequence advances by one token, in sequence order.
+        Otherwise every generating sequence advances by its last token and the guesses
+        :func:`mathq.llama.drafts.plan_step` chose for it, in sequence order.
         """
         ctx.clear_batch()
         for seq in slots:
             if seq is not None:
                 seq.out_index = -1
+                seq.drafts = ()
         reading = next((i for i, s in enumerate(slots) if s is not None and s.prefilling), None)
         if reading is not None:
             seq = slots[reading]
@@ -276,13 +369,29 @@ class BatchEngine:
             index = ctx.add(chunk, seq.n_past, reading, last)
             if last:
                 seq.out_index = index
+                seq.out_index_pos = seq.n_past + len(chunk) - 1
             seq.n_past += len(chunk)
-            return len(chunk)
-        for i, seq in enumerate(slots):
-            if seq is not None:
-                seq.out_index = ctx.add([seq.tokens[-1]], seq.n_past, i, True)
-                seq.n_past += 1
-        return 0
+            return len(chunk), 1
+        live = [(i, s) for i, s in enumerate(slots) if s is not None]
+        plan = None
+        if self.draft_off is None:
+            candidates = []
+            for i, seq in live:
+                assert seq.drafter is not None
+                left = seq.max_tokens - len(seq.tokens) - 1  # tokens after this step's first
+                drafts = tuple(seq.drafter.propose(min(MAX_DRAFT, left)))
+                candidates.append(Candidate(i, drafts, seq.drafter.acceptance(),
+                                            room=ctx.n_ctx_seq - 1 - seq.n_past,
+                                            last=seq.tokens[-1]))
+            plan = plan_step(candidates, cost.fixed_rows, ctx.n_batch)
+        for i, seq in live:
+            seq.drafts = plan.drafts[i] if plan is not None else ()
+            seq.out_index = ctx.add([seq.tokens[-1], *seq.drafts], seq.n_past, i, True,
+                                    all_logits=True) - len(seq.drafts)
+            seq.out_index_pos = seq.n_past
+            seq.n_past += 1 + len(seq.drafts)
+        return 0, (plan.micro_batches if plan is not None
+                   else micro_batches([(i, 1) for i, _ in live]))
 
     def _advance(self, seq: _Seq, token: int) -> GenResult | None:
         """Take the greedy token; return the result when the sequence has ended."""
@@ -306,4 +415,5 @@ class BatchEngine:
     def _result(seq: _Seq, text: bytes, reason: str) -> GenResult:
         return GenResult(id=seq.request.id, text=text.decode("utf-8", errors="ignore"),
                          tokens=tuple(seq.tokens), prompt_tokens=len(seq.prompt),
-                         finish_reason=reason, seconds=time.perf_counter() - seq.started)
+                         finish_reason=reason, seconds=time.perf_counter() - seq.started,
+                         steps=seq.steps, drafted=seq.drafted, accepted=seq.accepted)

@@ -51,7 +51,9 @@ class EngineOptions:
     ``kv_type`` is the ggml type of the KV cache (``q8_0`` halves its memory; None keeps
     llama.cpp's F16). ``ignore_eos`` never picks an end-of-generation token (llama.cpp's
     ``--ignore-eos``): with no stop strings every completion is exactly its token limit
-    long, which speed measurements on random-weight models need.
+    long, which speed measurements on random-weight models need. ``draft`` checks drafted
+    tokens in batches (:mod:`mathq.llama.drafts`); it is off with ``ignore_eos``, whose ban
+    would have to hold at every drafted position.
     """
 
     parallel: int = 8
@@ -63,6 +65,7 @@ class EngineOptions:
     n_ctx_seq: int = 0
     kv_type: str | None = None
     ignore_eos: bool = False
+    draft: bool = True
 
     def n_threads(self, model: LlamaModel | None = None) -> int:
         """Threads for llama.cpp: the option, or the default for where ``model``'s layers
@@ -266,16 +269,18 @@ class Context:
         """Start a new batch."""
         self._n = 0
 
-    def add(self, tokens: list[int] | np.ndarray, pos0: int, seq: int, last_logits: bool) -> int:
+    def add(self, tokens: list[int] | np.ndarray, pos0: int, seq: int, last_logits: bool,
+            all_logits: bool = False) -> int:
         """Append ``tokens`` of sequence ``seq`` at positions from ``pos0``; ask for logits of
-        the last one if ``last_logits``. Returns the batch index of the last token."""
+        the last one if ``last_logits``, of every one if ``all_logits`` (a drafted step).
+        Returns the batch index of the last token."""
         n = len(tokens)
         i = self._n
         if i + n > self.n_batch:
             raise ValueError(f"batch overflow: {i} + {n} > {self.n_batch}")
         self._tokens[i:i + n] = tokens
         self._pos[i:i + n] = np.arange(pos0, pos0 + n, dtype=self._pos.dtype)
-        self._logits[i:i + n] = 0
+        self._logits[i:i + n] = 1 if all_logits else 0
         if last_logits:
             self._logits[i + n - 1] = 1
         seq_ids = self._batch.seq_id
@@ -315,11 +320,14 @@ class Context:
 
         llama_cpp.llama_synchronize(self.handle)
 
-    def free_seq(self, seq: int) -> None:
-        """Drop every cached token of sequence ``seq`` (``-1``: of all sequences)."""
+    def free_seq(self, seq: int, from_pos: int = -1) -> None:
+        """Drop the cached tokens of sequence ``seq`` (``-1``: of all sequences) at positions
+        from ``from_pos`` on (``-1``: all of them)."""
         import llama_cpp
 
-        llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        if not llama_cpp.llama_memory_seq_rm(self.memory, seq, from_pos, -1):
+            raise InferenceError(f"llama.cpp could not remove positions {from_pos}.. of "
+                                 f"sequence {seq} from its cache")
 
     def clear(self) -> None:
         """Empty the whole KV cache."""

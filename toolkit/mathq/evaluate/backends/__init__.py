@@ -26,7 +26,8 @@ def open_backend(spec: BackendSpec, *, gguf: Path | None = None,
             raise ValueError("the llama backend needs a GGUF file")
         return LlamaBackend(gguf, EngineOptions(parallel=spec.parallel, threads=spec.threads,
                                                 gpu_layers=spec.gpu_layers,
-                                                ignore_eos=spec.ignore_eos))
+                                                ignore_eos=spec.ignore_eos,
+                                                draft=spec.draft))
     # A server schedules its own slots: `auto` means mathq's usual requests in flight.
     in_flight = spec.parallel or CPU_PARALLEL
     if spec.kind == "ollama":

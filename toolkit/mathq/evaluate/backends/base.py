@@ -22,6 +22,8 @@ class Request:
     question: str
     max_tokens: int
     stop: tuple[str, ...] = ()
+    #: BF16's completion of the same problem, to draft from (in process only).
+    reference: str = ""
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,8 @@ class Completion:
 
     ``completion_tokens`` and ``prompt_tokens`` are the backend's own counts (None when it
     does not say); ``finish_reason`` is ``stop`` or ``length``; ``seconds`` is the time from
-    the request's start to its end.
+    the request's start to its end. ``steps``, ``drafted`` and ``accepted`` are the
+    in-process engine's decode steps, guessed tokens checked and kept (None elsewhere).
     """
 
     id: str
@@ -39,6 +42,9 @@ class Completion:
     completion_tokens: int | None
     finish_reason: str | None
     seconds: float
+    steps: int | None = None
+    drafted: int | None = None
+    accepted: int | None = None
 
 
 #: Called with the number of tokens generated so far, as often as the backend knows it.
@@ -73,7 +79,9 @@ class BackendSpec:
     lists first. ``parallel`` 0 is ``--parallel auto``: chosen from the free GPU memory in
     process (:func:`mathq.llama.devices.choose_parallel`), 8 requests in flight per server.
     ``ignore_eos`` (in process only) generates every answer to its token limit, ignoring
-    EOS and stop strings: for throughput measurements, never for accuracy.
+    EOS and stop strings: for throughput measurements, never for accuracy. ``draft`` (in
+    process only, not with ``ignore_eos``) checks drafted tokens in batches
+    (:mod:`mathq.llama.drafts`).
     """
 
     kind: str = "llama"
@@ -84,6 +92,7 @@ class BackendSpec:
     gpu_layers: int | None = None
     timeout_s: float = 600.0
     ignore_eos: bool = False
+    draft: bool = True
 
 
 def counted(value: object) -> int | None:

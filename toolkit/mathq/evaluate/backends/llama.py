@@ -31,6 +31,8 @@ class LlamaBackend:
         self.engine = BatchEngine(gguf, options)
         self.parallel = options.parallel
         self.description = "llama.cpp"
+        #: Guessed tokens checked and kept so far in this run, for progress displays.
+        self.draft_totals = (0, 0)
 
     @property
     def parallel_choice(self) -> ParallelChoice | None:
@@ -45,13 +47,15 @@ class LlamaBackend:
     def complete(self, requests: Sequence[Request],
                  on_tokens: TokenCallback | None = None) -> Iterator[Completion]:
         """Answer every request with greedy decoding; yield each as it finishes."""
-        gen = [GenRequest(r.id, r.prompt, r.max_tokens, r.stop) for r in requests]
+        gen = [GenRequest(r.id, r.prompt, r.max_tokens, r.stop, r.reference)
+               for r in requests]
         results: queue.SimpleQueue[GenResult | BaseException | None] = queue.SimpleQueue()
         stop = threading.Event()
         generated = [0]
 
         def on_step(stats: StepStats) -> None:
             generated[0] = stats.generated_tokens
+            self.draft_totals = (stats.drafted, stats.accepted)
             if stop.is_set():
                 raise _Cancelled
 
@@ -83,7 +87,9 @@ class LlamaBackend:
                     on_tokens(generated[0])
                 yield Completion(id=item.id, text=item.text, prompt_tokens=item.prompt_tokens,
                                  completion_tokens=item.completion_tokens,
-                                 finish_reason=item.finish_reason, seconds=item.seconds)
+                                 finish_reason=item.finish_reason, seconds=item.seconds,
+                                 steps=item.steps, drafted=item.drafted,
+                                 accepted=item.accepted)
         finally:
             stop.set()
             worker.join()

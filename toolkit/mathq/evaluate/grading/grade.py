@@ -119,6 +119,11 @@ class ProblemResult:
     # summaries add up wall time over the runs of a resumed evaluation.
     run: str | None = None
     run_seconds: float | None = None
+    # The in-process engine's decode steps for this answer, and the drafted tokens those
+    # steps checked and kept (None from other backends and before mathq recorded them).
+    steps: int | None = None
+    drafted: int | None = None
+    accepted: int | None = None
 
     @property
     def correct(self) -> bool:
@@ -161,14 +166,15 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "extracted": (str,), "rule": (str,), "verdict": (str,), "method": (str,),
     "few_shot": (bool,), "prompt_tokens": (int,), "completion_tokens": (int,),
     "seconds": (int, float), "finish_reason": (str,), "run": (str,),
-    "run_seconds": (int, float),
+    "run_seconds": (int, float), "steps": (int,), "drafted": (int,), "accepted": (int,),
 }
 _TYPE_WORDS = {str: "a string", int: "a whole number", float: "a number", bool: "true or false"}
 _EXAMPLES = {"answer": '"5" (the gold answer, quoted)', "completion": '"... \\\\boxed{5}"',
              "subject": '"Algebra"', "level": "3", "extracted": '"5"', "rule": '"boxed"',
              "verdict": '"correct"', "method": '"math-verify"', "few_shot": "false",
              "prompt_tokens": "120", "completion_tokens": "300", "seconds": "1.5",
-             "finish_reason": '"stop"', "run": '"20250101T000000"', "run_seconds": "12.5"}
+             "finish_reason": '"stop"', "run": '"20250101T000000"', "run_seconds": "12.5",
+             "steps": "120", "drafted": "300", "accepted": "280"}
 
 
 def _json_type(value: Any) -> str:

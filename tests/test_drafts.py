@@ -1,0 +1,224 @@
+"""Drafted (speculative) decoding on the trained demo model, run by llama.cpp.
+
+The demo model really solves its word problems, so its quantized variants mostly write
+BF16's text: drafts from BF16's answers are mostly kept, and the answers must not change.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mathq.cli import cli
+from mathq.datasets.problems import load_problem_set, select_problems
+from mathq.evaluate.summaries import SmokeSummary, load_summary
+from mathq.layout import BuildLayout
+from mathq.llama.drafts import Candidate, Drafter, micro_batches, plan_step
+from mathq.llama.engine import BatchEngine, EngineOptions, GenRequest, GenResult
+from mathq.recipes.prompt import render_prompt, stop_strings
+from mathq.recipes.recipe import load_recipe
+
+RECIPE = "tiny-demo"
+THREADS = 1
+
+
+@pytest.fixture(scope="module")
+def requests_100() -> list[GenRequest]:
+    """100 of the demo's distractor problems in its recipe's prompt, with its stops."""
+    recipe = load_recipe(RECIPE)
+    pset = select_problems(load_problem_set(recipe.smoke.suite), n=100, seed=3)
+    return [GenRequest(p.id, render_prompt(recipe.prompt, p.problem), recipe.smoke.max_tokens,
+                       stop_strings(recipe.prompt)) for p in pset.problems]
+
+
+def _run(gguf: Path, requests: list[GenRequest], **options: object) -> dict[str, GenResult]:
+    options.setdefault("threads", THREADS)
+    with BatchEngine(gguf, EngineOptions(**options)) as engine:  # type: ignore[arg-type]
+        return {r.id: r for r in engine.generate(requests)}
+
+
+def _with_reference(requests: list[GenRequest], texts: dict[str, str]) -> list[GenRequest]:
+    return [GenRequest(r.id, r.prompt, r.max_tokens, r.stop, texts[r.id]) for r in requests]
+
+
+@pytest.fixture(scope="module")
+def bf16_answers(tiny_quant_ggufs: dict[str, Path],
+                 requests_100: list[GenRequest]) -> dict[str, GenResult]:
+    return _run(tiny_quant_ggufs["BF16"], requests_100, parallel=8, draft=False)
+
+
+@pytest.mark.parametrize("quant", ["Q4_K_M", "BF16"])
+def test_drafted_answers_equal_undrafted(tiny_quant_ggufs: dict[str, Path],
+                                         requests_100: list[GenRequest],
+                                         bf16_answers: dict[str, GenResult],
+                                         quant: str) -> None:
+    """With BF16's answers as drafts (BF16 itself: prompt lookup only), at least 99 % of
+    answers are token for token the undrafted ones, in fewer decode steps."""
+    gguf = tiny_quant_ggufs[quant]
+    plain = bf16_answers if quant == "BF16" else _run(gguf, requests_100, parallel=8,
+                                                      draft=False)
+    requests = requests_100 if quant == "BF16" else _with_reference(
+        requests_100, {i: r.text for i, r in bf16_answers.items()})
+    drafted = _run(gguf, requests, parallel=8)
+    assert set(drafted) == set(plain)
+    same = [i for i in plain if drafted[i].tokens == plain[i].tokens]
+    assert len(same) >= 0.99 * len(plain)
+    assert all(drafted[i].text == plain[i].text for i in same)
+    # Undrafted: a step per token, plus the one that chose EOS if that ended the answer.
+    assert all(r.drafted == r.accepted == 0 and r.steps - len(r.tokens) in (0, 1)
+               for r in plain.values())
+    tokens = sum(len(r.tokens) for r in drafted.values())
+    steps = sum(r.steps for r in drafted.values())
+    kept = sum(r.accepted for r in drafted.values())
+    if quant == "Q4_K_M":  # a variant follows BF16's text: most drafts are kept
+        assert kept >= 0.8 * sum(r.drafted for r in drafted.values())
+        assert tokens >= 2 * steps
+    # Every kept draft saved a step, and a step only adds its kept drafts and one token.
+    assert steps + kept >= tokens
+
+
+def test_always_wrong_drafts_give_the_undrafted_answers(tiny_quant_ggufs: dict[str, Path],
+                                                        requests_100: list[GenRequest],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drafts that are never the greedy token (BOS, which the model never writes) are all
+    rejected, cost only rows, and leave every answer as it was."""
+    gguf = tiny_quant_ggufs["Q8_0"]
+    requests = requests_100[:24]
+    plain = _run(gguf, requests, parallel=4, draft=False)
+    with BatchEngine(gguf, EngineOptions(parallel=4, threads=THREADS)) as engine:
+        bos = engine.model.bos
+        monkeypatch.setattr(Drafter, "propose", lambda self, limit: [bos] * min(limit, 3))
+        drafted = {r.id: r for r in engine.generate(
+            _with_reference(requests, {r.id: "nonsense" for r in requests}))}
+    assert sum(r.drafted for r in drafted.values()) > 0
+    assert sum(r.accepted for r in drafted.values()) == 0
+    assert {i: r.tokens for i, r in drafted.items()} == {i: r.tokens for i, r in plain.items()}
+
+
+def test_rejected_positions_leave_the_cache(tiny_quant_ggufs: dict[str, Path],
+                                            requests_100: list[GenRequest],
+                                            bf16_answers: dict[str, GenResult],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """After every step a sequence's KV cache holds exactly its prompt and its tokens but
+    the last (the next step's input): rejected guesses are really removed."""
+    import llama_cpp
+
+    from mathq.llama import engine as engine_module
+
+    # BF16's answers with every "=" turned into "+": right for a while, then wrong.
+    requests = _with_reference(requests_100[:6], {i: r.text.replace("=", "+")
+                                                  for i, r in bf16_answers.items()})
+    live: list[engine_module._Seq] = []
+    original = BatchEngine._new_seq
+
+    def capture(self: BatchEngine, *args: object) -> engine_module._Seq:
+        seq = original(self, *args)  # type: ignore[arg-type]
+        live.append(seq)
+        return seq
+
+    monkeypatch.setattr(BatchEngine, "_new_seq", capture)
+    checked = rejected = 0
+    with BatchEngine(tiny_quant_ggufs["Q4_K_M"],
+                     EngineOptions(parallel=1, threads=THREADS)) as engine:
+
+        def on_step(_stats: object) -> None:
+            nonlocal checked, rejected
+            ctx = engine._ctx
+            assert ctx is not None
+            seq = live[-1]
+            pos_max = llama_cpp.llama_memory_seq_pos_max(ctx.memory, 0)
+            if pos_max < 0 or not seq.tokens:  # finished and freed, or still reading
+                return
+            assert llama_cpp.llama_memory_seq_pos_min(ctx.memory, 0) == 0
+            assert pos_max + 1 == seq.n_past == len(seq.prompt) + len(seq.tokens) - 1
+            checked += 1
+            rejected += len(seq.drafts) > seq.n_past - seq.out_index_pos - 1
+
+        results = list(engine.generate(requests, on_step))
+    assert len(results) == 6 and checked > 20 and rejected > 0
+
+
+def test_plan_prefers_no_drafts_when_rows_are_dear() -> None:
+    """The cost model: drafts with low acceptance, or rows that cost as much as a pass
+    over the weights, are not worth checking; likely ones on cheap rows are."""
+    likely = [Candidate(s, (5, 6, 7, 8), 0.95, room=100, last=1) for s in range(8)]
+    assert plan_step(likely, fixed_rows=0.1, max_rows=512).rows == 8
+    assert plan_step(likely, fixed_rows=64, max_rows=512).rows == 8 * 5
+    unlikely = [Candidate(s, (5, 6), 0.1, room=100, last=1) for s in range(8)]
+    assert plan_step(unlikely, fixed_rows=4, max_rows=512).rows == 8
+    # One sequence with drafts among idle ones: padding the others costs rows, leaving
+    # them out costs a micro-batch. Where a pass over the weights is dear, padding wins.
+    mixed = [Candidate(0, (5, 6, 7, 8), 0.95, room=100, last=1)] + [
+        Candidate(s, (), 0.5, room=100, last=1) for s in range(1, 8)]
+    plan = plan_step(mixed, fixed_rows=64, max_rows=512)
+    assert plan.micro_batches == 1 and len(plan.drafts[0]) >= 2
+    assert plan.drafts[0] == (5, 6, 7, 8)[:len(plan.drafts[0])]
+    assert set(plan.drafts[1]) == {1}  # the idle ones repeat their last token
+    # Half of them with drafts, rows dearer: leaving the others out wins.
+    half = [Candidate(s, (5, 6, 7, 8) if s < 4 else (), 0.95, room=100, last=1)
+            for s in range(8)]
+    plan = plan_step(half, fixed_rows=4, max_rows=512)
+    assert plan.micro_batches == 2 and plan.rows == 8 + 4 * 4
+    assert micro_batches([(0, 3), (1, 1), (2, 1), (4, 1)]) == 3
+    assert micro_batches([(0, 2), (1, 2), (2, 2)]) == 1
+
+
+def test_drafter_follows_and_realigns_with_its_reference() -> None:
+    drafter = Drafter(prompt=[1, 2, 3], reference=[10, 11, 12, 13, 14, 15, 16])
+    assert drafter.propose(3) == [10, 11, 12]
+    drafter.accepted(3, 1, [10, 11, 99])  # diverged after two tokens
+    assert drafter.ref_pos is None
+    drafter.accepted(0, 0, [13, 14])  # 99, 13, 14 is not in the reference
+    assert drafter.ref_pos is None
+    drafter.accepted(0, 0, [12, 13, 14])
+    assert drafter.propose(8) == [15, 16]
+    # Without a reference: prompt lookup of the last n-gram.
+    lookup = Drafter(prompt=[7, 8, 9, 4, 7, 8])
+    lookup.accepted(0, 0, [9])
+    assert lookup.propose(2) == [4, 7]
+
+
+def test_smoke_drafts_from_bf16_results_and_records_it(tiny_quant_ggufs: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    """`mathq smoke` drafts a variant from BF16's results in the build folder, records
+    drafted and kept tokens, resumes, and `--no-draft` gives the same answers."""
+    layout = BuildLayout.for_model(RECIPE, tmp_path)
+    layout.root.mkdir(parents=True)
+    for q in ("BF16", "Q4_K_M"):
+        layout.gguf(q).symlink_to(tiny_quant_ggufs[q])
+
+    def smoke(*args: str) -> str:
+        result = CliRunner().invoke(cli, ["smoke", RECIPE, "--threads", "1", "--parallel", "8",
+                                          "--build-dir", str(tmp_path), *args],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    smoke("--quant", "BF16", "--n", "40")
+    bf16 = load_summary(layout.smoke_summary("BF16"), SmokeSummary)
+    assert bf16.draft_reference is None and bf16.draft_off is None  # lookup only
+    smoke("--quant", "Q4_K_M", "--n", "20")
+    out = smoke("--quant", "Q4_K_M", "--n", "40")
+    assert "(20 answered, 20 resumed)" in out and "drafts" in out
+    s = load_summary(layout.smoke_summary("Q4_K_M"), SmokeSummary)
+    assert s.draft_reference == str(layout.smoke_results("BF16")) and s.draft_off is None
+    assert s.runs == 2 and s.drafted_tokens and s.accepted_tokens and s.decode_steps
+    assert s.accepted_tokens <= s.drafted_tokens
+    assert s.tokens_per_step is not None and s.tokens_per_step > 1.5
+    plain_dir = tmp_path / "plain"
+    smoke("--quant", "Q4_K_M", "--n", "40", "--no-draft", "--out-dir", str(plain_dir))
+    plain = load_summary(plain_dir / "Q4_K_M.summary.json", SmokeSummary)
+    assert plain.draft_off == "--no-draft" and plain.drafted_tokens == 0
+    assert plain.tokens_per_step is not None and plain.tokens_per_step < 1
+
+    def answers(path: Path) -> dict[str, str]:
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        return {r["id"]: r["completion"] for r in rows}
+
+    drafted, undrafted = answers(layout.smoke_results("Q4_K_M")), answers(
+        plain_dir / "Q4_K_M.jsonl")
+    assert sum(drafted[i] == undrafted[i] for i in undrafted) >= 0.99 * len(undrafted)
+    assert plain.accuracy.k == s.accuracy.k
