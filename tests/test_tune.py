@@ -30,7 +30,7 @@ from tests.clirun import run
 
 REPO = Path(__file__).resolve().parent.parent
 CALIBRATION = str(REPO / "models" / "tiny-demo" / "problems.jsonl")
-ARGS = ("tune", "tiny-demo", "--match", "Q2_K", "-c", CALIBRATION, "--json")
+ARGS = ("tune", "tiny-demo", "--match", "Q2_K", "-c", CALIBRATION, "--probe-chunks", "4", "--json")
 
 
 def _build_with_bf16(root: Path, bf16: Path) -> Path:
@@ -192,3 +192,18 @@ def test_impossible_requests_are_refused_before_any_work(demo_bf16_gguf, tmp_pat
               code=2).output
     assert says in out
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_build_plans_tuned_siblings_and_measures_them_like_any_variant(tmp_path):
+    out = run("build", "tiny-demo", "--quant", "Q4_K_M", "--tune", "Q4_K_M,Q2_K", "--imatrix",
+              "--build-dir", str(tmp_path), "--dry-run", "--json").stdout
+    names = [p["name"] for p in json.loads(out)]
+    tuned = ["Q4_K_M-tuned", "Q4_K_M-imat-tuned", "Q2_K-tuned", "Q2_K-imat-tuned"]
+    assert [n for n in names if n.startswith("tune ")] == [f"tune {t}" for t in tuned]
+    assert names.index("tune Q4_K_M-tuned") > names.index("quantize Q4_K_M-imat")
+    for t in tuned:
+        for step in ("smoke", "bench", "kld"):
+            assert f"{step} {t}" in names
+    assert not list(tmp_path.iterdir())
+    run("build", "tiny-demo", "--tune", "BF16", "--build-dir", str(tmp_path), "--dry-run",
+        code=2)

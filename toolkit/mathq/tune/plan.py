@@ -98,6 +98,25 @@ def fits_shape(tensor: TensorInfo, type_name: str) -> bool:
     return tensor.shape[0] % GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][0] == 0
 
 
+# llama.cpp's own fallback when a tensor's rows are not whole 256-blocks (tensor_type_fallback
+# in src/llama-quant.cpp): the type it would really store a candidate as.
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+            "IQ4_XS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ2_XXS": "IQ4_NL",
+            "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL", "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL"}
+
+
+def candidates(tensor: TensorInfo, types: Iterable[str]) -> list[str]:
+    """The types ``tensor`` can be stored in: each candidate, or where its rows are not
+    whole blocks of it, the type llama.cpp falls back to (a 7B's 11008-wide ``ffn_down``
+    rows take Q4_0/Q5_0/Q5_1/Q8_0, as in llama.cpp's own mixes)."""
+    out: dict[str, None] = {}
+    for t in types:
+        t = t if fits_shape(tensor, t) else FALLBACK.get(t, t)
+        if fits_shape(tensor, t):
+            out[t] = None
+    return list(out)
+
+
 @dataclass(frozen=True)
 class TensorCost:
     """One quantizable tensor: its group, and bytes and weighted error per candidate type."""

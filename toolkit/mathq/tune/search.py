@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -59,8 +59,8 @@ from mathq.tune.plan import (
     SizeModel,
     TensorCost,
     allocate,
+    candidates,
     check_budget,
-    fits_shape,
     group_of,
     main_type,
     overrides_pairs,
@@ -169,12 +169,18 @@ def tune_name(budget: Budget, imatrix: bool, bpw: float | None = None) -> str:
     return f"T{bpw:.2f}{'-imat' if imatrix else ''}"
 
 
-def _bf16_rows(path: Path, model: GGUFSummary, name: str) -> np.ndarray:
+SLICE_BYTES = 64 << 20   # float32 rows quantized at a time: bounds memory on a 7B's embedding
+
+
+def _row_slices(path: Path, model: GGUFSummary, name: str) -> Iterator[np.ndarray]:
+    """A tensor's rows as float32, a slice of at most :data:`SLICE_BYTES` at a time."""
     t = next(x for x in model.tensors if x.name == name)
     raw = np.asarray(tensor_data(path, t)).reshape(-1, t.shape[0])
-    if t.type == "BF16":
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32)
+    step = max(1, SLICE_BYTES // (4 * t.shape[0]))
+    for start in range(0, raw.shape[0], step):
+        part = raw[start:start + step]
+        yield ((part.astype(np.uint32) << 16).view(np.float32) if t.type == "BF16"
+               else part.astype(np.float32))
 
 
 def _entry(imatrix: Imatrix | None, name: str, n_per_row: int) -> np.ndarray | None:
@@ -205,20 +211,21 @@ def tensor_costs(source: Path, model: GGUFSummary, types: tuple[str, ...],
     costs = []
     for i, t in enumerate(tensors):
         progress(Progress("tune costs", i, len(tensors), "tensors", item=t.name))
-        rows = _bf16_rows(source, model, t.name)
         weights = _entry(cost_imatrix, t.name, t.shape[0])
         used = _entry(quant_imatrix, t.name, t.shape[0])
-        fit = [ty for ty in types if fits_shape(t, ty)]
+        fit = candidates(t, types)
         if not fit:
             raise TuneError(f"no candidate type fits {t.name} (rows of {t.shape[0]})",
                             "add a 32-block type such as Q8_0 or Q4_0 to --types")
-        errors = {}
-        for ty in fit:
-            tid = int(GGMLQuantizationType[ty])
-            back = ggml.dequantize_rows(tid, ggml.quantize_rows(tid, rows, used, threads),
-                                        *rows.shape)
-            sq = np.square(back - rows, dtype=np.float64).sum(axis=0)
-            errors[ty] = float((sq * weights).sum() if weights is not None else sq.sum())
+        sq = {ty: np.zeros(t.shape[0]) for ty in fit}
+        for rows in _row_slices(source, model, t.name):
+            for ty in fit:
+                tid = int(GGMLQuantizationType[ty])
+                back = ggml.dequantize_rows(tid, ggml.quantize_rows(tid, rows, used, threads),
+                                            *rows.shape)
+                sq[ty] += np.square(back - rows, dtype=np.float64).sum(axis=0)
+        errors = {ty: float((v * weights).sum() if weights is not None else v.sum())
+                  for ty, v in sq.items()}
         costs.append(TensorCost(t.name, group_of(t.name),
                                 {ty: tensor_bytes(t, ty) for ty in fit}, errors))
     progress(Progress("tune costs", len(tensors), len(tensors), "tensors"))
@@ -390,7 +397,7 @@ def run_tune(job: TuneJob, options: TuneOptions,
     header = read_gguf_header(job.source)
     sizes: SizeModel = size_model(model, header.data_offset, _extra_metadata_bytes())
     shapes = [TensorCost(t.name, group_of(t.name),
-                         {ty: tensor_bytes(t, ty) for ty in options.types if fits_shape(t, ty)},
+                         {ty: tensor_bytes(t, ty) for ty in candidates(t, options.types)},
                          {}) for t in quantizable(model)]
     if options.budget.match is None:  # refuse an impossible budget before any work
         check_budget(budget_bytes(options, model, None), shapes, sizes, _what(options))

@@ -22,7 +22,7 @@ from mathq.manifest import Fingerprint, Manifest, file_identity
 from mathq.progress import ProgressCallback, no_progress
 from mathq.quantize.core import output_name
 from mathq.quantize.stage import DEFAULT_SMOKE_SUITE
-from mathq.recipes.recipe import load_recipe
+from mathq.recipes.recipe import Recipe, load_recipe
 from mathq.tune.search import TuneJob, TuneOptions, TuneResult, run_tune, tune_name
 
 
@@ -53,9 +53,18 @@ def resolve_tune(ref: str, options: TuneOptions, build_root: Path | None = None,
                         smoke=lambda: load_problem_set(suite)), options, None)
     recipe = load_recipe(ref)
     layout = BuildLayout.for_model(recipe.name, build_root)
+    if not layout.gguf("BF16").is_file():
+        raise InputFileError(f"{layout.gguf('BF16')} not found",
+                             f"run `mathq convert {ref}` first")
+    job, options = recipe_tune_job(recipe, layout, options, smoke_suite)
+    return job, options, layout
+
+
+def recipe_tune_job(recipe: Recipe, layout: BuildLayout, options: TuneOptions,
+                    smoke_suite: str | None = None) -> tuple[TuneJob, TuneOptions]:
+    """The tune of a recipe's BF16 file (which a build may not have made yet for a
+    ``--match`` budget) into its build folder, measured on its ``[kld] corpus``."""
     source = layout.gguf("BF16")
-    if not source.is_file():
-        raise InputFileError(f"{source} not found", f"run `mathq convert {ref}` first")
     if options.kld.corpus is None:
         options = replace(options, kld=replace(options.kld, corpus=recipe.kld.corpus))
     name = _name(source, options)
@@ -64,7 +73,7 @@ def resolve_tune(ref: str, options: TuneOptions, build_root: Path | None = None,
                     work_dir=layout.root / "tune", heldout_cache=layout.kld_dir,
                     smoke=lambda: load_problem_set(suite), prompt=recipe.prompt,
                     stock=layout.gguf(options.budget.match) if options.budget.match else None),
-            options, layout)
+            options)
 
 
 def tune_fingerprint(job: TuneJob, options: TuneOptions) -> Fingerprint | None:
