@@ -7,7 +7,8 @@ tuned and tuned + matrix, plus the demo's accuracy on its 400 held-out smoke pro
 the tune's own cost: wall time and peak RSS of one cold ``mathq tune --match Q4_K_M`` as a
 multiple of one plain ``mathq quantize -Q Q4_K_M`` of the same model, each in its own process.
 
-Everything runs through mathq's command line, as a user would run it:
+Everything runs through mathq's command line, as a user would run it. A rerun keeps the files
+and the cost measurement an interrupted run made (``--out`` holds them); delete it to start over.
 
 - demo: a build folder of the ``tiny-demo`` recipe; calibration (the importance matrix and the
   tune's probes) on ``models/tiny-demo/problems.jsonl``, the training run's held-out problems,
@@ -68,22 +69,24 @@ def _row(kld: dict, size: int) -> dict:
 def demo(out: Path) -> dict:
     """The demo model through its recipe's build folder."""
     build = out / "build"
-    shutil.rmtree(build, ignore_errors=True)
     env = _env(build)
     folder = build / "tiny-demo"
-    mathq("convert", "tiny-demo", "-q", env=env)
-    mathq("imatrix", "tiny-demo", "-c", str(CALIBRATION), "-q", env=env)
-    cost = _cost(env, ["quantize", "tiny-demo", "-Q", "Q4_K_M", "-q"],
+    if not (folder / "tiny-demo.imatrix.gguf").is_file():
+        mathq("convert", "tiny-demo", "-q", env=env)
+        mathq("imatrix", "tiny-demo", "-c", str(CALIBRATION), "-q", env=env)
+    cost_env = _env(out / "cost-build")  # a build folder of its own: nothing to reuse
+    cost = _cost(cost_env, ["quantize", "tiny-demo", "-Q", "Q4_K_M", "-q"],
                  ["tune", "tiny-demo", "--match", "Q4_K_M", "-c", str(CALIBRATION), "-q"],
-                 [folder / "tiny-demo-Q4_K_M.gguf", folder / "tiny-demo-Q4_K_M-tuned.gguf",
-                  folder / "tune", folder / "kld"])
+                 out / "cost-build", folder / "cost.json", ["convert", "tiny-demo", "-q"])
     names = []
     for q in BUDGETS:
+        names += [q, f"{q}-imat", f"{q}-tuned", f"{q}-imat-tuned"]
+        if all((folder / f"tiny-demo-{n}.gguf").is_file() for n in names[-4:]):
+            continue  # made by an earlier, interrupted run of this script
         mathq("quantize", "tiny-demo", "-Q", f"{q},{q}-imat", "-q", env=env)
         mathq("tune", "tiny-demo", "--match", q, "-c", str(CALIBRATION), "-q", env=env)
         mathq("tune", "tiny-demo", "--match", q, "-c", str(CALIBRATION), "-q", "--imatrix",
               str(folder / "tiny-demo.imatrix.gguf"), env=env)
-        names += [q, f"{q}-imat", f"{q}-tuned", f"{q}-imat-tuned"]
     klds = json.loads(mathq("kld", "tiny-demo", "-Q", ",".join(names), "-q", "--json",
                             env=env))["summaries"]
     smoke = json.loads(mathq("smoke", "tiny-demo", "-Q", ",".join(["BF16", *names]), "-q",
@@ -107,33 +110,36 @@ def big(out: Path, hidden: int, ffn: int, layers: int, probe_chunks: int) -> dic
     from tests.ggufbuild import write_tiny_llama_gguf
 
     folder = out / "big"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     env = _env(out / "build-unused")
     bf16 = folder / "deepseek-shape-BF16.gguf"
-    write_tiny_llama_gguf(bf16, ROOT / "tests/fixtures/deepseek-llm-tokenizer/"
-                          "ggml-vocab-deepseek-llm.gguf", n_embd=hidden, n_ff=ffn,
-                          n_layer=layers, n_head=hidden // 64, output_scale=0.5)
     imatrix = folder / "deepseek-shape.imatrix.gguf"
-    mathq("imatrix", str(bf16), "-c", str(CALIBRATION), "--smoke-suite", str(SMOKE),
-          "--chunks", "16", "--out", str(imatrix), "-q", env=env)
+    if not imatrix.is_file():
+        write_tiny_llama_gguf(bf16, ROOT / "tests/fixtures/deepseek-llm-tokenizer/"
+                              "ggml-vocab-deepseek-llm.gguf", n_embd=hidden, n_ff=ffn,
+                              n_layer=layers, n_head=hidden // 64, output_scale=0.5)
+        mathq("imatrix", str(bf16), "-c", str(CALIBRATION), "--smoke-suite", str(SMOKE),
+              "--chunks", "16", "--out", str(imatrix), "-q", env=env)
     common = ["-c", str(CALIBRATION), "--smoke-suite", str(SMOKE), "--probe-chunks",
               str(probe_chunks), "-q"]
     cold = folder / "cold"
     cost = _cost(env, ["quantize", str(bf16), "-Q", "Q4_K_M", "--out-dir", str(cold), "-q"],
                  ["tune", str(bf16), "--match", "Q4_K_M", "--out-dir", str(cold), *common],
-                 [cold])
+                 cold, folder / "cost.json")
     files = []
     for q in BUDGETS:
+        files += [folder / f"deepseek-shape-{n}.gguf"
+                  for n in (q, f"{q}-imat", f"{q}-tuned", f"{q}-imat-tuned")]
+        if all(f.is_file() for f in files[-4:]):
+            continue  # made by an earlier, interrupted run of this script
         mathq("quantize", str(bf16), "-Q", q, "--out-dir", str(folder), "-q", env=env)
         mathq("quantize", str(bf16), "-Q", q, "--imatrix", str(imatrix), "--out-dir",
               str(folder), "-q", env=env)
         mathq("tune", str(bf16), "--match", q, *common, env=env)
         mathq("tune", str(bf16), "--match", q, "--imatrix", str(imatrix), *common, env=env)
-        files += [folder / f"deepseek-shape-{n}.gguf"
-                  for n in (q, f"{q}-imat", f"{q}-tuned", f"{q}-imat-tuned")]
-    klds = json.loads(mathq("kld", *map(str, files), "--reference", str(bf16), "--out-dir",
-                            str(folder / "kld"), "-q", "--json", env=env))["summaries"]
+    klds = [json.loads(mathq("kld", str(f), "--reference", str(bf16), "--out-dir",
+                             str(folder / "kld"), "-q", "--json", env=env))["summaries"][0]
+            for f in files]
     rows = {}
     for q in BUDGETS:
         for kind, name in zip(KINDS, (q, f"{q}-imat", f"{q}-tuned", f"{q}-imat-tuned"),
@@ -151,15 +157,22 @@ def _n_params(path: Path) -> int:
     return read_gguf_summary(path).n_params
 
 
-def _cost(env: dict[str, str], quantize: list[str], tune: list[str],
-          clean: list[Path]) -> dict:
+def _cost(env: dict[str, str], quantize: list[str], tune: list[str], scratch: Path,
+          saved: Path, setup: list[str] | None = None) -> dict:
     """One plain quantize, then one cold tune (no probe, cost or reference kept), each in
-    its own process: wall seconds and peak RSS."""
-    for path in clean:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    its own process, in the empty folder ``scratch``: wall seconds and peak RSS (kept in
+    ``saved`` for a rerun)."""
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    shutil.rmtree(scratch, ignore_errors=True)
+    if setup:
+        mathq(*setup, env=env)
     q_s, q_rss = mathq_timed(*quantize, env=env)
     t_s, t_rss = mathq_timed(*tune, env=env)
-    return {"quantize_s": q_s, "quantize_rss": q_rss, "tune_s": t_s, "tune_rss": t_rss}
+    cost = {"quantize_s": q_s, "quantize_rss": q_rss, "tune_s": t_s, "tune_rss": t_rss,
+            "load": load_note()}
+    saved.write_text(json.dumps(cost) + "\n")
+    return cost
 
 
 def table(result: dict, accuracy: bool) -> str:

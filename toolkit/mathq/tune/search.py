@@ -349,7 +349,7 @@ class _Prober:
                                           overrides=overrides_pairs(assignment),
                                           threads=self.options.threads))
             summary = measure_gguf(path, label, self.job.name, self.ref, self.calib,
-                                   self.options.kld)
+                                   self.options.kld, self.progress)
         finally:
             path.unlink(missing_ok=True)
         self.journal.add({"key": key, "label": label, "kld": summary.mean_kld,

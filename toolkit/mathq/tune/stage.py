@@ -49,8 +49,11 @@ def resolve_tune(ref: str, options: TuneOptions, build_root: Path | None = None,
         dest = (out_dir or path.parent) / output_name(path, name)
         work = dest.parent / f"{path.stem}.tune"
         suite = smoke_suite or DEFAULT_SMOKE_SUITE
+        match = options.budget.match
         return (TuneJob(source=path, name=name, dest=dest, work_dir=work, heldout_cache=work,
-                        smoke=lambda: load_problem_set(suite)), options, None)
+                        smoke=lambda: load_problem_set(suite),
+                        stock=dest.with_name(output_name(path, match)) if match else None),
+                options, None)
     recipe = load_recipe(ref)
     layout = BuildLayout.for_model(recipe.name, build_root)
     if not layout.gguf("BF16").is_file():
