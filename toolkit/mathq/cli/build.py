@@ -36,7 +36,8 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
                    "of each type it helps (Q2_K-Q4_K, IQ*), measured beside the plain one.")
 @click.option("--calibration", "-c", metavar="FILE|SET", default=DEFAULT_CALIBRATION,
               show_default=True,
-              help="With --imatrix or --tune: the calibration text, as for `mathq imatrix`.")
+              help="With --imatrix: the calibration text, as for `mathq imatrix`; with "
+                   "--tune, the text of the tune's KLD probes.")
 @click.option("--tune", "tune_list", metavar="TYPES",
               help="Also make the tuned sibling of each type (`mathq tune --match`), e.g. "
                    "Q4_K_M,Q3_K_M: <QUANT>-tuned, and <QUANT>-imat-tuned with --imatrix. "
