@@ -195,9 +195,11 @@ def parse_variant(name: str) -> Variant:
     imatrix = key.lower().endswith(IMATRIX_SUFFIX)
     quant = get_quant(key[: -len(IMATRIX_SUFFIX)] if imatrix else key)
     if (imatrix or tuned) and quant.is_float:
+        kind, suffix = ("importance-matrix", IMATRIX_SUFFIX) if imatrix else ("tuned",
+                                                                            TUNED_SUFFIX)
         raise UnknownQuantError(f"{name.strip()!r}: {quant.name} is not quantized, so it has no "
-                                "importance-matrix or tuned variant",
-                                f"use {quant.name}, or a quantized type with {IMATRIX_SUFFIX}")
+                                f"{kind} variant",
+                                f"use {quant.name}, or a quantized type with {suffix}")
     return Variant(quant, imatrix, tuned)
 
 
