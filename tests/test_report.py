@@ -626,3 +626,18 @@ def test_help_documents_both_commands() -> None:
         assert "Examples:" in text and f"mathq {command} deepseek-math-7b-rl" in text
     report_help = CliRunner().invoke(cli, ["report", "--help"]).output
     assert "which file do I publish?" in report_help and "--kld-bound" not in report_help
+
+
+def test_imatrix_tuned_variants_follow_the_tuned_ones_with_their_own_marker(build) -> None:
+    recipe, layout = build
+    for name, kld in (("Q4_K_M-imat-tuned", 0.0201), ("Q4_K_M-tuned", 0.0251)):
+        layout.gguf(name).symlink_to(layout.gguf("Q4_K_M").resolve())
+        save_summary(layout.kld_summary(name), _kld(name, kld, 4050))
+    result = build_report(recipe, build_root=layout.root.parent)
+    order = [r.quant for r in result.data.rows]
+    assert order.index("Q4_K_M-imat-tuned") == order.index("Q4_K_M-tuned") + 1
+    row = next(r for r in result.data.rows if r.quant == "Q4_K_M-imat-tuned")
+    assert row.kind == "imatrix-tuned" and row.nominal_bpw == 4.5
+    assert "| Q4_K_M-imat-tuned †‡ |" in result.markdown.read_text(encoding="utf-8")
+    svg = result.plots[1].svg.read_text(encoding="utf-8")
+    assert "tuned with a matrix (-imat-tuned)" in svg

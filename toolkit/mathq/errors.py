@@ -89,6 +89,19 @@ class MissingImatrixError(QuantizeError):
     exit_code = 2
 
 
+class TensorTypeFileError(QuantizeError, ValueError):
+    """A ``--tensor-type-file`` that cannot be read or holds a malformed line: bad input."""
+
+    exit_code = 2
+
+
+class TuneError(MathqError, ValueError):
+    """A tuning request no file can meet (a budget below the smallest mix or above BF16, a
+    size that is not one, a type the tuner cannot choose): the user's to fix."""
+
+    exit_code = 2
+
+
 class ServerError(MathqError, ConnectionError):
     """A server (Ollama, an OpenAI-compatible endpoint) is unreachable or refused a request."""
 

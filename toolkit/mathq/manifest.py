@@ -44,6 +44,7 @@ class ArtifactRecord:
     tools: dict[str, str] = field(default_factory=dict)
     size: int | None = None
     created: float = 0.0
+    result: dict[str, Any] = field(default_factory=dict)
 
     def same_recipe(self, inputs: dict[str, Any], settings: dict[str, Any]) -> bool:
         """True when this record was made from exactly these inputs and settings."""
@@ -95,10 +96,13 @@ class Manifest:
         return self.artifacts().get(key)
 
     def record(self, key: str, stage: str, inputs: dict[str, Any],
-               settings: dict[str, Any] | None = None, size: int | None = None) -> ArtifactRecord:
-        """Record (or replace) how artifact ``key`` was made, with current tool versions."""
+               settings: dict[str, Any] | None = None, size: int | None = None,
+               result: dict[str, Any] | None = None) -> ArtifactRecord:
+        """Record (or replace) how artifact ``key`` was made, with current tool versions.
+        ``result`` holds what making it found (a search's figures); it is never compared."""
         rec = ArtifactRecord(stage=stage, inputs=dict(inputs), settings=dict(settings or {}),
-                             tools=tool_versions(), size=size, created=time.time())
+                             tools=tool_versions(), size=size, created=time.time(),
+                             result=dict(result or {}))
         with self._locked():
             data = self._read()
             data["artifacts"][key] = asdict(rec)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mathq.errors import DiskSpaceError, MathqError, MissingImatrixError
+from mathq.errors import DiskSpaceError, MathqError, MissingImatrixError, TuneError
 from mathq.fsutil import format_bytes, free_bytes
 from mathq.layout import BuildLayout
 from mathq.llama.runtime import PARALLEL_AUTO
@@ -57,6 +57,21 @@ class BuildOptions:
     imatrix: bool = False
     calibration: str = DEFAULT_CALIBRATION
     draft: bool = True
+    tune: tuple[QuantType, ...] = ()
+
+
+def tuned_variants(options: BuildOptions) -> tuple[Variant, ...]:
+    """The ``mathq tune --match`` siblings ``tune`` asks for: ``<QUANT>-tuned`` for each
+    type, and with ``imatrix`` also ``<QUANT>-imat-tuned`` where the matrix helps."""
+    variants: list[Variant] = []
+    for q in options.tune:
+        if q.is_float:
+            raise TuneError(f"--tune {q.name}: {q.name} is not quantized, so it has no tuned "
+                            "sibling", "name quantized types, e.g. --tune Q4_K_M,Q3_K_M")
+        variants.append(Variant(q, tuned=True))
+        if options.imatrix and q.imatrix_helps:
+            variants.append(Variant(q, imatrix=True, tuned=True))
+    return tuple(variants)
 
 
 def build_variants(options: BuildOptions) -> tuple[Variant, ...]:
@@ -244,10 +259,33 @@ def plan_build(recipe: Recipe, options: BuildOptions, build_root: Path | None = 
             lambda p, o=opts: quantize_variants(job, [o], None, p),
             lambda o=opts: quantize_fingerprint(bf16, o),
             (bf16, layout.imatrix) if v.imatrix else (bf16,)))
+    tuned = tuned_variants(options)
+    steps += [_tune_step(recipe, options, layout, v, n_params) for v in tuned]
     steps += _modelfile_steps(recipe, variants, layout, build_root)
     if options.measure:
-        steps += _measure_steps(recipe, options, variants, layout, build_root)
+        steps += _measure_steps(recipe, options, variants + tuned, layout, build_root)
     return steps
+
+
+def _tune_step(recipe: Recipe, options: BuildOptions, layout: BuildLayout, variant: Variant,
+               n_params: int) -> Step:
+    """``mathq tune --match QUANT`` into the build folder, probes calibrated on the build's
+    ``calibration`` text; after the quantize steps, so a built stock file sets the budget."""
+    from mathq.evaluate.kld.measure import KldOptions
+    from mathq.tune.search import Budget, TuneOptions
+    from mathq.tune.stage import recipe_tune_job, tune_and_record, tune_fingerprint
+
+    imatrix = layout.imatrix if variant.imatrix else None
+    job, opts = recipe_tune_job(recipe, layout, TuneOptions(
+        Budget(match=variant.quant.name), imatrix=imatrix, calibration=options.calibration,
+        kld=KldOptions(corpus=recipe.kld.corpus)))
+    bf16 = layout.gguf("BF16")
+    # the tuned file, and one probe file at a time of about BF16's size
+    needs = int(n_params * variant.quant.bpw / 8 * 1.15) + 2 * n_params
+    return Step(f"tune {variant.name}", "tune", job.dest, job.dest.name, needs,
+                lambda p: tune_and_record(job, opts, layout, p),
+                lambda: tune_fingerprint(job, opts),
+                (bf16, imatrix) if imatrix else (bf16,))
 
 
 def _imatrix_step(recipe: Recipe, options: BuildOptions, layout: BuildLayout) -> Step:

@@ -30,6 +30,7 @@ from mathq.cli.quantize import quantize
 from mathq.cli.recipes import quants, recipes
 from mathq.cli.report import report
 from mathq.cli.smoke import smoke
+from mathq.cli.tune import tune
 from mathq.errors import MathqError, OutputError, Terminated, terminate
 
 
@@ -118,6 +119,7 @@ PIPELINE: tuple[tuple[click.Command, str], ...] = (
     (convert, "2. Convert a Hugging Face checkpoint to a BF16 GGUF"),
     (imatrix, "3. Compute a math-calibrated importance matrix"),
     (quantize, "3. Quantize a BF16 GGUF into llama.cpp's types"),
+    (tune, "3. The lowest-KLD mix of types for a size budget"),
     (modelfile, "4. Write (or --check) Ollama Modelfiles"),
     (smoke, "5. MATH accuracy of each variant, graded"),
     (bench, "5. Speed: prompt, generation, parallel throughput"),

@@ -36,7 +36,12 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
                    "of each type it helps (Q2_K-Q4_K, IQ*), measured beside the plain one.")
 @click.option("--calibration", "-c", metavar="FILE|SET", default=DEFAULT_CALIBRATION,
               show_default=True,
-              help="With --imatrix: the calibration text, as for `mathq imatrix`.")
+              help="With --imatrix: the calibration text, as for `mathq imatrix`; with "
+                   "--tune, the text of the tune's KLD probes.")
+@click.option("--tune", "tune_list", metavar="TYPES",
+              help="Also make the tuned sibling of each type (`mathq tune --match`), e.g. "
+                   "Q4_K_M,Q3_K_M: <QUANT>-tuned, and <QUANT>-imat-tuned with --imatrix. "
+                   "Its probes read --calibration.")
 @click.option("--no-draft", "no_draft", is_flag=True,
               help="Smoke tests decode one token per step instead of also checking drafted "
                    "tokens (BF16's answers, prompt text) in batches; same answers.")
@@ -47,7 +52,8 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
 @quiet_option
 @json_option
 def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, skip_smoke: bool,
-          files_only: bool, use_imatrix: bool, calibration: str, no_draft: bool, dry_run: bool,
+          files_only: bool, use_imatrix: bool, calibration: str, tune_list: str | None,
+          no_draft: bool, dry_run: bool,
           build_dir: Path | None, quiet: bool, as_json: bool) -> None:
     """Run the whole pipeline for a recipe into build/<model>/, redoing only what changed.
 
@@ -69,6 +75,7 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
       mathq build deepseek-math-7b-rl --quant Q5_K_M
       mathq build tiny-demo --quant Q2_K,Q4_K_M,Q8_0 --n 50
       mathq build deepseek-math-7b-rl --quant Q4_K_M,IQ3_XXS --imatrix
+      mathq build deepseek-math-7b-rl --quant Q4_K_M --tune Q4_K_M,Q3_K_M
       mathq build deepseek-math-7b-rl --dry-run
     """
     from dataclasses import replace
@@ -82,12 +89,14 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
         plan_outcomes,
         run_steps,
     )
+    from mathq.recipes.quants import parse_quant_list
     from mathq.recipes.recipe import load_recipe
 
     loaded = load_recipe(recipe)
     options = replace(default_options(loaded, quant_list), n=n, parallel=parallel,
                       skip_smoke=skip_smoke, measure=not files_only, imatrix=use_imatrix,
-                      calibration=calibration, draft=not no_draft)
+                      calibration=calibration, draft=not no_draft,
+                      tune=parse_quant_list(tune_list) if tune_list is not None else ())
     layout = BuildLayout.for_model(loaded.name, build_dir)
     manifest = Manifest(layout.manifest)
     steps = plan_build(loaded, options, build_dir)

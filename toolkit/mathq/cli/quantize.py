@@ -56,6 +56,9 @@ def _parse_override(_ctx: click.Context, _param: click.Parameter,
 @click.option("--tensor-type", "overrides", multiple=True, metavar="PATTERN=TYPE",
               callback=_parse_override,
               help="Per-tensor type override by regex, repeatable, e.g. 'attn_v=Q8_0'.")
+@click.option("--tensor-type-file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Overrides from a file of PATTERN=TYPE lines, as llama-quantize "
+                   "--tensor-type-file reads it (e.g. the .overrides.txt of `mathq tune`).")
 @click.option("--allow-requantize", is_flag=True,
               help="Accept an already quantized input (loses more quality).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
@@ -67,7 +70,8 @@ def _parse_override(_ctx: click.Context, _param: click.Parameter,
 @json_option
 def quantize(source: str, quant_list: str | None, imatrix: Path | None,
              output_tensor_type: str | None, token_embedding_type: str | None,
-             overrides: tuple[tuple[str, str], ...], allow_requantize: bool, threads: int,
+             overrides: tuple[tuple[str, str], ...], tensor_type_file: Path | None,
+             allow_requantize: bool, threads: int,
              out_dir: Path | None, build_dir: Path | None, quiet: bool, as_json: bool) -> None:
     """Quantize a BF16 GGUF into llama.cpp's types (Q4_K_M, Q5_K_M, Q6_K, Q8_0, ...).
 
@@ -86,11 +90,14 @@ def quantize(source: str, quant_list: str | None, imatrix: Path | None,
       mathq quantize model-BF16.gguf -Q IQ3_XXS --imatrix math.imatrix.gguf
       mathq quantize deepseek-math-7b-rl -Q Q4_K_M-imat     # after `mathq imatrix`
       mathq quantize model-BF16.gguf -Q Q4_K_M --tensor-type 'attn_v=Q8_0'
+      mathq quantize model-BF16.gguf -Q Q4_K_M --tensor-type-file model-Q4_K_M-tuned.overrides.txt
     """
-    from mathq.quantize.core import QuantizeOptions
+    from mathq.quantize.core import QuantizeOptions, read_tensor_type_file
     from mathq.quantize.stage import quantize_variants, resolve_quantize_input, variant_imatrix
     from mathq.recipes.quants import Variant, parse_variant_list
 
+    if tensor_type_file is not None:
+        overrides += read_tensor_type_file(tensor_type_file)
     job = resolve_quantize_input(source, build_dir)
     variants = (parse_variant_list(quant_list) if quant_list is not None
                 else tuple(Variant(q) for q in job.default_quants))

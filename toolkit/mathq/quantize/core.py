@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mathq.convert.gguf_info import GGUFSummary, read_gguf_summary
-from mathq.errors import MissingImatrixError, QuantizeError
+from mathq.errors import MissingImatrixError, QuantizeError, TensorTypeFileError
 from mathq.fsutil import atomic_output, ensure_free_space
 from mathq.llama.runtime import LOG_ERROR, capture_llama_log
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.quantize.imatrix_file import Imatrix, load_imatrix
-from mathq.recipes.quants import QuantType, ggml_type_id
+from mathq.recipes.quants import QuantType, UnknownQuantError, ggml_type_id
 
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
 _FLOAT_SUFFIX = re.compile(r"-(BF16|F16|F32)$", re.IGNORECASE)
@@ -41,6 +41,8 @@ class QuantizeOptions:
 
     ``imatrix`` is stored in the output's metadata as given, like ``llama-quantize`` does.
     ``overrides`` are ``(regex, ggml type)`` pairs, ``--tensor-type`` in llama-quantize.
+    ``metadata`` are extra ``(key, value)`` pairs written into the output's header, as
+    llama-quantize writes its ``quantize.imatrix.*`` keys (strings of at most 127 bytes).
     """
 
     quant: QuantType
@@ -50,6 +52,7 @@ class QuantizeOptions:
     overrides: tuple[tuple[str, str], ...] = ()
     allow_requantize: bool = False
     threads: int = 0
+    metadata: tuple[tuple[str, str | int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,7 @@ def quantize_gguf(source: Path, dest: Path, options: QuantizeOptions,
     if options.token_embedding_type:
         params.token_embedding_type = ggml_type_id(options.token_embedding_type)
     keep_alive: list[object] = []  # C arrays must outlive the call
+    kvs = [_kv_override(k, v) for k, v in options.metadata]
     if imatrix is not None:
         floats = {n: (ctypes.c_float * v.size).from_buffer_copy(v.tobytes())
                   for n, v in imatrix.entries.items()}
@@ -173,14 +177,16 @@ def quantize_gguf(source: Path, dest: Path, options: QuantizeOptions,
         items = [llama_cpp.llama_model_imatrix_data(n.encode(), f, len(f))
                  for n, f in floats.items()]
         params.imatrix = _terminated(llama_cpp.llama_model_imatrix_data, items)
-        kvs = [_kv_override(KV_IMATRIX_FILE, str(options.imatrix))]
+        kvs.append(_kv_override(KV_IMATRIX_FILE, str(options.imatrix)))
         if imatrix.datasets:
             kvs.append(_kv_override(KV_IMATRIX_DATASET, imatrix.datasets[0]))
         kvs.append(_kv_override(KV_IMATRIX_ENTRIES, len(imatrix.entries)))
         if imatrix.chunk_count > 0:
             kvs.append(_kv_override(KV_IMATRIX_CHUNKS, imatrix.chunk_count))
+        keep_alive.append(params.imatrix)
+    if kvs:
         params.kv_overrides = _terminated(llama_cpp.llama_model_kv_override, kvs)
-        keep_alive += [params.imatrix, params.kv_overrides]
+        keep_alive.append(params.kv_overrides)
     if options.overrides:
         items = [llama_cpp.llama_model_tensor_override(pattern.encode(), ggml_type_id(t))
                  for pattern, t in options.overrides]
@@ -214,6 +220,37 @@ def quantize_gguf(source: Path, dest: Path, options: QuantizeOptions,
     return QuantizeResult(path=dest, quant=quant.name, size=out.size, n_tensors=len(out.tensors),
                           bits_per_weight=out.bits_per_weight, seconds=seconds,
                           tensor_types=out.tensor_types())
+
+
+def read_tensor_type_file(path: Path) -> tuple[tuple[str, str], ...]:
+    """``llama-quantize --tensor-type-file``: whitespace-separated ``PATTERN=TYPE`` words,
+    read as llama-quantize reads them (patterns lower-cased), each checked before any work."""
+    path = Path(path)
+    try:
+        words = path.read_text(encoding="utf-8").split()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TensorTypeFileError(f"cannot read tensor type file {path}: "
+                                  f"{getattr(e, 'strerror', None) or e}",
+                                  "give a text file of PATTERN=TYPE lines") from None
+    if not words:
+        raise TensorTypeFileError(f"tensor type file {path} is empty",
+                                  "give a text file of PATTERN=TYPE lines")
+    pairs = []
+    for word in words:
+        pattern, sep, type_name = word.rpartition("=")
+        if not sep or not pattern or not type_name:
+            raise TensorTypeFileError(f"{path}: expected PATTERN=TYPE, got {word[:60]!r}",
+                                      "one PATTERN=TYPE per line, e.g. attn_v=Q8_0")
+        try:
+            ggml_type_id(type_name)
+            re.compile(pattern)
+        except UnknownQuantError as e:
+            raise TensorTypeFileError(f"{path}: {e.message}", e.hint) from None
+        except re.error as e:
+            raise TensorTypeFileError(f"{path}: {pattern[:60]!r} is not a regular expression "
+                                      f"({e})", "fix the PATTERN") from None
+        pairs.append((pattern.lower(), type_name))
+    return tuple(pairs)
 
 
 def verify_quantized(path: Path, quant: QuantType, n_tensors: int) -> GGUFSummary:

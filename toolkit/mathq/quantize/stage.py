@@ -33,7 +33,7 @@ from mathq.quantize.core import (
 from mathq.quantize.imatrix import INPUT_TYPES, ImatrixOptions, ImatrixResult, compute_imatrix
 from mathq.quantize.imatrix_file import load_imatrix
 from mathq.recipes.prompt import PromptSpec
-from mathq.recipes.quants import QuantType, Variant, get_quant
+from mathq.recipes.quants import QuantType, UnknownQuantError, Variant, get_quant
 from mathq.recipes.recipe import Recipe, load_recipe
 
 
@@ -66,7 +66,11 @@ def variant_of(opts: QuantizeOptions) -> Variant:
 def variant_imatrix(variant: Variant, job: QuantizeJob, given: Path | None,
                     ref: str) -> Path | None:
     """The matrix to quantize ``variant`` with: the one given (which makes any variant an
-    ``-imat`` one), else for an ``-imat`` name the build folder's own (``mathq imatrix``)."""
+    ``-imat`` one), else for an ``-imat`` name the build folder's own (``mathq imatrix``).
+    A ``-tuned`` name is refused: its types are chosen by ``mathq tune``, not a mix."""
+    if variant.tuned:
+        raise UnknownQuantError(f"{variant.name} is made by `mathq tune`, not by quantize",
+                                f"run `mathq tune {ref} --match {variant.quant.name}`")
     if given is not None or not variant.imatrix:
         return given
     if job.layout is None or not job.layout.imatrix.is_file():

@@ -157,9 +157,15 @@ so that it lives beside the plain variant (``<model>-Q4_K_M-imat.gguf``, ``kld/Q
 and the report can compare the two."""
 
 
+TUNED_SUFFIX = "-tuned"
+"""Ends the name of the variant ``mathq tune --match QUANT`` makes: the type's stock size with
+the tensor types chosen by measured KL divergence (``Q4_K_M-tuned``, ``Q4_K_M-imat-tuned``)."""
+
+
 @dataclass(frozen=True)
 class Variant:
-    """A variant of a build: a quantization type, made with an importance matrix or not.
+    """A variant of a build: a quantization type, made with an importance matrix or not,
+    as llama.cpp's stock mix or tuned to the stock mix's size (``mathq tune``).
 
     :attr:`name` is what every file of the variant is named after, and what ``--quant``
     options and the report call it.
@@ -167,27 +173,34 @@ class Variant:
 
     quant: QuantType
     imatrix: bool = False
+    tuned: bool = False
 
     @property
     def name(self) -> str:
-        """``Q4_K_M`` or ``Q4_K_M-imat``."""
-        return self.quant.name + (IMATRIX_SUFFIX if self.imatrix else "")
+        """``Q4_K_M``, ``Q4_K_M-imat``, ``Q4_K_M-tuned`` or ``Q4_K_M-imat-tuned``."""
+        return (self.quant.name + (IMATRIX_SUFFIX if self.imatrix else "")
+                + (TUNED_SUFFIX if self.tuned else ""))
 
 
 def parse_variant(name: str) -> Variant:
-    """``Q4_K_M-imat`` -> Variant(Q4_K_M, imatrix=True); plain names as :func:`get_quant`.
+    """``Q4_K_M-imat`` -> Variant(Q4_K_M, imatrix=True), ``Q4_K_M-tuned`` -> Variant(Q4_K_M,
+    tuned=True); plain names as :func:`get_quant`.
 
     The one place that reads a variant name, so that a suffix means the same thing in every
     command and in the report.
     """
     key = name.strip()
+    tuned = key.lower().endswith(TUNED_SUFFIX)
+    key = key[: -len(TUNED_SUFFIX)] if tuned else key
     imatrix = key.lower().endswith(IMATRIX_SUFFIX)
     quant = get_quant(key[: -len(IMATRIX_SUFFIX)] if imatrix else key)
-    if imatrix and quant.is_float:
+    if (imatrix or tuned) and quant.is_float:
+        kind, suffix = ("importance-matrix", IMATRIX_SUFFIX) if imatrix else ("tuned",
+                                                                            TUNED_SUFFIX)
         raise UnknownQuantError(f"{name.strip()!r}: {quant.name} is not quantized, so it has no "
-                                "importance-matrix variant",
-                                f"use {quant.name}, or a quantized type with {IMATRIX_SUFFIX}")
-    return Variant(quant, imatrix)
+                                f"{kind} variant",
+                                f"use {quant.name}, or a quantized type with {suffix}")
+    return Variant(quant, imatrix, tuned)
 
 
 def parse_variant_list(text: str) -> tuple[Variant, ...]:

@@ -109,7 +109,8 @@ def _kld(row: VariantRow, _data: ReportData) -> str:
 
 def quant_text(row: VariantRow) -> str:
     """The variant's name with its kind's mark."""
-    mark = {"imatrix": IMATRIX_MARK, "tuned": TUNED_MARK}.get(row.kind, "")
+    mark = {"imatrix": IMATRIX_MARK, "tuned": TUNED_MARK,
+            "imatrix-tuned": IMATRIX_MARK + TUNED_MARK}.get(row.kind, "")
     if not mark and row.made_with_imatrix:
         mark = IMATRIX_MARK
     return f"{row.quant} {mark}" if mark else row.quant
@@ -213,7 +214,7 @@ def kind_note(data: ReportData) -> str | None:
         notes.append(f"{IMATRIX_MARK} quantized with an importance matrix"
                      + (f" ({files})" if files else "") + ": llama.cpp spends the type's "
                      "bits where the calibration text's activations are large.")
-    if any(r.kind == "tuned" for r in data.rows):
+    if any(r.kind.endswith("tuned") for r in data.rows):
         notes.append(f"{TUNED_MARK} a tuned variant of its type (<QUANT>-tuned).")
     return " ".join(notes) or None
 

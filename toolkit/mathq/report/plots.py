@@ -8,7 +8,8 @@ speed: prompt processing and generation, side by side, ± sd.
 
 Every variant is one marker at its file's bits per weight (log-2 axis); markers are never
 joined across types. Kinds are told apart by shape and colour (stock: filled circles;
-``-imat``: open diamonds; ``-tuned``: filled triangles; BF16: a black square), the pick of each
+``-imat``: open diamonds; ``-tuned``: filled triangles; ``-imat-tuned``: open triangles pointing
+down; BF16: a black square), the pick of each
 size class is ringed and starred, and a variant that loses accuracy significantly is drawn
 faded. A plot with nothing to show says so in its middle rather than drawing an empty frame;
 a variant missing a figure is simply not drawn (never at zero).
@@ -32,12 +33,14 @@ PLOT_NAMES = ("accuracy", "kld", "speed")
 TITLES = {"accuracy": "MATH accuracy against BF16 by bits per weight",
           "kld": "KL divergence from BF16 by bits per weight, with the frontier",
           "speed": "Tokens per second by bits per weight"}
-COLORS = {"stock": "#1f5f99", "imatrix": "#c2572b", "tuned": "#2a8a4a", "reference": "#1d1d1f",
+COLORS = {"stock": "#1f5f99", "imatrix": "#c2572b", "tuned": "#2a8a4a",
+          "imatrix-tuned": "#6b3fa0", "reference": "#1d1d1f",
           "frontier": "#8a8a8a", "pick": "#d4a20a", "zero": "#6b6b6b"}
 _MARKERS = {"stock": ("o", True), "imatrix": ("D", False), "tuned": ("^", True),
-            "reference": ("s", True)}
+            "imatrix-tuned": ("v", False), "reference": ("s", True)}
 _KIND_LABELS = {"stock": "stock", "imatrix": "importance matrix (-imat)",
-                "tuned": "tuned (-tuned)", "reference": "BF16"}
+                "tuned": "tuned (-tuned)", "imatrix-tuned": "tuned with a matrix (-imat-tuned)",
+                "reference": "BF16"}
 FIGSIZE = (9.6, 5.0)
 PNG_DPI = 200
 

@@ -10,9 +10,10 @@ from the bench summary; tags from the recipe; versions, CPU and dates from the s
 environments. A measurement that does not exist is ``None`` here and is shown as missing,
 never as zero.
 
-Variants are of three kinds: *stock* (llama.cpp's type as it is), *imatrix*
-(``<QUANT>-imat``, quantized with an importance matrix) and *tuned* (``<QUANT>-tuned``, a
-variant kind a later stage may add; the report only styles it apart).
+Variants are of four kinds: *stock* (llama.cpp's type as it is), *imatrix*
+(``<QUANT>-imat``, quantized with an importance matrix), *tuned* (``<QUANT>-tuned``: the stock
+file's size, tensor types chosen by ``mathq tune``) and *imatrix-tuned* (``<QUANT>-imat-tuned``,
+tuned and quantized with the matrix), listed in that order under their type.
 
 A variant quantized with an importance matrix (``Q4_K_M-imat``, or any GGUF whose header
 names a matrix) carries the matrix's name in ``imatrix``; when its plain sibling is in the
@@ -54,7 +55,7 @@ from mathq.report.paired import PairedDifference, paired_difference, read_verdic
 # The full-precision variant accuracy changes are measured against, when it was smoke-tested.
 FULL_PRECISION = "BF16"
 TUNED_SUFFIX = "-tuned"
-KINDS = ("stock", "imatrix", "tuned")
+KINDS = ("stock", "imatrix", "tuned", "imatrix-tuned")
 
 
 _BITS = re.compile(r"^(?:I?Q|TQ)(\d)")
@@ -67,9 +68,10 @@ def size_class(quant: str) -> int | None:
 
 
 def variant_kind(name: str) -> str:
-    """``stock``, ``imatrix`` (``-imat``) or ``tuned`` (``-tuned``)."""
+    """``stock``, ``imatrix`` (``-imat``), ``tuned`` (``-tuned``) or ``imatrix-tuned``
+    (``-imat-tuned``)."""
     if name.lower().endswith(TUNED_SUFFIX):
-        return "tuned"
+        return "imatrix-tuned" if parse_variant(name).imatrix else "tuned"
     return "imatrix" if parse_variant(name).imatrix else "stock"
 
 
@@ -226,7 +228,7 @@ def _load(path: Path, kind: type) -> object | None:
 def _present_quants(layout: BuildLayout, recipe: Recipe) -> list[str]:
     names = {parse_variant(q).name for q in recipe.quants.variants}
     for q in QUANT_TYPES:
-        tuned = () if q.is_float else (q.name + TUNED_SUFFIX,)
+        tuned = () if q.is_float else (q.name + TUNED_SUFFIX, q.name + "-imat" + TUNED_SUFFIX)
         for name in (*variant_names(q), *tuned):
             paths = (layout.gguf(name), layout.smoke_summary(name),
                      layout.bench_summary(name), layout.kld_summary(name))

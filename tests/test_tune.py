@@ -1,0 +1,209 @@
+"""mathq tune on the real demo model: ggml's bytes, the budget, the overrides file, resuming.
+
+One tune of the demo model at ``--match Q2_K`` (module fixture, about 20 s on 2 cores) is
+checked from every side; a second run in a fresh folder, killed with SIGKILL after some
+probes and run again, must finish without measuring those probes again and must choose
+exactly the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mathq.convert.gguf_info import read_gguf_header, read_gguf_summary, tensor_data
+from mathq.errors import TuneError
+from mathq.manifest import Manifest
+from mathq.tune import ggml
+from mathq.tune.plan import SizeModel, TensorCost, allocate, parse_size, predicted
+from tests.clirun import run
+
+REPO = Path(__file__).resolve().parent.parent
+CALIBRATION = str(REPO / "models" / "tiny-demo" / "problems.jsonl")
+ARGS = ("tune", "tiny-demo", "--match", "Q2_K", "-c", CALIBRATION, "--probe-chunks", "4", "--json")
+
+
+def _build_with_bf16(root: Path, bf16: Path) -> Path:
+    folder = root / "tiny-demo"
+    folder.mkdir(parents=True)
+    shutil.copy2(bf16, folder / "tiny-demo-BF16.gguf")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tuned(demo_bf16_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("tune-build")
+    folder = _build_with_bf16(root, demo_bf16_gguf)
+    result = json.loads(run(*ARGS, "--build-dir", str(root)).output)
+    return {"root": root, "folder": folder, "result": result}
+
+
+def test_ggml_bytes_are_llama_cpp_bytes(tiny_quant_ggufs: dict[str, Path]):
+    """The cost model quantizes with the very routine llama.cpp's quantizer calls."""
+    from gguf import GGMLQuantizationType
+
+    bf16, q4 = tiny_quant_ggufs["BF16"], tiny_quant_ggufs["Q4_K_M"]
+    src, dst = read_gguf_summary(bf16), read_gguf_summary(q4)
+    out = {t.name: t for t in dst.tensors}
+    checked = set()
+    for t in src.tensors:
+        if len(t.shape) < 2:
+            continue
+        rows = (np.asarray(tensor_data(bf16, t)).astype(np.uint32) << 16).view(np.float32)
+        q = out[t.name]
+        mine = ggml.quantize_rows(int(GGMLQuantizationType[q.type]), rows, None, threads=2)
+        assert np.array_equal(mine, np.asarray(tensor_data(q4, q))), t.name
+        checked.add(q.type)
+    assert checked == {"Q4_K", "Q6_K"}
+
+
+def test_tuned_file_fits_its_budget_and_is_what_was_planned(tuned):
+    r, folder = tuned["result"], tuned["folder"]
+    path = folder / "tiny-demo-Q2_K-tuned.gguf"
+    assert Path(r["path"]) == path
+    assert path.stat().st_size == r["size"] <= r["budget"] == r["stock_size"]
+    stock = read_gguf_summary(folder / "tune" / "stock-Q2_K.gguf")
+    assert r["budget"] == stock.size
+    header = read_gguf_header(path)
+    assert header.summary.file_type_name == "Q2_K"
+    types = header.summary.tensor_types()
+    assert {n: types[n] for n in r["types"]} == r["types"]
+    assert header.values["quantize.tuned.by"].startswith("mathq tune")
+    assert header.values["quantize.tuned.budget"] == f"match Q2_K: {r['budget']} bytes"
+    assert len(set(r["types"].values())) > 1  # a mix, not one type everywhere
+    # the truth beside the prediction: measured on held-out text, and far below stock Q2_K
+    assert r["kld"]["corpus"] == "kld-text.txt" and r["kld"]["mean_kld"] > 0
+    stock_check = next(c for c in r["checks"] if c["label"] == "stock Q2_K")
+    assert r["calibration_kld"] < stock_check["kld"]
+    assert len(r["probes"]) == 9  # one per tensor group
+
+
+def test_the_overrides_file_reproduces_the_file_byte_for_byte(tuned, tmp_path):
+    folder, r = tuned["folder"], tuned["result"]
+    overrides = folder / "tiny-demo-Q2_K-tuned.overrides.txt"
+    lines = overrides.read_text().splitlines()
+    assert len(lines) == len(r["types"]) and all("=" in line for line in lines)
+    run("quantize", str(folder / "tiny-demo-BF16.gguf"), "-Q", "Q2_K", "--tensor-type-file",
+        str(overrides), "--out-dir", str(tmp_path))
+    again, tuned_file = tmp_path / "tiny-demo-Q2_K.gguf", folder / "tiny-demo-Q2_K-tuned.gguf"
+    a, b = read_gguf_summary(again), read_gguf_summary(tuned_file)
+    assert [(t.name, t.type, t.shape) for t in a.tensors] == \
+        [(t.name, t.type, t.shape) for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors, strict=True):
+        assert np.array_equal(np.asarray(tensor_data(again, ta)).view(np.uint8),
+                              np.asarray(tensor_data(tuned_file, tb)).view(np.uint8)), ta.name
+
+
+def test_the_manifest_records_the_search(tuned):
+    rec = Manifest(tuned["folder"] / "manifest.json").get("tiny-demo-Q2_K-tuned.gguf")
+    assert rec is not None and rec.stage == "tune"
+    assert rec.settings["budget"]["match"] == "Q2_K"
+    r = tuned["result"]
+    assert rec.result["kld"] == r["kld"]["mean_kld"]
+    assert rec.result["predicted_kld"] == r["predicted_kld"]
+    assert rec.result["budget_bytes"] == r["budget"] and rec.size == r["size"]
+    assert rec.result["seconds"] > 0
+
+
+def test_killed_mid_search_a_rerun_keeps_its_probes_and_chooses_the_same(
+        tuned, demo_bf16_gguf, tmp_path):
+    root = tmp_path / "build"
+    folder = _build_with_bf16(root, demo_bf16_gguf)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "toolkit"), str(REPO)]),
+           "MATHQ_BUILD_DIR": str(root), "MATHQ_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+    journal = folder / "tune" / "probes.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", "from mathq.cli import main; main()",
+                             *ARGS[:-1], "-q"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if journal.is_file() and len(journal.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (folder / "tiny-demo-Q2_K-tuned.gguf").exists(), "killed too late"
+    done = len(journal.read_text().splitlines())
+    assert done >= 3
+    r = json.loads(run(*ARGS, "--build-dir", str(root)).output)
+    measured = r["probes"] + r["checks"]
+    assert sum(p["reused"] for p in measured) == done
+    assert sum(not p["reused"] for p in measured) == len(measured) - done
+    # deterministic: the same inputs choose the same types and write the same tensors
+    assert r["types"] == tuned["result"]["types"]
+    assert (folder / "tiny-demo-Q2_K-tuned.overrides.txt").read_bytes() == \
+        (tuned["folder"] / "tiny-demo-Q2_K-tuned.overrides.txt").read_bytes()
+    assert [p["kld"] for p in r["probes"]] == [p["kld"] for p in tuned["result"]["probes"]]
+
+
+def test_allocation_never_exceeds_the_budget_and_uses_it_well():
+    rng = random.Random(7)
+    types = ("A", "B", "C", "D")
+    costs = []
+    for i in range(40):
+        n = rng.choice((256, 512, 1024)) * rng.randint(1, 8)
+        size = {t: n * (k + 2) for k, t in enumerate(types)}
+        err = {t: rng.uniform(0.5, 2.0) * n / 4 ** k for k, t in enumerate(types)}
+        costs.append(TensorCost(f"t{i}", f"g{i % 3}", size, err))
+    sens = {"g0": 1.0, "g1": 3.0, "g2": 0.2}
+    sizes = SizeModel(fixed=1000, bf16_size=10**9)
+    smallest = sizes.file_bytes(costs, {c.name: "A" for c in costs})
+    largest = sizes.file_bytes(costs, {c.name: "D" for c in costs})
+    last = float("inf")
+    for budget in range(smallest, largest + 1, (largest - smallest) // 25):
+        plan = allocate(costs, sens, budget, sizes)
+        assert sizes.file_bytes(costs, plan) <= budget
+        assert plan == allocate(costs, sens, budget, sizes)
+        kld = predicted(costs, sens, plan)
+        assert kld <= last + 1e-9  # more bytes never predict more KLD
+        last = kld
+    with pytest.raises(TuneError, match="below the smallest mix"):
+        allocate(costs, sens, smallest - 1, sizes)
+
+
+@pytest.mark.parametrize("text,expected", [("1879136", 1879136), ("1.5MiB", 1572864),
+                                           ("4.2GiB", int(4.2 * 2**30)), ("4200 MB", 4.2e9)])
+def test_sizes_parse(text, expected):
+    assert parse_size(text) == int(expected)
+
+
+@pytest.mark.parametrize("args,says", [
+    (("--size", "100KB"), "below the smallest mix of the candidate types"),
+    (("--size", "1GiB"), "is not below the BF16 file"),
+    (("--bpw", "1.0"), "below the smallest mix"),
+    (("--match", "Q4_K_M", "--types", "IQ2_XXS"), "--types IQ2_XXS needs an importance matrix"),
+    (("--size", "2MB", "--types", "Q4_K,F16"), "--types F16: not a type the tuner can choose"),
+])
+def test_impossible_requests_are_refused_before_any_work(demo_bf16_gguf, tmp_path, args, says):
+    root = tmp_path / "build"
+    folder = _build_with_bf16(root, demo_bf16_gguf)
+    before = sorted(p.name for p in folder.iterdir())
+    out = run("tune", "tiny-demo", *args, "-c", CALIBRATION, "--build-dir", str(root),
+              code=2).output
+    assert says in out
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_build_plans_tuned_siblings_and_measures_them_like_any_variant(tmp_path):
+    out = run("build", "tiny-demo", "--quant", "Q4_K_M", "--tune", "Q4_K_M,Q2_K", "--imatrix",
+              "--build-dir", str(tmp_path), "--dry-run", "--json").stdout
+    names = [p["name"] for p in json.loads(out)]
+    tuned = ["Q4_K_M-tuned", "Q4_K_M-imat-tuned", "Q2_K-tuned", "Q2_K-imat-tuned"]
+    assert [n for n in names if n.startswith("tune ")] == [f"tune {t}" for t in tuned]
+    assert names.index("tune Q4_K_M-tuned") > names.index("quantize Q4_K_M-imat")
+    for t in tuned:
+        for step in ("smoke", "bench", "kld"):
+            assert f"{step} {t}" in names
+    assert not list(tmp_path.iterdir())
+    run("build", "tiny-demo", "--tune", "BF16", "--build-dir", str(tmp_path), "--dry-run",
+        code=2)

@@ -1,0 +1,1 @@
+"""Tune: the quantization mix with the lowest measured KL divergence under a byte budget."""

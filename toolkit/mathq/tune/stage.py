@@ -1,0 +1,110 @@
+"""The tune stage's build step: where a tuned file of ``RECIPE|GGUF`` goes, what it is made
+from (the fingerprint ``build`` compares), and its record in the build manifest.
+
+For a recipe the tuned GGUF is a variant of the build folder (``<model>-Q4_K_M-tuned.gguf``),
+its work files live in ``tune/`` (shared by every budget: a probe measured for one is reused by
+the next) and the held-out reference pass is the kld stage's own cache (``kld/``), so
+``mathq build`` computes it once for both. For a bare GGUF everything goes beside the input
+(or into ``--out-dir``), the work files into ``<input stem>.tune/``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from mathq.convert.gguf_info import read_gguf_summary
+from mathq.datasets.problems import load_problem_set
+from mathq.errors import InputFileError
+from mathq.fsutil import sha256_file
+from mathq.layout import BuildLayout
+from mathq.manifest import Fingerprint, Manifest, file_identity
+from mathq.progress import ProgressCallback, no_progress
+from mathq.quantize.core import output_name
+from mathq.quantize.stage import DEFAULT_SMOKE_SUITE
+from mathq.recipes.recipe import Recipe, load_recipe
+from mathq.tune.search import TuneJob, TuneOptions, TuneResult, run_tune, tune_name
+
+
+def _name(source: Path, options: TuneOptions) -> str:
+    bpw = None
+    if options.budget.match is None:
+        n_params = read_gguf_summary(source).n_params
+        bpw = (options.budget.bpw if options.budget.bpw is not None
+               else (options.budget.size or 0) * 8 / max(n_params, 1))
+    return tune_name(options.budget, options.imatrix is not None, bpw)
+
+
+def resolve_tune(ref: str, options: TuneOptions, build_root: Path | None = None,
+                 out_dir: Path | None = None, smoke_suite: str | None = None
+                 ) -> tuple[TuneJob, TuneOptions, BuildLayout | None]:
+    """A ``.gguf`` path is tuned where it lies; anything else is a recipe whose BF16 file is
+    tuned into its build folder, measured on the recipe's ``[kld] corpus``."""
+    path = Path(ref)
+    if path.suffix.lower() == ".gguf" or (path.is_file() and not ref.endswith(".toml")):
+        if not path.is_file():
+            raise InputFileError(f"model file not found: {path}",
+                                 "give a BF16 GGUF path or a recipe name (see `mathq recipes`)")
+        name = _name(path, options)
+        dest = (out_dir or path.parent) / output_name(path, name)
+        work = dest.parent / f"{path.stem}.tune"
+        suite = smoke_suite or DEFAULT_SMOKE_SUITE
+        match = options.budget.match
+        return (TuneJob(source=path, name=name, dest=dest, work_dir=work, heldout_cache=work,
+                        smoke=lambda: load_problem_set(suite),
+                        stock=dest.with_name(output_name(path, match)) if match else None),
+                options, None)
+    recipe = load_recipe(ref)
+    layout = BuildLayout.for_model(recipe.name, build_root)
+    if not layout.gguf("BF16").is_file():
+        raise InputFileError(f"{layout.gguf('BF16')} not found",
+                             f"run `mathq convert {ref}` first")
+    job, options = recipe_tune_job(recipe, layout, options, smoke_suite)
+    return job, options, layout
+
+
+def recipe_tune_job(recipe: Recipe, layout: BuildLayout, options: TuneOptions,
+                    smoke_suite: str | None = None) -> tuple[TuneJob, TuneOptions]:
+    """The tune of a recipe's BF16 file (which a build may not have made yet for a
+    ``--match`` budget) into its build folder, measured on its ``[kld] corpus``."""
+    source = layout.gguf("BF16")
+    if options.kld.corpus is None:
+        options = replace(options, kld=replace(options.kld, corpus=recipe.kld.corpus))
+    name = _name(source, options)
+    suite = smoke_suite or recipe.smoke.suite
+    return (TuneJob(source=source, name=name, dest=layout.gguf(name),
+                    work_dir=layout.root / "tune", heldout_cache=layout.kld_dir,
+                    smoke=lambda: load_problem_set(suite), prompt=recipe.prompt,
+                    stock=layout.gguf(options.budget.match) if options.budget.match else None),
+            options)
+
+
+def tune_fingerprint(job: TuneJob, options: TuneOptions) -> Fingerprint | None:
+    """What a tuned file is made from; None while the BF16 file or the matrix is missing."""
+    if not job.source.is_file() or (options.imatrix and not options.imatrix.is_file()):
+        return None
+    inputs = {"source": file_identity(job.source),
+              "imatrix_sha256": sha256_file(options.imatrix) if options.imatrix else None}
+    settings = {"budget": asdict(options.budget), "types": list(options.types),
+                "calibration": options.calibration, "probe_chunks": options.probe_chunks,
+                "seed": options.seed, "n_ctx": options.kld.n_ctx,
+                "corpus": str(options.kld.corpus) if options.kld.corpus else None}
+    return inputs, settings
+
+
+def tune_and_record(job: TuneJob, options: TuneOptions, layout: BuildLayout | None,
+                    progress: ProgressCallback = no_progress) -> TuneResult:
+    """Run the search; in a build folder, record the file with the search's figures."""
+    result = run_tune(job, options, progress)
+    if layout is not None:
+        fingerprint = tune_fingerprint(job, options)
+        assert fingerprint is not None  # both were just read
+        Manifest(layout.manifest).record(
+            layout.key(result.path), "tune", *fingerprint, size=result.size,
+            result={"budget_bytes": result.budget, "stock_size": result.stock_size,
+                    "predicted_kld": result.predicted_kld,
+                    "calibration_kld": result.calibration_kld, "kld": result.kld.mean_kld,
+                    "kld_err": result.kld.mean_kld_err, "seconds": result.seconds,
+                    "overrides": layout.key(result.overrides),
+                    "record": layout.key(result.record)})
+    return result
