@@ -296,7 +296,7 @@ CASES: list[Case] = [
          "is not below the BF16 file"),
     Case("tune", "an unknown candidate type",
          ("tune", "tiny-demo", "--match", "Q4_K_M", "--types", "Q4_K,Q9_K"), 2,
-         "unknown ggml tensor type 'Q9_K'"),
+         "--types Q9_K: not a type the tuner can choose (choose from Q2_K"),
     Case("tune", "a type that needs a matrix, without one",
          ("tune", "tiny-demo", "--bpw", "4", "--types", "IQ2_XXS,Q4_K"), 2,
          "--types IQ2_XXS needs an importance matrix"),

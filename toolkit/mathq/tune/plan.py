@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from mathq.convert.gguf_info import FLOAT_TYPES, GGUFSummary, TensorInfo
 from mathq.errors import TuneError
-from mathq.recipes.quants import ggml_type_id
 
 DEFAULT_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 """Candidate tensor types: the k-quants llama.cpp's own mixes are built from, and Q8_0. Q2_K
@@ -52,13 +51,15 @@ def parse_size(text: str) -> int:
 
 
 def parse_types(text: str) -> tuple[str, ...]:
-    """``Q3_K,Q4_K`` -> ggml tensor type names in gguf's spelling, checked, repeats dropped."""
-    from gguf import GGMLQuantizationType
+    """``Q3_K,q4_k`` -> ggml tensor type names in gguf's spelling, checked, repeats dropped.
 
+    An unknown name gets the same fix as a known one the tuner cannot use: the types it can
+    choose, not ggml's whole list (F64, I8, Q8_K ...), most of which no weight is stored in.
+    """
     names: dict[str, None] = {}
     for part in text.split(","):
         if part.strip():
-            names[GGMLQuantizationType(ggml_type_id(part)).name] = None
+            names[part.strip().upper()] = None
     if not names:
         raise TuneError("--types names no type", f"e.g. --types {','.join(DEFAULT_TYPES)}")
     for name in names:
