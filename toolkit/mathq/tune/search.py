@@ -372,7 +372,8 @@ def run_tune(job: TuneJob, options: TuneOptions,
                       info=f"predicted KLD {plan_kld:.5f}"))
     checks = []
     if stock is not None:
-        stock_types = {c.name: stock.tensor_types()[c.name] for c in costs}
+        written_types = stock.tensor_types()
+        stock_types = {c.name: written_types[c.name] for c in costs}
         if all(stock_types[c.name] in c.error for c in costs):
             checks.append(prober.measure(f"stock {stock.file_type_name}", stock_types,
                                          predicted(costs, sensitivity, stock_types)))
