@@ -216,8 +216,12 @@ def parse_variant_list(text: str) -> tuple[Variant, ...]:
 
 
 def variant_names(quant: QuantType) -> tuple[str, ...]:
-    """The names a type's variants can have in a build folder: plain, and with a matrix."""
-    return (quant.name,) if quant.is_float else (quant.name, quant.name + IMATRIX_SUFFIX)
+    """The names a type's variants can have in a build folder: plain, with a matrix, tuned
+    (``mathq tune --match``) and both."""
+    if quant.is_float:
+        return (quant.name,)
+    return tuple(Variant(quant, imatrix, tuned).name
+                 for tuned in (False, True) for imatrix in (False, True))
 
 
 def ggml_type_id(name: str) -> int:

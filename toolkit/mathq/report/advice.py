@@ -25,6 +25,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from mathq.recipes.quants import IMATRIX_SUFFIX, TUNED_SUFFIX
 from mathq.report.cells import format_p, kld_text, signed
 from mathq.report.paired import ALPHA, Z95, PairedDifference
 from mathq.report.table import (
@@ -123,7 +124,7 @@ def publish_line(data: ReportData, quant: str) -> tuple[str | None, str | None]:
         return (f"mathq publish {data.recipe_ref} --tag {','.join(tags)} --namespace NS",
                 "NS is your ollama.com user name; --hf-repo USER/NAME uploads to Hugging "
                 "Face instead")
-    if quant.endswith(("-imat", "-tuned")):
+    if quant.endswith((IMATRIX_SUFFIX, TUNED_SUFFIX)):
         return None, (f"`mathq publish` ships the plain files the recipe's Ollama tags name, "
                       f"not {quant}; upload {data.gguf_name(quant)} yourself")
     return None, (f"the recipe has no Ollama tag for {quant}; add one under [ollama.tags] "

@@ -54,7 +54,6 @@ from mathq.report.paired import PairedDifference, paired_difference, read_verdic
 
 # The full-precision variant accuracy changes are measured against, when it was smoke-tested.
 FULL_PRECISION = "BF16"
-TUNED_SUFFIX = "-tuned"
 KINDS = ("stock", "imatrix", "tuned", "imatrix-tuned")
 
 
@@ -70,15 +69,14 @@ def size_class(quant: str) -> int | None:
 def variant_kind(name: str) -> str:
     """``stock``, ``imatrix`` (``-imat``), ``tuned`` (``-tuned``) or ``imatrix-tuned``
     (``-imat-tuned``)."""
-    if name.lower().endswith(TUNED_SUFFIX):
-        return "imatrix-tuned" if parse_variant(name).imatrix else "tuned"
-    return "imatrix" if parse_variant(name).imatrix else "stock"
+    v = parse_variant(name)
+    if v.tuned:
+        return "imatrix-tuned" if v.imatrix else "tuned"
+    return "imatrix" if v.imatrix else "stock"
 
 
 def base_type(name: str) -> QuantType:
-    """The llama.cpp type a variant is made of: ``Q4_K_M`` for ``Q4_K_M-tuned``."""
-    if name.lower().endswith(TUNED_SUFFIX):
-        name = name[: -len(TUNED_SUFFIX)]
+    """The llama.cpp type a variant is made of: ``Q4_K_M`` for ``Q4_K_M-imat-tuned``."""
     return parse_variant(name).quant
 
 
@@ -228,8 +226,7 @@ def _load(path: Path, kind: type) -> object | None:
 def _present_quants(layout: BuildLayout, recipe: Recipe) -> list[str]:
     names = {parse_variant(q).name for q in recipe.quants.variants}
     for q in QUANT_TYPES:
-        tuned = () if q.is_float else (q.name + TUNED_SUFFIX, q.name + "-imat" + TUNED_SUFFIX)
-        for name in (*variant_names(q), *tuned):
+        for name in variant_names(q):
             paths = (layout.gguf(name), layout.smoke_summary(name),
                      layout.bench_summary(name), layout.kld_summary(name))
             if any(p.is_file() for p in paths):

@@ -49,7 +49,7 @@ from mathq.quantize.core import QuantizeOptions, check_imatrix_fits, quantize_gg
 from mathq.quantize.imatrix import ImatrixOptions, compute_imatrix
 from mathq.quantize.imatrix_file import Imatrix, load_imatrix
 from mathq.recipes.prompt import PromptSpec
-from mathq.recipes.quants import get_quant
+from mathq.recipes.quants import IMATRIX_SUFFIX, Variant, get_quant
 from mathq.tune import ggml
 from mathq.tune.costs import tensor_costs
 from mathq.tune.plan import (
@@ -164,8 +164,8 @@ def tune_name(budget: Budget, imatrix: bool, bpw: float | None = None) -> str:
     """``Q4_K_M-tuned`` (``Q4_K_M-imat-tuned``) for ``--match``, else ``T<bpw>``
     (``T4.85-imat``): names no stock mix has."""
     if budget.match:
-        return f"{get_quant(budget.match).name}{'-imat' if imatrix else ''}-tuned"
-    return f"T{bpw:.2f}{'-imat' if imatrix else ''}"
+        return Variant(get_quant(budget.match), imatrix, tuned=True).name
+    return f"T{bpw:.2f}{IMATRIX_SUFFIX if imatrix else ''}"
 
 
 class _Journal:
@@ -437,7 +437,7 @@ def _stock(job: TuneJob, options: TuneOptions,
     if job.stock is not None and job.stock.is_file():
         return read_gguf_summary(job.stock)
     quant = get_quant(options.budget.match)
-    path = job.work_dir / f"stock-{quant.name}{'-imat' if options.imatrix else ''}.gguf"
+    path = job.work_dir / f"stock-{Variant(quant, options.imatrix is not None).name}.gguf"
     if not path.is_file():
         quantize_gguf(job.source, path, QuantizeOptions(quant, imatrix=options.imatrix,
                                                         threads=options.threads), progress)
