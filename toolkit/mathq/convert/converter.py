@@ -130,7 +130,9 @@ def _plan_jobs(ckpt: Checkpoint, hp: LlamaHParams, outtype: OutType) -> list[_Jo
     return jobs
 
 
-def _to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Raw BF16, F16 or F32 values widened to float32 (BF16 exactly: its bits are the top
+    half of an F32's); the converter's type changes and the tuner's costs start here."""
     if dtype == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return raw.astype(np.float32)
@@ -143,7 +145,7 @@ def _tensor_data(raw: np.ndarray, job: _Job) -> np.ndarray:
     if SOURCE_TYPES[job.entry.dtype] == job.out_type:
         return raw
     # Widen to F32, then round as gguf-py (and so llama.cpp's converter) does.
-    return gguf.quants.quantize(_to_f32(raw, job.entry.dtype), job.out_type)
+    return gguf.quants.quantize(to_f32(raw, job.entry.dtype), job.out_type)
 
 
 def _add_metadata(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mathq.convert.converter import to_f32
 from mathq.convert.gguf_info import GGUFSummary, tensor_data
 from mathq.errors import TuneError
 from mathq.fsutil import sha256_file, write_text_atomic
@@ -33,9 +34,7 @@ def _row_slices(path: Path, model: GGUFSummary, name: str) -> Iterator[np.ndarra
     raw = np.asarray(tensor_data(path, t)).reshape(-1, t.shape[0])
     step = max(1, SLICE_BYTES // (4 * t.shape[0]))
     for start in range(0, raw.shape[0], step):
-        part = raw[start:start + step]
-        yield ((part.astype(np.uint32) << 16).view(np.float32) if t.type == "BF16"
-               else part.astype(np.float32))
+        yield to_f32(raw[start:start + step], t.type)
 
 
 def _entry(imatrix: Imatrix | None, name: str, n_per_row: int) -> np.ndarray | None:
