@@ -41,6 +41,7 @@ from mathq.evaluate.grading.grade import ProblemResult, result_for, summarize
 from mathq.evaluate.grading.isolation import judge
 from mathq.evaluate.summaries import SmokeSummary, wilson_rate
 from mathq.llama.devices import ParallelChoice
+from mathq.llama.drafts import draft_off_reason as engine_draft_off
 from mathq.progress import Progress, ProgressCallback
 from mathq.recipes.prompt import render_prompt
 from mathq.recipes.recipe import Recipe
@@ -166,11 +167,7 @@ def draft_off_reason(spec: BackendSpec) -> str | None:
     """Why a run with ``spec`` does not draft, or None when it does."""
     if spec.kind != "llama":
         return f"the {spec.kind} backend decodes on its own"
-    if not spec.draft:
-        return "--no-draft"
-    if spec.ignore_eos:
-        return "--ignore-eos (its ban on EOS would have to hold at every drafted position)"
-    return None
+    return engine_draft_off(spec.draft, spec.ignore_eos)
 
 
 # ---------------------------------------------------------------------------------------

@@ -40,6 +40,16 @@ LOOKUP_NGRAMS = (3, 2)
 PRIORS = {"reference": (4.0, 5.0), "lookup": (1.0, 2.0)}
 
 
+
+def draft_off_reason(draft: bool, ignore_eos: bool) -> str | None:
+    """Why an in-process run does not draft (None: it does); the engine and the smoke
+    summary both say it with these words."""
+    if not draft:
+        return "--no-draft"
+    if ignore_eos:
+        return "--ignore-eos (its ban on EOS would have to hold at every drafted position)"
+    return None
+
 def _find_last(history: np.ndarray, tail: np.ndarray, end: int) -> int:
     """Start of the last occurrence of ``tail`` in ``history[:end]``, or -1."""
     n = len(tail)

@@ -60,7 +60,15 @@ from mathq.llama.devices import (
     kv_bytes_per_element,
     kv_bytes_per_sequence,
 )
-from mathq.llama.drafts import MAX_DRAFT, Candidate, Drafter, RowCost, micro_batches, plan_step
+from mathq.llama.drafts import (
+    MAX_DRAFT,
+    Candidate,
+    Drafter,
+    RowCost,
+    draft_off_reason,
+    micro_batches,
+    plan_step,
+)
 from mathq.llama.runtime import PARALLEL_AUTO, Context, EngineOptions, LlamaModel, pad_context
 
 
@@ -163,10 +171,7 @@ class BatchEngine:
         self.parallel_choice: ParallelChoice | None = None
         self._banned = self.model.eog_tokens() if self.options.ignore_eos else None
         #: Why drafted steps are off, or None when they are on.
-        self.draft_off: str | None = (
-            "--no-draft" if not self.options.draft
-            else "--ignore-eos (its ban on EOS would have to hold at every drafted position)"
-            if self.options.ignore_eos else None)
+        self.draft_off = draft_off_reason(self.options.draft, self.options.ignore_eos)
 
     def __enter__(self) -> BatchEngine:
         return self
