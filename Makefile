@@ -33,7 +33,7 @@ LLAMA_ENV   := CFLAGS="$(LLAMA_FLAGS)" CXXFLAGS="$(LLAMA_FLAGS)" CMAKE_ARGS="$(L
 REBUILD_LLAMA := $(BIN)/python -m pip install --quiet --force-reinstall --no-deps \
 	--no-binary llama-cpp-python
 
-.PHONY: install test lint demo screenshots
+.PHONY: install test lint demo screenshots card
 
 install: $(STAMP)
 
@@ -72,3 +72,10 @@ demo: install
 # written to docs/ for the README. Needs Chromium (apt-get install chromium).
 screenshots: demo
 	$(BIN)/python scripts/report_screenshots.py build/tiny-demo/report/report.html docs/
+
+# The model card `mathq publish tiny-demo --hf-repo ...` would upload for the demo build,
+# written to docs/ for the README (a dry run: nothing is sent).
+card: demo
+	HF_HUB_OFFLINE=1 $(BIN)/mathq publish tiny-demo --hf-repo me/tiny-demo-GGUF --dry-run --json \
+	  | $(BIN)/python -c 'import json,sys; print(next(f["text"] for f in json.load(sys.stdin)["hub"]["files"] if f["path_in_repo"] == "README.md"), end="")' \
+	  > docs/model-card-demo.md

@@ -77,8 +77,9 @@ def test_imatrix_build_makes_both_variants_reruns_nothing_and_replans_on_a_new_m
     plain, imat = root / "tiny-demo-Q4_K_M.gguf", root / "tiny-demo-Q4_K_M-imat.gguf"
     assert read_gguf_summary(imat).file_type_name == "Q4_K_M"
     header = read_gguf_header(imat).values
-    assert header[KV_FILE] == str(matrix)
-    assert header["quantize.imatrix.dataset"] == str(calib)
+    # Names, not paths: the GGUF may be uploaded, and no folder of this machine goes with it.
+    assert header[KV_FILE] == matrix.name
+    assert header["quantize.imatrix.dataset"] == calib.name
     assert KV_FILE not in read_gguf_header(plain).values
     assert tensor(plain, "blk.0.ffn_down.weight") != tensor(imat, "blk.0.ffn_down.weight")
     assert not (root / "tiny-demo-Q8_0-imat.gguf").exists()  # 8 bits: the matrix is not used
@@ -132,7 +133,7 @@ def test_types_that_need_a_matrix_are_built_only_with_it(tmp_path, calib):
     out = run("quantize", "tiny-demo", "-Q", "Q2_K-imat", "--build-dir", str(tmp_path)).stdout
     q2 = root / "tiny-demo-Q2_K-imat.gguf"
     assert str(q2) in out
-    assert read_gguf_header(q2).values[KV_FILE] == str(root / "tiny-demo.imatrix.gguf")
+    assert read_gguf_header(q2).values[KV_FILE] == "tiny-demo.imatrix.gguf"
     missing = run("quantize", "tiny-demo", "-Q", "Q4_K_M-imat", "--build-dir",
                   str(tmp_path / "fresh"), code=2)
     assert missing.output.strip() == (
@@ -147,7 +148,7 @@ def test_imat_variants_are_measured_and_reported_beside_the_plain_ones(tmp_path,
         "smoke BF16", "smoke Q4_K_M", "smoke Q4_K_M-imat", "bench BF16", "bench Q4_K_M",
         "bench Q4_K_M-imat", "kld Q4_K_M", "kld Q4_K_M-imat", "report"]
     root = tmp_path / "tiny-demo"
-    matrix = str(root / "tiny-demo.imatrix.gguf")
+    matrix = "tiny-demo.imatrix.gguf"  # as the GGUF names it: the file, not its folder
 
     # Each measuring command takes the -imat name, and records what build will skip.
     kld = run("kld", "tiny-demo", "--quant", "Q4_K_M,Q4_K_M-imat", "--build-dir", str(tmp_path))
@@ -174,7 +175,7 @@ def test_imat_variants_are_measured_and_reported_beside_the_plain_ones(tmp_path,
                                                     "Q2_K"]
     plain, imat = rows["Q4_K_M"], rows["Q4_K_M-imat"]
     assert imat["imatrix"] == matrix and plain["imatrix"] is None
-    assert imat["imatrix_dataset"] == str(calib)
+    assert imat["imatrix_dataset"] == calib.name
     assert plain["mean_kld"] > 0 and imat["mean_kld"] > 0
     assert plain["accuracy"] is None and imat["accuracy"]["n"] == N
     [pair] = report["imatrix_comparisons"]
@@ -197,7 +198,7 @@ def test_imat_variants_are_measured_and_reported_beside_the_plain_ones(tmp_path,
         f"{imat['mean_kld']:.{decimals}f} ({sign}{abs(change):.0f} %); same top ")
     assert line.endswith(f"; MATH — → {100 * summary['accuracy']['value']:.1f} %")
     assert (f"- † quantized with an importance matrix (tiny-demo.imatrix.gguf, calibrated on "
-            f"{calib})") in md
+            f"{calib.name})") in md
     html = (root / "report" / "report.html").read_text(encoding="utf-8")
     assert f'data-quant="Q4_K_M-imat" data-kind="imatrix" data-imatrix="{matrix}"' in html
     assert '<ul id="imatrix"><li>Q4_K_M-imat vs Q4_K_M: mean KLD' in html

@@ -102,7 +102,7 @@ def test_rerun_sends_nothing_and_a_changed_card_is_the_only_new_file(
     out = publish(recipe, root, "--hf-repo", REPO).output
     assert "with 1 file(s) (README.md); 4 unchanged" in out
     assert not [w for w in writes(hub)[before:] if w[0] == "PUT"]
-    assert "| 60.0 % (38.7–78.1, 12/20) |" in hub.files(REPO)["README.md"].decode()
+    assert "| 60.0 [38.7, 78.1] |" in hub.files(REPO)["README.md"].decode()
 
 
 def test_without_a_token_the_upload_is_refused_with_the_fix(hub, setup):
@@ -174,7 +174,7 @@ def kld(quant: str) -> KldSummary:
 
 def test_model_card_reports_measurements_prompt_and_how_to_run(setup):
     from mathq.publish.model_card import card_files, render_model_card
-    from mathq.publish.plan import tag_files
+    from mathq.publish.plan import release_report, tag_files
 
     recipe_path, root = setup
     recipe = load_recipe(recipe_path)
@@ -182,26 +182,33 @@ def test_model_card_reports_measurements_prompt_and_how_to_run(setup):
     save_summary(layout.smoke_summary("Q4_K_M"), smoke("Q4_K_M"))
     save_summary(layout.kld_summary("Q4_K_M"), kld("Q4_K_M"))
     _pairs, files = tag_files(recipe, build_root=root)
-    rows = card_files(recipe, list(files.values()), {"Q4_K_M": "Q4_K_M.Modelfile",
-                                                     "Q8_0": "Q8_0.Modelfile"}, root)
-    card = render_model_card(recipe, REPO, rows, namespace="me", build_root=root)
+    data = release_report(recipe, root)
+    rows = card_files(data, list(files.values()), {"Q4_K_M": "Q4_K_M.Modelfile",
+                                                   "Q8_0": "Q8_0.Modelfile"})
+    card = render_model_card(recipe, REPO, data, rows, namespace="me", build_root=root)
     q4, q8 = files["Q4_K_M"], files["Q8_0"]
     lines = card.splitlines()
-    assert (f"| [tiny-Q4_K_M.gguf](./tiny-Q4_K_M.gguf) | Q4_K_M | "
-            f"{_size(q4.size)} | {q4.bits_per_weight:.2f} | 60.0 % (38.7–78.1, 12/20) | "
-            "0.0123 ± 0.0006 (same top token 96.4 %) | `latest`, `q4` |") in lines
-    assert (f"| [tiny-Q8_0.gguf](./tiny-Q8_0.gguf) | Q8_0 | {_size(q8.size)} | "
-            f"{q8.bits_per_weight:.2f} | – | – | `q8` |") in lines
+    # Largest first; BF16 was not smoke-tested, so there is no baseline row and no pick.
+    table = [line for line in lines if line.startswith("| [tiny-")]
+    assert table == [
+        f"| [tiny-Q8_0.gguf](./tiny-Q8_0.gguf) | {_size(q8.size)} | "
+        f"{q8.bits_per_weight:.2f} | — | — | — | — | not measured | `q8` |",
+        f"| [tiny-Q4_K_M.gguf](./tiny-Q4_K_M.gguf) | {_size(q4.size)} | "
+        f"{q4.bits_per_weight:.2f} | 60.0 [38.7, 78.1] | — | 0.0123 ± 0.0006 | 96.4 | "
+        "not measured | `latest`, `q4` |"]
     assert 7.5 < q8.bits_per_weight < 9.5  # measured from the file, not the nominal 8.5
-    assert "The full-precision model scores 51.7 % (DeepSeekMath paper)." in card
+    assert ("No file is recommended: mathq's report for this build picks none of these "
+            "files. Its reason: No recommendation yet: BF16 was not smoke-tested") in card
+    assert "Memory was not measured for these files" in card
     assert "A dash means not measured for this release." in card
     # The prompt block is the prompt module's text; the CoT suffix is spelled out.
     assert f"```text\n{render_prompt(recipe.prompt, '{question}')}\n```" in card
     assert ("new line: `Please reason step by step, and put your final answer within "
             "\\boxed{}.`") in card
-    assert f"hf download {REPO} tiny-Q4_K_M.gguf Q4_K_M.Modelfile --local-dir ." in card
-    assert "ollama create tiny:latest -f Q4_K_M.Modelfile" in card
-    assert "ollama run me/tiny:q8" in card
+    # With no pick, the how-to names the largest file.
+    assert f"hf download {REPO} tiny-Q8_0.gguf Q8_0.Modelfile --local-dir ." in card
+    assert "ollama create tiny:q8 -f Q8_0.Modelfile" in card
+    assert "ollama run me/tiny:q8" in card and "ollama run me/tiny:latest" in card
     # The llama.cpp command line, read by bash, passes exactly the prompt the model expects.
     cmd = next(line for line in lines if line.startswith("  -p $'"))
     printed = subprocess.run(["bash", "-c", f"printf %s {cmd.split('-p ', 1)[1]}"],
@@ -213,3 +220,84 @@ def _size(n: int) -> str:
     from mathq.fsutil import format_bytes
 
     return format_bytes(n)
+
+
+# --- the card of the demo build ------------------------------------------------------------
+
+DEMO_REPO = "me/tiny-demo-GGUF"
+
+
+@pytest.fixture(scope="module")
+def demo_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`make demo`'s build (the bundled model, its 400 problems, Q2_K, Q4_K_M, Q8_0)."""
+    root = tmp_path_factory.mktemp("demo-build")
+    run("build", "tiny-demo", "--quant", "Q2_K,Q4_K_M,Q8_0", "--build-dir", str(root))
+    return root
+
+
+def test_demo_card_carries_the_reports_decision_sized_for_memory(hub, demo_build, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    run("publish", "tiny-demo", "--build-dir", str(demo_build), "--hf-repo", DEMO_REPO)
+    files = hub.files(DEMO_REPO)
+    card = files["README.md"].decode()
+    report = json.loads((demo_build / "tiny-demo" / "report" / "report.json").read_text())
+    pick = report["advice"]["quant"]
+    assert pick == "Q4_K_M"  # the demo's 2-bit file loses accuracy; 4-bit is the pick
+    rows = {r["quant"]: r for r in report["rows"]}
+
+    # The files table: BF16's baseline row, then the repo's files largest first.
+    section = card.split("## Files\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert section[0].startswith("| File | Size | Bits/weight | MATH % [95 % CI] | "
+                                 "Δ vs BF16 (pp) [95 % CI], p | Mean KLD | Same top % | "
+                                 "Memory at 512 tokens | Advice |")
+    names = [line.split(" | ")[0] for line in section[2:]]
+    assert names == ["| BF16 (baseline, not in this repo)",
+                     "| [tiny-demo-Q8_0.gguf](./tiny-demo-Q8_0.gguf)",
+                     "| [tiny-demo-Q4_K_M.gguf](./tiny-demo-Q4_K_M.gguf)",
+                     "| [tiny-demo-Q2_K.gguf](./tiny-demo-Q2_K.gguf)"]
+    cells = {n: line.split(" | ") for n, line in zip(("BF16", "Q8_0", "Q4_K_M", "Q2_K"),
+                                                      section[2:], strict=True)}
+    assert cells["BF16"][4] == "baseline" and cells["BF16"][5] == "0 (reference)"
+    assert cells["Q4_K_M"][-2] == "★ 4-bit pick" and cells["Q8_0"][-2] == "★ 8-bit pick"
+    assert cells["Q2_K"][-2] == "loses accuracy" and "p < 0.001" in cells["Q2_K"][4]
+    q4 = rows["Q4_K_M"]
+    assert cells["Q4_K_M"][3] == (f"{100 * q4['accuracy']['value']:.1f} "
+                                  f"[{100 * q4['accuracy']['low']:.1f}, "
+                                  f"{100 * q4['accuracy']['high']:.1f}]")
+    assert cells["Q4_K_M"][6] == f"{100 * q4['same_top']['value']:.1f}"
+    # Memory: llama.cpp's buffers as bench measured them at the recipe's num_ctx (512).
+    bench = json.loads((demo_build / "tiny-demo" / "bench" / "Q4_K_M.json").read_text())
+    buffers = bench["buffers_by_context"]["512"]
+    assert cells["Q4_K_M"][7] == _size(sum(buffers.values()))
+
+    # Which file: the report's pick with its why, every class, and the budget table.
+    which = card.split("## Which file should I use?\n\n", 1)[1].split("## Files", 1)[0]
+    assert which.startswith("**Recommended: `tiny-demo-Q4_K_M.gguf`** (4-bit pick). Q4_K_M (")
+    [picked] = [p for p in report["advice"]["picks"] if p["quant"] == "Q4_K_M"]
+    assert picked["reason"] in which
+    assert "- **2-bit**: No 2-bit pick: Q2_K loses accuracy" in which
+    assert "- **8-bit**: Q8_0 (" in which
+    # Every budget holds the whole demo model, so the file closest to BF16 is the answer.
+    assert "| 4 GB or more | Q8_0 | " in which
+    assert "400" in card and "distractor word problems" in card
+    assert "problems-distractor" not in card  # the suite's title, not its file's stem
+
+    # The how-to downloads the recommended file.
+    assert f"hf download {DEMO_REPO} tiny-demo-Q4_K_M.gguf Q4_K_M.Modelfile" in card
+    # Nothing of this machine's folders in anything uploaded, GGUFs included.
+    machine = {str(demo_build), str(Path(__file__).resolve().parents[1]), str(Path.home()),
+               str(demo_build.resolve())}
+    for name, data in files.items():
+        for folder in machine:
+            assert folder.encode() not in data, (name, folder)
+
+
+def test_ollama_output_marks_the_reports_pick(demo_build):
+    out = run("publish", "tiny-demo", "--build-dir", str(demo_build), "--namespace", "me",
+              "--dry-run").output
+    marked = [line.split()[1] for line in out.splitlines() if line.endswith("★ recommended")]
+    assert marked == ["me/mathq-tiny-demo:q4_K_M"]
+    assert "Recommended: me/mathq-tiny-demo:q4_K_M, the report's 4-bit pick: Q4_K_M (" in out
+    plan = json.loads(run("publish", "tiny-demo", "--build-dir", str(demo_build),
+                          "--namespace", "me", "--dry-run", "--json").output)
+    assert [t["tag"] for t in plan["ollama"]["tags"] if t["recommended"]] == ["q4_K_M"]

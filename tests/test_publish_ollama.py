@@ -58,7 +58,10 @@ def test_publish_uploads_each_file_once_creates_and_pushes_every_tag(setup, tiny
         "me/tiny:q4      blob present, created, pushed",
         f"Ollama at {fake.url}: 3 tag(s), "
         f"{_mib(sum(p.stat().st_size for p in tiny_quantized.values()))}"
-        " uploaded"]
+        " uploaded",
+        # Nothing was measured, so the report picks nothing and publish invents nothing.
+        "No tag is recommended: the build's report picks none of these files (see "
+        "`mathq report`)."]
     # Each file went up once, as its exact bytes, after a HEAD said the server lacked it.
     assert fake.blobs[q4] == tiny_quantized["Q4_K_M"].read_bytes()
     assert fake.blobs[q8] == tiny_quantized["Q8_0"].read_bytes()
@@ -134,7 +137,9 @@ def test_no_push_creates_local_models_on_the_host_from_ollama_host_env(
     assert result["ollama"]["base_url"] == fake.url and result["hub"] is None
     assert result["ollama"]["tags"] == [{
         "tag": "q8", "name": "tiny:q8", "digest": fake.models["tiny:q8"]["files"]["tiny-Q8_0.gguf"],
-        "blob": "not needed", "create": "unchanged", "push": "not pushed"}]
+        "blob": "not needed", "create": "unchanged", "push": "not pushed",
+        "recommended": False}]
+    assert result["ollama"]["recommended"] is None
 
 
 def test_progress_streams_bytes_and_server_statuses(setup, tiny_quantized):

@@ -232,6 +232,17 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def public_name(text: str) -> str:
+    """``text`` as metadata that may leave this machine names it: an absolute path (alone,
+    or after a ``label: ``) becomes its file name, so no folder of the publisher's machine
+    is written into a GGUF that is uploaded. Anything else is kept."""
+    label, sep, rest = text.rpartition(": ")
+    value = rest if sep else text
+    if not os.path.isabs(value):
+        return text
+    return f"{label}{sep}{Path(value).name}"
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """Hex SHA-256 of a file, read in chunks so memory stays flat on multi-GB files."""
     h = hashlib.sha256()
@@ -307,12 +318,10 @@ def sha256_cached(path: Path, cache: Path, progress: ProgressCallback = no_progr
     progress in bytes.
     """
     path = Path(path)
+    if (known := cached_digest(path, cache)) is not None:
+        return known
     st = path.stat()
     key = _digest_key(path, cache)
-    entries = _load_digests(cache)
-    entry = entries.get(key)
-    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-        return str(entry["sha256"])
     h = hashlib.sha256()
     done = 0
     progress(Progress("sha256", 0, st.st_size, "B", item=path.name))
@@ -328,6 +337,16 @@ def sha256_cached(path: Path, cache: Path, progress: ProgressCallback = no_progr
         entries[key] = {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         _save_digests(cache, entries)
     return digest
+
+
+def cached_digest(path: Path, cache: Path) -> str | None:
+    """``path``'s SHA-256 from ``cache`` when its size and mtime still match, else None
+    (nothing is read but the cache)."""
+    st = Path(path).stat()
+    entry = _load_digests(cache).get(_digest_key(Path(path), cache))
+    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return str(entry["sha256"])
+    return None
 
 
 def forget_digest(path: Path, cache: Path) -> None:

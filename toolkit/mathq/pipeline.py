@@ -324,12 +324,12 @@ def _measure_steps(recipe: Recipe, options: BuildOptions, variants: tuple[Varian
     """Smoke tests, speed, KL divergence and the report, each with its stage's fingerprint."""
     from mathq.datasets.corpus import load_corpus
     from mathq.evaluate.backends.base import BackendSpec
-    from mathq.evaluate.bench import BenchOptions
     from mathq.evaluate.kld.measure import KldOptions
     from mathq.evaluate.smoke import SmokeOptions
     from mathq.evaluate.stage import (
         bench_fingerprint,
         kld_fingerprint,
+        recipe_bench_options,
         run_bench,
         run_kld,
         select_smoke_problems,
@@ -355,7 +355,7 @@ def _measure_steps(recipe: Recipe, options: BuildOptions, variants: tuple[Varian
                 lambda p, q=q: smoke_variant(recipe, q, select_smoke_problems(recipe, smoke, p),
                                              layout, smoke, p),
                 lambda q=q: smoke_fingerprint(recipe, q, smoke, layout), (layout.gguf(q),)))
-    bench = BenchOptions()
+    bench = recipe_bench_options(recipe)
     for q in names:
         steps.append(Step(
             f"bench {q}", "bench", layout.bench_summary(q), layout.key(layout.bench_summary(q)),

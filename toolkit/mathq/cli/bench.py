@@ -74,7 +74,7 @@ def bench(source: str, quant_list: str | None, n_prompt: int, n_gen: int, repeti
     """
     from mathq.cli.render import progress_for
     from mathq.evaluate.bench import BenchOptions
-    from mathq.evaluate.stage import run_bench, run_bench_files
+    from mathq.evaluate.stage import recipe_bench_options, run_bench, run_bench_files
     from mathq.fsutil import format_bytes
     from mathq.recipes.recipe import load_recipe
 
@@ -90,7 +90,8 @@ def bench(source: str, quant_list: str | None, n_prompt: int, n_gen: int, repeti
                                    "build/<model>/bench/")
         rec = load_recipe(source)
         quants = list(rec.variant_names(quant_list))
-        outcomes = run_bench(rec, quants, options, build_dir, progress_for(quiet))
+        outcomes = run_bench(rec, quants, recipe_bench_options(rec, options), build_dir,
+                             progress_for(quiet))
     if as_json:
         echo_json(outcomes)
         return

@@ -127,9 +127,11 @@ def publish(recipe: str, namespace: str | None, tags: tuple[str, ...],
     if oresult is not None:
         width = max(len(t.name) for t in oresult.tags)
         for t in oresult.tags:
-            click.echo(f"{t.name:<{width}}  blob {t.blob}, {t.create}, {t.push}")
+            click.echo(f"{t.name:<{width}}  blob {t.blob}, {t.create}, {t.push}"
+                       + (f"  {RECOMMENDED}" if t.recommended else ""))
         click.echo(f"Ollama at {oresult.base_url}: {len(oresult.tags)} tag(s), "
                    f"{format_bytes(oresult.uploaded_bytes)} uploaded")
+        _echo_recommended(oresult.recommended, [t.name for t in oresult.tags if t.recommended])
     if hresult is not None:
         sent = [p for p, what in hresult.files if what == "uploaded"]
         if hresult.commit:
@@ -137,6 +139,18 @@ def publish(recipe: str, namespace: str | None, tags: tuple[str, ...],
                        f"({', '.join(sent)}); {len(hresult.files) - len(sent)} unchanged")
         else:
             click.echo(f"{hresult.url}: all {len(hresult.files)} files unchanged, no commit")
+
+
+RECOMMENDED = "★ recommended"
+
+
+def _echo_recommended(why: str | None, names: list[str]) -> None:
+    """The report's pick among the tags, or that it picks none of them."""
+    if why is None:
+        click.echo("No tag is recommended: the build's report picks none of these files "
+                   "(see `mathq report`).")
+    else:
+        click.echo(f"Recommended: {', '.join(names)}, {why}")
 
 
 def _ask(base_url: str) -> None:
@@ -157,9 +171,11 @@ def _echo_dry_run(oplan: Any, hplan: Any) -> None:
                 seen.add(t.digest)
                 click.echo(f"  upload blob {t.digest}  {format_bytes(t.size)}  {t.gguf}  "
                            "(unless the server has it)")
-            click.echo(f"  create {t.name}  from {t.gguf.name}")
+            click.echo(f"  create {t.name}  from {t.gguf.name}"
+                       + (f"  {RECOMMENDED}" if t.recommended else ""))
             if oplan.push:
                 click.echo(f"  push {t.name}")
+        _echo_recommended(oplan.recommended, [t.name for t in oplan.tags if t.recommended])
         for t in oplan.tags:
             click.echo(f"\n--- Modelfile of {t.name} ---\n{t.modelfile.rstrip()}")
             click.echo(f"\n--- POST /api/create for {t.name} ---")

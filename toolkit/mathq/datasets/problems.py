@@ -47,6 +47,7 @@ class Suite:
     """A problem set on the Hugging Face Hub: where its file is and what it holds."""
 
     name: str
+    title: str
     repo_id: str
     filename: str
     revision: str
@@ -56,12 +57,12 @@ class Suite:
 
 
 SUITES: tuple[Suite, ...] = (
-    Suite("math500", "HuggingFaceH4/MATH-500", "test.jsonl", "main", 500,
+    Suite("math500", "MATH-500", "HuggingFaceH4/MATH-500", "test.jsonl", "main", 500,
           "MATH-500: 500 MATH test problems sampled uniformly (openai/prm800k)", "MIT"),
-    Suite("math", "HuggingFaceTB/math_tasks", "data/math/test.jsonl", "main", 5000,
+    Suite("math", "MATH", "HuggingFaceTB/math_tasks", "data/math/test.jsonl", "main", 5000,
           "the full MATH test set (Hendrycks et al.), as packaged for Qwen2.5-Math's evaluation",
           "MIT"),
-    Suite("gsm8k", "HuggingFaceTB/math_tasks", "data/gsm8k/test.jsonl", "main", 1319,
+    Suite("gsm8k", "GSM8K", "HuggingFaceTB/math_tasks", "data/gsm8k/test.jsonl", "main", 1319,
           "GSM8K test (grade-school word problems, '#### n' answers)", "MIT"),
 )
 
@@ -93,6 +94,13 @@ def get_suite(name: str) -> Suite:
     known = ", ".join(s.name for s in SUITES)
     raise ProblemSetError(f"no problem set named {name!r}",
                           f"known suites: {known}; or give the path of a JSONL file")
+
+
+def suite_title(name: str) -> str:
+    """How a reader calls a problem set: a known suite's title (``MATH-500`` for
+    ``math500``), else ``name`` itself (a local file's stem, which a recipe can replace with
+    ``[smoke] suite_title``)."""
+    return next((s.title for s in SUITES if s.name == name), name)
 
 
 def load_problem_set(ref: str | Path, *, revision: str | None = None,

@@ -19,7 +19,11 @@ buffer``), for the single-sequence context of the pp/tg tests; and the process's
 resident set (``VmHWM`` on Linux) *minus* its peak before the model was loaded, so the Python
 interpreter, NumPy and llama.cpp's libraries (about 130 MB, the same for every variant) are
 not counted. Each variant runs in its own spawned process, so the peak belongs to that
-model alone; it also covers the larger context of the throughput test. Load time is
+model alone; it also covers the larger context of the throughput test. Then, for what a
+user needs to run the file (the model card's memory at a stated context), llama.cpp's
+buffers are read again for one-sequence contexts of each of ``memory_contexts`` tokens
+(capped at the model's training context): the context is made, its buffers logged, and
+it is freed without decoding, after the peak was read. Load time is
 ``llama_model_load_from_file``'s wall time, which depends on whether the file is in the
 page cache.
 
@@ -48,6 +52,15 @@ from mathq.errors import InferenceError, MathqError
 from mathq.evaluate.summaries import BenchSummary, MeanSd
 from mathq.progress import Progress, ProgressCallback, no_progress
 
+#: The long context memory is stated at, where the model allows it (capped at its own).
+LONG_CONTEXT = 8192
+
+
+def memory_contexts(num_ctx: int | None) -> tuple[int, ...]:
+    """The contexts memory is stated at for files run with ``num_ctx`` (a recipe's Ollama
+    parameter; None when it sets none): that one and :data:`LONG_CONTEXT`."""
+    return tuple(sorted({num_ctx, LONG_CONTEXT} - {None}))  # type: ignore[arg-type]
+
 
 @dataclass(frozen=True)
 class BenchOptions:
@@ -65,6 +78,9 @@ class BenchOptions:
     flash_attn: bool | None = None
     seed: int = 0
     isolate: bool = True
+    # Context lengths at which llama.cpp's buffers are also read (see the module docstring):
+    # by default 8k, a long chat's; a recipe adds the num_ctx its Modelfiles set.
+    memory_contexts: tuple[int, ...] = (LONG_CONTEXT,)
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,8 @@ class BenchResult:
     gpu_layers: int = 0
     offloadable_layers: int | None = None
     vram_bytes: int | None = None
+    # llama.cpp's buffers by context length (as a string: the summary is JSON).
+    buffers_by_context: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -186,16 +204,23 @@ def bench_gguf(path: Path, options: BenchOptions,
         throughput = {}
         if options.parallel:
             throughput = _throughput(model, options, engine_options, tokens, tick, sample_vram)
+        peak = _peak_rss()
+        by_context = {}
+        for n_ctx in sorted({min(c, model.n_ctx_train) for c in options.memory_contexts}):
+            probe = Context(model, 1, n_ctx, engine_options)
+            by_context[str(n_ctx)] = {**model.buffer_bytes, **probe.buffer_bytes}
+            probe.close()
         return BenchResult(path=Path(path), threads=engine_options.n_threads(model),
                            load_seconds=round(model.load_seconds, 3),
-                           peak_rss_bytes=_peak_rss(),
+                           peak_rss_bytes=peak,
                            prompt=_mean_sd(pp) if pp else None,
                            generation=_mean_sd(tg) if tg else None,
                            throughput_by_parallel=throughput,
                            device=describe_devices(gpu_devices()) if model.offloaded else "CPU",
                            gpu_layers=model.offloaded, offloadable_layers=model.n_layer + 1,
                            vram_bytes=vram[0], baseline_rss_bytes=baseline,
-                           llama_buffers=buffers, buffers_context=pad_context(ctx_len))
+                           llama_buffers=buffers, buffers_context=pad_context(ctx_len),
+                           buffers_by_context=by_context)
     finally:
         model.close()
 
@@ -260,7 +285,8 @@ def _throughput(model: Any, options: BenchOptions, engine_options: Any, tokens: 
 
 def _child(path: str, options: dict[str, Any], conn: Any) -> None:
     """Spawned process: measure one GGUF, send progress and the result (or the error)."""
-    opts = BenchOptions(**{**options, "parallel": tuple(options["parallel"])})
+    opts = BenchOptions(**{**options, "parallel": tuple(options["parallel"]),
+                           "memory_contexts": tuple(options["memory_contexts"])})
     try:
         result = bench_gguf(Path(path), opts, lambda e: conn.send(("progress", e)))
         conn.send(("result", result))

@@ -23,7 +23,13 @@ from mathq.datasets.problems import ProblemSet, load_problem_set, select_problem
 from mathq.errors import InputFileError, MathqError, SmokeError
 from mathq.evaluate.backends import open_backend
 from mathq.evaluate.backends.base import Backend, BackendSpec
-from mathq.evaluate.bench import BenchOptions, BenchOutcome, bench_gguf, bench_isolated
+from mathq.evaluate.bench import (
+    BenchOptions,
+    BenchOutcome,
+    bench_gguf,
+    bench_isolated,
+    memory_contexts,
+)
 from mathq.evaluate.environment import measurement_environment
 from mathq.evaluate.kld.measure import (
     KldOptions,
@@ -304,6 +310,16 @@ def _discard(paths: _Paths) -> None:
         p.unlink(missing_ok=True)
 
 
+def recipe_bench_options(recipe: Recipe, options: BenchOptions | None = None
+                         ) -> BenchOptions:
+    """``options`` (default: llama-bench's) with memory also stated at the context the
+    recipe's Modelfiles set."""
+    options = options or BenchOptions()
+    num_ctx = dict(recipe.ollama.parameters).get("num_ctx")
+    return dataclasses.replace(options, memory_contexts=memory_contexts(
+        num_ctx if isinstance(num_ctx, int) and num_ctx > 0 else None))
+
+
 def bench_fingerprint(layout: BuildLayout, quant: str,
                       options: BenchOptions) -> Fingerprint | None:
     """What a variant's bench summary is made from (None while its GGUF is missing), so
@@ -313,6 +329,7 @@ def bench_fingerprint(layout: BuildLayout, quant: str,
         return None
     settings = asdict(options)
     settings["parallel"] = list(options.parallel)
+    settings["memory_contexts"] = list(options.memory_contexts)
     return {"gguf": file_identity(gguf)}, settings
 
 
@@ -336,6 +353,7 @@ def _bench_summary(model: str, quant: str, gguf: Path, options: BenchOptions,
         gpu_layers=result.gpu_layers, offloadable_layers=result.offloadable_layers,
         vram_bytes=result.vram_bytes, baseline_rss_bytes=result.baseline_rss_bytes,
         llama_buffers=dict(result.llama_buffers), buffers_context=result.buffers_context,
+        buffers_by_context={k: dict(v) for k, v in result.buffers_by_context.items()},
         environment=measurement_environment(result.threads))
 
 

@@ -141,6 +141,9 @@ class BenchSummary:
     llama_buffers: dict[str, int] = field(default_factory=dict)
     buffers_context: int | None = None
     environment: dict[str, str] = field(default_factory=dict)
+    # The same buffers for one-sequence contexts of other lengths (keys: tokens, as text),
+    # read without decoding: what running the file at that context takes.
+    buffers_by_context: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def rss_over_baseline_bytes(self) -> int | None:

@@ -34,7 +34,7 @@ from mathq.errors import InvalidNameError, UploadError
 from mathq.modelfile.write import MODELFILE_SUFFIX, render_modelfile
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.publish.model_card import card_files, render_model_card
-from mathq.publish.plan import tag_files
+from mathq.publish.plan import release_report, tag_files
 from mathq.recipes.recipe import Recipe
 
 README = "README.md"
@@ -122,9 +122,9 @@ def plan_hub(recipe: Recipe, repo_id: str, *, private: bool = False, tags: Seque
     _pairs, files = tag_files(recipe, tags, build_root, progress, dry_run=dry_run)
     ggufs = list(files.values())
     modelfiles = {f.quant: f"{f.quant}{MODELFILE_SUFFIX}" for f in ggufs}
-    rows = card_files(recipe, ggufs, modelfiles, build_root)
-    card = render_model_card(recipe, repo_id, rows, namespace=namespace,
-                             build_root=build_root)
+    data = release_report(recipe, build_root)
+    card = render_model_card(recipe, repo_id, data, card_files(data, ggufs, modelfiles),
+                             namespace=namespace, build_root=build_root)
     out = [HubFile(f.path.name, f.size, f.sha256, local=f.path) for f in ggufs]
     for f in ggufs:
         text = render_modelfile(recipe, f.tags[0], f.quant, f"./{f.path.name}")

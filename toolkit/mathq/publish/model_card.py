@@ -1,12 +1,19 @@
-"""The README.md model card of a GGUF repo on the Hugging Face Hub, from what mathq knows.
+"""The README.md model card of a GGUF repo on the Hugging Face Hub, from the build's report.
 
-The card is generated, never hand-written: metadata (``base_model``, licence, tags) through
-huggingface_hub's :class:`~huggingface_hub.ModelCardData`, a table of the files (quant, size,
-bits per weight from the GGUF itself, and MATH accuracy and KL divergence from the build's
-smoke and KLD summaries when they exist), the exact prompt format from :mod:`mathq.recipes.prompt`
-(no system prompt, the chain-of-thought suffix), and how to run the files with Ollama (with
-the Modelfiles uploaded beside them) and llama.cpp. A missing measurement shows as a dash,
-never as zero.
+The card is generated, never hand-written, and carries the report's decision to the people
+who download: metadata (``base_model``, licence, tags) through huggingface_hub's
+:class:`~huggingface_hub.ModelCardData`; "Which file should I use?" (the report's pick per
+size class with its one-sentence why, and the best file per memory budget, see
+:mod:`mathq.publish.choice`); the files sorted by size under BF16's baseline row, each with
+its MATH accuracy, paired difference from BF16 (interval and McNemar's p), mean KL divergence,
+same-top-token share, memory at the stated contexts and the report's advice word; what tuned
+and imatrix variants are; the exact prompt format from :mod:`mathq.recipes.prompt`; and how
+to run the files with Ollama (with the Modelfiles uploaded beside them) and llama.cpp.
+
+Every figure comes from the same :class:`~mathq.report.table.ReportData` the report renders,
+so card and report cannot disagree. A missing measurement shows as a dash, never as zero.
+Nothing of the publisher's machine appears: a local checkpoint is named by its model name,
+problem sets and texts by their titles or file names.
 """
 
 from __future__ import annotations
@@ -17,13 +24,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mathq.evaluate.summaries import KldSummary, Rate, SmokeSummary, load_summary
 from mathq.fsutil import format_bytes
 from mathq.layout import BuildLayout
 from mathq.manifest import Manifest
+from mathq.publish.choice import (
+    BUDGET_SHARE,
+    budget_candidates,
+    by_budget,
+    measured_contexts,
+    recommended,
+    stated_context,
+)
 from mathq.publish.plan import GGUFFile
 from mathq.recipes.prompt import BOS, COT_SUFFIXES, render_prompt, stop_strings, user_suffix
 from mathq.recipes.recipe import Recipe
+from mathq.report.advice import pct_pp
+from mathq.report.cells import MISSING, kld_text, rate_text, status
+from mathq.report.table import FULL_PRECISION, ReportData, VariantRow
 
 CARD_TAGS = ("gguf", "llama.cpp", "ollama", "quantized", "math", "deepseek", "mathq")
 EXAMPLE_QUESTION = r"What is the sum of the first 10 positive odd integers?"
@@ -34,25 +51,33 @@ _HUB_LICENSES = {"mit": "mit", "apache-2.0": "apache-2.0", "apache 2.0": "apache
 
 @dataclass(frozen=True)
 class CardFile:
-    """One row of the files table: the GGUF, its Modelfile and what was measured."""
+    """One row of the files table: a GGUF of the repo (None: BF16's baseline row, when the
+    repo does not hold BF16), its Modelfile, and the report's row for it."""
 
-    gguf: GGUFFile
-    modelfile: str
-    smoke: SmokeSummary | None
-    kld: KldSummary | None
+    quant: str
+    gguf: GGUFFile | None
+    modelfile: str | None
+    row: VariantRow | None
+
+    @property
+    def size(self) -> int:
+        """The file's size (0 when unknown), for sorting."""
+        if self.gguf is not None:
+            return self.gguf.size
+        return self.row.size_bytes or 0 if self.row else 0
 
 
-def card_files(recipe: Recipe, files: Sequence[GGUFFile], modelfiles: dict[str, str],
-               build_root: Path | None = None) -> list[CardFile]:
-    """Pair each GGUF with its Modelfile name and the summaries the build holds for it."""
-    layout = BuildLayout.for_model(recipe.name, build_root)
-    rows = []
-    for f in files:
-        smoke_path, kld_path = layout.smoke_summary(f.quant), layout.kld_summary(f.quant)
-        smoke = load_summary(smoke_path, SmokeSummary) if smoke_path.is_file() else None
-        kld = load_summary(kld_path, KldSummary) if kld_path.is_file() else None
-        rows.append(CardFile(f, modelfiles[f.quant], smoke, kld))
-    return rows
+def card_files(data: ReportData, files: Sequence[GGUFFile],
+               modelfiles: dict[str, str]) -> list[CardFile]:
+    """The repo's GGUFs with their report rows, largest first, below BF16's baseline row
+    when BF16 was smoke-tested and is not itself uploaded."""
+    rows = {r.quant: r for r in data.rows}
+    out = [CardFile(f.quant, f, modelfiles[f.quant], rows.get(f.quant)) for f in files]
+    baseline = rows.get(FULL_PRECISION)
+    if baseline is not None and baseline.accuracy is not None \
+            and all(f.quant != FULL_PRECISION for f in files):
+        out.append(CardFile(FULL_PRECISION, None, None, baseline))
+    return sorted(out, key=lambda c: (-c.size, c.quant))
 
 
 def _license(recipe: Recipe) -> dict[str, str]:
@@ -64,23 +89,6 @@ def _license(recipe: Recipe) -> dict[str, str]:
     return {"license": "other", "license_name": slug, "license_link": recipe.model.license_url}
 
 
-def _pct(rate: Rate) -> str:
-    return f"{100 * rate.value:.1f} %"
-
-
-def _accuracy(s: SmokeSummary | None) -> str:
-    if s is None:
-        return "–"
-    a = s.accuracy
-    return f"{_pct(a)} ({100 * a.low:.1f}–{100 * a.high:.1f}, {a.k}/{a.n})"
-
-
-def _kld(k: KldSummary | None) -> str:
-    if k is None:
-        return "–"
-    return f"{k.mean_kld:.4f} ± {k.mean_kld_err:.4f} (same top token {_pct(k.same_top)})"
-
-
 def _bash_quoted(text: str) -> str:
     """``text`` as a bash ``$'...'`` word: newlines stay visible as ``\\n``."""
     escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
@@ -88,60 +96,230 @@ def _bash_quoted(text: str) -> str:
 
 
 def _source(recipe: Recipe, build_root: Path | None) -> str:
+    """Where the weights came from, without any path of the publisher's machine."""
     m = recipe.model
     if not m.hf_repo:
-        return f"the local checkpoint `{m.local_dir}`"
+        return f"`{recipe.name}`, a checkpoint that is not on the Hugging Face Hub"
     record = Manifest(BuildLayout.for_model(recipe.name, build_root).manifest).get("hf")
     commit = record.inputs.get("commit") if record else None
     at = f" at commit `{commit}`" if commit else f" (revision `{m.revision}`)"
     return f"[{m.hf_repo}](https://huggingface.co/{m.hf_repo}){at}"
 
 
-def render_model_card(recipe: Recipe, repo_id: str, rows: Sequence[CardFile], *,
-                      namespace: str | None = None, build_root: Path | None = None) -> str:
-    """The README.md text: YAML metadata, files table, prompt format, how to run."""
+def _context_words(n_ctx: int) -> str:
+    return f"{n_ctx // 1024}k" if n_ctx % 1024 == 0 and n_ctx >= 4096 else f"{n_ctx:,}"
+
+
+def render_model_card(recipe: Recipe, repo_id: str, data: ReportData,
+                      rows: Sequence[CardFile], *, namespace: str | None = None,
+                      build_root: Path | None = None) -> str:
+    """The README.md text: metadata, which file to use, files, prompt format, how to run."""
     from huggingface_hub import ModelCardData
 
     meta = ModelCardData(
         base_model=recipe.model.hf_repo, base_model_relation="quantized" if recipe.model.hf_repo
         else None, pipeline_tag="text-generation", tags=list(CARD_TAGS), **_license(recipe))
-    spec = recipe.prompt
-    prompt = render_prompt(spec, "{question}")
-    example = render_prompt(spec, EXAMPLE_QUESTION)
-    first = rows[0]
-    tag0 = first.gguf.tags[0]
+    uploaded = [c for c in rows if c.gguf is not None]
     lines = [
         "---", meta.to_yaml(), "---", "",
         f"# {recipe.name} GGUF", "",
         f"GGUF files of {_source(recipe, build_root)}, quantized with llama.cpp's quantizer "
-        "by mathq and checked before upload: each file is a complete "
-        "GGUF whose type matches its name.", "",
-        "## Files", "",
-        "| File | Quant | Size | Bits per weight | MATH accuracy | KL divergence | "
-        "Ollama tags |",
-        "|---|---|---|---|---|---|---|",
+        "by mathq, each measured against the full-precision (BF16) model on the same "
+        "problems and text before upload.", "",
     ]
-    for r in rows:
-        f = r.gguf
-        lines.append(f"| [{f.path.name}](./{f.path.name}) | {f.quant} | "
-                     f"{format_bytes(f.size)} | {f.bits_per_weight:.2f} | {_accuracy(r.smoke)} | "
-                     f"{_kld(r.kld)} | {', '.join(f'`{t}`' for t in f.tags)} |")
-    lines.append("")
-    lines += _measurement_notes(recipe, rows)
-    lines += [
+    lines += _which_file(recipe, data, rows)
+    lines += _files_table(data, rows)
+    lines += _kind_lines(data, uploaded)
+    lines += _measurement_notes(data, rows)
+    lines += _prompt_section(recipe)
+    lines += _run_sections(recipe, repo_id, data, uploaded, namespace)
+    return "\n".join(lines)
+
+
+# --- which file ---------------------------------------------------------------------------
+
+
+def _which_file(recipe: Recipe, data: ReportData, rows: Sequence[CardFile]) -> list[str]:
+    uploaded = [c.quant for c in rows if c.gguf is not None]
+    names = {c.quant: c.gguf.path.name for c in rows if c.gguf is not None}
+    lines = ["## Which file should I use?", ""]
+    advice = data.advice
+    pick = recommended(data, uploaded)
+    if pick is None:
+        why = advice.text if advice is not None else "the build has no report data"
+        lines += [f"No file is recommended: mathq's report for this build picks none of "
+                  f"these files. Its reason: {why}", ""]
+    else:
+        lines += [f"**Recommended: `{names[pick.quant]}`** ({pick.label} pick). "
+                  f"{pick.reason} Its size class is the smallest with a file that loses no "
+                  "measurable accuracy against BF16.", ""]
+    if advice is not None and advice.picks:
+        lines += ["The pick of each size class:", ""]
+        for p in advice.picks:
+            where = "" if p.quant is None or p.quant in uploaded else " (not in this repo)"
+            lines.append(f"- **{p.label}**{where}: {p.reason}")
+        lines += ["", f"How files are picked: {advice.rule}", ""]
+    lines += _budget_lines(recipe, data, uploaded)
+    return lines
+
+
+def _budget_lines(recipe: Recipe, data: ReportData, uploaded: Sequence[str]) -> list[str]:
+    num_ctx = dict(recipe.ollama.parameters).get("num_ctx")
+    n_ctx = stated_context(data, num_ctx if isinstance(num_ctx, int) else None, uploaded)
+    candidates = budget_candidates(data, uploaded)
+    if n_ctx is None:
+        return ["Memory was not measured for these files, so no choice by memory budget is "
+                "made.", ""]
+    if not candidates:
+        return ["No file of this repo qualifies (each loses accuracy measurably or was not "
+                "measured), so no choice by memory budget is made.", ""]
+    share = f"{100 * BUDGET_SHARE:.0f} %"
+    lines = [f"By memory (RAM for the CPU, VRAM for a GPU): the file closest to BF16 (lowest "
+             f"mean KLD) among those that qualify, whose llama.cpp buffers (model, KV cache "
+             f"and compute) for one {_context_words(n_ctx)}-token context take at most "
+             f"{share} of the memory, leaving the rest to the system.", "",
+             f"| Memory | File | Needs at {_context_words(n_ctx)} tokens |", "|---|---|---|"]
+    for c in by_budget(candidates, n_ctx):
+        if c.quant is None:
+            lines.append(f"| {c.label} | none of these files fits | {MISSING} |")
+        else:
+            lines.append(f"| {c.label} | {c.quant} | {format_bytes(c.memory_bytes or 0)} |")
+    return [*lines, ""]
+
+
+# --- files ------------------------------------------------------------------------------
+
+
+def _files_table(data: ReportData, rows: Sequence[CardFile]) -> list[str]:
+    contexts = measured_contexts(data, [c.quant for c in rows])
+    ref = data.accuracy_reference or FULL_PRECISION
+    header = ["File", "Size", "Bits/weight", "MATH % [95 % CI]",
+              f"Δ vs {ref} (pp) [95 % CI], p", "Mean KLD", "Same top %",
+              *(f"Memory at {_context_words(c)} tokens" for c in contexts), "Advice",
+              "Ollama tags"]
+    lines = ["## Files", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    for c in rows:
+        r = c.row
+        name = (f"[{c.gguf.path.name}](./{c.gguf.path.name})" if c.gguf is not None
+                else f"{c.quant} (baseline, not in this repo)")
+        size = c.gguf.size if c.gguf is not None else (r.size_bytes if r else None)
+        bpw = c.gguf.bits_per_weight if c.gguf is not None else (r.bits_per_weight if r else None)
+        tags = ", ".join(f"`{t}`" for t in c.gguf.tags) if c.gguf is not None else MISSING
+        cells = [name, format_bytes(size) if size is not None else MISSING,
+                 f"{bpw:.2f}" if bpw is not None else MISSING,
+                 rate_text(r.accuracy) if r else MISSING, _paired(r, data),
+                 _kld(r), _same_top(r),
+                 *(_memory(r, n) for n in contexts),
+                 status(r, data) if r else MISSING, tags]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _paired(r: VariantRow | None, data: ReportData) -> str:
+    if r is not None and r.quant == data.accuracy_reference and r.accuracy is not None:
+        return "baseline"
+    return pct_pp(r.paired) if r is not None and r.paired is not None else MISSING
+
+
+def _kld(r: VariantRow | None) -> str:
+    if r is not None and r.is_kld_reference:
+        return "0 (reference)"
+    return kld_text(r) if r is not None else MISSING
+
+
+def _same_top(r: VariantRow | None) -> str:
+    if r is not None and r.is_kld_reference:
+        return "100"
+    return f"{100 * r.same_top.value:.1f}" if r is not None and r.same_top else MISSING
+
+
+def _memory(r: VariantRow | None, n_ctx: int) -> str:
+    value = r.memory_at(n_ctx) if r is not None else None
+    return format_bytes(value) if value is not None else MISSING
+
+
+def _kind_lines(data: ReportData, uploaded: Sequence[CardFile]) -> list[str]:
+    """One line per uploaded variant that is not llama.cpp's stock mix of its type."""
+    lines = []
+    for c in uploaded:
+        r, name = c.row, c.gguf.path.name if c.gguf else c.quant
+        if r is None or (r.kind == "stock" and not r.made_with_imatrix):
+            continue
+        if r.kind.endswith("tuned"):
+            lines.append(f"- `{name}`: tuned: the size of llama.cpp's {r.quant.split('-')[0]} "
+                         "mix, with each tensor's type chosen by `mathq tune` for the lowest KL "
+                         "divergence from BF16 on calibration text (never the text it is "
+                         "measured on here).")
+        if r.made_with_imatrix:
+            matrix = f" `{Path(r.imatrix).name}`" if r.imatrix else ""
+            text = f", computed on {r.imatrix_dataset}" if r.imatrix_dataset else ""
+            lines.append(f"- `{name}`: quantized with an importance matrix{matrix}{text}: "
+                         "llama.cpp spends the type's bits where the calibration text's "
+                         "activations are large.")
+    return ["Variants that are not llama.cpp's stock mix:", "", *lines, ""] if lines else []
+
+
+def _measurement_notes(data: ReportData, rows: Sequence[CardFile]) -> list[str]:
+    notes: list[str] = []
+    if data.smoke_n or data.smoke_suite_title:
+        n = f" ({data.smoke_n} problems)" if data.smoke_n else ""
+        ref = ""
+        if data.paper_accuracy is not None:
+            ref = (f" The full-precision model scores {data.paper_accuracy:g} % on the whole "
+                   f"MATH test set ({data.paper_source or 'published figure'}).")
+        notes.append(f"MATH accuracy on {data.smoke_suite_title or 'the smoke test'}{n}: "
+                     "greedy decoding, answers checked with math-verify, with a 95 % Wilson "
+                     "interval. "
+                     f"Δ vs {data.accuracy_reference or FULL_PRECISION}: the paired "
+                     "difference on the same problems, with Newcombe's 95 % interval and "
+                     f"McNemar's exact p.{ref}")
+    if data.kld_reference:
+        corpus = f" over {data.kld_positions:,} tokens" if data.kld_positions else ""
+        text = f" of {data.kld_corpus}" if data.kld_corpus else ""
+        notes.append(f"Mean KLD: the mean per-token KL divergence of each file's next-token "
+                     f"distribution from {data.kld_reference}'s{corpus}{text}, with its "
+                     "standard error (lower is closer); same top %: how often both pick the "
+                     "same most likely token.")
+    if any(r.buffers_by_context for c in rows if (r := c.row)):
+        notes.append("Memory: llama.cpp's model, KV-cache (F16), compute and output buffers "
+                     "for one sequence of that context, as `mathq bench` measured them; add "
+                     "a few hundred MB for the program itself.")
+    if any(c.row is None or c.row.accuracy is None or c.row.mean_kld is None for c in rows
+           if c.quant != FULL_PRECISION):
+        notes.append("A dash means not measured for this release.")
+    return [*(f"{n}\n" for n in notes)]
+
+
+# --- prompt and running -----------------------------------------------------------------
+
+
+def _prompt_section(recipe: Recipe) -> list[str]:
+    spec = recipe.prompt
+    lines = [
         "## Prompt format", "",
         "No system prompt: DeepSeek advises against one. The tokenizer adds BOS "
         f"(`{BOS}`) itself, so prompts never contain it.", "",
-        "```text", prompt, "```", "",
+        "```text", render_prompt(spec, "{question}"), "```", "",
     ]
     if user_suffix(spec):
         lines += ["Every question is followed by DeepSeek's chain-of-thought instruction, on a "
                   f"new line: `{COT_SUFFIXES[spec.cot_suffix].strip()}`", ""]
     stops = " and ".join(f"`{json.dumps(s, ensure_ascii=False)[1:-1]}`"
                          for s in stop_strings(spec))
-    lines += [f"DeepSeek's evaluation decodes greedily (temperature 0, no repeat penalty), up "
-              f"to {recipe.smoke.max_tokens} new tokens, and stops at {stops}.", ""]
-    lines += [
+    return [*lines, f"DeepSeek's evaluation decodes greedily (temperature 0, no repeat "
+                    f"penalty), up to {recipe.smoke.max_tokens} new tokens, and stops at "
+                    f"{stops}.", ""]
+
+
+def _run_sections(recipe: Recipe, repo_id: str, data: ReportData,
+                  uploaded: Sequence[CardFile], namespace: str | None) -> list[str]:
+    """How to run the recommended file (else the largest) with Ollama and llama.cpp."""
+    pick = recommended(data, [c.quant for c in uploaded])
+    first = next((c for c in uploaded if pick and c.quant == pick.quant), uploaded[0])
+    assert first.gguf is not None and first.modelfile is not None
+    tag0 = first.gguf.tags[0]
+    lines = [
         "## Run with Ollama", "",
         "Each GGUF has a Modelfile beside it with this template, the stop strings and the "
         "sampling parameters (Ollama's own guess of a template for this model is wrong after "
@@ -152,40 +330,20 @@ def render_model_card(recipe: Recipe, repo_id: str, rows: Sequence[CardFile], *,
         f"ollama run {recipe.ollama.model}:{tag0} {_bash_quoted(EXAMPLE_QUESTION)}",
         "```", "",
     ]
-    if user_suffix(spec):
+    if user_suffix(recipe.prompt):
         lines += ["The template appends the chain-of-thought instruction itself: send "
                   "questions without it.", ""]
     if namespace:
         lines += ["The same models are on the Ollama registry:", "", "```bash",
-                  *(f"ollama run {namespace}/{recipe.ollama.model}:{t}"
-                    for r in rows for t in r.gguf.tags[:1]), "```", ""]
-    lines += [
-        "## Run with llama.cpp", "",
-        "```bash",
-        f"llama-cli --hf-repo {repo_id} --hf-file {first.gguf.path.name} -no-cnv --temp 0 "
-        f"--repeat-penalty 1 -n {recipe.smoke.max_tokens} -c 4096 \\",
-        f"  -p {_bash_quoted(example)}",
-        "```", "",
-    ]
-    return "\n".join(lines)
-
-
-def _measurement_notes(recipe: Recipe, rows: Sequence[CardFile]) -> list[str]:
-    smoke = next((r.smoke for r in rows if r.smoke), None)
-    kld = next((r.kld for r in rows if r.kld), None)
-    notes: list[str] = []
-    if smoke:
-        ref = ""
-        if smoke.reference_accuracy is not None:
-            ref = (f" The full-precision model scores {smoke.reference_accuracy:g} % "
-                   f"({smoke.reference_source or 'published figure'}).")
-        notes.append(f"MATH accuracy: {smoke.accuracy.n} problems of {smoke.suite}, greedy, "
-                     f"up to {smoke.max_tokens} new tokens, answers checked with math-verify; "
-                     f"95 % Wilson interval and correct/total in brackets.{ref}")
-    if kld:
-        notes.append(f"KL divergence: mean per-token KL divergence of each file's next-token "
-                     f"distribution from {kld.reference}'s over {kld.n_tokens:,} tokens of "
-                     f"{kld.corpus}, with its standard error; lower is closer.")
-    if any(r.smoke is None or r.kld is None for r in rows):
-        notes.append("A dash means not measured for this release.")
-    return [*(f"{n}\n" for n in notes)]
+                  *(f"ollama run {namespace}/{recipe.ollama.model}:{c.gguf.tags[0]}"
+                    for c in uploaded if c.gguf is not None), "```", ""]
+    example = render_prompt(recipe.prompt, EXAMPLE_QUESTION)
+    num_ctx = dict(recipe.ollama.parameters).get("num_ctx")
+    n_ctx = num_ctx if isinstance(num_ctx, int) and num_ctx > 0 else 4096
+    return [*lines,
+            "## Run with llama.cpp", "",
+            "```bash",
+            f"llama-cli --hf-repo {repo_id} --hf-file {first.gguf.path.name} -no-cnv --temp 0 "
+            f"--repeat-penalty 1 -n {recipe.smoke.max_tokens} -c {n_ctx} \\",
+            f"  -p {_bash_quoted(example)}",
+            "```", ""]

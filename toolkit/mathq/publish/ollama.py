@@ -28,8 +28,16 @@ from mathq.modelfile.check import check_modelfile_text, parse_modelfile
 from mathq.modelfile.options import get_option, parse_go_bool, parse_go_float32
 from mathq.modelfile.write import from_path, render_modelfile
 from mathq.progress import ProgressCallback, no_progress
+from mathq.publish.choice import recommended
 from mathq.publish.ollama_api import OllamaAPI
-from mathq.publish.plan import GGUFFile, PublishState, check_names, forget, tag_files
+from mathq.publish.plan import (
+    GGUFFile,
+    PublishState,
+    check_names,
+    forget,
+    release_report,
+    tag_files,
+)
 from mathq.recipes.recipe import Recipe
 
 STATE_KIND = "ollama"
@@ -47,17 +55,20 @@ class OllamaTagPlan:
     digest: str
     modelfile: str
     request: dict[str, Any]
+    recommended: bool = False
 
 
 @dataclass(frozen=True)
 class OllamaPlan:
-    """Everything one publish to one Ollama server would send."""
+    """Everything one publish to one Ollama server would send, and the report's pick among
+    its files (``recommended``: the pick's label and why; None when it picks none)."""
 
     recipe: str
     base_url: str
     namespace: str | None
     push: bool
     tags: tuple[OllamaTagPlan, ...]
+    recommended: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,7 @@ class OllamaTagResult:
     blob: str
     create: str
     push: str
+    recommended: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,7 @@ class OllamaResult:
     base_url: str
     tags: tuple[OllamaTagResult, ...]
     uploaded_bytes: int
+    recommended: str | None = None
 
 
 def model_name(recipe: Recipe, tag: str, namespace: str | None) -> str:
@@ -160,6 +173,7 @@ def plan_ollama(recipe: Recipe, *, namespace: str | None, base_url: str,
     pairs, files = tag_files(recipe, tags, build_root, progress, dry_run=dry_run,
                              before_hashing=before_hashing)
     layout = BuildLayout.for_model(recipe.name, build_root)
+    pick = recommended(release_report(recipe, build_root), list(files))
     plans = []
     for tag, quant in pairs:
         f: GGUFFile = files[quant]
@@ -167,8 +181,9 @@ def plan_ollama(recipe: Recipe, *, namespace: str | None, base_url: str,
         text = render_modelfile(recipe, tag, quant, from_path(f.path, layout.modelfiles_dir))
         request = create_request(name, text, {f.path.name: f"sha256:{f.sha256}"})
         plans.append(OllamaTagPlan(tag, quant, name, f.path, f.size, f"sha256:{f.sha256}",
-                                   text, request))
-    return OllamaPlan(recipe.name, base_url, namespace, push, tuple(plans))
+                                   text, request, pick is not None and quant == pick.quant))
+    return OllamaPlan(recipe.name, base_url, namespace, push, tuple(plans),
+                      f"the report's {pick.label} pick: {pick.reason}" if pick else None)
 
 
 def publish_ollama(plan: OllamaPlan, *, build_root: Path | None = None, force: bool = False,
@@ -215,5 +230,6 @@ def publish_ollama(plan: OllamaPlan, *, build_root: Path | None = None, force: b
                 api.push(t.name, progress)
                 state.put(STATE_KIND, plan.base_url, t.name, pushed=fingerprint)
                 pushed = "pushed"
-            results.append(OllamaTagResult(t.tag, t.name, t.digest, blob, create, pushed))
-    return OllamaResult(plan.base_url, tuple(results), uploaded)
+            results.append(OllamaTagResult(t.tag, t.name, t.digest, blob, create, pushed,
+                                           t.recommended))
+    return OllamaResult(plan.base_url, tuple(results), uploaded, plan.recommended)

@@ -23,6 +23,8 @@ from mathq.layout import BuildLayout
 from mathq.modelfile.write import select_tags
 from mathq.progress import ProgressCallback, no_progress
 from mathq.recipes.recipe import Recipe, bundled_recipes_dir, name_problem
+from mathq.report.advice import with_advice
+from mathq.report.table import ReportData, collect
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,14 @@ def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None 
             bits_per_weight=summary.bits_per_weight, n_params=summary.n_params,
             tags=tuple(t for t, q in pairs if q == quant))
     return pairs, files
+
+
+def release_report(recipe: Recipe, build_root: Path | None = None) -> ReportData:
+    """The build's report data with its advice, as ``mathq report`` computes them, so what
+    publish recommends is the report's pick. Reads summaries and GGUF headers only: no file
+    is hashed and nothing is written."""
+    layout = BuildLayout.for_model(recipe.name, build_root)
+    return with_advice(collect(recipe, layout, hash_files=False))
 
 
 class PublishState:

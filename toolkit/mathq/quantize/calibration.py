@@ -40,10 +40,12 @@ if TYPE_CHECKING:
     from mathq.recipes.prompt import PromptSpec
 
 CALIBRATION_SETS: tuple[Suite, ...] = (
-    Suite("math-train", "HuggingFaceTB/math_tasks", "data/math/train.jsonl", "main", 7500,
+    Suite("math-train", "MATH train", "HuggingFaceTB/math_tasks", "data/math/train.jsonl",
+          "main", 7500,
           "MATH train split (Hendrycks et al.): competition problems with worked solutions",
           "MIT"),
-    Suite("gsm8k-train", "HuggingFaceTB/math_tasks", "data/gsm8k/train.jsonl", "main", 7473,
+    Suite("gsm8k-train", "GSM8K train", "HuggingFaceTB/math_tasks", "data/gsm8k/train.jsonl",
+          "main", 7473,
           "GSM8K train split: grade-school word problems with worked solutions", "MIT"),
 )
 """Named calibration sources on the Hub: train splits, disjoint from the graded test sets."""

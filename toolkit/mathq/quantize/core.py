@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mathq.convert.gguf_info import GGUFSummary, read_gguf_summary
 from mathq.errors import MissingImatrixError, QuantizeError, TensorTypeFileError
-from mathq.fsutil import atomic_output, ensure_free_space
+from mathq.fsutil import atomic_output, ensure_free_space, public_name
 from mathq.llama.runtime import LOG_ERROR, capture_llama_log
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.quantize.imatrix_file import Imatrix, load_imatrix
@@ -177,9 +177,9 @@ def quantize_gguf(source: Path, dest: Path, options: QuantizeOptions,
         items = [llama_cpp.llama_model_imatrix_data(n.encode(), f, len(f))
                  for n, f in floats.items()]
         params.imatrix = _terminated(llama_cpp.llama_model_imatrix_data, items)
-        kvs.append(_kv_override(KV_IMATRIX_FILE, str(options.imatrix)))
+        kvs.append(_kv_override(KV_IMATRIX_FILE, Path(options.imatrix).name))
         if imatrix.datasets:
-            kvs.append(_kv_override(KV_IMATRIX_DATASET, imatrix.datasets[0]))
+            kvs.append(_kv_override(KV_IMATRIX_DATASET, public_name(imatrix.datasets[0])))
         kvs.append(_kv_override(KV_IMATRIX_ENTRIES, len(imatrix.entries)))
         if imatrix.chunk_count > 0:
             kvs.append(_kv_override(KV_IMATRIX_CHUNKS, imatrix.chunk_count))

@@ -83,6 +83,9 @@ class SmokeSpec:
     max_tokens: int
     reference_accuracy: float | None
     reference_source: str
+    # What readers call a local problem file (the report and the model card); None: the
+    # suite's own title (``MATH-500``) or the file's stem.
+    suite_title: str | None = None
 
 
 @dataclass(frozen=True)
@@ -337,6 +340,7 @@ def _parse_smoke(t: _Table) -> SmokeSpec:
         max_tokens=t.get("max_tokens", int, 1024),
         reference_accuracy=t.get("reference_accuracy", (float, int), None),
         reference_source=t.get("reference_source", str, ""),
+        suite_title=t.get("suite_title", str, None),
     )
     if spec.n <= 0:
         t.fail("n", "must be at least 1")
@@ -344,6 +348,8 @@ def _parse_smoke(t: _Table) -> SmokeSpec:
         t.fail("max_tokens", "must be at least 1")
     if spec.reference_accuracy is not None and not 0 <= spec.reference_accuracy <= 100:
         t.fail("reference_accuracy", "is a percentage between 0 and 100")
+    if spec.suite_title is not None and not 0 < len(spec.suite_title.strip()) <= 80:
+        t.fail("suite_title", "must be 1-80 characters, e.g. \"MATH-500\"")
     t.finish()
     return spec
 

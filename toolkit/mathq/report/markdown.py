@@ -42,7 +42,10 @@ def measured_notes(data: ReportData) -> list[str]:
     notes = []
     if data.smoke_suite:
         n = f"{data.smoke_n} problems from " if data.smoke_n else "problems from "
-        notes.append(f"MATH accuracy: `mathq smoke` on {n}{data.smoke_suite}, greedy decoding, "
+        title = data.smoke_suite_title
+        suite = (f"{title} ({data.smoke_suite})" if title and title != data.smoke_suite
+                 else data.smoke_suite)
+        notes.append(f"MATH accuracy: `mathq smoke` on {n}{suite}, greedy decoding, "
                      f"with a Wilson {100 * data.confidence:g} % interval.")
     if data.accuracy_reference:
         notes.append(f"Δ vs {data.accuracy_reference}: each variant's accuracy minus "

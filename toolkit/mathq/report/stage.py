@@ -77,7 +77,7 @@ def report_json(data: ReportData, advice: Advice, plots: tuple[Plot, ...]) -> di
                    "picks": [{**to_jsonable(p), "label": p.label} for p in advice.picks]},
         "accuracy_reference": data.accuracy_reference,
         "paper": {"accuracy": data.paper_accuracy, "source": data.paper_source},
-        "smoke": {"suite": data.smoke_suite, "n": data.smoke_n},
+        "smoke": {"suite": data.smoke_suite, "title": data.smoke_suite_title, "n": data.smoke_n},
         "kld": {"reference": data.kld_reference, "corpus": data.kld_corpus,
                 "positions": data.kld_positions},
         "bench": {"threads": data.bench_threads, **data.bench_settings},

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mathq.convert.gguf_info import read_gguf_header
+from mathq.datasets.problems import suite_title
 from mathq.errors import GGUFError
 from mathq.evaluate.summaries import (
     BenchSummary,
@@ -38,7 +39,7 @@ from mathq.evaluate.summaries import (
     SmokeSummary,
     load_summary,
 )
-from mathq.fsutil import sha256_cached, sha256_file
+from mathq.fsutil import cached_digest, sha256_cached, sha256_file
 from mathq.layout import BuildLayout
 from mathq.manifest import file_identity
 from mathq.progress import ProgressCallback, no_progress
@@ -113,6 +114,8 @@ class VariantRow:
     buffers_context: int | None = None
     by_subject: dict[str, Rate] = field(default_factory=dict)
     by_level: dict[str, Rate] = field(default_factory=dict)
+    # The same buffers at other one-sequence contexts, by context length in tokens.
+    buffers_by_context: dict[int, dict[str, int]] = field(default_factory=dict)
 
     @property
     def made_with_imatrix(self) -> bool:
@@ -122,9 +125,20 @@ class VariantRow:
     @property
     def llama_total_bytes(self) -> int | None:
         """Model, KV cache and compute buffers together, as llama.cpp allocated them."""
-        parts = [self.llama_buffers.get(k) for k in ("model", "kv_cache", "compute")]
-        return None if any(p is None for p in parts) else sum(parts) + \
-            self.llama_buffers.get("output", 0)
+        return _buffers_total(self.llama_buffers)
+
+    def memory_at(self, n_ctx: int) -> int | None:
+        """llama.cpp's buffers for a one-sequence context of ``n_ctx`` tokens, as bench
+        measured them (None where it did not)."""
+        return _buffers_total(self.buffers_by_context.get(n_ctx, {}))
+
+
+def _buffers_total(buffers: dict[str, int]) -> int | None:
+    """Model, KV cache, compute and output buffers together; None when one is unknown."""
+    parts = [buffers.get(k) for k in ("model", "kv_cache", "compute")]
+    if any(p is None for p in parts):
+        return None
+    return sum(p for p in parts if p is not None) + buffers.get("output", 0)
 
 
 def qualifies(row: VariantRow) -> bool:
@@ -187,6 +201,8 @@ class ReportData:
     environment: dict[str, str] = field(default_factory=dict)
     bench_settings: dict[str, int] = field(default_factory=dict)
     confidence: float = 0.95
+    # What readers call the smoke problems (``MATH-500``, the recipe's ``suite_title``).
+    smoke_suite_title: str | None = None
     # The recommendation these rows support (a :class:`mathq.report.advice.Advice`, set by
     # :func:`mathq.report.advice.with_advice`; typed loosely so this module need not import
     # the one that reads it).
@@ -279,12 +295,24 @@ def _suite_words(source: str, recipe: Recipe) -> str:
     return rel if not rel.startswith("..") else str(path)
 
 
+def _suite_title(name: str, source: str | None, recipe: Recipe) -> str:
+    """The recipe's ``suite_title`` when the smoke ran on the recipe's own suite, else the
+    suite's title (``MATH-500``) or the file's stem."""
+    spec = recipe.smoke
+    same = name == spec.suite or (source is not None and Path(source).is_absolute()
+                                  and Path(source) == Path(spec.suite))
+    return spec.suite_title if spec.suite_title and same else suite_title(name)
+
+
 def collect(recipe: Recipe, layout: BuildLayout,
-            progress: ProgressCallback = no_progress) -> ReportData:
+            progress: ProgressCallback = no_progress, *, hash_files: bool = True
+            ) -> ReportData:
     """Read every summary and GGUF of the build folder into the table model.
 
     Hashing a GGUF the digest cache does not know reads the whole file (``sha256``
-    progress); afterwards its hash comes from the cache.
+    progress); afterwards its hash comes from the cache. Without ``hash_files`` only
+    hashes the cache already holds are shown, and nothing is read or written for the
+    others (a model card needs no hash of the files it does not upload).
     """
     quants = _present_quants(layout, recipe)
     smoke = {q: _load(layout.smoke_summary(q), SmokeSummary) for q in quants}
@@ -335,11 +363,12 @@ def collect(recipe: Recipe, layout: BuildLayout,
             imatrix=(k.imatrix if k else None) or (b.imatrix if b else None)
             or (s.imatrix if s else None) or header_imatrix[0],
             imatrix_dataset=header_imatrix[1], kind=variant_kind(q),
-            sha256=(sha256_cached(path, layout.digest_cache, progress) if path.is_file()
-                    else None),
+            sha256=_sha256(path, layout, progress, hash_files),
             rss_over_baseline_bytes=b.rss_over_baseline_bytes if b else None,
             llama_buffers=dict(b.llama_buffers) if b else {},
             buffers_context=b.buffers_context if b else None,
+            buffers_by_context=({int(c): dict(v) for c, v in b.buffers_by_context.items()}
+                                if b else {}),
             by_subject=dict(s.by_subject) if s else {},
             by_level=dict(s.by_level) if s else {}))
     rows = _ordered(rows)
@@ -348,6 +377,7 @@ def collect(recipe: Recipe, layout: BuildLayout,
     klds = [k for k in kld.values() if k is not None]
     benches = [b for b in bench.values() if b is not None]
     suite_source = _single(s.suite_source for s in smokes)
+    suite_name = _single(s.suite for s in smokes)
     bench_settings = {}
     for key in ("n_prompt", "n_gen", "repetitions"):
         value = _single(getattr(b, key) for b in benches)
@@ -360,6 +390,8 @@ def collect(recipe: Recipe, layout: BuildLayout,
         smoke_suite=(_suite_words(suite_source, recipe) if suite_source
                      else _single(s.suite for s in smokes)),
         smoke_n=_single(s.accuracy.n for s in smokes),
+        smoke_suite_title=(_suite_title(str(suite_name), suite_source and str(suite_source),
+                                        recipe) if suite_name is not None else None),
         kld_reference=kld_reference, kld_corpus=_single(k.corpus for k in klds),
         kld_positions=_single(k.n_tokens for k in klds),
         bench_threads=_single(b.threads for b in benches), sources=sources,
@@ -369,6 +401,15 @@ def collect(recipe: Recipe, layout: BuildLayout,
         environment=_merge_environments([x.environment for x in (*smokes, *benches, *klds)
                                          if x.environment]),
         bench_settings=bench_settings)
+
+
+def _sha256(path: Path, layout: BuildLayout, progress: ProgressCallback,
+            hash_files: bool) -> str | None:
+    if not path.is_file():
+        return None
+    if hash_files:
+        return sha256_cached(path, layout.digest_cache, progress)
+    return cached_digest(path, layout.digest_cache)
 
 
 def _ordered(rows: list[VariantRow]) -> list[VariantRow]:

@@ -41,7 +41,7 @@ from mathq.evaluate.kld.measure import (
     measure_gguf,
 )
 from mathq.evaluate.summaries import KldSummary
-from mathq.fsutil import sha256_file, write_text_atomic
+from mathq.fsutil import public_name, sha256_file, write_text_atomic
 from mathq.manifest import file_identity
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.quantize.calibration import build_calibration_text, load_calibration, normalise
@@ -244,7 +244,7 @@ def _metadata(options: TuneOptions, budget: int, overrides_sha: str,
     return (("quantize.tuned.by", f"mathq tune {__version__}"),
             ("quantize.tuned.budget", f"{what}: {budget} bytes"),
             ("quantize.tuned.types", ",".join(options.types)),
-            ("quantize.tuned.calibration", calib.name[:120]),
+            ("quantize.tuned.calibration", public_name(calib.name)[:120]),
             ("quantize.tuned.predicted_kld", f"{predicted_kld:.6f}"),
             ("quantize.tuned.overrides_sha256", overrides_sha))
 
