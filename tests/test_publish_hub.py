@@ -301,3 +301,55 @@ def test_ollama_output_marks_the_reports_pick(demo_build):
     plan = json.loads(run("publish", "tiny-demo", "--build-dir", str(demo_build),
                           "--namespace", "me", "--dry-run", "--json").output)
     assert [t["tag"] for t in plan["ollama"]["tags"] if t["recommended"]] == ["q4_K_M"]
+
+
+def test_imatrix_and_tuned_variants_are_published_and_explained(
+        hub, tmp_path, tiny_quant_ggufs, monkeypatch):
+    """A recipe's tags may name -imat and -tuned variants: publish checks their type, uploads
+    a tuned file's overrides beside it, the card says what each is, and neither the matrix's
+    nor the calibration text's folder goes into anything uploaded."""
+    import numpy as np
+
+    from mathq.convert.gguf_info import read_gguf_summary
+    from mathq.quantize.core import QuantizeOptions, quantize_gguf
+    from mathq.quantize.imatrix_file import write_imatrix_gguf
+    from mathq.recipes.quants import get_quant
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    secret = tmp_path / "private-folder"
+    secret.mkdir()
+    bf16 = tiny_quant_ggufs["BF16"]
+    widths = {t.name: int(t.shape[0]) for t in read_gguf_summary(bf16).tensors
+              if len(t.shape) == 2 and t.name != "token_embd.weight"}
+    matrix = secret / "math.imatrix.gguf"
+    write_imatrix_gguf(matrix, {n: np.ones(w, np.float32) for n, w in widths.items()},
+                       {n: np.array([1.0]) for n in widths}, (str(secret / "calib.jsonl"),),
+                       1, 32)
+    recipe = write_recipe(tmp_path)
+    text = recipe.read_text().replace('q4 = "Q4_K_M"\n',
+                                      'q4i = "Q4_K_M-imat"\nq2t = "Q2_K-tuned"\n')
+    recipe.write_text(text)
+    root = build_folder(tmp_path / "build", {"Q4_K_M": tiny_quant_ggufs["Q4_K_M"],
+                                             "Q8_0": tiny_quant_ggufs["Q8_0"]})
+    folder = root / "tiny"
+    quantize_gguf(bf16, folder / "tiny-Q4_K_M-imat.gguf",
+                  QuantizeOptions(get_quant("Q4_K_M"), imatrix=matrix))
+    overrides = folder / "tiny-Q2_K-tuned.overrides.txt"
+    overrides.write_text("blk\\.0\\.ffn_down\\.weight=q4_k\n")
+    quantize_gguf(bf16, folder / "tiny-Q2_K-tuned.gguf", QuantizeOptions(
+        get_quant("Q2_K"), overrides=((r"blk\.0\.ffn_down\.weight", "q4_k"),),
+        metadata=(("quantize.tuned.calibration", f"calibration: {secret}/train.jsonl"),)))
+    run("publish", str(recipe), "--build-dir", str(root), "--hf-repo", REPO)
+    files = hub.files(REPO)
+    assert files["tiny-Q2_K-tuned.overrides.txt"] == overrides.read_bytes()
+    assert {"Q4_K_M-imat.Modelfile", "Q2_K-tuned.Modelfile"} <= set(files)
+    card = files["README.md"].decode()
+    assert ("- `tiny-Q2_K-tuned.gguf`: tuned: each tensor's type chosen by `mathq tune` for the "
+            "lowest KL divergence from BF16 within the size of llama.cpp's Q2_K mix, calibrated "
+            "on train.jsonl") in card
+    assert "`tiny-Q2_K-tuned.overrides.txt` beside it reproduces it" in card
+    assert ("- `tiny-Q4_K_M-imat.gguf`: quantized with an importance matrix "
+            "`math.imatrix.gguf`, computed on calib.jsonl: ") in card
+    for name, data in files.items():
+        assert str(secret).encode() not in data, name
+        assert str(tmp_path).encode() not in data, name

@@ -166,9 +166,14 @@ def test_a_dominated_variant_is_never_recommended():
     advice = advise(_data(rows))
     picks = {p.label: p for p in advice.picks}
     assert picks["3-bit"].quant == "Q3_K_L-tuned"
+    # The recipe has no tag for it: the note says how to add one (tags may name any variant).
     assert picks["3-bit"].publish_command is None
-    assert "ships the plain files the recipe's Ollama tags name, not Q3_K_L-tuned" \
-        in picks["3-bit"].publish_note
+    assert picks["3-bit"].publish_note == (
+        "the recipe has no Ollama tag for Q3_K_L-tuned; add one under [ollama.tags] (e.g. "
+        "q3_k_l-tuned = \"Q3_K_L-tuned\") to publish it with `mathq publish`")
+    tagged = advise(_data(rows, {"Q3_K_L-tuned": ("q3t",)}))
+    assert {p.label: p for p in tagged.picks}["3-bit"].publish_command == (
+        "mathq publish deepseek-math-7b-rl --tag q3t --namespace NS")
     assert picks["4-bit"].quant is None
     assert picks["4-bit"].reason == ("No 4-bit pick: Q3_K_L-tuned is no larger than "
                                      "Q4_K_M-imat and diverges no more from BF16.")

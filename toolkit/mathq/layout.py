@@ -14,6 +14,12 @@ from pathlib import Path
 BUILD_DIR_ENV = "MATHQ_BUILD_DIR"
 
 
+def overrides_file(gguf: Path) -> Path:
+    """``<model>-<NAME>.overrides.txt`` beside a tuned GGUF: its tensor types as
+    ``llama-quantize --tensor-type-file`` reads them (published with the file)."""
+    return gguf.with_name(gguf.name.removesuffix(".gguf") + ".overrides.txt")
+
+
 def default_build_root() -> Path:
     """``$MATHQ_BUILD_DIR`` if set, else ``./build``, read when asked (not at import)."""
     return Path(os.environ.get(BUILD_DIR_ENV) or "build")

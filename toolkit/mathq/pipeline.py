@@ -308,9 +308,8 @@ def _modelfile_steps(recipe: Recipe, variants: tuple[Variant, ...], layout: Buil
     """One step writing the Modelfiles of the recipe's Ollama tags for the built variants."""
     from mathq.modelfile.stage import modelfiles_fingerprint, write_modelfiles
 
-    # Tags name plain types: an imatrix variant is measured, not published under a tag.
     names = {v.name for v in variants}
-    tags = tuple(tag for tag, quant in recipe.ollama.tags if get_quant(quant).name in names)
+    tags = tuple(tag for tag, variant in recipe.ollama.tags if variant in names)
     if not tags:
         return []
     return [Step("modelfiles", "modelfile", layout.modelfiles_dir, layout.key(

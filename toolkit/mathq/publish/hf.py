@@ -1,7 +1,8 @@
 """Publish a recipe's GGUF files to a Hugging Face model repo, with a generated model card.
 
 The repo gets each selected GGUF, one ``<QUANT>.Modelfile`` per GGUF (FROM the file beside
-it, so ``ollama create -f`` works on a download) and ``README.md`` from
+it, so ``ollama create -f`` works on a download), a tuned GGUF's ``.overrides.txt`` (its tensor
+types, for ``llama-quantize --tensor-type-file``) and ``README.md`` from
 :mod:`mathq.publish.model_card`. huggingface_hub does the transfer: ``create_repo`` (kept if it
 exists), then ``preupload_lfs_files`` one GGUF at a time (so progress can be reported per
 file; the Hub's LFS batch answer skips bytes it already stores) and one ``create_commit``
@@ -31,6 +32,7 @@ from mathq.download.hub import (
     transport_error,
 )
 from mathq.errors import InvalidNameError, UploadError
+from mathq.layout import overrides_file
 from mathq.modelfile.write import MODELFILE_SUFFIX, render_modelfile
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.publish.model_card import card_files, render_model_card
@@ -129,6 +131,8 @@ def plan_hub(recipe: Recipe, repo_id: str, *, private: bool = False, tags: Seque
     for f in ggufs:
         text = render_modelfile(recipe, f.tags[0], f.quant, f"./{f.path.name}")
         out.append(_text_file(modelfiles[f.quant], text))
+        if f.tuned and (overrides := overrides_file(f.path)).is_file():
+            out.append(_text_file(overrides.name, overrides.read_text(encoding="utf-8")))
     out.append(_text_file(README, card))
     return HubPlan(recipe.name, repo_id, private, (endpoint or hub_endpoint()).rstrip("/"),
                    tuple(out))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mathq.fsutil import format_bytes
-from mathq.layout import BuildLayout
+from mathq.layout import BuildLayout, overrides_file
 from mathq.manifest import Manifest
 from mathq.publish.choice import (
     BUDGET_SHARE,
@@ -40,7 +40,7 @@ from mathq.recipes.prompt import BOS, COT_SUFFIXES, render_prompt, stop_strings,
 from mathq.recipes.recipe import Recipe
 from mathq.report.advice import pct_pp
 from mathq.report.cells import MISSING, kld_text, rate_text, status
-from mathq.report.table import FULL_PRECISION, ReportData, VariantRow
+from mathq.report.table import FULL_PRECISION, ReportData, VariantRow, base_type
 
 CARD_TAGS = ("gguf", "llama.cpp", "ollama", "quantized", "math", "deepseek", "mathq")
 EXAMPLE_QUESTION = r"What is the sum of the first 10 positive odd integers?"
@@ -243,20 +243,25 @@ def _kind_lines(data: ReportData, uploaded: Sequence[CardFile]) -> list[str]:
     """One line per uploaded variant that is not llama.cpp's stock mix of its type."""
     lines = []
     for c in uploaded:
-        r, name = c.row, c.gguf.path.name if c.gguf else c.quant
-        if r is None or (r.kind == "stock" and not r.made_with_imatrix):
+        r, f = c.row, c.gguf
+        if r is None or f is None or (r.kind == "stock" and not r.made_with_imatrix):
             continue
         if r.kind.endswith("tuned"):
-            lines.append(f"- `{name}`: tuned: the size of llama.cpp's {r.quant.split('-')[0]} "
-                         "mix, with each tensor's type chosen by `mathq tune` for the lowest KL "
-                         "divergence from BF16 on calibration text (never the text it is "
-                         "measured on here).")
+            meta = dict(f.tuned)
+            text = meta.get("calibration", "").removeprefix("calibration: ")
+            on = f", calibrated on {text}" if text else ""
+            overrides = overrides_file(f.path).name
+            lines.append(f"- `{f.path.name}`: tuned: each tensor's type chosen by `mathq tune` "
+                         f"for the lowest KL divergence from BF16 within the size of "
+                         f"llama.cpp's {base_type(r.quant).name} mix{on} (never on the text "
+                         f"it is measured on here); `{overrides}` beside it reproduces it "
+                         "with `llama-quantize --tensor-type-file`.")
         if r.made_with_imatrix:
             matrix = f" `{Path(r.imatrix).name}`" if r.imatrix else ""
             text = f", computed on {r.imatrix_dataset}" if r.imatrix_dataset else ""
-            lines.append(f"- `{name}`: quantized with an importance matrix{matrix}{text}: "
-                         "llama.cpp spends the type's bits where the calibration text's "
-                         "activations are large.")
+            lines.append(f"- `{f.path.name}`: quantized with an importance matrix{matrix}"
+                         f"{text}: llama.cpp spends the type's bits where the calibration "
+                         "text's activations are large.")
     return ["Variants that are not llama.cpp's stock mix:", "", *lines, ""] if lines else []
 
 

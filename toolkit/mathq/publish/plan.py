@@ -9,6 +9,7 @@ does not read multi-GB files again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,9 +23,13 @@ from mathq.fsutil import sha256_cached, write_text_atomic
 from mathq.layout import BuildLayout
 from mathq.modelfile.write import select_tags
 from mathq.progress import ProgressCallback, no_progress
+from mathq.recipes.quants import parse_variant
 from mathq.recipes.recipe import Recipe, bundled_recipes_dir, name_problem
 from mathq.report.advice import with_advice
 from mathq.report.table import ReportData, collect
+
+#: The header keys under which ``mathq tune`` describes a tuned file.
+TUNED_KEY = "quantize.tuned."
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,8 @@ class GGUFFile:
     bits_per_weight: float
     n_params: int
     tags: tuple[str, ...]
+    # What ``mathq tune`` recorded in a tuned file's header (``quantize.tuned.*`` keys).
+    tuned: tuple[tuple[str, str], ...] = ()
 
 
 def check_names(tags: Sequence[str] = (), namespace: str | None = None) -> None:
@@ -77,15 +84,18 @@ def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None 
     for quant in quants:  # check every file before hashing any
         path = layout.gguf(quant)
         if not path.is_file():
-            raise InputFileError(f"{path} not found",
-                                 f"make it with `mathq quantize {recipe_ref(recipe)} -Q {quant}`")
-    summaries = {}
+            raise InputFileError(f"{path} not found", f"make it with {_making(recipe, quant)}")
+    summaries, tuned = {}, {}
     for quant in quants:
         path = layout.gguf(quant)
-        summary = summaries[quant] = read_gguf_header(path).summary
-        if summary.file_type_name != quant:
-            raise GGUFError(f"{path} holds {summary.file_type_name}, not {quant}",
-                            f"rebuild it with `mathq quantize {recipe_ref(recipe)} -Q {quant}`")
+        header = read_gguf_header(path)
+        summary = summaries[quant] = header.summary
+        tuned[quant] = tuple((k.removeprefix(TUNED_KEY), str(v))
+                             for k, v in header.values.items() if k.startswith(TUNED_KEY))
+        expected = parse_variant(quant).quant.name
+        if summary.file_type_name != expected:
+            raise GGUFError(f"{path} holds {summary.file_type_name}, not {expected}",
+                            f"rebuild it with {_making(recipe, quant)}")
     if before_hashing is not None:
         before_hashing()
     for quant in quants:
@@ -94,16 +104,27 @@ def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None 
             quant=quant, path=path, size=summary.size,
             sha256=sha256_cached(path, layout.digest_cache, progress, save=not dry_run),
             bits_per_weight=summary.bits_per_weight, n_params=summary.n_params,
-            tags=tuple(t for t, q in pairs if q == quant))
+            tags=tuple(t for t, q in pairs if q == quant), tuned=tuned[quant])
     return pairs, files
 
 
 def release_report(recipe: Recipe, build_root: Path | None = None) -> ReportData:
     """The build's report data with its advice, as ``mathq report`` computes them, so what
     publish recommends is the report's pick. Reads summaries and GGUF headers only: no file
-    is hashed and nothing is written."""
+    is hashed and nothing is written. The recipe is named by its name, not its path: what
+    publish writes leaves this machine."""
     layout = BuildLayout.for_model(recipe.name, build_root)
-    return with_advice(collect(recipe, layout, hash_files=False))
+    data = collect(recipe, layout, hash_files=False)
+    return with_advice(dataclasses.replace(data, recipe_ref=recipe.name))
+
+
+def _making(recipe: Recipe, variant: str) -> str:
+    """The command that makes ``variant``'s file: ``mathq tune`` for a tuned one."""
+    v = parse_variant(variant)
+    if v.tuned:
+        matrix = " --imatrix FILE" if v.imatrix else ""
+        return f"`mathq tune {recipe_ref(recipe)} --match {v.quant.name}{matrix}`"
+    return f"`mathq quantize {recipe_ref(recipe)} -Q {variant}`"
 
 
 class PublishState:

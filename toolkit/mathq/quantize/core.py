@@ -39,10 +39,13 @@ KV_IMATRIX_CHUNKS = "quantize.imatrix.chunks_count"
 class QuantizeOptions:
     """Settings of one quantization; each maps to a ``llama-quantize`` option.
 
-    ``imatrix`` is stored in the output's metadata as given, like ``llama-quantize`` does.
+    ``imatrix`` is named in the output's metadata, as ``llama-quantize`` does, but by its
+    file name only (and its calibration text's too): a GGUF may be uploaded, and no folder
+    of this machine should go with it.
     ``overrides`` are ``(regex, ggml type)`` pairs, ``--tensor-type`` in llama-quantize.
     ``metadata`` are extra ``(key, value)`` pairs written into the output's header, as
-    llama-quantize writes its ``quantize.imatrix.*`` keys (strings of at most 127 bytes).
+    llama-quantize writes its ``quantize.imatrix.*`` keys (strings of at most 127 bytes;
+    a path among them is written as its file name, see :func:`mathq.fsutil.public_name`).
     """
 
     quant: QuantType
@@ -97,6 +100,8 @@ def _estimated_size(model: GGUFSummary, quant: QuantType) -> int:
 
 
 def _kv_override(key: str, value: str | int) -> object:
+    """A header key for llama.cpp to write. Every string mathq puts in a quantized GGUF
+    passes here, so a path among them becomes its file name (the file may be uploaded)."""
     import llama_cpp
 
     kvo = llama_cpp.llama_model_kv_override()
@@ -106,7 +111,7 @@ def _kv_override(key: str, value: str | int) -> object:
         kvo.value.val_i64 = value
     else:
         kvo.tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
-        kvo.value.val_str = value.encode()[:127]
+        kvo.value.val_str = public_name(value).encode()[:127]
     return kvo
 
 
@@ -177,9 +182,9 @@ def quantize_gguf(source: Path, dest: Path, options: QuantizeOptions,
         items = [llama_cpp.llama_model_imatrix_data(n.encode(), f, len(f))
                  for n, f in floats.items()]
         params.imatrix = _terminated(llama_cpp.llama_model_imatrix_data, items)
-        kvs.append(_kv_override(KV_IMATRIX_FILE, Path(options.imatrix).name))
+        kvs.append(_kv_override(KV_IMATRIX_FILE, str(options.imatrix)))
         if imatrix.datasets:
-            kvs.append(_kv_override(KV_IMATRIX_DATASET, public_name(imatrix.datasets[0])))
+            kvs.append(_kv_override(KV_IMATRIX_DATASET, imatrix.datasets[0]))
         kvs.append(_kv_override(KV_IMATRIX_ENTRIES, len(imatrix.entries)))
         if imatrix.chunk_count > 0:
             kvs.append(_kv_override(KV_IMATRIX_CHUNKS, imatrix.chunk_count))

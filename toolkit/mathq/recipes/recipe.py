@@ -22,7 +22,7 @@ from mathq.errors import RecipeError
 from mathq.recipes.prompt import COT_SUFFIXES as _COT_SUFFIX_TEXTS
 from mathq.recipes.prompt import PROMPT_FORMATS, PromptSpec
 from mathq.recipes.prompt import SYSTEM_PROMPT_POLICIES as SYSTEM_PROMPT_POLICIES
-from mathq.recipes.quants import UnknownQuantError, get_quant, parse_variant_list
+from mathq.recipes.quants import UnknownQuantError, get_quant, parse_variant, parse_variant_list
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -216,6 +216,15 @@ class _Table:
             self.fail(key, e.message, e.hint)
             raise AssertionError("unreachable") from e
 
+    def variant(self, key: str, value: str) -> str:
+        """A variant name (``Q4_K_M``, ``Q4_K_M-imat``, ``Q2_K-tuned``) in its canonical
+        spelling, or the field's error."""
+        try:
+            return parse_variant(value).name
+        except UnknownQuantError as e:
+            self.fail(key, e.message, e.hint)
+            raise AssertionError("unreachable") from e
+
     def finish(self) -> None:
         extra = sorted(set(self.data) - self.read)
         if extra:
@@ -317,7 +326,7 @@ def _parse_ollama(t: _Table, quants: QuantSpec) -> OllamaSpec:
             tags.fail(tag, problem)
         if not isinstance(quant, str):
             tags.fail(tag, f"expected a quant type name, got {type(quant).__name__}")
-        tag_pairs.append((tag, tags.quant(tag, quant)))
+        tag_pairs.append((tag, tags.variant(tag, quant)))
     if not tag_pairs:
         tags.fail(None, "must map at least one tag to a quant type, e.g. latest = \"Q4_K_M\"")
     params = t.get("parameters", dict, {})

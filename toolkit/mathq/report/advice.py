@@ -15,8 +15,8 @@ dominated variant is never recommended, and a class whose best file is beaten by
 smaller one from another class says so instead of offering it.
 
 Each pick comes with the exact ``mathq publish`` line that ships it, built only from the
-options ``mathq publish`` has, and only when the recipe has an Ollama tag for that type
-(``publish`` ships the plain file a tag names, never an ``-imat`` or ``-tuned`` one).
+options ``mathq publish`` has, and only when the recipe has an Ollama tag for that variant
+(a tag may name a plain, ``-imat`` or ``-tuned`` one); else how to add the tag.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from mathq.recipes.quants import IMATRIX_SUFFIX, TUNED_SUFFIX
 from mathq.report.cells import format_p, kld_text, signed
 from mathq.report.paired import ALPHA, Z95, PairedDifference
 from mathq.report.table import (
@@ -124,9 +123,6 @@ def publish_line(data: ReportData, quant: str) -> tuple[str | None, str | None]:
         return (f"mathq publish {data.recipe_ref} --tag {','.join(tags)} --namespace NS",
                 "NS is your ollama.com user name; --hf-repo USER/NAME uploads to Hugging "
                 "Face instead")
-    if quant.endswith((IMATRIX_SUFFIX, TUNED_SUFFIX)):
-        return None, (f"`mathq publish` ships the plain files the recipe's Ollama tags name, "
-                      f"not {quant}; upload {data.gguf_name(quant)} yourself")
     return None, (f"the recipe has no Ollama tag for {quant}; add one under [ollama.tags] "
                   f"(e.g. {quant.lower()} = \"{quant}\") to publish it with `mathq publish`")
 

@@ -46,7 +46,6 @@ from mathq.progress import ProgressCallback, no_progress
 from mathq.recipes.quants import (
     QUANT_TYPES,
     QuantType,
-    get_quant,
     parse_variant,
     variant_names,
 )
@@ -333,9 +332,9 @@ def collect(recipe: Recipe, layout: BuildLayout,
     paper = recipe.smoke.reference_accuracy
     tags: dict[str, list[str]] = {}
     raw_tags: dict[str, list[str]] = {}
-    for tag, quant in recipe.ollama.tags:
-        tags.setdefault(get_quant(quant).name, []).append(f"{recipe.ollama.model}:{tag}")
-        raw_tags.setdefault(get_quant(quant).name, []).append(tag)
+    for tag, variant in recipe.ollama.tags:
+        tags.setdefault(variant, []).append(f"{recipe.ollama.model}:{tag}")
+        raw_tags.setdefault(variant, []).append(tag)
 
     rows = []
     for q in quants:

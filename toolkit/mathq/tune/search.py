@@ -41,7 +41,8 @@ from mathq.evaluate.kld.measure import (
     measure_gguf,
 )
 from mathq.evaluate.summaries import KldSummary
-from mathq.fsutil import public_name, sha256_file, write_text_atomic
+from mathq.fsutil import sha256_file, write_text_atomic
+from mathq.layout import overrides_file
 from mathq.manifest import file_identity
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.quantize.calibration import build_calibration_text, load_calibration, normalise
@@ -120,7 +121,7 @@ class TuneJob:
     @property
     def overrides_path(self) -> Path:
         """``<model>-<NAME>.overrides.txt`` beside the GGUF."""
-        return self.dest.with_name(self.dest.name.removesuffix(".gguf") + ".overrides.txt")
+        return overrides_file(self.dest)
 
     @property
     def record_path(self) -> Path:
@@ -244,7 +245,7 @@ def _metadata(options: TuneOptions, budget: int, overrides_sha: str,
     return (("quantize.tuned.by", f"mathq tune {__version__}"),
             ("quantize.tuned.budget", f"{what}: {budget} bytes"),
             ("quantize.tuned.types", ",".join(options.types)),
-            ("quantize.tuned.calibration", public_name(calib.name)[:120]),
+            ("quantize.tuned.calibration", calib.name),
             ("quantize.tuned.predicted_kld", f"{predicted_kld:.6f}"),
             ("quantize.tuned.overrides_sha256", overrides_sha))
 
