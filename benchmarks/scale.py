@@ -34,7 +34,6 @@ Not run by CI at full shape; ``tests/test_scale_benchmark.py`` runs ``--tiny --n
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -52,6 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.tinymodel import TinySpec, build_checkpoint  # noqa: E402
+
+from benchmarks.quantize import sha256  # noqa: E402
 
 #: DeepSeek-Math 7B's shape (its config.json).
 FULL = TinySpec(n_layer=30, n_embd=4096, n_ff=11008, n_head=32, n_head_kv=32, n_vocab=102400,
@@ -301,7 +302,7 @@ def quantize(run: Run) -> None:
                         [tool, str(run.gguf("BF16")), str(out), q, str(run.threads)]
                         if tool else None, why_not=why)
         if peer is not None and out.is_file():
-            peer["identical"] = _sha256(out) == _sha256(run.gguf(q))
+            peer["identical"] = sha256(out) == sha256(run.gguf(q))
             run.results.put(f"quantize {q}:llama-quantize", peer)
             out.unlink()
 
@@ -411,14 +412,6 @@ def build(run: Run) -> None:
 
 STAGES = {"convert": convert, "quantize": quantize, "imatrix": imatrix, "kld": kld,
           "bench": bench, "smoke": smoke, "tune": tune, "build": build}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _cost(v: dict[str, object]) -> tuple[float, float, float]:
