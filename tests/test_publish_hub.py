@@ -195,10 +195,10 @@ def test_model_card_reports_measurements_prompt_and_how_to_run(setup):
         f"{q8.bits_per_weight:.2f} | — | — | — | — | not measured | `q8` |",
         f"| [tiny-Q4_K_M.gguf](./tiny-Q4_K_M.gguf) | {_size(q4.size)} | "
         f"{q4.bits_per_weight:.2f} | 60.0 [38.7, 78.1] | — | 0.0123 ± 0.0006 | 96.4 | "
-        "not measured | `latest`, `q4` |"]
+        "no baseline | `latest`, `q4` |"]
     assert 7.5 < q8.bits_per_weight < 9.5  # measured from the file, not the nominal 8.5
-    assert ("No file is recommended: mathq's report for this build picks none of these "
-            "files. Its reason: No recommendation yet: BF16 was not smoke-tested") in card
+    assert ("No file of this repo is recommended: Q8_0 was not smoke-tested on BF16's "
+            "problems; Q4_K_M has no BF16 baseline (BF16 was not smoke-tested).") in card
     assert "Memory was not measured for these files" in card
     assert "A dash means not measured for this release." in card
     # The prompt block is the prompt module's text; the CoT suffix is spelled out.
@@ -278,7 +278,7 @@ def test_demo_card_carries_the_reports_decision_sized_for_memory(hub, demo_build
     assert "- **2-bit**: No 2-bit pick: Q2_K loses accuracy" in which
     assert "- **8-bit**: Q8_0 (" in which
     # Every budget holds the whole demo model, so the file closest to BF16 is the answer.
-    assert "| 4 GB or more | Q8_0 | " in which
+    assert "| from 4 GB | Q8_0 | " in which
     assert "400" in card and "distractor word problems" in card
     assert "problems-distractor" not in card  # the suite's title, not its file's stem
 
@@ -323,7 +323,7 @@ def test_imatrix_and_tuned_variants_are_published_and_explained(
               if len(t.shape) == 2 and t.name != "token_embd.weight"}
     matrix = secret / "math.imatrix.gguf"
     write_imatrix_gguf(matrix, {n: np.ones(w, np.float32) for n, w in widths.items()},
-                       {n: np.array([1.0]) for n in widths}, (str(secret / "calib.jsonl"),),
+                       {n: np.array([1.0]) for n in widths}, ("../private-folder/calib.jsonl",),
                        1, 32)
     recipe = write_recipe(tmp_path)
     text = recipe.read_text().replace('q4 = "Q4_K_M"\n',
@@ -338,7 +338,9 @@ def test_imatrix_and_tuned_variants_are_published_and_explained(
     overrides.write_text("blk\\.0\\.ffn_down\\.weight=q4_k\n")
     quantize_gguf(bf16, folder / "tiny-Q2_K-tuned.gguf", QuantizeOptions(
         get_quant("Q2_K"), overrides=((r"blk\.0\.ffn_down\.weight", "q4_k"),),
-        metadata=(("quantize.tuned.calibration", f"calibration: {secret}/train.jsonl"),)))
+        metadata=(("quantize.tuned.calibration", f"calibration: {secret}/train.jsonl"),
+                  ("quantize.tuned.overrides_sha256",
+                   hashlib.sha256(overrides.read_bytes()).hexdigest()))))
     run("publish", str(recipe), "--build-dir", str(root), "--hf-repo", REPO)
     files = hub.files(REPO)
     assert files["tiny-Q2_K-tuned.overrides.txt"] == overrides.read_bytes()
@@ -353,3 +355,31 @@ def test_imatrix_and_tuned_variants_are_published_and_explained(
     for name, data in files.items():
         assert str(secret).encode() not in data, name
         assert str(tmp_path).encode() not in data, name
+        assert b"private-folder" not in data, name  # not even a relative path's folder
+    # An overrides file that is not the one the tuned file was made with is refused.
+    overrides.write_text("blk\\.0\\.ffn_down\\.weight=q8_0\n")
+    out = run("publish", str(recipe), "--build-dir", str(root), "--hf-repo", REPO, "--dry-run",
+              code=1).output
+    assert out.startswith(f"Error: {overrides} is not the overrides file tiny-Q2_K-tuned.gguf "
+                          "was made with")
+
+
+def test_figures_of_an_earlier_file_are_never_published(demo_build):
+    """A variant rebuilt (or replaced) after it was measured is refused before any hashing."""
+    import os
+
+    gguf = demo_build / "tiny-demo" / "tiny-demo-Q4_K_M.gguf"
+    before = gguf.stat()
+    os.utime(gguf, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    try:
+        out = run("publish", "tiny-demo", "--build-dir", str(demo_build), "--namespace", "me",
+                  "--dry-run", code=1).output
+    finally:
+        os.utime(gguf, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert out.startswith("Error: tiny-demo-Q4_K_M.gguf changed after its smoke figures were "
+                          "measured (measure it again")
+    # `--tag ,` names no tag: refused, rather than read as "every tag".
+    empty = run("publish", "tiny-demo", "--build-dir", str(demo_build), "--namespace", "me",
+                "--tag", ",", "--dry-run", code=2).output
+    assert empty.splitlines()[-1].endswith(
+        "no tag given; name one or more of the recipe's tags, e.g. --tag latest")

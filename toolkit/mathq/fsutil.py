@@ -233,14 +233,16 @@ def format_bytes(n: float) -> str:
 
 
 def public_name(text: str) -> str:
-    """``text`` as metadata that may leave this machine names it: an absolute path (alone,
-    or after a ``label: ``) becomes its file name, so no folder of the publisher's machine
-    is written into a GGUF that is uploaded. Anything else is kept."""
+    """``text`` as metadata that may leave this machine names it: a path (alone, or after a
+    ``label: ``) becomes its file name, so no folder of the publisher's machine is written
+    into a GGUF that is uploaded. A path is absolute, relative to a parent or home folder
+    (``../x``, ``~/x``), or names something that exists here (``data/calib.txt``); anything
+    else is kept (a Hub source such as ``owner/set@commit/file`` is public)."""
     label, sep, rest = text.rpartition(": ")
     value = rest if sep else text
-    if not os.path.isabs(value):
-        return text
-    return f"{label}{sep}{Path(value).name}"
+    local = (os.path.isabs(value) or value.startswith(("./", "../", "~")) or "/.." in value
+             or (os.sep in value and os.path.exists(value)))
+    return f"{label}{sep}{Path(value).name}" if local else text
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

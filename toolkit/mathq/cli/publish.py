@@ -22,6 +22,9 @@ def _namespace(_ctx: click.Context, _param: click.Parameter, value: str | None) 
 
 def _tags(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> tuple[str, ...]:
     tags = [t.strip() for v in values for t in v.split(",") if t.strip()]
+    if values and not tags:
+        raise click.BadParameter("no tag given; name one or more of the recipe's tags, e.g. "
+                                 "--tag latest")
     for tag in tags:
         if problem := name_problem(tag, "tag"):
             raise click.BadParameter(problem)

@@ -48,12 +48,16 @@ def recommended(data: ReportData, uploaded: Sequence[str]) -> Pick | None:
 
 def stated_context(data: ReportData, num_ctx: int | None, uploaded: Sequence[str]) -> int | None:
     """The context budgets are judged at: the recipe's ``num_ctx`` when bench measured it
-    for every uploaded file, else the shortest context measured for all of them."""
-    rows = [r for r in data.rows if r.quant in uploaded]
-    common = set.intersection(*(set(r.buffers_by_context) for r in rows)) if rows else set()
-    if num_ctx in common:
+    for any uploaded file, else the context measured for the most of them (the shortest of
+    a tie); None when memory was measured for none."""
+    counts: dict[int, int] = {}
+    for r in data.rows:
+        if r.quant in uploaded:
+            for c in r.buffers_by_context:
+                counts[c] = counts.get(c, 0) + 1
+    if num_ctx in counts:
         return num_ctx
-    return min(common) if common else None
+    return min(counts, key=lambda c: (-counts[c], c)) if counts else None
 
 
 def measured_contexts(data: ReportData, uploaded: Sequence[str]) -> list[int]:
@@ -90,14 +94,13 @@ def by_budget(candidates: Sequence[VariantRow], n_ctx: int) -> list[BudgetChoice
             runs[-1][0].append(gib)
         else:
             runs.append(([gib], row, memory))
+    # Each row holds from its first budget up to the next row's: thresholds, no gaps.
     choices = []
     for i, (gibs, row, memory) in enumerate(runs):
         if row is None:
             label = (f"under {runs[i + 1][0][0]} GB" if i + 1 < len(runs)
                      else f"up to {gibs[-1]} GB")
-        elif i == len(runs) - 1:
-            label = f"{gibs[0]} GB or more"
         else:
-            label = f"{gibs[0]} GB" if len(gibs) == 1 else f"{gibs[0]}–{gibs[-1]} GB"
+            label = f"from {gibs[0]} GB"
         choices.append(BudgetChoice(label, row.quant if row else None, memory))
     return choices

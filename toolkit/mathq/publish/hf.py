@@ -32,7 +32,6 @@ from mathq.download.hub import (
     transport_error,
 )
 from mathq.errors import InvalidNameError, UploadError
-from mathq.layout import overrides_file
 from mathq.modelfile.write import MODELFILE_SUFFIX, render_modelfile
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.publish.model_card import card_files, render_model_card
@@ -131,8 +130,8 @@ def plan_hub(recipe: Recipe, repo_id: str, *, private: bool = False, tags: Seque
     for f in ggufs:
         text = render_modelfile(recipe, f.tags[0], f.quant, f"./{f.path.name}")
         out.append(_text_file(modelfiles[f.quant], text))
-        if f.tuned and (overrides := overrides_file(f.path)).is_file():
-            out.append(_text_file(overrides.name, overrides.read_text(encoding="utf-8")))
+        if f.overrides is not None:
+            out.append(_text_file(f.overrides.name, f.overrides.read_text(encoding="utf-8")))
     out.append(_text_file(README, card))
     return HubPlan(recipe.name, repo_id, private, (endpoint or hub_endpoint()).rstrip("/"),
                    tuple(out))

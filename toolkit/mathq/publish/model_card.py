@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mathq.fsutil import format_bytes
-from mathq.layout import BuildLayout, overrides_file
+from mathq.layout import BuildLayout
 from mathq.manifest import Manifest
 from mathq.publish.choice import (
     BUDGET_SHARE,
@@ -38,7 +38,7 @@ from mathq.publish.choice import (
 from mathq.publish.plan import GGUFFile
 from mathq.recipes.prompt import BOS, COT_SUFFIXES, render_prompt, stop_strings, user_suffix
 from mathq.recipes.recipe import Recipe
-from mathq.report.advice import pct_pp
+from mathq.report.advice import QUALIFIES, pct_pp, qualifies, why_not
 from mathq.report.cells import MISSING, kld_text, rate_text, status
 from mathq.report.table import FULL_PRECISION, ReportData, VariantRow, base_type
 
@@ -120,12 +120,13 @@ def render_model_card(recipe: Recipe, repo_id: str, data: ReportData,
         base_model=recipe.model.hf_repo, base_model_relation="quantized" if recipe.model.hf_repo
         else None, pipeline_tag="text-generation", tags=list(CARD_TAGS), **_license(recipe))
     uploaded = [c for c in rows if c.gguf is not None]
+    measured = (" and measured against the full-precision (BF16) model on the same problems "
+                "and text" if data.accuracy_reference and data.kld_reference else "")
     lines = [
         "---", meta.to_yaml(), "---", "",
         f"# {recipe.name} GGUF", "",
         f"GGUF files of {_source(recipe, build_root)}, quantized with llama.cpp's quantizer "
-        "by mathq, each measured against the full-precision (BF16) model on the same "
-        "problems and text before upload.", "",
+        f"by mathq{measured}.", "",
     ]
     lines += _which_file(recipe, data, rows)
     lines += _files_table(data, rows)
@@ -146,24 +147,43 @@ def _which_file(recipe: Recipe, data: ReportData, rows: Sequence[CardFile]) -> l
     advice = data.advice
     pick = recommended(data, uploaded)
     if pick is None:
-        why = advice.text if advice is not None else "the build has no report data"
-        lines += [f"No file is recommended: mathq's report for this build picks none of "
-                  f"these files. Its reason: {why}", ""]
+        lines += [f"No file of this repo is recommended: {_no_pick(data, uploaded)}", ""]
     else:
-        lines += [f"**Recommended: `{names[pick.quant]}`** ({pick.label} pick). "
-                  f"{pick.reason} Its size class is the smallest with a file that loses no "
-                  "measurable accuracy against BF16.", ""]
+        why = (f"Its size class is the smallest with a file that qualifies ({QUALIFIES})."
+               if pick.quant == advice.quant else
+               f"mathq's first choice, {advice.quant}, is not in this repo; this is the pick "
+               "of the smallest size class that is.")
+        lines += [f"**Recommended: `{names[pick.quant]}`** ({pick.label} pick). {pick.reason} "
+                  f"{why}", ""]
     if advice is not None and advice.picks:
         lines += ["The pick of each size class:", ""]
         for p in advice.picks:
             where = "" if p.quant is None or p.quant in uploaded else " (not in this repo)"
             lines.append(f"- **{p.label}**{where}: {p.reason}")
         lines += ["", f"How files are picked: {advice.rule}", ""]
-    lines += _budget_lines(recipe, data, uploaded)
+    lines += _budget_lines(recipe, data, uploaded, pick is not None)
     return lines
 
 
-def _budget_lines(recipe: Recipe, data: ReportData, uploaded: Sequence[str]) -> list[str]:
+def _no_pick(data: ReportData, uploaded: Sequence[str]) -> str:
+    """Why none of the repo's files is recommended, for someone choosing one."""
+    rows = {r.quant: r for r in data.rows}
+    reasons = []
+    for quant in uploaded:
+        r = rows.get(quant)
+        if r is None or quant == FULL_PRECISION:
+            continue
+        reasons.append(f"{quant} qualifies, but another file of its size class is picked"
+                       if qualifies(r) else why_not(r, data))
+    elsewhere = [p.quant for p in (data.advice.picks if data.advice else ())
+                 if p.quant and p.quant not in uploaded]
+    if elsewhere:
+        reasons.append(f"the files mathq picks ({', '.join(elsewhere)}) are not in this repo")
+    return "; ".join(reasons) + "." if reasons else "nothing was measured for these files."
+
+
+def _budget_lines(recipe: Recipe, data: ReportData, uploaded: Sequence[str],
+                  after_pick: bool) -> list[str]:
     num_ctx = dict(recipe.ollama.parameters).get("num_ctx")
     n_ctx = stated_context(data, num_ctx if isinstance(num_ctx, int) else None, uploaded)
     candidates = budget_candidates(data, uploaded)
@@ -171,17 +191,22 @@ def _budget_lines(recipe: Recipe, data: ReportData, uploaded: Sequence[str]) -> 
         return ["Memory was not measured for these files, so no choice by memory budget is "
                 "made.", ""]
     if not candidates:
-        return ["No file of this repo qualifies (each loses accuracy measurably or was not "
-                "measured), so no choice by memory budget is made.", ""]
+        return ["No file of this repo qualifies, so no choice by memory budget is made.", ""]
     share = f"{100 * BUDGET_SHARE:.0f} %"
-    lines = [f"By memory (RAM for the CPU, VRAM for a GPU): the file closest to BF16 (lowest "
-             f"mean KLD) among those that qualify, whose llama.cpp buffers (model, KV cache "
-             f"and compute) for one {_context_words(n_ctx)}-token context take at most "
-             f"{share} of the memory, leaving the rest to the system.", "",
-             f"| Memory | File | Needs at {_context_words(n_ctx)} tokens |", "|---|---|---|"]
+    lead = ("The recommendation is the smallest file that qualifies; with more memory, a "
+            "file closer to BF16 may fit. " if after_pick else "")
+    lines = [f"{lead}By memory (RAM for the CPU, VRAM for a GPU): the qualifying file closest "
+             f"to BF16 (lowest mean KLD) whose llama.cpp buffers (model, KV cache and compute) "
+             f"for one {_context_words(n_ctx)}-token context take at most {share} of the "
+             "memory, leaving the rest to the system.", ""]
+    unmeasured = [r.quant for r in candidates if r.memory_at(n_ctx) is None]
+    if unmeasured:
+        lines += [f"Memory at {_context_words(n_ctx)} tokens was not measured for "
+                  f"{', '.join(unmeasured)}, which the table leaves out.", ""]
+    lines += [f"| Memory | File | Needs at {_context_words(n_ctx)} tokens |", "|---|---|---|"]
     for c in by_budget(candidates, n_ctx):
         if c.quant is None:
-            lines.append(f"| {c.label} | none of these files fits | {MISSING} |")
+            lines.append(f"| {c.label} | no qualifying file fits | {MISSING} |")
         else:
             lines.append(f"| {c.label} | {c.quant} | {format_bytes(c.memory_bytes or 0)} |")
     return [*lines, ""]
@@ -250,12 +275,12 @@ def _kind_lines(data: ReportData, uploaded: Sequence[CardFile]) -> list[str]:
             meta = dict(f.tuned)
             text = meta.get("calibration", "").removeprefix("calibration: ")
             on = f", calibrated on {text}" if text else ""
-            overrides = overrides_file(f.path).name
+            again = (f"; `{f.overrides.name}` beside it reproduces it with "
+                     "`llama-quantize --tensor-type-file`" if f.overrides else "")
             lines.append(f"- `{f.path.name}`: tuned: each tensor's type chosen by `mathq tune` "
                          f"for the lowest KL divergence from BF16 within the size of "
                          f"llama.cpp's {base_type(r.quant).name} mix{on} (never on the text "
-                         f"it is measured on here); `{overrides}` beside it reproduces it "
-                         "with `llama-quantize --tensor-type-file`.")
+                         f"it is measured on here){again}.")
         if r.made_with_imatrix:
             matrix = f" `{Path(r.imatrix).name}`" if r.imatrix else ""
             text = f", computed on {r.imatrix_dataset}" if r.imatrix_dataset else ""
@@ -290,8 +315,7 @@ def _measurement_notes(data: ReportData, rows: Sequence[CardFile]) -> list[str]:
         notes.append("Memory: llama.cpp's model, KV-cache (F16), compute and output buffers "
                      "for one sequence of that context, as `mathq bench` measured them; add "
                      "a few hundred MB for the program itself.")
-    if any(c.row is None or c.row.accuracy is None or c.row.mean_kld is None for c in rows
-           if c.quant != FULL_PRECISION):
+    if any(f" {MISSING} " in line for line in _files_table(data, rows)):
         notes.append("A dash means not measured for this release.")
     return [*(f"{n}\n" for n in notes)]
 
@@ -301,10 +325,11 @@ def _measurement_notes(data: ReportData, rows: Sequence[CardFile]) -> list[str]:
 
 def _prompt_section(recipe: Recipe) -> list[str]:
     spec = recipe.prompt
+    system = ("No system prompt: DeepSeek advises against one." if spec.system_prompt == "none"
+              else "A system prompt is passed through (DeepSeek advises against one).")
     lines = [
         "## Prompt format", "",
-        "No system prompt: DeepSeek advises against one. The tokenizer adds BOS "
-        f"(`{BOS}`) itself, so prompts never contain it.", "",
+        f"{system} The tokenizer adds BOS (`{BOS}`) itself, so prompts never contain it.", "",
         "```text", render_prompt(spec, "{question}"), "```", "",
     ]
     if user_suffix(spec):
@@ -343,12 +368,15 @@ def _run_sections(recipe: Recipe, repo_id: str, data: ReportData,
                   *(f"ollama run {namespace}/{recipe.ollama.model}:{c.gguf.tags[0]}"
                     for c in uploaded if c.gguf is not None), "```", ""]
     example = render_prompt(recipe.prompt, EXAMPLE_QUESTION)
-    num_ctx = dict(recipe.ollama.parameters).get("num_ctx")
-    n_ctx = num_ctx if isinstance(num_ctx, int) and num_ctx > 0 else 4096
+    params = dict(recipe.ollama.parameters)
+    n_ctx = params.get("num_ctx") if isinstance(params.get("num_ctx"), int) else 0
+    temp, penalty = params.get("temperature", 0.0), params.get("repeat_penalty", 1.0)
     return [*lines,
             "## Run with llama.cpp", "",
+            "The Modelfiles' sampling settings, as llama.cpp's options"
+            + ("" if n_ctx else " (`-c 0`: the model's own context)") + ":", "",
             "```bash",
-            f"llama-cli --hf-repo {repo_id} --hf-file {first.gguf.path.name} -no-cnv --temp 0 "
-            f"--repeat-penalty 1 -n {recipe.smoke.max_tokens} -c {n_ctx} \\",
+            f"llama-cli --hf-repo {repo_id} --hf-file {first.gguf.path.name} -no-cnv --temp "
+            f"{temp:g} --repeat-penalty {penalty:g} -n {recipe.smoke.max_tokens} -c {n_ctx} \\",
             f"  -p {_bash_quoted(example)}",
             "```", ""]

@@ -19,8 +19,9 @@ from typing import Any
 from mathq.convert.gguf_info import read_gguf_header
 from mathq.errors import GGUFError, InputFileError, InvalidNameError
 from mathq.fsutil import forget_digest as forget  # noqa: F401 (publish's name)
-from mathq.fsutil import sha256_cached, write_text_atomic
-from mathq.layout import BuildLayout
+from mathq.fsutil import sha256_cached, sha256_file, write_text_atomic
+from mathq.layout import BuildLayout, overrides_file
+from mathq.manifest import Manifest, file_identity
 from mathq.modelfile.write import select_tags
 from mathq.progress import ProgressCallback, no_progress
 from mathq.recipes.quants import parse_variant
@@ -45,6 +46,8 @@ class GGUFFile:
     tags: tuple[str, ...]
     # What ``mathq tune`` recorded in a tuned file's header (``quantize.tuned.*`` keys).
     tuned: tuple[tuple[str, str], ...] = ()
+    # A tuned file's ``.overrides.txt``, published beside it: None when there is none.
+    overrides: Path | None = None
 
 
 def check_names(tags: Sequence[str] = (), namespace: str | None = None) -> None:
@@ -74,7 +77,7 @@ def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None 
 
     Raises InvalidNameError (a tag name Ollama refuses), RecipeError (a tag the recipe does
     not have), InputFileError (a GGUF not built yet) and GGUFError (a GGUF that holds another
-    quantization than its name says).
+    quantization than its name says, or changed since it was measured).
     """
     check_names(tags)
     pairs = select_tags(recipe, tags)
@@ -85,17 +88,19 @@ def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None 
         path = layout.gguf(quant)
         if not path.is_file():
             raise InputFileError(f"{path} not found", f"make it with {_making(recipe, quant)}")
-    summaries, tuned = {}, {}
+    summaries, tuned, overrides = {}, {}, {}
     for quant in quants:
         path = layout.gguf(quant)
         header = read_gguf_header(path)
         summary = summaries[quant] = header.summary
         tuned[quant] = tuple((k.removeprefix(TUNED_KEY), str(v))
                              for k, v in header.values.items() if k.startswith(TUNED_KEY))
+        overrides[quant] = _overrides(recipe, quant, path, dict(tuned[quant]))
         expected = parse_variant(quant).quant.name
         if summary.file_type_name != expected:
             raise GGUFError(f"{path} holds {summary.file_type_name}, not {expected}",
                             f"rebuild it with {_making(recipe, quant)}")
+    _check_current(recipe, layout, quants)
     if before_hashing is not None:
         before_hashing()
     for quant in quants:
@@ -104,7 +109,8 @@ def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None 
             quant=quant, path=path, size=summary.size,
             sha256=sha256_cached(path, layout.digest_cache, progress, save=not dry_run),
             bits_per_weight=summary.bits_per_weight, n_params=summary.n_params,
-            tags=tuple(t for t, q in pairs if q == quant), tuned=tuned[quant])
+            tags=tuple(t for t, q in pairs if q == quant), tuned=tuned[quant],
+            overrides=overrides[quant])
     return pairs, files
 
 
@@ -118,6 +124,20 @@ def release_report(recipe: Recipe, build_root: Path | None = None) -> ReportData
     return with_advice(dataclasses.replace(data, recipe_ref=recipe.name))
 
 
+def _overrides(recipe: Recipe, variant: str, gguf: Path, tuned: dict[str, str]) -> Path | None:
+    """A tuned file's overrides file, checked against the digest its header records (a file
+    that does not match would publish types the GGUF does not hold); None if there is none."""
+    path = overrides_file(gguf)
+    if not tuned or not path.is_file():
+        return None
+    recorded = tuned.get("overrides_sha256")
+    if recorded and sha256_file(path) != recorded:
+        raise GGUFError(f"{path} is not the overrides file {gguf.name} was made with (its "
+                        "header records another digest)",
+                        f"remake both with {_making(recipe, variant)}")
+    return path
+
+
 def _making(recipe: Recipe, variant: str) -> str:
     """The command that makes ``variant``'s file: ``mathq tune`` for a tuned one."""
     v = parse_variant(variant)
@@ -125,6 +145,25 @@ def _making(recipe: Recipe, variant: str) -> str:
         matrix = " --imatrix FILE" if v.imatrix else ""
         return f"`mathq tune {recipe_ref(recipe)} --match {v.quant.name}{matrix}`"
     return f"`mathq quantize {recipe_ref(recipe)} -Q {variant}`"
+
+
+def _check_current(recipe: Recipe, layout: BuildLayout, variants: Sequence[str]) -> None:
+    """Refuse a variant whose figures were measured on an earlier file than the one that
+    would be published (the manifest records what each summary was made from): a release
+    must not carry another file's measurements."""
+    manifest = Manifest(layout.manifest)
+    for variant in variants:
+        gguf = layout.gguf(variant)
+        for stage, summary in (("smoke", layout.smoke_summary(variant)),
+                               ("kld", layout.kld_summary(variant)),
+                               ("bench", layout.bench_summary(variant))):
+            record = manifest.get(layout.key(summary))
+            measured = record.inputs.get("gguf") if record else None
+            if summary.is_file() and measured and measured != file_identity(gguf):
+                raise GGUFError(
+                    f"{gguf.name} changed after its {stage} figures were measured",
+                    f"measure it again (`mathq build {recipe_ref(recipe)}`, or `mathq {stage} "
+                    f"{recipe_ref(recipe)} -Q {variant}`) before publishing")
 
 
 class PublishState:

@@ -182,7 +182,7 @@ def quantize_gguf(source: Path, dest: Path, options: QuantizeOptions,
         items = [llama_cpp.llama_model_imatrix_data(n.encode(), f, len(f))
                  for n, f in floats.items()]
         params.imatrix = _terminated(llama_cpp.llama_model_imatrix_data, items)
-        kvs.append(_kv_override(KV_IMATRIX_FILE, str(options.imatrix)))
+        kvs.append(_kv_override(KV_IMATRIX_FILE, Path(options.imatrix).name))
         if imatrix.datasets:
             kvs.append(_kv_override(KV_IMATRIX_DATASET, imatrix.datasets[0]))
         kvs.append(_kv_override(KV_IMATRIX_ENTRIES, len(imatrix.entries)))

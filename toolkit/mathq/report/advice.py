@@ -35,7 +35,8 @@ from mathq.report.table import (
     size_class,
 )
 
-__all__ = ["Advice", "Pick", "advise", "frontier", "qualifies", "size_class", "with_advice"]
+__all__ = ["QUALIFIES", "Advice", "Pick", "advise", "frontier", "qualifies", "size_class",
+           "why_not", "with_advice"]
 
 
 
@@ -66,6 +67,9 @@ class Advice:
     qualified: tuple[str, ...]
     rule: str
 
+
+#: What qualifying means, in the few words the headline and the model card use.
+QUALIFIES = "no measurable accuracy loss against BF16, and its KL divergence measured"
 
 RULE = ("A variant qualifies when its paired accuracy difference from BF16 is not a "
         f"significant loss (McNemar's exact test, p ≥ {ALPHA:g}) and its KL divergence from "
@@ -137,8 +141,10 @@ def _kld_words(row: VariantRow) -> str:
     return f"mean KLD {kld_text(row)}"
 
 
-def _why_not(row: VariantRow) -> str:
+def why_not(row: VariantRow, data: ReportData) -> str:
     """Why a candidate does not qualify, in a few words."""
+    if row.paired is None and row.accuracy is not None and data.accuracy_reference is None:
+        return f"{row.quant} has no BF16 baseline (BF16 was not smoke-tested)"
     if row.paired is None:
         return f"{row.quant} was not smoke-tested on BF16's problems"
     if row.paired.significant_loss:
@@ -181,14 +187,14 @@ def advise(data: ReportData) -> Advice:
             reason = (f"No {bits}-bit pick: {by.quant} is no larger than {best.quant} and "
                       "diverges no more from BF16.")
         else:
-            reason = f"No {bits}-bit pick: " + "; ".join(_why_not(r) for r in in_class) + "."
+            reason = f"No {bits}-bit pick: " + "; ".join(why_not(r, data) for r in in_class) + "."
         picks.append(Pick(bits, None, reason))
     chosen = next((p for p in picks if p.quant is not None), None)
     if chosen is not None:
         row = next(r for r in rows if r.quant == chosen.quant)
         text = (f"Publish {chosen.quant} ({_size_words(data, row)}): {chosen.label} is the "
-                "smallest size class with a file that loses no accuracy against BF16 "
-                f"measurably, and {chosen.quant} is that class's pick ({_kld_words(row)}). "
+                f"smallest size class with a file that qualifies ({QUALIFIES}), and "
+                f"{chosen.quant} is that class's pick ({_kld_words(row)}). "
                 "Other sizes: the pick of each class below.")
     else:
         text = _no_pick_text(data, rows)

@@ -154,6 +154,8 @@ def status(row: VariantRow, data: ReportData) -> str:
         return "dominated"
     if row.paired is not None and row.paired.significant_loss:
         return "loses accuracy"
+    if row.paired is None and row.accuracy is not None and data.accuracy_reference is None:
+        return "no baseline"
     return "not measured"
 
 

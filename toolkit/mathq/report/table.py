@@ -294,12 +294,13 @@ def _suite_words(source: str, recipe: Recipe) -> str:
     return rel if not rel.startswith("..") else str(path)
 
 
-def _suite_title(name: str, source: str | None, recipe: Recipe) -> str:
+def _suite_title(name: str, recipe: Recipe) -> str:
     """The recipe's ``suite_title`` when the smoke ran on the recipe's own suite, else the
     suite's title (``MATH-500``) or the file's stem."""
     spec = recipe.smoke
-    same = name == spec.suite or (source is not None and Path(source).is_absolute()
-                                  and Path(source) == Path(spec.suite))
+    # A local file's summary names it by its stem; compare stems, not paths, so a build
+    # made in another checkout (or with a copy of the recipe) still gets the title.
+    same = name in (spec.suite, Path(spec.suite).stem)
     return spec.suite_title if spec.suite_title and same else suite_title(name)
 
 
@@ -389,8 +390,8 @@ def collect(recipe: Recipe, layout: BuildLayout,
         smoke_suite=(_suite_words(suite_source, recipe) if suite_source
                      else _single(s.suite for s in smokes)),
         smoke_n=_single(s.accuracy.n for s in smokes),
-        smoke_suite_title=(_suite_title(str(suite_name), suite_source and str(suite_source),
-                                        recipe) if suite_name is not None else None),
+        smoke_suite_title=(_suite_title(str(suite_name), recipe) if suite_name is not None
+                           else None),
         kld_reference=kld_reference, kld_corpus=_single(k.corpus for k in klds),
         kld_positions=_single(k.n_tokens for k in klds),
         bench_threads=_single(b.threads for b in benches), sources=sources,
