@@ -296,3 +296,21 @@ def test_advice_names_only_options_its_commands_have():
 def test_size_classes_follow_the_type_names():
     assert [size_class(q) for q in ("Q8_0", "Q4_K_M-imat", "IQ4_XS", "Q3_K_L-tuned", "IQ2_M",
                                     "TQ1_0", "BF16", "F16")] == [8, 4, 4, 3, 2, 1, None, None]
+
+
+def test_a_kld_measured_from_another_model_is_not_compared():
+    """`mathq kld --reference Q8_0` gives a KLD from Q8_0, not BF16: the row keeps its figure
+    (marked with what it was measured from) but no pick rests on it."""
+    import dataclasses
+
+    from mathq.report.cells import columns
+
+    q4 = dataclasses.replace(_row("Q4_K_M", 4.1, 0.01), kld_vs="Q8_0")
+    data = _data([_bf16(), _row("Q8_0", 7.0, 0.002), q4])
+    advice = advise(data)
+    picks = {p.label: p for p in advice.picks}
+    assert picks["4-bit"].quant is None
+    assert picks["4-bit"].reason == ("No 4-bit pick: Q4_K_M's KL divergence was measured "
+                                     "from Q8_0, not BF16.")
+    kld = next(c for c in columns(data) if c.key == "kld")
+    assert kld.cell(q4, data) == "0.0100 ± 0.0002 (from Q8_0)"

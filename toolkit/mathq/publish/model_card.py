@@ -39,7 +39,7 @@ from mathq.publish.plan import GGUFFile
 from mathq.recipes.prompt import BOS, COT_SUFFIXES, render_prompt, stop_strings, user_suffix
 from mathq.recipes.recipe import Recipe
 from mathq.report.advice import QUALIFIES, pct_pp, qualifies, why_not
-from mathq.report.cells import MISSING, kld_text, rate_text, status
+from mathq.report.cells import MISSING, kld_from, kld_text, rate_text, status
 from mathq.report.table import FULL_PRECISION, ReportData, VariantRow, base_type
 
 CARD_TAGS = ("gguf", "llama.cpp", "ollama", "quantized", "math", "deepseek", "mathq")
@@ -234,7 +234,7 @@ def _files_table(data: ReportData, rows: Sequence[CardFile]) -> list[str]:
         cells = [name, format_bytes(size) if size is not None else MISSING,
                  f"{bpw:.2f}" if bpw is not None else MISSING,
                  rate_text(r.accuracy) if r else MISSING, _paired(r, data),
-                 _kld(r), _same_top(r),
+                 _kld(r, data), _same_top(r),
                  *(_memory(r, n) for n in contexts),
                  status(r, data) if r else MISSING, tags]
         lines.append("| " + " | ".join(cells) + " |")
@@ -247,10 +247,10 @@ def _paired(r: VariantRow | None, data: ReportData) -> str:
     return pct_pp(r.paired) if r is not None and r.paired is not None else MISSING
 
 
-def _kld(r: VariantRow | None) -> str:
+def _kld(r: VariantRow | None, data: ReportData) -> str:
     if r is not None and r.is_kld_reference:
         return "0 (reference)"
-    return kld_text(r) if r is not None else MISSING
+    return kld_text(r) + kld_from(r, data) if r is not None else MISSING
 
 
 def _same_top(r: VariantRow | None) -> str:

@@ -151,6 +151,8 @@ def why_not(row: VariantRow, data: ReportData) -> str:
         return f"{row.quant} loses accuracy ({pct_pp(row.paired)})"
     if row.mean_kld is None:
         return f"{row.quant} has no KL divergence measured"
+    if row.kld_vs not in (None, FULL_PRECISION):
+        return f"{row.quant}'s KL divergence was measured from {row.kld_vs}, not BF16"
     return f"{row.quant} has no size"
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from mathq.evaluate.summaries import MeanSd, Rate
 from mathq.fsutil import format_bytes
 from mathq.report.table import (
+    FULL_PRECISION,
     ImatrixComparison,
     ReportData,
     VariantRow,
@@ -103,8 +104,17 @@ def kld_text(row: VariantRow) -> str:
     return f"{row.mean_kld:.{decimals}f}{err}"
 
 
-def _kld(row: VariantRow, _data: ReportData) -> str:
-    return REFERENCE if row.is_kld_reference else kld_text(row)
+def _kld(row: VariantRow, data: ReportData) -> str:
+    if row.is_kld_reference:
+        return REFERENCE
+    return kld_text(row) + kld_from(row, data)
+
+
+def kld_from(row: VariantRow, data: ReportData) -> str:
+    """`` (from Q8_0)`` when a row's KLD was measured from another model than the table's
+    reference (the column header names that one), else nothing."""
+    shown = data.kld_reference or FULL_PRECISION
+    return f" (from {row.kld_vs})" if row.kld_vs and row.kld_vs != shown else ""
 
 
 def quant_text(row: VariantRow) -> str:

@@ -115,6 +115,8 @@ class VariantRow:
     by_level: dict[str, Rate] = field(default_factory=dict)
     # The same buffers at other one-sequence contexts, by context length in tokens.
     buffers_by_context: dict[int, dict[str, int]] = field(default_factory=dict)
+    # The model its KL divergence was measured from (None: not recorded, taken as BF16).
+    kld_vs: str | None = None
 
     @property
     def made_with_imatrix(self) -> bool:
@@ -141,10 +143,12 @@ def _buffers_total(buffers: dict[str, int]) -> int | None:
 
 
 def qualifies(row: VariantRow) -> bool:
-    """Paired with BF16 without a significant loss, and KLD and size measured: a variant the
-    recommendation may pick (:mod:`mathq.report.advice`)."""
+    """Paired with BF16 without a significant loss, KLD from BF16 and size measured: a
+    variant the recommendation may pick (:mod:`mathq.report.advice`). A KLD measured from
+    another model (``mathq kld --reference Q8_0``) is not comparable with the others."""
     return (row.paired is not None and not row.paired.significant_loss
-            and row.mean_kld is not None and row.size_bytes is not None)
+            and row.mean_kld is not None and row.kld_vs in (None, FULL_PRECISION)
+            and row.size_bytes is not None)
 
 
 @dataclass(frozen=True)
@@ -369,6 +373,7 @@ def collect(recipe: Recipe, layout: BuildLayout,
             buffers_context=b.buffers_context if b else None,
             buffers_by_context=({int(c): dict(v) for c, v in b.buffers_by_context.items()}
                                 if b else {}),
+            kld_vs=k.reference if k else None,
             by_subject=dict(s.by_subject) if s else {},
             by_level=dict(s.by_level) if s else {}))
     rows = _ordered(rows)
