@@ -22,6 +22,8 @@ Models (``--model``): ``deepseek-shape``, the DeepSeek-shaped 0.65 B model with 
 weights (``benchsetup.py``) on MATH-500 in the RL recipe's prompt; its text is gibberish,
 so BF16's answers are a poor guess of a variant's beyond the first divergence. ``demo``,
 the trained tiny demo model on its own word problems: a variant really writes BF16's text.
+``wide-demo``, the demo widened to the 0.65 B shape with inert weights (``widen.py``): the
+demo's answers at the random model's cost, so drafting is measured where it can pay.
 
 Every timing starts after the model is loaded (server start-up and ``Llama()`` excluded)
 and ends when the last answer is back; mathq's includes grading. Problems per hour =
@@ -90,11 +92,28 @@ def demo_path(kind: str) -> Path:
     return out
 
 
+def wide_demo_path(kind: str) -> Path:
+    """The demo widened to the 0.65 B shape (``benchmarks/widen.py``) in ``.bench/``."""
+    from mathq.quantize.core import QuantizeOptions, quantize_gguf
+    from mathq.recipes.quants import get_quant
+    from widen import widen
+
+    bf16 = BENCH_DIR / "wide-demo-BF16.gguf"
+    if not bf16.exists():
+        widen(demo_path("BF16"), bf16.with_suffix(".partial"))
+        bf16.with_suffix(".partial").rename(bf16)
+    out = BENCH_DIR / f"wide-demo-{kind}.gguf"
+    if not out.exists():
+        quantize_gguf(bf16, out, QuantizeOptions(quant=get_quant(kind)))
+    return out
+
+
+DEMO_PROBLEMS = ROOT / "models" / "tiny-demo" / "problems-distractor.jsonl"
 MODELS = {
     "deepseek-shape": Model("deepseek-math-7b-rl",
                             ROOT / "tests" / "fixtures" / "math500" / "test.jsonl", model_path),
-    "demo": Model("tiny-demo", ROOT / "models" / "tiny-demo" / "problems-distractor.jsonl",
-                  demo_path),
+    "demo": Model("tiny-demo", DEMO_PROBLEMS, demo_path),
+    "wide-demo": Model("tiny-demo", DEMO_PROBLEMS, wide_demo_path),
 }
 
 
