@@ -115,7 +115,8 @@ CASES: list[Case] = [
     Case("grade", "read-only input rewritten in place", ("grade", "{ro}/in.jsonl"), 1,
          "read-only file system"),
     Case("grade", "--out on a full disk", ("grade", "{w}/r.jsonl", "--out", "{full}/x.jsonl"),
-         1, "cannot write", both(write("r.jsonl", GOOD_LINE * 2000),
+         1, "cannot write", both(write("r.jsonl", "".join(
+             GOOD_LINE.replace('"id": "1"', f'"id": "{i}"') for i in range(2000))),
                                  write("full/pad", b"\0" * 250_000))),
     Case("grade", "--out below a file", ("grade", "{w}/r.jsonl", "--out", "{w}/r.jsonl/x"),
          1, "r.jsonl: it is a file, not a folder", write("r.jsonl", GOOD_LINE)),
@@ -274,7 +275,7 @@ CASES: list[Case] = [
          "not a usable importance matrix", write("m.dat", b"\x07\x00\x00\x00garbage")),
     Case("quantize", "a missing --tensor-type-file",
          ("quantize", G, "-Q", "Q4_K_M", "--tensor-type-file", "{w}/none.txt", "--out-dir",
-          "{w}/out"), 2, "cannot read tensor type file"),
+          "{w}/out"), 2, "none.txt does not exist"),
     Case("quantize", "an empty --tensor-type-file",
          ("quantize", G, "-Q", "Q4_K_M", "--tensor-type-file", "{w}/t.txt", "--out-dir",
           "{w}/out"), 2, "t.txt is empty", write("t.txt", "\n\n")),
@@ -289,7 +290,7 @@ CASES: list[Case] = [
           "{w}/out"), 2, "cannot read tensor type file", write("t.txt", b"\xff\xfe\x00=")),
     # --- tune --------------------------------------------------------------------------
     Case("tune", "a size that is not one", ("tune", "tiny-demo", "--size", "big"), 2,
-         "--size 'big' is not a size"),
+         "'--size': 'big' is not a size"),
     Case("tune", "a budget below the smallest mix", ("tune", "tiny-demo", "--size", "100KB"),
          2, "below the smallest mix of the candidate types"),
     Case("tune", "a budget above BF16", ("tune", "tiny-demo", "--size", "1GiB"), 2,

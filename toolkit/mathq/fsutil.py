@@ -219,7 +219,7 @@ def ensure_free_space(path: Path, needed: int, what: str) -> None:
         raise DiskSpaceError(
             f"not enough disk space for {what}: needs {format_bytes(needed)}, "
             f"{format_bytes(free)} free under {path}",
-            "free some space or choose another folder with --dir",
+            "free some space, or write elsewhere",
         )
 
 

@@ -10,10 +10,10 @@ from mathq.cli.common import (
     build_dir_option,
     echo_json,
     json_option,
-    parse_parallel,
     quiet_option,
 )
 from mathq.cli.render import progress_for
+from mathq.cli.types import MAX_PROBLEMS, Int, Parallel
 from mathq.quantize.calibration import DEFAULT_CALIBRATION
 
 
@@ -21,10 +21,9 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
 @click.argument("recipe")
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
               help="Comma-separated variants, e.g. Q5_K_M,Q8_0 (default: the recipe's).")
-@click.option("--n", type=click.IntRange(min=1), default=None,
+@click.option("--n", type=Int(1, MAX_PROBLEMS), default=None,
               help="Problems per smoke test (default: the recipe's [smoke] n).")
-@click.option("--parallel", "-P", default="auto", show_default=True, callback=parse_parallel,
-              metavar="N|auto",
+@click.option("--parallel", "-P", type=Parallel(), default="auto", show_default=True,
               help="Sequences decoded together in the smoke test (1-256). auto: as many as "
                    "the free GPU memory holds KV caches for (at most 128), 8 on the CPU.")
 @click.option("--skip-smoke", is_flag=True,

@@ -15,6 +15,7 @@ from mathq.cli.common import (
     threads_option,
 )
 from mathq.cli.render import progress_for
+from mathq.cli.types import MAX_CHUNKS, MAX_TOKENS, SEED, Int
 from mathq.quantize.calibration import DEFAULT_CALIBRATION
 
 
@@ -24,10 +25,10 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
               show_default=True,
               help="Calibration text: a named Hub set (math-train, gsm8k-train), a problem "
                    "file (.jsonl, MATH or GSM8K format) or a plain text file (.txt).")
-@click.option("--chunks", type=click.IntRange(min=1), default=100, show_default=True,
+@click.option("--chunks", type=Int(1, MAX_CHUNKS), default=100, show_default=True,
               help="Chunks of --ctx tokens to evaluate (fewer if the text is shorter).")
 @click.option("--all-chunks", is_flag=True, help="Evaluate every whole chunk of the text.")
-@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=512, show_default=True,
+@click.option("--ctx", "n_ctx", type=Int(16, MAX_TOKENS), default=512, show_default=True,
               help="Tokens per chunk (llama-imatrix's --ctx-size).")
 @click.option("--smoke-suite", metavar="SUITE|FILE",
               help="Problem set whose problems must stay out of the text (default: the "
@@ -37,7 +38,7 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
                    "prompt format.")
 @click.option("--process-output", is_flag=True,
               help="Also collect output.weight (llama-imatrix leaves it out by default).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Shuffle of the problems taken from the calibration set.")
 @threads_option
 @gpu_layers_option

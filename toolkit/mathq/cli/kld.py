@@ -17,6 +17,7 @@ from mathq.cli.common import (
     threads_option,
 )
 from mathq.cli.render import progress_for
+from mathq.cli.types import MAX_CHUNKS, MAX_TOKENS, InputFile, Int
 from mathq.evaluate.kld import DEFAULT_CTX, REFERENCE_CHOICES
 
 
@@ -38,14 +39,14 @@ def _reference(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
               metavar="BF16|Q8_0|GGUF",
               help="The model to compare with: a variant of the recipe's build (Q8_0 needs "
                    "half of BF16's memory), or, with a GGUF path, the reference GGUF file.")
-@click.option("--corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--corpus", type=InputFile(),
               help="UTF-8 text to measure on (default: the recipe's [kld] corpus, else "
                    "mathq's bundled math notes, about 10,000 tokens, kept apart from the smoke "
                    "problems).")
-@click.option("--ctx-size", "-c", "n_ctx", type=click.IntRange(min=16), default=DEFAULT_CTX,
+@click.option("--ctx-size", "-c", "n_ctx", type=Int(16, MAX_TOKENS), default=DEFAULT_CTX,
               show_default=True,
               help="Tokens per chunk; the second half of each chunk is scored.")
-@click.option("--chunks", type=click.IntRange(min=1), default=None,
+@click.option("--chunks", type=Int(1, MAX_CHUNKS), default=None,
               help="Use at most this many chunks (default: the whole corpus).")
 @threads_option
 @gpu_layers_option

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mathq.errors import DownloadError, ProblemSetError
+from mathq.inputs import UnreadableInput, parse_json, read_text
 from mathq.progress import Progress, ProgressCallback, no_progress
 
 
@@ -174,19 +175,19 @@ def read_problems_jsonl(path: Path) -> list[Problem]:
     problems: list[Problem] = []
     seen: dict[str, int] = {}
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ProblemSetError(f"{path}: not UTF-8 text ({e.reason})", path=str(path)) from e
+        text = read_text(path)
+    except UnreadableInput as e:
+        raise ProblemSetError(e.describe(path), "give a JSONL file of problems",
+                              path=str(path)) from None
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ProblemSetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})",
-                                  "each line must be one JSON object", path=str(path),
-                                  line=lineno) from e
+            row = parse_json(line)
+        except UnreadableInput as e:
+            raise ProblemSetError(e.describe(where), "each line must be one JSON object",
+                                  path=str(path), line=lineno) from None
         if not isinstance(row, dict):
             kind = {list: "an array", str: "a string", bool: "true/false",
                     type(None): "null"}.get(type(row), "a number")

@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import difflib
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mathq.errors import RecipeError
+from mathq.inputs import UnreadableInput, file_problem, parse_toml, read_text
 from mathq.recipes.prompt import COT_SUFFIXES as _COT_SUFFIX_TEXTS
 from mathq.recipes.prompt import PROMPT_FORMATS, PromptSpec
 from mathq.recipes.prompt import SYSTEM_PROMPT_POLICIES as SYSTEM_PROMPT_POLICIES
 from mathq.recipes.quants import UnknownQuantError, get_quant, parse_variant_list
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 MODEL_KINDS = ("base", "chat")
 # Prompt choices come from the prompt module, where their exact text is defined.
@@ -141,14 +136,15 @@ def resolve_recipe_path(ref: str | Path) -> Path:
     """Turn a recipe name or a path into an existing TOML file, or raise RecipeError."""
     text = str(ref)
     as_path = Path(text).expanduser()
-    if text.endswith(".toml") or "/" in text or as_path.exists():
-        if as_path.exists() and not as_path.is_file():
-            raise RecipeError(f"recipe {text} is not a regular file",
-                              "give a .toml file or a name from `mathq recipes`", path=text)
-        if not as_path.is_file():
+    if text.endswith(".toml") or "/" in text or as_path.exists() or as_path.is_symlink():
+        problem = file_problem(as_path)
+        if problem == "does not exist":
             raise RecipeError(f"recipe file {text} not found",
                               "give an existing .toml path or a name from `mathq recipes`",
                               path=text)
+        if problem is not None:
+            raise RecipeError(f"recipe {text} {problem}",
+                              "give a .toml file or a name from `mathq recipes`", path=text)
         return as_path
     candidate = bundled_recipes_dir() / f"{text}.toml"
     if candidate.is_file():
@@ -159,15 +155,18 @@ def resolve_recipe_path(ref: str | Path) -> Path:
     raise RecipeError(f"no recipe named {text!r}", hint)
 
 
+#: A recipe is a page of TOML; anything beyond a megabyte is not one.
+RECIPE_LIMIT = 1 << 20
+
+
 def load_recipe(ref: str | Path) -> Recipe:
     """Load and validate a recipe by bundled name or by path."""
     path = resolve_recipe_path(ref)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"{path}: not valid TOML: {e}", "fix the syntax", path=str(path)) from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{path}: cannot read: {e}", "check the file", path=str(path)) from e
+        data = parse_toml(read_text(path, RECIPE_LIMIT))
+    except UnreadableInput as e:
+        raise RecipeError(e.describe(path), "fix the recipe, or give another",
+                          path=str(path)) from None
     return parse_recipe(data, path)
 
 
