@@ -156,8 +156,8 @@ def parse_json(text: str | bytes) -> Any:
         return json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
                           parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
-        raise UnreadableInput(f"not valid JSON ({e.msg} at line {e.lineno} column "
-                              f"{e.colno})") from None
+        where = f"line {e.lineno} column {e.colno}" if e.lineno > 1 else f"column {e.colno}"
+        raise UnreadableInput(f"not valid JSON ({e.msg} at {where})") from None
     except RecursionError:
         raise UnreadableInput("not valid JSON: nested too deeply") from None
     except UnicodeDecodeError as e:
