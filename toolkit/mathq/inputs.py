@@ -21,12 +21,11 @@ import errno
 import json
 import math
 import os
-import stat
 import sys
 from pathlib import Path
 from typing import Any
 
-from mathq.fsutil import format_bytes, os_reason
+from mathq.fsutil import format_bytes, os_reason, special_file_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -63,7 +62,7 @@ def file_problem(path: Path | str) -> str | None:
         st = os.stat(path)
     except OSError as e:
         return _stat_problem(e)
-    return _kind_problem(st.st_mode)
+    return special_file_problem(st.st_mode)
 
 
 def _stat_problem(err: OSError) -> str:
@@ -72,17 +71,6 @@ def _stat_problem(err: OSError) -> str:
     if err.errno == errno.ELOOP:
         return "is a loop of symbolic links"
     return f"cannot be read: {os_reason(err)}"
-
-
-def _kind_problem(mode: int) -> str | None:
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return "is a directory"
-    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
-            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
-            "a socket" if stat.S_ISSOCK(mode) else "a special file")
-    return f"is {kind}, not a regular file"
 
 
 def read_bytes(path: Path | str, limit: int = DEFAULT_LIMIT) -> bytes:
@@ -98,7 +86,7 @@ def read_bytes(path: Path | str, limit: int = DEFAULT_LIMIT) -> bytes:
                               else "is a directory", of_file=True) from None
     try:
         st = os.fstat(fd)
-        if (problem := _kind_problem(st.st_mode)) is not None:
+        if (problem := special_file_problem(st.st_mode)) is not None:
             raise UnreadableInput(problem, of_file=True)
         if st.st_size > limit:
             raise UnreadableInput(f"is too large: {format_bytes(st.st_size)} (at most "

@@ -53,6 +53,7 @@ from mathq.evaluate.summaries import (
     save_summary,
 )
 from mathq.fsutil import Debris, exclusive_lock, make_dirs, write_text_atomic
+from mathq.inputs import parse_json, read_text
 from mathq.layout import BuildLayout
 from mathq.llama.devices import ParallelChoice
 from mathq.llama.runtime import PARALLEL_AUTO
@@ -105,7 +106,7 @@ def _settings_conflict(path: Path, settings: dict[str, Any]) -> SmokeError | Non
         return SmokeError(f"{path} is missing, so the results beside it cannot be trusted",
                           "pass --restart to discard them")
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = parse_json(read_text(path))
     except (OSError, ValueError) as e:
         return SmokeError(f"cannot read {path}: {e}", "pass --restart")
     changed = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]

@@ -21,7 +21,7 @@ from mathq.convert.gguf_info import GGUFSummary, read_gguf_summary
 from mathq.errors import MissingImatrixError, QuantizeError, TensorTypeFileError
 from mathq.fsutil import atomic_output, ensure_free_space
 from mathq.inputs import UnreadableInput, read_text
-from mathq.llama.runtime import LOG_ERROR, capture_llama_log
+from mathq.llama.runtime import LOG_ERROR, capture_llama_log, llama_reason
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.quantize.imatrix_file import Imatrix, load_imatrix
 from mathq.recipes.quants import QuantType, UnknownQuantError, ggml_type_id
@@ -212,7 +212,7 @@ def quantize_gguf(source: Path, dest: Path, options: QuantizeOptions,
                                                     ctypes.byref(params))
         if status != 0 or not tmp.exists():
             reason = next((e.split("failed to quantize:", 1)[1].strip() for e in reversed(errors)
-                           if "failed to quantize:" in e), errors[-1] if errors else "no reason")
+                           if "failed to quantize:" in e), llama_reason(errors))
             raise QuantizeError(f"llama.cpp could not quantize {source.name} to {quant.name}: "
                                 f"{reason}", "see `mathq quants` and `mathq quantize --help`")
         seconds = time.perf_counter() - started
