@@ -138,6 +138,12 @@ class ModelfileError(MathqError, ValueError):
     """A Modelfile breaks Ollama's rules, or recipe text cannot be written into one safely."""
 
 
+class RecipeModelfileError(ModelfileError, RecipeError):
+    """A recipe value a Modelfile cannot hold (three quotes in a row, a control character):
+    a bad recipe value like any other (exit 2), and a Modelfile problem to those who catch
+    that."""
+
+
 class ProblemSetError(MathqError, ValueError):
     """A problem set or results file is unknown, malformed or filtered to nothing.
 
