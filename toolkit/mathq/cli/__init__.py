@@ -144,7 +144,7 @@ def _output_hint(err: OutputError | DiskSpaceError, where: str) -> str:
 
 def _shorten_words(text: str) -> str:
     """Every overlong word of ``text`` shortened (see :func:`mathq.errors.shorten`)."""
-    return re.sub(rf"\S{{{SHORTEN_LIMIT + 1},}}", lambda m: shorten(m.group(0)), text)
+    return re.sub(rf"[^\s'\"]{{{SHORTEN_LIMIT + 1},}}", lambda m: shorten(m.group(0)), text)
 
 
 @click.group(cls=MathqGroup, context_settings={"help_option_names": ["-h", "--help"]})
