@@ -116,6 +116,16 @@ def make_dirs(folder: Path) -> None:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:  # something that is not a folder has the name
+        try:
+            problem = special_file_problem(os.stat(folder).st_mode)
+        except OSError as inner:  # a loop of links, most likely
+            raise output_error(inner, folder) from None
+        if problem is None or problem == "is a directory":
+            raise output_error(e, folder) from None
+        raise OutputError(f"cannot write {folder}: it "
+                          f"{problem.replace('not a regular file', 'not a folder')}",
+                          "fix the path", path=str(folder), reason=problem) from None
     except OSError as e:
         raise output_error(e, folder) from None
 
@@ -206,11 +216,13 @@ def refuse_special_output(final: Path) -> None:
     with its own words."""
     try:
         mode = os.stat(final).st_mode
-    except OSError:
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # the rename would replace the link: name it instead
+            raise output_error(e, final) from None
         return  # missing (the usual case), or a problem the write itself will name
     problem = special_file_problem(mode)
     if problem is not None and not stat.S_ISDIR(mode):
-        raise OutputError(f"cannot write {final}: it {problem.removeprefix('is ')}",
+        raise OutputError(f"cannot write {final}: it {problem}",
                           "choose another output path", path=str(final), reason=problem)
 
 
@@ -221,6 +233,7 @@ def check_writable(final: Path) -> None:
     final = Path(final)
     with removing_new_dirs(final.parent):
         make_dirs(final.parent)
+        refuse_special_output(final)
         probe = partial_path(final)
         try:
             probe.open("ab").close()

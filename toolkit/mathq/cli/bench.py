@@ -15,7 +15,7 @@ from mathq.cli.common import (
     quiet_option,
     threads_option,
 )
-from mathq.cli.types import MAX_PARALLEL, MAX_TOKENS, Int, IntList
+from mathq.cli.types import MAX_PARALLEL, MAX_TOKENS, Int, IntList, OutputPath
 
 
 @click.command()
@@ -34,7 +34,7 @@ from mathq.cli.types import MAX_PARALLEL, MAX_TOKENS, Int, IntList
               help="Sequence counts for aggregate generation throughput ('' skips it).")
 @threads_option
 @gpu_layers_option
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out-dir", type=OutputPath(folder=True), default=None,
               help="With a GGUF path: also write its summary here as <name>.json.")
 @build_dir_option
 @quiet_option

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from mathq.cli.types import MAX_THREADS, Int, Parallel
+from mathq.cli.types import MAX_THREADS, Int, OutputPath, Parallel
 from mathq.fsutil import to_jsonable
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -34,7 +34,7 @@ def json_option(f: F) -> F:
 def build_dir_option(f: F) -> F:
     """``--build-dir``: the root under which ``<model>/`` folders are made."""
     return click.option(
-        "--build-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+        "--build-dir", type=OutputPath(folder=True), default=None,
         envvar="MATHQ_BUILD_DIR", show_envvar=True,
         help="Root of the build folders (default ./build); artifacts go to <root>/<model>/.")(f)
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import click
 
 from mathq.cli.common import echo_json, json_option, quiet_option
-from mathq.cli.types import MAX_SECONDS, Float, InputFile, Int
+from mathq.cli.types import MAX_SECONDS, Float, InputFile, Int, OutputPath
 from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
 
 
 @click.command()
 @click.argument("results", type=InputFile())
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", type=OutputPath(folder=False), default=None,
               help="Write the re-graded file here instead of replacing RESULTS.")
 @click.option("--problems", "problem_set", metavar="SUITE|FILE", default=None,
               help="Take gold answers from this problem set, by id (for results "

@@ -15,7 +15,7 @@ from mathq.cli.common import (
     threads_option,
 )
 from mathq.cli.render import progress_for
-from mathq.cli.types import MAX_CHUNKS, MAX_TOKENS, SEED, Int
+from mathq.cli.types import MAX_CHUNKS, MAX_TOKENS, SEED, Int, OutputPath
 from mathq.quantize.calibration import DEFAULT_CALIBRATION
 
 
@@ -42,7 +42,7 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
               help="Shuffle of the problems taken from the calibration set.")
 @threads_option
 @gpu_layers_option
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", "-o", type=OutputPath(folder=False),
               help="Output file (default: build/<model>/<model>.imatrix.gguf, or beside the "
                    "GGUF).")
 @click.option("--force", is_flag=True,

@@ -17,7 +17,7 @@ from mathq.cli.common import (
     threads_option,
 )
 from mathq.cli.render import progress_for
-from mathq.cli.types import MAX_CHUNKS, MAX_TOKENS, InputFile, Int
+from mathq.cli.types import MAX_CHUNKS, MAX_TOKENS, InputFile, Int, OutputPath
 from mathq.evaluate.kld import DEFAULT_CTX, REFERENCE_CHOICES
 
 
@@ -50,7 +50,7 @@ def _reference(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
               help="Use at most this many chunks (default: the whole corpus).")
 @threads_option
 @gpu_layers_option
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out-dir", type=OutputPath(folder=True), default=None,
               help="With a GGUF path: where the reference pass is cached and <name>.json "
                    "written (default: a kld/ folder beside the reference GGUF).")
 @build_dir_option

@@ -8,7 +8,7 @@ import click
 
 from mathq.cli.common import echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
-from mathq.cli.types import MAX_PROBLEMS, SEED, Int
+from mathq.cli.types import MAX_PROBLEMS, SEED, Int, OutputPath
 from mathq.datasets.problems import SUITES
 
 
@@ -61,7 +61,7 @@ def problems(ctx: click.Context, as_json: bool) -> None:
               help="Only this subject (repeatable; 'number_theory' or 'Number Theory').")
 @click.option("--level", "levels", type=Int(1, 5), multiple=True,
               help="Only this MATH level, 1-5 (repeatable).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", type=OutputPath(folder=False), default=None,
               help="Write the chosen problems as MATH-style JSONL here.")
 @json_option
 @quiet_option

@@ -9,7 +9,7 @@ import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
-from mathq.cli.types import MAX_THREADS, InputFile, Int
+from mathq.cli.types import MAX_THREADS, InputFile, Int, OutputPath
 
 
 def _ggml_type(type_name: str) -> str:
@@ -64,7 +64,7 @@ def _parse_override(_ctx: click.Context, _param: click.Parameter,
               help="Accept an already quantized input (loses more quality).")
 @click.option("--threads", type=Int(0, MAX_THREADS), default=0, show_default=True,
               help="Quantization threads; 0 uses every core.")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out-dir", type=OutputPath(folder=True),
               help="Where to write the files (default: next to the input).")
 @build_dir_option
 @quiet_option

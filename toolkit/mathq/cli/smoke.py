@@ -17,7 +17,7 @@ from mathq.cli.common import (
     quiet_option,
     threads_option,
 )
-from mathq.cli.types import MAX_PROBLEMS, MAX_SECONDS, MAX_TOKENS, SEED, Float, Int
+from mathq.cli.types import MAX_PROBLEMS, MAX_SECONDS, MAX_TOKENS, SEED, Float, Int, OutputPath
 from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
 from mathq.evaluate.summaries import Rate
 
@@ -75,7 +75,7 @@ def _pct(r: Rate) -> str:
                    "from the prompt): the same greedy answers in fewer steps.")
 @click.option("--restart", is_flag=True,
               help="Discard earlier results of these variants instead of resuming them.")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out-dir", type=OutputPath(folder=True), default=None,
               help="Write results and summaries here instead of build/<model>/smoke/ (with a "
                    "GGUF path: default a smoke/ folder beside it).")
 @build_dir_option

@@ -15,7 +15,16 @@ from mathq.cli.common import (
     threads_option,
 )
 from mathq.cli.render import progress_for
-from mathq.cli.types import MAX_CHUNKS, MAX_TOKENS, SEED, ByteSize, Float, InputFile, Int
+from mathq.cli.types import (
+    MAX_CHUNKS,
+    MAX_TOKENS,
+    SEED,
+    ByteSize,
+    Float,
+    InputFile,
+    Int,
+    OutputPath,
+)
 from mathq.quantize.calibration import DEFAULT_CALIBRATION
 
 
@@ -48,7 +57,7 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
               help="Shuffle of the calibration problems.")
 @threads_option
 @gpu_layers_option
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out-dir", type=OutputPath(folder=True),
               help="Where to write a GGUF input's tuned file (default: beside it).")
 @build_dir_option
 @quiet_option

@@ -165,6 +165,35 @@ MAX_SECONDS = 7 * 24 * 3600  # a week, for any timeout
 SEED = Int(-(2**63), 2**63 - 1)
 
 
+class OutputPath(click.Path):
+    """Where a command writes: a folder (``folder=True``) or a file, which need not exist.
+
+    Refused when the command line is parsed, before any work: a name held by something
+    that is neither (a named pipe, a device, a loop of links, a folder given for a file or
+    a file for a folder), as :func:`mathq.inputs.file_problem` names it. A name that does
+    not exist is fine: the command makes it.
+    """
+
+    def __init__(self, folder: bool) -> None:
+        super().__init__(file_okay=not folder, dir_okay=folder, path_type=Path)
+        self.folder = folder
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        path = Path(value)
+        problem = file_problem(path)
+        if ((problem == "is a directory" and self.folder) or problem == "does not exist"
+                or (problem is not None and problem.startswith("cannot be read"))):
+            problem = None  # to be made, or a problem the write names in its own words
+        elif problem is None and self.folder:
+            problem = "is a file, not a folder"
+        elif problem is not None and self.folder:
+            problem = problem.replace("not a regular file", "not a folder")
+        if problem is not None:
+            self.fail(f"{shorten(str(path))} {problem}", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class InputFile(click.ParamType):
     """A regular file that exists and can be opened, checked when the command line is
     parsed (before the command loads a model), as :func:`mathq.inputs.file_problem` sees
