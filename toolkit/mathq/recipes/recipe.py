@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mathq.errors import RecipeError
-from mathq.inputs import UnreadableInput, file_problem, parse_toml, read_text
+from mathq.errors import RecipeError, shorten
+from mathq.inputs import UnreadableInput, file_problem, finite, parse_toml, read_text
 from mathq.recipes.prompt import COT_SUFFIXES as _COT_SUFFIX_TEXTS
 from mathq.recipes.prompt import PROMPT_FORMATS, PromptSpec
 from mathq.recipes.prompt import SYSTEM_PROMPT_POLICIES as SYSTEM_PROMPT_POLICIES
@@ -199,6 +199,29 @@ class _Table:
             self.fail(key, f"expected {kinds[0].__name__}, got {type(value).__name__}")
         return value
 
+    def number(self, key: str, low: float, high: float, default: Any = ...,
+               whole: bool = True) -> Any:
+        """A number from ``low`` to ``high`` (an integer when ``whole``): TOML's nan and inf
+        never get here (the reader refuses them), and a count beyond any sensible bound would
+        reach C code as an overflow or a loop that never ends."""
+        value = self.get(key, int if whole else (float, int), default)
+        if value is None and default is None:
+            return None
+        if not finite(value) or not low <= value <= high:
+            kind = "a whole number" if whole else "a number"
+            self.fail(key, f"must be {kind} from {low} to {high}, got "
+                           f"{shorten(repr(value), 40)}")
+        return value
+
+    def resolve(self, key: str, path: Path) -> Path:
+        """``path`` made absolute with links resolved, or the field named: a loop of
+        links is a RuntimeError in Python's resolve(), not an OSError."""
+        try:
+            return path.resolve()
+        except (RuntimeError, OSError):
+            self.fail(key, f"names {path}, which is a loop of symbolic links")
+            raise AssertionError("unreachable") from None
+
     def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> str:
         value = self.get(key, str, default)
         if value not in choices:
@@ -237,7 +260,7 @@ def _parse_kld(t: _Table) -> KldSpec:
     corpus = t.get("corpus", str, None)
     path = None
     if corpus is not None:
-        path = (t.path.parent / corpus).resolve()
+        path = t.resolve("corpus", t.path.parent / corpus)
         if not path.is_file():
             t.fail("corpus", f"{path} is not a file",
                    "name a UTF-8 text file relative to the recipe, or leave corpus out for "
@@ -256,7 +279,7 @@ def _parse_model(t: _Table) -> ModelSpec:
         t.fail("hf_repo", "give exactly one of hf_repo (a Hub repo id) or local_dir (a folder)")
     if hf_repo is not None and hf_repo.count("/") != 1:
         t.fail("hf_repo", f"expected 'owner/name', got {hf_repo!r}")
-    local_dir = (t.path.parent / local).resolve() if local is not None else None
+    local_dir = t.resolve("local_dir", t.path.parent / local) if local is not None else None
     spec = ModelSpec(
         name=name,
         kind=t.choice("kind", MODEL_KINDS),
@@ -277,7 +300,7 @@ def _parse_prompt(t: _Table, kind: str) -> PromptSpec:
         cot_suffix=t.choice("cot_suffix", COT_SUFFIXES, "en"),
         append_cot_suffix=t.get("append_cot_suffix", bool, kind == "chat"),
         system_prompt=t.choice("system_prompt", SYSTEM_PROMPT_POLICIES, "none"),
-        few_shot=t.get("few_shot", int, 0),
+        few_shot=t.number("few_shot", 0, 64, 0),
     )
     if spec.few_shot < 0:
         t.fail("few_shot", "must be 0 or more")
@@ -329,19 +352,16 @@ def _parse_ollama(t: _Table, quants: QuantSpec) -> OllamaSpec:
 def _parse_smoke(t: _Table) -> SmokeSpec:
     suite = t.get("suite", str, "math500")
     if suite.endswith(".jsonl"):  # a local problem file, relative to the recipe
-        suite = str((t.path.parent / suite).resolve())
+        suite = str(t.resolve("suite", t.path.parent / suite))
     spec = SmokeSpec(
         suite=suite,
-        n=t.get("n", int, 100),
-        max_tokens=t.get("max_tokens", int, 1024),
+        n=t.number("n", 1, 10_000_000, 100),
+        max_tokens=t.number("max_tokens", 1, 1 << 20, 1024),
         reference_accuracy=t.get("reference_accuracy", (float, int), None),
         reference_source=t.get("reference_source", str, ""),
     )
-    if spec.n <= 0:
-        t.fail("n", "must be at least 1")
-    if spec.max_tokens <= 0:
-        t.fail("max_tokens", "must be at least 1")
-    if spec.reference_accuracy is not None and not 0 <= spec.reference_accuracy <= 100:
+    if spec.reference_accuracy is not None and not (finite(spec.reference_accuracy)
+                                                    and 0 <= spec.reference_accuracy <= 100):
         t.fail("reference_accuracy", "is a percentage between 0 and 100")
     t.finish()
     return spec
