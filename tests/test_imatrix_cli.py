@@ -98,8 +98,8 @@ def test_errors_are_one_line(demo_bf16_gguf, tmp_path, files):
     calib, smoke = files
     result = run("imatrix", str(tmp_path / "nope.gguf"), code=1)
     assert result.output.strip() == (
-        f"Error: model file not found: {tmp_path / 'nope.gguf'} (give a GGUF path or a recipe "
-        "name (see `mathq recipes`))")
+        f"Error: model file {tmp_path / 'nope.gguf'} does not exist (give a GGUF path or a "
+        "recipe name (see `mathq recipes`))")
     result = run("imatrix", "tiny-demo", "--build-dir", str(tmp_path / "b"), code=1)
     assert result.output.strip() == (
         f"Error: {tmp_path / 'b' / 'tiny-demo' / 'tiny-demo-BF16.gguf'} does not exist (run "

@@ -15,11 +15,11 @@ from mathq.cli.common import (
     quiet_option,
     threads_option,
 )
-from mathq.cli.types import MAX_PARALLEL, MAX_TOKENS, Int, IntList, OutputPath
+from mathq.cli.types import MAX_PARALLEL, MAX_TOKENS, FileOrName, Int, IntList, OutputPath
 
 
 @click.command()
-@click.argument("source", metavar="RECIPE|GGUF")
+@click.argument("source", metavar="RECIPE|GGUF", type=FileOrName())
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
               help="Comma-separated variants, e.g. Q4_K_M,Q8_0 or Q4_K_M-imat (default: the "
                    "recipe's). Not with a GGUF path.")

@@ -13,12 +13,12 @@ from mathq.cli.common import (
     quiet_option,
 )
 from mathq.cli.render import progress_for
-from mathq.cli.types import MAX_PROBLEMS, Int, Parallel
+from mathq.cli.types import MAX_PROBLEMS, FileOrName, Int, Parallel
 from mathq.quantize.calibration import DEFAULT_CALIBRATION
 
 
 @click.command()
-@click.argument("recipe")
+@click.argument("recipe", type=FileOrName())
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
               help="Comma-separated variants, e.g. Q5_K_M,Q8_0 (default: the recipe's).")
 @click.option("--n", type=Int(1, MAX_PROBLEMS), default=None,
@@ -33,7 +33,8 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
 @click.option("--imatrix", "use_imatrix", is_flag=True,
               help="Also compute the recipe's importance matrix and build a <QUANT>-imat variant "
                    "of each type it helps (Q2_K-Q4_K, IQ*), measured beside the plain one.")
-@click.option("--calibration", "-c", metavar="FILE|SET", default=DEFAULT_CALIBRATION,
+@click.option("--calibration", "-c", metavar="FILE|SET", type=FileOrName(),
+              default=DEFAULT_CALIBRATION,
               show_default=True,
               help="With --imatrix: the calibration text, as for `mathq imatrix`; with "
                    "--tune, the text of the tune's KLD probes.")

@@ -8,7 +8,7 @@ import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
-from mathq.cli.types import OutputPath
+from mathq.cli.types import FileOrName, OutputPath
 from mathq.fsutil import format_bytes
 
 # Must equal mathq.convert.OUTTYPES (a test checks); spelled out so --help stays fast.
@@ -16,7 +16,7 @@ OUTTYPE_CHOICES = ("bf16", "f16", "f32")
 
 
 @click.command()
-@click.argument("source", metavar="RECIPE|HF_DIR")
+@click.argument("source", metavar="RECIPE|HF_DIR", type=FileOrName(folder_ok=True))
 @click.option(
     "--outtype",
     type=click.Choice(OUTTYPE_CHOICES),

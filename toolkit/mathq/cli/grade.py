@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from mathq.cli.common import echo_json, json_option, quiet_option
-from mathq.cli.types import MAX_SECONDS, Float, InputFile, Int, OutputPath
+from mathq.cli.types import MAX_SECONDS, FileOrName, Float, InputFile, Int, OutputPath
 from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
 
 
@@ -15,7 +15,8 @@ from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
 @click.argument("results", type=InputFile())
 @click.option("--out", type=OutputPath(folder=False), default=None,
               help="Write the re-graded file here instead of replacing RESULTS.")
-@click.option("--problems", "problem_set", metavar="SUITE|FILE", default=None,
+@click.option("--problems", "problem_set", metavar="SUITE|FILE", type=FileOrName(),
+              default=None,
               help="Take gold answers from this problem set, by id (for results "
                    "without an 'answer' field, or to override it).")
 @click.option("--workers", type=Int(0, 1024), default=0, show_default=True,

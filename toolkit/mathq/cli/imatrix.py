@@ -15,13 +15,14 @@ from mathq.cli.common import (
     threads_option,
 )
 from mathq.cli.render import progress_for
-from mathq.cli.types import MAX_CHUNKS, MAX_TOKENS, SEED, Int, OutputPath
+from mathq.cli.types import MAX_CHUNKS, MAX_TOKENS, SEED, FileOrName, Int, OutputPath
 from mathq.quantize.calibration import DEFAULT_CALIBRATION
 
 
 @click.command()
-@click.argument("source", metavar="RECIPE|GGUF")
-@click.option("--calibration", "-c", metavar="FILE|SET", default=DEFAULT_CALIBRATION,
+@click.argument("source", metavar="RECIPE|GGUF", type=FileOrName())
+@click.option("--calibration", "-c", metavar="FILE|SET", type=FileOrName(),
+              default=DEFAULT_CALIBRATION,
               show_default=True,
               help="Calibration text: a named Hub set (math-train, gsm8k-train), a problem "
                    "file (.jsonl, MATH or GSM8K format) or a plain text file (.txt).")
@@ -30,7 +31,7 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
 @click.option("--all-chunks", is_flag=True, help="Evaluate every whole chunk of the text.")
 @click.option("--ctx", "n_ctx", type=Int(16, MAX_TOKENS), default=512, show_default=True,
               help="Tokens per chunk (llama-imatrix's --ctx-size).")
-@click.option("--smoke-suite", metavar="SUITE|FILE",
+@click.option("--smoke-suite", metavar="SUITE|FILE", type=FileOrName(),
               help="Problem set whose problems must stay out of the text (default: the "
                    "recipe's smoke suite, or math500 for a GGUF).")
 @click.option("--plain", is_flag=True,

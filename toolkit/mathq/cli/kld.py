@@ -17,21 +17,25 @@ from mathq.cli.common import (
     threads_option,
 )
 from mathq.cli.render import progress_for
-from mathq.cli.types import MAX_CHUNKS, MAX_TOKENS, InputFile, Int, OutputPath
+from mathq.cli.types import MAX_CHUNKS, MAX_TOKENS, FileOrName, InputFile, Int, OutputPath
+from mathq.errors import shorten
 from mathq.evaluate.kld import DEFAULT_CTX, REFERENCE_CHOICES
+from mathq.inputs import file_problem
 
 
 def _reference(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     if value.upper() in REFERENCE_CHOICES:
         return value.upper()
-    if is_gguf_path(value):
+    if is_gguf_path(value) or "/" in value:
+        if (problem := file_problem(value)) is not None:
+            raise click.BadParameter(f"{shorten(value)} {problem}")
         return value
     raise click.BadParameter(f"expected {' or '.join(REFERENCE_CHOICES)} (a variant of the "
                              f"recipe's build) or the path of a GGUF file, got {value!r}")
 
 
 @click.command()
-@click.argument("source", metavar="RECIPE|GGUF")
+@click.argument("source", metavar="RECIPE|GGUF", type=FileOrName())
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
               help="Comma-separated variants to measure, e.g. Q4_K_M,Q4_K_M-imat (default: "
                    "the recipe's variants). Not with a GGUF path.")

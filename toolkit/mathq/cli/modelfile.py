@@ -8,7 +8,7 @@ import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
-from mathq.cli.types import OutputPath
+from mathq.cli.types import FileOrName, OutputPath
 from mathq.modelfile.options import OLLAMA_OPTIONS
 
 _OPTION_TABLE = "\n".join(f"  {o.name:<18} {o.kind:<12} {o.description}"
@@ -16,7 +16,7 @@ _OPTION_TABLE = "\n".join(f"  {o.name:<18} {o.kind:<12} {o.description}"
 
 
 @click.command(epilog="\b\nPARAMETER names Ollama's create accepts:\n" + _OPTION_TABLE)
-@click.argument("targets", nargs=-1, metavar="[RECIPE | FILE...]")
+@click.argument("targets", nargs=-1, metavar="[RECIPE | FILE...]", type=FileOrName())
 @click.option("--tag", "tags", multiple=True, metavar="TAG",
               help="Only this Ollama tag of the recipe (repeatable; default: every tag).")
 @click.option("--out", type=OutputPath(folder=True), default=None,

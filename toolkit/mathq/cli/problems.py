@@ -8,7 +8,7 @@ import click
 
 from mathq.cli.common import echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
-from mathq.cli.types import MAX_PROBLEMS, SEED, Int, OutputPath
+from mathq.cli.types import MAX_PROBLEMS, SEED, FileOrName, Int, OutputPath
 from mathq.datasets.problems import SUITES
 
 
@@ -52,7 +52,7 @@ def problems(ctx: click.Context, as_json: bool) -> None:
 
 
 @problems.command()
-@click.argument("suite")
+@click.argument("suite", type=FileOrName())
 @click.option("--n", "n", type=Int(1, MAX_PROBLEMS), default=None,
               help="Take this many problems, keeping the subject and level proportions.")
 @click.option("--seed", type=SEED, default=0, show_default=True,

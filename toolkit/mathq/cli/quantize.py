@@ -9,7 +9,7 @@ import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
-from mathq.cli.types import MAX_THREADS, InputFile, Int, OutputPath
+from mathq.cli.types import MAX_THREADS, FileOrName, InputFile, Int, OutputPath
 
 
 def _ggml_type(type_name: str) -> str:
@@ -42,7 +42,7 @@ def _parse_override(_ctx: click.Context, _param: click.Parameter,
 
 
 @click.command()
-@click.argument("source", metavar="RECIPE|GGUF")
+@click.argument("source", metavar="RECIPE|GGUF", type=FileOrName())
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
               help="Comma-separated types, e.g. Q4_K_M,Q5_K_M (default: the recipe's variants, "
                    "or Q4_K_M for a GGUF). See `mathq quants`. A -imat suffix (Q4_K_M-imat) "

@@ -8,11 +8,11 @@ import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
-from mathq.cli.types import OutputPath
+from mathq.cli.types import FileOrName, OutputPath
 
 
 @click.command()
-@click.argument("recipe")
+@click.argument("recipe", type=FileOrName())
 @click.option("--out-dir", type=OutputPath(folder=True),
               help="Where to write the report (default: build/<model>/report/).")
 @build_dir_option

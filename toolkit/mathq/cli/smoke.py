@@ -17,7 +17,16 @@ from mathq.cli.common import (
     quiet_option,
     threads_option,
 )
-from mathq.cli.types import MAX_PROBLEMS, MAX_SECONDS, MAX_TOKENS, SEED, Float, Int, OutputPath
+from mathq.cli.types import (
+    MAX_PROBLEMS,
+    MAX_SECONDS,
+    MAX_TOKENS,
+    SEED,
+    FileOrName,
+    Float,
+    Int,
+    OutputPath,
+)
 from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
 from mathq.evaluate.summaries import Rate
 
@@ -27,14 +36,15 @@ def _pct(r: Rate) -> str:
 
 
 @click.command()
-@click.argument("source", metavar="RECIPE|GGUF")
-@click.option("--recipe", "recipe_for_gguf", metavar="RECIPE", default=None,
+@click.argument("source", metavar="RECIPE|GGUF", type=FileOrName())
+@click.option("--recipe", "recipe_for_gguf", metavar="RECIPE", type=FileOrName(),
+              default=None,
               help="With a GGUF path: the recipe whose prompt format, problems and token limit "
                    "to use, e.g. deepseek-math-7b-rl.")
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
               help="Comma-separated variants, e.g. Q4_K_M,Q8_0 or Q4_K_M-imat (default: the "
                    "recipe's). Not with a GGUF path.")
-@click.option("--suite", metavar="SUITE|FILE", default=None,
+@click.option("--suite", metavar="SUITE|FILE", type=FileOrName(), default=None,
               help="Problem set: a suite name (`mathq problems`) or a JSONL file "
                    "(default: the recipe's, math500).")
 @click.option("--n", "n", type=Int(0, MAX_PROBLEMS), default=None,

@@ -20,6 +20,7 @@ from mathq.cli.types import (
     MAX_TOKENS,
     SEED,
     ByteSize,
+    FileOrName,
     Float,
     InputFile,
     Int,
@@ -29,7 +30,7 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
 
 
 @click.command()
-@click.argument("source", metavar="RECIPE|BF16_GGUF")
+@click.argument("source", metavar="RECIPE|BF16_GGUF", type=FileOrName())
 @click.option("--match", metavar="QUANT",
               help="Budget: no larger than the stock file of this type, e.g. Q4_K_M.")
 @click.option("--size", type=ByteSize(), help="Budget in bytes: 4.2GiB, 4200MB, 1879136.")
@@ -39,7 +40,8 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
               help="Importance matrix to quantize with (and to weight the costs by).")
 @click.option("--types", "types_list", metavar="TYPES",
               help="Candidate tensor types [default: Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0].")
-@click.option("--calibration", "-c", metavar="FILE|SET", default=DEFAULT_CALIBRATION,
+@click.option("--calibration", "-c", metavar="FILE|SET", type=FileOrName(),
+              default=DEFAULT_CALIBRATION,
               show_default=True,
               help="Text of the KLD probes, as `mathq imatrix -c` takes it; smoke problems "
                    "and passages of the held-out text are kept out of it.")
@@ -50,7 +52,7 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
                    "recipe's [kld] corpus, else mathq's math notes).")
 @click.option("--ctx-size", "n_ctx", type=Int(16, MAX_TOKENS), default=512,
               show_default=True, help="Tokens per KLD chunk.")
-@click.option("--smoke-suite", metavar="SUITE|FILE",
+@click.option("--smoke-suite", metavar="SUITE|FILE", type=FileOrName(),
               help="Problems that must stay out of the calibration text (default: the "
                    "recipe's smoke suite, or math500 for a GGUF).")
 @click.option("--seed", type=SEED, default=0, show_default=True,

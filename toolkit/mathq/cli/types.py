@@ -16,6 +16,7 @@ it is added (and one added with a plain ``int`` fails that suite's census).
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,32 @@ class OutputPath(click.Path):
         if problem is not None:
             self.fail(f"{shorten(str(path))} {problem}", param, ctx)
         return super().convert(value, param, ctx)
+
+
+#: Endings that make a value a path, not a name (a recipe, suite or calibration set).
+FILE_SUFFIXES = (".gguf", ".toml", ".jsonl", ".json", ".txt", ".md", ".dat", ".text")
+
+
+class FileOrName(click.ParamType):
+    """A name (a recipe, a suite, a calibration set) or the path of a file (a folder too
+    with ``folder_ok``). A value that looks like a path (it holds a ``/``, ends in a file's
+    suffix, or names something that exists) is checked when the command line is parsed, as
+    :class:`InputFile` checks one; a name passes as it is, for the command to look up."""
+
+    name = "text"
+
+    def __init__(self, folder_ok: bool = False) -> None:
+        self.folder_ok = folder_ok
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        text = str(value)
+        if "/" in text or os.sep in text or Path(text).suffix.lower() in FILE_SUFFIXES \
+                or os.path.lexists(text):
+            problem = file_problem(text)
+            if problem is not None and not (problem == "is a directory" and self.folder_ok):
+                self.fail(f"{shorten(text)} {problem}", param, ctx)
+        return text
 
 
 class InputFile(click.ParamType):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mathq.errors import DownloadError, ProblemSetError
-from mathq.inputs import UnreadableInput, parse_json, read_text
+from mathq.inputs import UnreadableInput, file_problem, parse_json, read_text
 from mathq.progress import Progress, ProgressCallback, no_progress
 
 
@@ -100,10 +100,10 @@ def load_problem_set(ref: str | Path, *, revision: str | None = None,
                      progress: ProgressCallback = no_progress) -> ProblemSet:
     """Load a suite by name (from the Hub or its cache) or a local JSONL file by path."""
     path = Path(ref)
-    if isinstance(ref, Path) or path.exists() or path.suffix in (".jsonl", ".json") \
-            or os.sep in str(ref):
-        if not path.is_file():
-            raise ProblemSetError(f"problem file not found: {path}",
+    if isinstance(ref, Path) or path.exists() or path.is_symlink() \
+            or path.suffix in (".jsonl", ".json") or os.sep in str(ref):
+        if (problem := file_problem(path)) is not None:
+            raise ProblemSetError(f"problem file {path} {problem}",
                                   "give an existing JSONL file or a suite name "
                                   f"({', '.join(s.name for s in SUITES)})", path=str(path))
         return ProblemSet(path.stem, str(path), tuple(read_problems_jsonl(path)))

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mathq.errors import GGUFError, InferenceError, InputFileError, hold_termination
+from mathq.inputs import file_problem
 from mathq.llama.devices import (
     default_threads,
     gpu_offload_supported,
@@ -101,8 +102,8 @@ class LlamaModel:
         import llama_cpp
 
         path = Path(path)
-        if not path.is_file():
-            raise InputFileError(f"model file not found: {path}",
+        if (problem := file_problem(path)) is not None:
+            raise InputFileError(f"model file {path} {problem}",
                                  "build it first (`mathq quantize`), or check the path")
         llama_cpp.llama_backend_init()
         quiet_llama_cpp()
