@@ -58,6 +58,9 @@ class LlamaHParams:
 #: The largest JSON file a checkpoint holds is its tokenizer (a few megabytes at 100k tokens).
 CHECKPOINT_JSON_LIMIT = 256 << 20
 
+#: A context far beyond any model's: llama.cpp sizes caches from it.
+MAX_CONTEXT = 1 << 24
+
 #: GGUF stores counts (context length, heads, ...) as uint32.
 _UINT32_MAX = 2**32 - 1
 
@@ -103,7 +106,9 @@ def parse_hparams(config: dict[str, Any], path: Path) -> LlamaHParams:
 
     def need(key: str, default: int | None = None) -> int:
         """A positive integer GGUF can store (as uint32)."""
-        value = config.get(key, default) if default is None else config.get(key) or default
+        value = config.get(key)
+        if value is None:
+            value = default
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise CheckpointError(
                 f"{path}: {key} must be a positive integer, got {shorten(repr(value), 40)}",
@@ -114,15 +119,16 @@ def parse_hparams(config: dict[str, Any], path: Path) -> LlamaHParams:
                                   "can store (2^32 - 1)", "fix or re-download config.json")
         return value
 
-    def positive(key: str, default: float) -> float:
-        """A positive, finite hyper-parameter: llama.cpp divides and takes roots with it, so
-        a NaN or a negative value would convert into a model that computes NaN."""
-        value = config.get(key, default)
+    def positive(key: str, default: float, high: float) -> float:
+        """A positive, finite hyper-parameter up to ``high``: llama.cpp divides and takes
+        roots with it, so a NaN, a negative or an absurd value converts into a model that
+        computes NaN."""
+        value = config.get(key)
         if value is None:
             value = default
-        if not finite(value) or value <= 0:
+        if not finite(value) or not 0 < value <= high:
             raise CheckpointError(
-                f"{path}: {key} must be a positive finite number, got "
+                f"{path}: {key} must be a number above 0 and at most {high:g}, got "
                 f"{shorten(repr(value), 40)}", "fix or re-download config.json",
             )
         return float(value)
@@ -144,6 +150,9 @@ def parse_hparams(config: dict[str, Any], path: Path) -> LlamaHParams:
         refuse(f"hidden_act {config.get('hidden_act')!r}")
 
     n_embd, n_head = need("hidden_size"), need("num_attention_heads")
+    if n_head > n_embd:
+        raise CheckpointError(f"{path}: num_attention_heads {n_head} is more than hidden_size "
+                              f"{n_embd}", "fix or re-download config.json")
     n_head_kv = need("num_key_value_heads", n_head)
     head_dim = need("head_dim", max(n_embd // n_head, 1))
     if n_head % n_head_kv:
@@ -159,8 +168,11 @@ def parse_hparams(config: dict[str, Any], path: Path) -> LlamaHParams:
     # Defaults as transformers' LlamaConfig fills them in: llama.cpp's converter reads the
     # config through AutoConfig, so it always writes these keys, and so does mathq.
     n_ctx = need("max_position_embeddings", 2048)
-    eps = positive("rms_norm_eps", 1e-6)
-    theta = positive("rope_theta", rope.get("rope_theta") or 10000.0)
+    if n_ctx > MAX_CONTEXT:
+        raise CheckpointError(f"{path}: max_position_embeddings {n_ctx} is more than any "
+                              f"model's context ({MAX_CONTEXT})", "fix or re-download config.json")
+    eps = positive("rms_norm_eps", 1e-6, 1.0)
+    theta = positive("rope_theta", rope.get("rope_theta") or 10000.0, 1e8)
     return LlamaHParams(
         architecture=arch,
         n_layer=need("num_hidden_layers"),
