@@ -12,6 +12,7 @@ live here too: a recipe's tags must obey them.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +137,7 @@ def resolve_recipe_path(ref: str | Path) -> Path:
     """Turn a recipe name or a path into an existing TOML file, or raise RecipeError."""
     text = str(ref)
     as_path = Path(text).expanduser()
-    if text.endswith(".toml") or "/" in text or as_path.exists() or as_path.is_symlink():
+    if text.endswith(".toml") or "/" in text or os.path.lexists(as_path):
         problem = file_problem(as_path)
         if problem == "does not exist":
             raise RecipeError(f"recipe file {text} not found",
@@ -147,12 +148,12 @@ def resolve_recipe_path(ref: str | Path) -> Path:
                               "give a .toml file or a name from `mathq recipes`", path=text)
         return as_path
     candidate = bundled_recipes_dir() / f"{text}.toml"
-    if candidate.is_file():
+    if file_problem(candidate) is None:
         return candidate
     names = bundled_recipe_names()
     close = difflib.get_close_matches(text, names, n=1)
     hint = f"did you mean {close[0]}?" if close else "run `mathq recipes` for the list"
-    raise RecipeError(f"no recipe named {text!r}", hint)
+    raise RecipeError(f"no recipe named {shorten(text)!r}", hint)
 
 
 #: A recipe is a page of TOML; anything beyond a megabyte is not one.
