@@ -19,6 +19,7 @@ import re
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import click
 import pytest
@@ -189,3 +190,59 @@ def test_every_command_has_a_base_command_line():
     """A new command needs a BASE line here (its file arguments are then covered)."""
     assert {" ".join(path) for path, _c in commands()} == set(BASE)
     assert len(CASES) >= 100
+
+
+# --- files a recipe names ------------------------------------------------------------------
+
+RECIPE_TEXT = (REPO / "recipes" / "tiny-demo.toml").read_text()
+#: Each path field of a recipe: the line that sets it, and a command that reads the file.
+RECIPE_PATHS = {
+    "model.local_dir": ('local_dir = "../models/tiny-demo"', ["convert", "{recipe}", "--out",
+                                                              "{w}/o.gguf"]),
+    "smoke.suite": ('suite = "../models/tiny-demo/problems-distractor.jsonl"',
+                    ["smoke", "{recipe}", "-Q", "Q8_0", "--n", "1", "--out-dir", "{w}/s"]),
+    "kld.corpus": ('corpus = "../models/tiny-demo/kld-text.txt"',
+                   ["kld", "{recipe}", "-Q", "Q8_0", "--chunks", "1"]),
+}
+RECIPE_CASES = [(f, k) for f in RECIPE_PATHS
+                for k in ("fifo", "zero-link", "folder", "loop", "missing")
+                if not (f == "model.local_dir" and k == "folder")]
+
+
+@pytest.mark.parametrize(("field", "kind"), RECIPE_CASES, ids=[f"{f} {k}" for f, k in
+                                                               RECIPE_CASES])
+def test_a_file_a_recipe_names_that_is_not_a_file(field: str, kind: str, world: World):
+    line_in_recipe, argv = RECIPE_PATHS[field]
+    suffix = Path(line_in_recipe.split('"')[1]).suffix
+    hostile = _make(kind, world, suffix)
+    text = RECIPE_TEXT.replace('"../models/', f'"{REPO}/models/')
+    key = line_in_recipe.split(" = ")[0]
+    recipe = world.root / "tiny-demo.toml"
+    recipe.write_text(text.replace(line_in_recipe.replace('"../models/', f'"{REPO}/models/'),
+                                   f'{key} = "{hostile}"', 1))
+    values = {**world.values(), "recipe": str(recipe)}
+    argv = [a.format(**values) for a in argv]
+    before = snapshot(world.root)
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(30)
+    try:
+        result = CliRunner().invoke(cli, argv, catch_exceptions=True)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    line = check_error_lines(result.output, cli.commands[argv[0]], result.exit_code)
+    assert result.exit_code in (1, 2), result.output
+    assert re.search(WORDS[kind] + "|not a folder", line), line
+    assert snapshot(world.root) == before
+
+
+def test_a_recipe_nested_100000_deep(tmp_path: Path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    result = CliRunner().invoke(cli, ["build", str(recipe)], catch_exceptions=True)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    line = check_error_lines(result.output, cli.commands["build"], result.exit_code)
+    assert result.exit_code == 2 and "nested too deeply" in line, line

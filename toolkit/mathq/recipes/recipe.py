@@ -262,8 +262,8 @@ def _parse_kld(t: _Table) -> KldSpec:
     path = None
     if corpus is not None:
         path = t.resolve("corpus", t.path.parent / corpus)
-        if not path.is_file():
-            t.fail("corpus", f"{path} is not a file",
+        if (problem := file_problem(path)) is not None:
+            t.fail("corpus", f"{path} {problem}",
                    "name a UTF-8 text file relative to the recipe, or leave corpus out for "
                    "mathq's bundled math notes")
     t.finish()
