@@ -201,9 +201,10 @@ FILE_SUFFIXES = (".gguf", ".toml", ".jsonl", ".json", ".txt", ".md", ".dat", ".t
 
 class FileOrName(click.ParamType):
     """A name (a recipe, a suite, a calibration set) or the path of a file (a folder too
-    with ``folder_ok``). A value that looks like a path (it holds a ``/``, ends in a file's
-    suffix, or names something that exists) is checked when the command line is parsed, as
-    :class:`InputFile` checks one; a name passes as it is, for the command to look up."""
+    with ``folder_ok``). A value that looks like a path (it holds a ``/``, ends in a
+    file's suffix, or names something other than a folder that exists) is checked when the
+    command line is parsed, as :class:`InputFile` checks one; a name passes as it is, for
+    the command to look up."""
 
     name = "text"
 
@@ -213,8 +214,10 @@ class FileOrName(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> str:
         text = str(value)
+        # A folder that happens to share a name (build/tiny-demo/ under the working folder)
+        # does not turn the name into a path; anything else that exists does.
         if "/" in text or os.sep in text or Path(text).suffix.lower() in FILE_SUFFIXES \
-                or os.path.lexists(text):
+                or (os.path.lexists(text) and not os.path.isdir(text)):
             problem = file_problem(text)
             if problem is not None and not (problem == "is a directory" and self.folder_ok):
                 self.fail(f"{shorten(text)} {problem}", param, ctx)
