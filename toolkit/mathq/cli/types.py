@@ -108,7 +108,10 @@ class Parallel(Int):
 
         if str(value).strip().lower() == "auto" or value == PARALLEL_AUTO:
             return PARALLEL_AUTO
-        return super().convert(value, param, ctx)
+        try:
+            return super().convert(value, param, ctx)
+        except click.BadParameter as e:
+            self.fail(f"{e.message} (or 'auto')", param, ctx)
 
     def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str | None:
         return "N|auto"
