@@ -30,7 +30,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from mathq.errors import CheckpointError
-from mathq.inputs import UnreadableInput, parse_json
+from mathq.inputs import UnreadableInput, file_problem, parse_json
 
 # dtype name -> (bytes per element, NumPy dtype of the raw storage). BF16 has no NumPy
 # dtype; it is handed out as its raw 16-bit words and widened where needed.
@@ -88,6 +88,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], int
     the data section starts. Raises :class:`CheckpointError` naming the first problem.
     """
     path = Path(path)
+    if (problem := file_problem(path)) is not None:  # a pipe would block the open below
+        raise CheckpointError(f"{path} {problem}", "download the checkpoint again")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:

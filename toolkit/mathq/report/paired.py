@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mathq.evaluate.summaries import wilson_rate
-from mathq.inputs import UnreadableInput, parse_json
+from mathq.inputs import UnreadableInput, parse_json, read_text
 
 ALPHA = 0.05
 Z95 = 1.959964
@@ -127,8 +127,8 @@ def read_verdicts(results: Path) -> dict[str, bool]:
     """
     out: dict[str, bool] = {}
     try:
-        text = results.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        text = read_text(results)
+    except UnreadableInput:
         return out
     for line in text.splitlines():
         try:
