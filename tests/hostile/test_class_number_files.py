@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from mathq.cli import cli
+from mathq.modelfile.options import OLLAMA_OPTIONS
 from tests.hostile.census import check_error_lines
 
 DEMO = Path(__file__).resolve().parents[2] / "models" / "tiny-demo"
@@ -120,3 +121,24 @@ def test_hostile_number_in_a_results_line(line: str, tmp_path: Path):
     error = check_error_lines(result.output, cli.commands["grade"], result.exit_code)
     assert result.exit_code == 2, result.output
     assert "r.jsonl:1:" in error and ("finite number" in error or "an integer of" in error)
+
+
+MODELFILE_NUMBERS = ("nan", "NaN", "inf", "-Infinity", "0x1p99999", "1e999", "9" * 5000,
+                     "-" + "9" * 5000, "0" * 30 + "1", "-1", "0", "1_0", "0x10")
+
+
+@pytest.mark.parametrize("value", MODELFILE_NUMBERS, ids=lambda v: v[:14])
+@pytest.mark.parametrize("option", [o.name for o in OLLAMA_OPTIONS if o.kind in ("int", "float")])
+def test_hostile_modelfile_parameter(option: str, value: str, tmp_path: Path):
+    """Every numeric Ollama parameter of a Modelfile given to `modelfile --check`: a problem
+    line or a pass, never a traceback, and no line repeats 5,000 digits."""
+    (tmp_path / "m.gguf").write_bytes(b"")
+    modelfile = tmp_path / "Modelfile"
+    modelfile.write_text(f"FROM ./m.gguf\nPARAMETER {option} {value}\n")
+    result = CliRunner().invoke(cli, ["modelfile", "--check", str(modelfile)],
+                                catch_exceptions=True)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    check_error_lines(result.output, cli.commands["modelfile"], result.exit_code)
+    assert result.exit_code in (0, 1), result.output
+    assert all(len(line) < 600 for line in result.output.splitlines()), result.output[:300]
