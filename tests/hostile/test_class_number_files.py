@@ -142,3 +142,17 @@ def test_hostile_modelfile_parameter(option: str, value: str, tmp_path: Path):
     check_error_lines(result.output, cli.commands["modelfile"], result.exit_code)
     assert result.exit_code in (0, 1), result.output
     assert all(len(line) < 600 for line in result.output.splitlines()), result.output[:300]
+
+
+@pytest.mark.parametrize("level", ["0", "-1", "6", str(10**30), '"Level %s"' % ("9" * 5000),
+                                   "NaN", "1e999", "2.5", '"Level 0"', "true", "[3]"],
+                         ids=lambda v: v[:14])
+def test_hostile_level_in_a_problem_file(level: str, tmp_path: Path):
+    suite = tmp_path / "s.jsonl"
+    suite.write_text('{"problem": "1+1?", "answer": "2", "level": ' + level + "}\n")
+    result = CliRunner().invoke(cli, ["problems", "show", str(suite)], catch_exceptions=True)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    line = check_error_lines(result.output, cli.commands["problems"].commands["show"],
+                             result.exit_code)
+    assert result.exit_code == 2 and "s.jsonl:1:" in line, result.output

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mathq.errors import DownloadError, ProblemSetError
+from mathq.errors import DownloadError, ProblemSetError, shorten
 from mathq.inputs import UnreadableInput, file_problem, parse_json, read_text
 from mathq.progress import Progress, ProgressCallback, no_progress
 
@@ -249,10 +249,14 @@ def _row_to_problem(row: dict[str, Any], where: str, default_id: str) -> Problem
     parsed_level: int | None = None
     if isinstance(level, int) and not isinstance(level, bool):
         parsed_level = level
-    elif isinstance(level, str) and (m := _LEVEL_RE.match(level)):
-        parsed_level = int(m.group(1))
+    elif isinstance(level, str) and (m := _LEVEL_RE.match(level)) and len(m.group(1)) <= 3:
+        parsed_level = int(m.group(1))  # (more digits would trip Python's int() limit)
     elif level not in (None, "") and not (isinstance(level, str) and "?" in level):
-        raise ProblemSetError(f"{where}: level must be 1-5 or 'Level N', got {level!r}")
+        raise ProblemSetError(f"{where}: level must be 1-5 or 'Level N', got "
+                              f"{shorten(repr(level), 60)}")
+    if parsed_level is not None and not 1 <= parsed_level <= 5:
+        raise ProblemSetError(f"{where}: level must be 1-5 or 'Level N', got "
+                              f"{shorten(str(parsed_level), 40)}")
     subject = _text_field(row, ("subject", "type"), where, required=False)
     pid = row.get("unique_id", row.get("id", row.get("idx")))
     return Problem(id=str(pid) if pid is not None else default_id, problem=text,
