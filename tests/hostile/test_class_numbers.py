@@ -33,7 +33,7 @@ from mathq.inputs import UnreadableInput, parse_json, parse_toml
 from tests.hostile.census import check_error_lines, commands, long_name, quoted_option
 
 HOSTILE_NUMBERS = ("nan", "NaN", "inf", "-inf", "Infinity", "-1", "0", "1e308", "1e999",
-                   "9" * 5000, "-" + "9" * 5000, "0x10", "", " ", "1,5", "4.5.6", "١٢")
+                   "9" * 5000, "-" + "9" * 5000, "0x10", "", " ", "1,5", "4.5.6", "١٢", "²", "½")
 
 NUMERIC = [(path, command, param) for path, command in commands()
            for param in command.params if isinstance(param.type, NumberType)]
@@ -103,6 +103,7 @@ TYPES = [Int(-5, 10**6), Int(1, 256), Float(0.1, 3600.0), Float(0, 32, low_open=
 @settings(max_examples=300, deadline=None)
 @given(kind=st.sampled_from(TYPES), text=st.one_of(
     st.text(max_size=40), st.from_regex(r"-?[0-9_]{1,40}(\.[0-9]+)?(e-?[0-9]{1,4})?"),
+    st.text(st.characters(categories=["Nd", "No", "Nl"]), min_size=1, max_size=6),
     st.floats().map(repr), st.integers().map(str)))
 def test_number_types_accept_in_range_finite_values_or_refuse_in_words(kind, text):
     try:

@@ -52,7 +52,7 @@ class Int(NumberType):
         else:
             text = str(value).strip().replace("_", "")
             digits = text.lstrip("+-")
-            if not digits.isdigit() or len(digits) > 30:
+            if not digits.isdecimal() or len(digits) > 30:
                 self.fail(f"{_number_text(value)!r} is not a whole number from {self.low} "
                           f"to {self.high}", param, ctx)
             number = int(text)
