@@ -179,3 +179,28 @@ def test_parse_toml_never_raises_anything_else(text):
 def test_parse_toml_refuses_deep_nesting(text):
     with pytest.raises(UnreadableInput, match="nested too deeply"):
         parse_toml(text)
+
+
+#: Commands cheap enough to run for real with every numeric option at its bounds.
+CHEAP = {("grade",): "{results}", ("problems", "show"): "{suite}"}
+BOUNDS = [(path, command, param, which) for path, command, param in NUMERIC if path in CHEAP
+          for which in ("low", "high")]
+
+
+@pytest.mark.parametrize(("path", "command", "param", "which"), BOUNDS,
+                         ids=[f"{' '.join(p)} {long_name(o)} {w}" for p, _c, o, w in BOUNDS])
+def test_numbers_at_their_bounds_run_for_real(path: tuple[str, ...], command: click.Command,
+                                             param: click.Parameter, which: str,
+                                             tmp_path: Path):
+    """An accepted extreme is handled by the command itself, not only by its type."""
+    results = tmp_path / "r.jsonl"
+    results.write_text('{"id": "1", "answer": "5", "completion": "\\\\boxed{5}"}\n')
+    suite = Path(__file__).resolve().parents[2] / "models" / "tiny-demo" / "problems.jsonl"
+    value = getattr(param.type, which)
+    argv = [*path, CHEAP[path].format(results=results, suite=suite), long_name(param),
+            str(value), "--out", str(tmp_path / "out.jsonl")]
+    result = CliRunner().invoke(cli, argv, catch_exceptions=True)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    check_error_lines(result.output, command, result.exit_code)
+    assert result.exit_code in (0, 2), result.output
