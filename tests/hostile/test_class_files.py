@@ -26,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from mathq.cli import cli
-from mathq.cli.types import InputFile, OutputPath
+from mathq.cli.types import FileOrName, InputFile, OutputPath
 from tests.hostile.census import check_error_lines, commands, long_name
 from tests.hostile.conftest import REPO, World
 from tests.hostile.harness import snapshot
@@ -184,6 +184,17 @@ def test_file_that_is_not_a_file(name: str, command: click.Command, param: click
     after = snapshot(world.root)
     assert after == before, "left behind / removed / changed: " + str(
         sorted(set(after) ^ set(before)))
+
+
+def test_every_path_parameter_uses_mathqs_types():
+    """A plain click.Path passes named pipes, devices and loops; a plain string that names a
+    file is never checked before the command runs: new ones must use mathq.cli.types."""
+    plain = [f"mathq {' '.join(path)} {long_name(p)}" for path, command in commands()
+             for p in command.params
+             if type(p.type) is click.Path or (
+                 _role(p) == "input" and not isinstance(p.type, (InputFile, FileOrName))
+                 and long_name(p) != "--reference")]  # kld's BF16|Q8_0|GGUF: own callback
+    assert plain == []
 
 
 def test_every_command_has_a_base_command_line():
