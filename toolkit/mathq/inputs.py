@@ -4,7 +4,10 @@ Every input file (a command's argument, a file a recipe names, a file inside a c
 is opened by :func:`read_bytes` / :func:`read_text`: a named pipe would block the command
 forever, ``/dev/zero`` would be read until memory runs out, a folder or a symbolic-link loop
 would surface as an OS error traceback. Here each is refused in words before one byte is read,
-and a regular file larger than the caller's limit is refused by its size.
+and a regular file larger than the caller's limit is refused by its size. Files streamed
+rather than read whole (GGUF, safetensors, importance matrices) are checked with
+:func:`file_problem` before they are opened, and the command line checks every path it is
+given the same way when it parses it (:mod:`mathq.cli.types`).
 
 Every JSON or TOML document goes through :func:`parse_json` / :func:`parse_toml`, which
 refuse what Python cannot hold as a plain number (NaN and infinities where the format is
