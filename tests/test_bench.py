@@ -70,7 +70,7 @@ def test_bench_takes_a_gguf_path_like_llama_bench(tiny_bf16_gguf: Path, tmp_path
     bad = CliRunner().invoke(cli, ["bench", str(tiny_bf16_gguf), "--quant", "Q8_0"])
     assert bad.exit_code == 2 and "a GGUF path is one file" in bad.output
     missing = CliRunner().invoke(cli, ["bench", str(tmp_path / "nope.gguf")])
-    assert missing.exit_code == 1 and "nope.gguf not found" in missing.output
+    assert missing.exit_code == 2 and "nope.gguf does not exist" in missing.output
 
 
 def test_bench_missing_variant() -> None:

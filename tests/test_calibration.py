@@ -118,8 +118,8 @@ def test_unknown_set_and_missing_file_are_one_line(tmp_path):
     result = run("imatrix", str(model), "-c", str(tmp_path / "none.txt"),
                  "--smoke-suite", str(MATH500), code=2)
     assert result.output.strip().splitlines()[-1] == (
-        f"Error: calibration file not found: {tmp_path / 'none.txt'} (give an existing file "
-        "or one of math-train, gsm8k-train)")
+        f"Error: Invalid value for '--calibration' / '-c': {tmp_path / 'none.txt'} does not "
+        "exist")
 
 
 def test_calibration_sets_are_train_splits_beside_the_graded_suites():

@@ -359,7 +359,7 @@ def test_not_enough_disk_is_refused_before_the_transfer(hub, tmp_path):
         fetch(tmp_path / "hf")
     assert e.value.message.startswith(
         f"not enough disk space for {REPO} at {commit[:12]}: needs 1048576.00 TiB, ")
-    assert e.value.hint == "free some space or choose another folder with --dir"
+    assert e.value.hint == "free some space, or write elsewhere"
     assert not any(p.startswith("/cdn/") for p in transfers(hub))
 
 

@@ -346,8 +346,8 @@ def test_smoke_library_default_backend_is_unchanged(tiny_bf16_gguf: Path) -> Non
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    ("0", "0 is not in the range 1-256 (or 'auto')"),
-    ("many", "expected a number of sequences or 'auto', got 'many'"),
+    ("0", "0 is not in the range 1 to 256 (or 'auto')"),
+    ("many", "'many' is not a whole number from 1 to 256 (or 'auto')"),
 ])
 def test_parallel_option_is_checked(value: str, message: str) -> None:
     out = run("smoke", RECIPE, "--parallel", value, code=2).output

@@ -95,7 +95,7 @@ def test_user_recipe_by_path_normalises_quant_names(tmp_path):
          "needs few_shot > 0"),
         ("[smoke]", "[smoke]\nn = true", "smoke.n", "got a boolean"),
         ("[smoke]", '[kld]\ncorpus = "no-such.txt"\n\n[smoke]', "kld.corpus",
-         "is not a file"),
+         "does not exist"),
         ("[smoke]", '[kld]\ncorpus_file = "a.txt"\n\n[smoke]', "kld.corpus_file",
          "is not a recipe field"),
     ],

@@ -26,6 +26,20 @@ class MathqError(Exception):
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
 
+#: The longest piece of user input an error message repeats whole.
+SHORTEN_LIMIT = 120
+
+
+def shorten(text: str, limit: int = SHORTEN_LIMIT) -> str:
+    """``text``, or, when longer than ``limit``, its start and end around an ellipsis and
+    its length: an error line repeats the user's input so they can find it, and a
+    50,000-character name buries the message instead."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 30, 8)
+    return f"{text[:keep // 2]}…{text[-(keep - keep // 2):]} ({len(text):,} characters)"
+
+
 class RecipeError(MathqError, ValueError):
     """A recipe is missing, unreadable or invalid; the message names file and field."""
 
@@ -122,6 +136,12 @@ class SmokeError(MathqError, RuntimeError):
 
 class ModelfileError(MathqError, ValueError):
     """A Modelfile breaks Ollama's rules, or recipe text cannot be written into one safely."""
+
+
+class RecipeModelfileError(ModelfileError, RecipeError):
+    """A recipe value a Modelfile cannot hold (three quotes in a row, a control character):
+    a bad recipe value like any other (exit 2), and a Modelfile problem to those who catch
+    that."""
 
 
 class ProblemSetError(MathqError, ValueError):

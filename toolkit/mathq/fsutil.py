@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ WRITE_ERRNOS: dict[int, str] = {
     errno.EISDIR: "it is a folder",
     errno.ENAMETOOLONG: "file name too long",
     errno.EEXIST: "it is a file, not a folder",
+    errno.ELOOP: "a loop of symbolic links",
 }
 #: Of those, the ones that can only come from writing, wherever they are raised.
 WRITE_ONLY_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -60,6 +62,20 @@ def output_error(err: OSError, path: Path | str | None = None) -> OutputError:
         hint = "fix the path"
     return OutputError(f"cannot write {target}: {reason}", hint,
                        path=None if target is None else str(target), reason=reason)
+
+
+def special_file_problem(mode: int) -> str | None:
+    """Why a path of this ``st_mode`` is no regular file ("is a named pipe (FIFO), not a
+    regular file"), or None for a regular file: an input that is one would block or never
+    end, and an output that is one would be replaced or written without end."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a special file")
+    return f"is {kind}, not a regular file"
 
 
 def os_reason(err: OSError) -> str:
@@ -100,6 +116,16 @@ def make_dirs(folder: Path) -> None:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:  # something that is not a folder has the name
+        try:
+            problem = special_file_problem(os.stat(folder).st_mode)
+        except OSError as inner:  # a loop of links, most likely
+            raise output_error(inner, folder) from None
+        if problem is None or problem == "is a directory":
+            raise output_error(e, folder) from None
+        raise OutputError(f"cannot write {folder}: it "
+                          f"{problem.replace('not a regular file', 'not a folder')}",
+                          "fix the path", path=str(folder), reason=problem) from None
     except OSError as e:
         raise output_error(e, folder) from None
 
@@ -164,6 +190,7 @@ def atomic_output(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     make_dirs(final.parent)
+    refuse_special_output(final)
     tmp = partial_path(final)
     try:
         tmp.unlink(missing_ok=True)
@@ -182,6 +209,23 @@ def atomic_output(final: Path) -> Iterator[Path]:
         raise
 
 
+def refuse_special_output(final: Path) -> None:
+    """Raise :class:`OutputError` when ``final`` exists (through any links) and is a named
+    pipe, a device or a socket: renaming a finished file over it would silently replace
+    what the user named (as root, even ``/dev/null``). A folder there fails at the rename
+    with its own words."""
+    try:
+        mode = os.stat(final).st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # the rename would replace the link: name it instead
+            raise output_error(e, final) from None
+        return  # missing (the usual case), or a problem the write itself will name
+    problem = special_file_problem(mode)
+    if problem is not None and not stat.S_ISDIR(mode):
+        raise OutputError(f"cannot write {final}: it {problem}",
+                          "choose another output path", path=str(final), reason=problem)
+
+
 def check_writable(final: Path) -> None:
     """Raise :class:`OutputError` now unless ``final``'s folder (made if missing) takes a new
     file: for commands that would otherwise find out only after their long work. A folder
@@ -189,6 +233,7 @@ def check_writable(final: Path) -> None:
     final = Path(final)
     with removing_new_dirs(final.parent):
         make_dirs(final.parent)
+        refuse_special_output(final)
         probe = partial_path(final)
         try:
             probe.open("ab").close()
@@ -219,7 +264,7 @@ def ensure_free_space(path: Path, needed: int, what: str) -> None:
         raise DiskSpaceError(
             f"not enough disk space for {what}: needs {format_bytes(needed)}, "
             f"{format_bytes(free)} free under {path}",
-            "free some space or choose another folder with --dir",
+            "free some space, or write elsewhere",
         )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from mathq.errors import MathqError
 from mathq.fsutil import write_text_atomic
+from mathq.inputs import UnreadableInput, parse_json, read_text
 
 MANIFEST_VERSION = 1
 
@@ -80,10 +81,10 @@ class Manifest:
         if not self.path.exists():
             return {"version": MANIFEST_VERSION, "artifacts": {}}
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise MathqError(f"cannot read build manifest {self.path}: {e}",
-                             "delete it and rerun; artifacts will be checked again") from e
+            data = parse_json(read_text(self.path))
+        except UnreadableInput as e:
+            raise MathqError(f"cannot read build manifest {e.describe(self.path)}",
+                             "delete it and rerun; artifacts will be checked again") from None
         data.setdefault("artifacts", {})
         return data
 

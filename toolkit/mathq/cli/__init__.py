@@ -9,6 +9,7 @@ hint of an unwritable output names the command's own option for choosing another
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -31,18 +32,27 @@ from mathq.cli.recipes import quants, recipes
 from mathq.cli.report import report
 from mathq.cli.smoke import smoke
 from mathq.cli.tune import tune
-from mathq.errors import MathqError, OutputError, Terminated, terminate
+from mathq.errors import (
+    SHORTEN_LIMIT,
+    DiskSpaceError,
+    MathqError,
+    OutputError,
+    Terminated,
+    shorten,
+    terminate,
+)
 
 
 class _UserError(click.ClickException):
-    def __init__(self, err: MathqError) -> None:
-        super().__init__(str(err))
-        self.exit_code = err.exit_code
+    def __init__(self, text: str, exit_code: int) -> None:
+        super().__init__(text)
+        self.exit_code = exit_code
 
 
 class MathqGroup(click.Group):
     """A group that lists commands in pipeline order and turns MathqError into a one-line
-    message instead of a traceback."""
+    message instead of a traceback: the one place every command's errors pass through, so
+    the one place their words are fitted to the command (:func:`_for_command`)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)  # the order of PIPELINE below, not alphabetical
@@ -51,45 +61,90 @@ class MathqGroup(click.Group):
         try:
             return super().invoke(ctx)
         except MathqError as e:
-            raise _UserError(_with_output_hint(e, ctx)) from None
+            raise _UserError(_for_command(e, ctx), e.exit_code) from None
         except Terminated:
             err = MathqError("stopped by SIGTERM; unfinished files were removed",
                              "run the same command again: finished work is kept")
-            stopped = _UserError(err)
-            stopped.exit_code = Terminated.exit_code
-            raise stopped from None
+            raise _UserError(str(err), Terminated.exit_code) from None
+        except click.ClickException as e:  # Click's own usage errors repeat input too
+            e.message = _shorten_words(e.message)
+            raise
         except OSError as e:
             from mathq.fsutil import WRITE_ERRNOS, WRITE_ONLY_ERRNOS, output_error
 
             if e.errno in WRITE_ONLY_ERRNOS or (e.errno in WRITE_ERRNOS and e.filename):
-                raise _UserError(_with_output_hint(output_error(e), ctx)) from None
+                raise _UserError(_for_command(output_error(e), ctx), 1) from None
             raise
 
 
 #: Options that choose where a command writes, in the order a hint names them.
 _OUTPUT_OPTIONS = ("--out-dir", "--out", "--dir", "--build-dir")
+#: A long option named in a message (not inside a `quoted command`, whose options are its own).
+_OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+_QUOTED = re.compile(r"`[^`]*`")
 
 
-def _with_output_hint(err: MathqError, ctx: click.Context) -> MathqError:
-    """An unwritable output's hint names the options of the running command that choose
-    another place (``choose a writable --out-dir or --build-dir``)."""
-    if not isinstance(err, OutputError) or ctx.invoked_subcommand is None:
-        return err
+def _command_options(ctx: click.Context) -> set[str] | None:
+    """The long options of the running command (of a group's subcommands together), or
+    None where no subcommand runs."""
+    if ctx.invoked_subcommand is None:
+        return None
     command = cli.get_command(ctx, ctx.invoked_subcommand)
-    flags = [o for o in _OUTPUT_OPTIONS for p in (command.params if command else ())
-             if isinstance(p, click.Option) and o in p.opts]
-    if not flags:
-        return err
-    folder = Path(err.path).parent if err.path else None
-    where = " or ".join(flags)
-    if "space" in err.reason or "quota" in err.reason or "too large" in err.reason:
-        fix = "free some space"
-    elif any(w in err.reason for w in ("read-only", "permission", "not permitted")):
+    commands = [command] if command is not None else []
+    if isinstance(command, click.Group):
+        commands += list(command.commands.values())
+    return {o for c in commands for p in c.params if isinstance(p, click.Option)
+            for o in (*p.opts, *p.secondary_opts)} | {"--help"}
+
+
+def options_named(text: str) -> set[str]:
+    """The long options a message names, outside `quoted commands`."""
+    return set(_OPTION.findall(_QUOTED.sub("", text)))
+
+
+def _fit_hint(hint: str, options: set[str], command: str) -> str:
+    """``hint`` without the alternatives that name options the command lacks (library
+    hints are written for every command that can meet the error: "lower --parallel or
+    --max-tokens" is half wrong for `mathq bench`), or, when none is left, its --help."""
+    if options_named(hint) <= options:
+        return hint
+    parts = [p for p in re.split(r",? or |; ", hint) if options_named(p) <= options]
+    return " or ".join(parts) if parts else f"see `mathq {command} --help`"
+
+
+def _for_command(err: MathqError, ctx: click.Context) -> str:
+    """The error line's text, fitted to the running command: a hint names only the
+    command's own options (an unwritable output or a full disk names those that choose
+    another place), and no piece of user input is repeated longer than
+    :data:`mathq.errors.SHORTEN_LIMIT`."""
+    options = _command_options(ctx)
+    hint = err.hint
+    if options is not None:
+        hint = _fit_hint(hint, options, str(ctx.invoked_subcommand)) if hint else hint
+        flags = [o for o in _OUTPUT_OPTIONS if o in options]
+        if flags and isinstance(err, (OutputError, DiskSpaceError)):
+            hint = _output_hint(err, " or ".join(flags))
+    text = f"{err.message} ({hint})" if hint else err.message
+    return _shorten_words(text)
+
+
+def _output_hint(err: OutputError | DiskSpaceError, where: str) -> str:
+    """``choose a writable --out-dir or --build-dir, or free some space``."""
+    reason = err.reason if isinstance(err, OutputError) else "space"
+    path = err.path if isinstance(err, OutputError) else None
+    folder = Path(path).parent if path else None
+    if "space" in reason or "quota" in reason or "too large" in reason:
+        return f"choose another {where}, or free some space"
+    if any(w in reason for w in ("read-only", "permission", "not permitted")):
         fix = f"make {folder} writable" if folder else "make it writable"
     else:
         fix = "fix the path"
-    return OutputError(err.message, f"choose a writable {where}, or {fix}", path=err.path,
-                       reason=err.reason)
+    return f"choose a writable {where}, or {fix}"
+
+
+def _shorten_words(text: str) -> str:
+    """Every overlong word of ``text`` shortened (see :func:`mathq.errors.shorten`)."""
+    return re.sub(rf"[^\s'\"]{{{SHORTEN_LIMIT + 1},}}", lambda m: shorten(m.group(0)), text)
 
 
 @click.group(cls=MathqGroup, context_settings={"help_option_names": ["-h", "--help"]})

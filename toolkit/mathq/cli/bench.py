@@ -15,35 +15,26 @@ from mathq.cli.common import (
     quiet_option,
     threads_option,
 )
-
-
-def _parallel_list(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected numbers like 1,4,8, got {value!r}") from None
-    if any(v < 1 for v in values):
-        raise click.BadParameter("sequence counts must be at least 1")
-    return values
+from mathq.cli.types import MAX_PARALLEL, MAX_TOKENS, FileOrName, Int, IntList, OutputPath
 
 
 @click.command()
-@click.argument("source", metavar="RECIPE|GGUF")
+@click.argument("source", metavar="RECIPE|GGUF", type=FileOrName())
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
               help="Comma-separated variants, e.g. Q4_K_M,Q8_0 or Q4_K_M-imat (default: the "
                    "recipe's). Not with a GGUF path.")
-@click.option("--n-prompt", "-p", type=click.IntRange(min=0), default=512, show_default=True,
+@click.option("--n-prompt", "-p", type=Int(0, MAX_TOKENS), default=512, show_default=True,
               help="Prompt-processing test size in tokens (llama-bench's pp512; 0 skips it).")
-@click.option("--n-gen", "-n", type=click.IntRange(min=0), default=128, show_default=True,
+@click.option("--n-gen", "-n", type=Int(0, MAX_TOKENS), default=128, show_default=True,
               help="Generation test size in tokens (llama-bench's tg128; 0 skips it).")
-@click.option("--repetitions", "-r", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--repetitions", "-r", type=Int(1, 1000), default=5, show_default=True,
               help="Repetitions of each test after one warm-up run.")
 @click.option("--parallel", "parallel", default="1,4,8", show_default=True,
-              callback=_parallel_list, metavar="LIST",
+              type=IntList(1, MAX_PARALLEL),
               help="Sequence counts for aggregate generation throughput ('' skips it).")
 @threads_option
 @gpu_layers_option
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out-dir", type=OutputPath(folder=True), default=None,
               help="With a GGUF path: also write its summary here as <name>.json.")
 @build_dir_option
 @quiet_option

@@ -10,21 +10,20 @@ from mathq.cli.common import (
     build_dir_option,
     echo_json,
     json_option,
-    parse_parallel,
     quiet_option,
 )
 from mathq.cli.render import progress_for
+from mathq.cli.types import MAX_PROBLEMS, FileOrName, Int, Parallel
 from mathq.quantize.calibration import DEFAULT_CALIBRATION
 
 
 @click.command()
-@click.argument("recipe")
+@click.argument("recipe", type=FileOrName())
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
               help="Comma-separated variants, e.g. Q5_K_M,Q8_0 (default: the recipe's).")
-@click.option("--n", type=click.IntRange(min=1), default=None,
+@click.option("--n", type=Int(1, MAX_PROBLEMS), default=None,
               help="Problems per smoke test (default: the recipe's [smoke] n).")
-@click.option("--parallel", "-P", default="auto", show_default=True, callback=parse_parallel,
-              metavar="N|auto",
+@click.option("--parallel", "-P", type=Parallel(), default="auto", show_default=True,
               help="Sequences decoded together in the smoke test (1-256). auto: as many as "
                    "the free GPU memory holds KV caches for (at most 128), 8 on the CPU.")
 @click.option("--skip-smoke", is_flag=True,
@@ -34,7 +33,8 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
 @click.option("--imatrix", "use_imatrix", is_flag=True,
               help="Also compute the recipe's importance matrix and build a <QUANT>-imat variant "
                    "of each type it helps (Q2_K-Q4_K, IQ*), measured beside the plain one.")
-@click.option("--calibration", "-c", metavar="FILE|SET", default=DEFAULT_CALIBRATION,
+@click.option("--calibration", "-c", metavar="FILE|SET", type=FileOrName(),
+              default=DEFAULT_CALIBRATION,
               show_default=True,
               help="With --imatrix: the calibration text, as for `mathq imatrix`; with "
                    "--tune, the text of the tune's KLD probes.")

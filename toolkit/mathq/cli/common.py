@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
+from mathq.cli.types import MAX_THREADS, Int, OutputPath, Parallel
 from mathq.fsutil import to_jsonable
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -33,7 +34,7 @@ def json_option(f: F) -> F:
 def build_dir_option(f: F) -> F:
     """``--build-dir``: the root under which ``<model>/`` folders are made."""
     return click.option(
-        "--build-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+        "--build-dir", type=OutputPath(folder=True), default=None,
         envvar="MATHQ_BUILD_DIR", show_envvar=True,
         help="Root of the build folders (default ./build); artifacts go to <root>/<model>/.")(f)
 
@@ -66,7 +67,7 @@ def echo_json(value: Any) -> None:
 def gpu_layers_option(f: F) -> F:
     """``--gpu-layers``: llama.cpp's -ngl, defaulting to every layer when it can offload."""
     return click.option(
-        "--gpu-layers", type=click.IntRange(min=-1), default=None, metavar="N",
+        "--gpu-layers", type=Int(-1, 1_000_000), default=None, metavar="N",
         help="Layers to put on the GPU (llama.cpp's -ngl; -1: all). Default: all when "
              "llama.cpp was built with GPU support (make install CUDA=1) and finds a GPU, "
              "else 0.")(f)
@@ -75,35 +76,15 @@ def gpu_layers_option(f: F) -> F:
 def threads_option(f: F) -> F:
     """``--threads``: llama.cpp's CPU threads; 0 picks them from where the layers are."""
     return click.option(
-        "--threads", type=click.IntRange(min=0), default=0, show_default=True,
+        "--threads", type=Int(0, MAX_THREADS), default=0, show_default=True,
         help="llama.cpp threads; 0: every core, or at most 4 when every layer is on the "
              "GPU (the CPU then only feeds it).")(f)
-
-
-def parse_parallel(_ctx: click.Context | None, _param: click.Parameter | None,
-                   value: str | int) -> int:
-    """``--parallel`` as a number of sequences, or ``auto`` as
-    :data:`mathq.llama.runtime.PARALLEL_AUTO`."""
-    from mathq.llama.runtime import PARALLEL_AUTO
-
-    text = str(value).strip().lower()
-    if text == "auto":
-        return PARALLEL_AUTO
-    try:
-        n = int(text)
-    except ValueError:
-        raise click.BadParameter(f"expected a number of sequences or 'auto', got {value!r}")\
-            from None
-    if not 1 <= n <= 256:
-        raise click.BadParameter(f"{n} is not in the range 1-256 (or 'auto')")
-    return n
 
 
 def parallel_option(f: F) -> F:
     """``--parallel/-P``: sequences decoded together; ``auto`` sizes it to the GPU memory."""
     return click.option(
-        "--parallel", "-P", default="auto", show_default=True, callback=parse_parallel,
-        metavar="N|auto",
+        "--parallel", "-P", type=Parallel(), default="auto", show_default=True,
         help="Sequences decoded together in one context (1-256). auto: as many as the free "
              "GPU memory holds KV caches for (at most 128), 8 on the CPU; requests in "
              "flight per server with --ollama/--endpoint (auto: 8).")(f)

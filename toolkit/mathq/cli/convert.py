@@ -8,6 +8,7 @@ import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
+from mathq.cli.types import FileOrName, OutputPath
 from mathq.fsutil import format_bytes
 
 # Must equal mathq.convert.OUTTYPES (a test checks); spelled out so --help stays fast.
@@ -15,7 +16,7 @@ OUTTYPE_CHOICES = ("bf16", "f16", "f32")
 
 
 @click.command()
-@click.argument("source", metavar="RECIPE|HF_DIR")
+@click.argument("source", metavar="RECIPE|HF_DIR", type=FileOrName(folder_ok=True))
 @click.option(
     "--outtype",
     type=click.Choice(OUTTYPE_CHOICES),
@@ -27,7 +28,7 @@ OUTTYPE_CHOICES = ("bf16", "f16", "f32")
 @click.option(
     "--out",
     "out",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=OutputPath(folder=False),
     default=None,
     help="Output file (default: <name>-BF16.gguf in the build folder for a recipe, "
     "in the current folder for HF_DIR).",

@@ -8,14 +8,15 @@ import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
+from mathq.cli.types import FileOrName, OutputPath
 from mathq.fsutil import format_bytes
 
 
 @click.command()
-@click.argument("recipe")
+@click.argument("recipe", type=FileOrName())
 @click.option("--revision", metavar="REV",
               help="Branch, tag or commit to fetch instead of the recipe's revision.")
-@click.option("--dir", "dest", metavar="DIR", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--dir", "dest", metavar="DIR", type=OutputPath(folder=True),
               help="Folder to download into (default: <build root>/<model>/hf).")
 @build_dir_option
 @quiet_option

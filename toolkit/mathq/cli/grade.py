@@ -7,19 +7,21 @@ from pathlib import Path
 import click
 
 from mathq.cli.common import echo_json, json_option, quiet_option
+from mathq.cli.types import MAX_SECONDS, FileOrName, Float, InputFile, Int, OutputPath
 from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
 
 
 @click.command()
-@click.argument("results", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.argument("results", type=InputFile())
+@click.option("--out", type=OutputPath(folder=False), default=None,
               help="Write the re-graded file here instead of replacing RESULTS.")
-@click.option("--problems", "problem_set", metavar="SUITE|FILE", default=None,
+@click.option("--problems", "problem_set", metavar="SUITE|FILE", type=FileOrName(),
+              default=None,
               help="Take gold answers from this problem set, by id (for results "
                    "without an 'answer' field, or to override it).")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--workers", type=Int(0, 1024), default=0, show_default=True,
               help="Compare in this many worker processes in parallel (0: in this process).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=DEFAULT_TIMEOUT_S,
+@click.option("--timeout", "timeout_s", type=Float(0.1, MAX_SECONDS), default=DEFAULT_TIMEOUT_S,
               show_default=True, help="Seconds one answer comparison may take; "
               "an overrun counts as wrong (verdict 'timeout').")
 @json_option

@@ -15,21 +15,23 @@ from mathq.cli.common import (
     threads_option,
 )
 from mathq.cli.render import progress_for
+from mathq.cli.types import MAX_CHUNKS, MAX_TOKENS, SEED, FileOrName, Int, OutputPath
 from mathq.quantize.calibration import DEFAULT_CALIBRATION
 
 
 @click.command()
-@click.argument("source", metavar="RECIPE|GGUF")
-@click.option("--calibration", "-c", metavar="FILE|SET", default=DEFAULT_CALIBRATION,
+@click.argument("source", metavar="RECIPE|GGUF", type=FileOrName())
+@click.option("--calibration", "-c", metavar="FILE|SET", type=FileOrName(),
+              default=DEFAULT_CALIBRATION,
               show_default=True,
               help="Calibration text: a named Hub set (math-train, gsm8k-train), a problem "
                    "file (.jsonl, MATH or GSM8K format) or a plain text file (.txt).")
-@click.option("--chunks", type=click.IntRange(min=1), default=100, show_default=True,
+@click.option("--chunks", type=Int(1, MAX_CHUNKS), default=100, show_default=True,
               help="Chunks of --ctx tokens to evaluate (fewer if the text is shorter).")
 @click.option("--all-chunks", is_flag=True, help="Evaluate every whole chunk of the text.")
-@click.option("--ctx", "n_ctx", type=click.IntRange(min=16), default=512, show_default=True,
+@click.option("--ctx", "n_ctx", type=Int(16, MAX_TOKENS), default=512, show_default=True,
               help="Tokens per chunk (llama-imatrix's --ctx-size).")
-@click.option("--smoke-suite", metavar="SUITE|FILE",
+@click.option("--smoke-suite", metavar="SUITE|FILE", type=FileOrName(),
               help="Problem set whose problems must stay out of the text (default: the "
                    "recipe's smoke suite, or math500 for a GGUF).")
 @click.option("--plain", is_flag=True,
@@ -37,11 +39,11 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
                    "prompt format.")
 @click.option("--process-output", is_flag=True,
               help="Also collect output.weight (llama-imatrix leaves it out by default).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Shuffle of the problems taken from the calibration set.")
 @threads_option
 @gpu_layers_option
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", "-o", type=OutputPath(folder=False),
               help="Output file (default: build/<model>/<model>.imatrix.gguf, or beside the "
                    "GGUF).")
 @click.option("--force", is_flag=True,

@@ -17,20 +17,25 @@ from mathq.cli.common import (
     threads_option,
 )
 from mathq.cli.render import progress_for
+from mathq.cli.types import MAX_CHUNKS, MAX_TOKENS, FileOrName, InputFile, Int, OutputPath
+from mathq.errors import shorten
 from mathq.evaluate.kld import DEFAULT_CTX, REFERENCE_CHOICES
+from mathq.inputs import file_problem
 
 
 def _reference(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     if value.upper() in REFERENCE_CHOICES:
         return value.upper()
-    if is_gguf_path(value):
+    if is_gguf_path(value) or "/" in value:
+        if (problem := file_problem(value)) is not None:
+            raise click.BadParameter(f"{shorten(value)} {problem}")
         return value
     raise click.BadParameter(f"expected {' or '.join(REFERENCE_CHOICES)} (a variant of the "
                              f"recipe's build) or the path of a GGUF file, got {value!r}")
 
 
 @click.command()
-@click.argument("source", metavar="RECIPE|GGUF")
+@click.argument("source", metavar="RECIPE|GGUF", type=FileOrName())
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
               help="Comma-separated variants to measure, e.g. Q4_K_M,Q4_K_M-imat (default: "
                    "the recipe's variants). Not with a GGUF path.")
@@ -38,18 +43,18 @@ def _reference(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
               metavar="BF16|Q8_0|GGUF",
               help="The model to compare with: a variant of the recipe's build (Q8_0 needs "
                    "half of BF16's memory), or, with a GGUF path, the reference GGUF file.")
-@click.option("--corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--corpus", type=InputFile(),
               help="UTF-8 text to measure on (default: the recipe's [kld] corpus, else "
                    "mathq's bundled math notes, about 10,000 tokens, kept apart from the smoke "
                    "problems).")
-@click.option("--ctx-size", "-c", "n_ctx", type=click.IntRange(min=16), default=DEFAULT_CTX,
+@click.option("--ctx-size", "-c", "n_ctx", type=Int(16, MAX_TOKENS), default=DEFAULT_CTX,
               show_default=True,
               help="Tokens per chunk; the second half of each chunk is scored.")
-@click.option("--chunks", type=click.IntRange(min=1), default=None,
+@click.option("--chunks", type=Int(1, MAX_CHUNKS), default=None,
               help="Use at most this many chunks (default: the whole corpus).")
 @threads_option
 @gpu_layers_option
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out-dir", type=OutputPath(folder=True), default=None,
               help="With a GGUF path: where the reference pass is cached and <name>.json "
                    "written (default: a kld/ folder beside the reference GGUF).")
 @build_dir_option

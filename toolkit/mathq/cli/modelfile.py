@@ -8,6 +8,7 @@ import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
+from mathq.cli.types import FileOrName, OutputPath
 from mathq.modelfile.options import OLLAMA_OPTIONS
 
 _OPTION_TABLE = "\n".join(f"  {o.name:<18} {o.kind:<12} {o.description}"
@@ -15,10 +16,10 @@ _OPTION_TABLE = "\n".join(f"  {o.name:<18} {o.kind:<12} {o.description}"
 
 
 @click.command(epilog="\b\nPARAMETER names Ollama's create accepts:\n" + _OPTION_TABLE)
-@click.argument("targets", nargs=-1, metavar="[RECIPE | FILE...]")
+@click.argument("targets", nargs=-1, metavar="[RECIPE | FILE...]", type=FileOrName())
 @click.option("--tag", "tags", multiple=True, metavar="TAG",
               help="Only this Ollama tag of the recipe (repeatable; default: every tag).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", type=OutputPath(folder=True), default=None,
               help="Folder for the Modelfiles (default: <build-dir>/<model>/modelfiles; "
                    "with --all: ./modelfiles, one subfolder per model).")
 @click.option("--all", "all_recipes", is_flag=True,

@@ -8,6 +8,7 @@ import click
 
 from mathq.cli.common import echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
+from mathq.cli.types import MAX_PROBLEMS, SEED, FileOrName, Int, OutputPath
 from mathq.datasets.problems import SUITES
 
 
@@ -51,16 +52,16 @@ def problems(ctx: click.Context, as_json: bool) -> None:
 
 
 @problems.command()
-@click.argument("suite")
-@click.option("--n", "n", type=click.IntRange(min=1), default=None,
+@click.argument("suite", type=FileOrName())
+@click.option("--n", "n", type=Int(1, MAX_PROBLEMS), default=None,
               help="Take this many problems, keeping the subject and level proportions.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the subset; the same seed picks the same problems everywhere.")
 @click.option("--subject", "subjects", multiple=True,
               help="Only this subject (repeatable; 'number_theory' or 'Number Theory').")
-@click.option("--level", "levels", type=click.IntRange(1, 5), multiple=True,
+@click.option("--level", "levels", type=Int(1, 5), multiple=True,
               help="Only this MATH level, 1-5 (repeatable).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", type=OutputPath(folder=False), default=None,
               help="Write the chosen problems as MATH-style JSONL here.")
 @json_option
 @quiet_option

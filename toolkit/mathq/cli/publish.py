@@ -10,6 +10,7 @@ import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
+from mathq.cli.types import FileOrName
 from mathq.fsutil import format_bytes
 from mathq.recipes.recipe import name_problem
 
@@ -32,7 +33,7 @@ def _tags(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...])
 
 
 @click.command()
-@click.argument("recipe")
+@click.argument("recipe", type=FileOrName())
 @click.option("--namespace", metavar="NS", callback=_namespace,
               help="Ollama registry namespace (your ollama.com user name): each tag is "
                    "created and pushed as NS/<model>:<tag>.")

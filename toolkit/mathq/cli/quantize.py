@@ -9,6 +9,7 @@ import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
+from mathq.cli.types import MAX_THREADS, FileOrName, InputFile, Int, OutputPath
 
 
 def _ggml_type(type_name: str) -> str:
@@ -41,12 +42,12 @@ def _parse_override(_ctx: click.Context, _param: click.Parameter,
 
 
 @click.command()
-@click.argument("source", metavar="RECIPE|GGUF")
+@click.argument("source", metavar="RECIPE|GGUF", type=FileOrName())
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
               help="Comma-separated types, e.g. Q4_K_M,Q5_K_M (default: the recipe's variants, "
                    "or Q4_K_M for a GGUF). See `mathq quants`. A -imat suffix (Q4_K_M-imat) "
                    "uses the build's importance matrix when --imatrix is not given.")
-@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--imatrix", type=InputFile(),
               help="Importance matrix from `mathq imatrix` or llama-imatrix (GGUF or legacy "
                    ".dat format); outputs are named <QUANT>-imat.")
 @click.option("--output-tensor-type", metavar="TYPE", callback=_parse_type,
@@ -56,14 +57,14 @@ def _parse_override(_ctx: click.Context, _param: click.Parameter,
 @click.option("--tensor-type", "overrides", multiple=True, metavar="PATTERN=TYPE",
               callback=_parse_override,
               help="Per-tensor type override by regex, repeatable, e.g. 'attn_v=Q8_0'.")
-@click.option("--tensor-type-file", type=click.Path(path_type=Path), metavar="FILE",
+@click.option("--tensor-type-file", type=InputFile(),
               help="Overrides from a file of PATTERN=TYPE lines, as llama-quantize "
                    "--tensor-type-file reads it (e.g. the .overrides.txt of `mathq tune`).")
 @click.option("--allow-requantize", is_flag=True,
               help="Accept an already quantized input (loses more quality).")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--threads", type=Int(0, MAX_THREADS), default=0, show_default=True,
               help="Quantization threads; 0 uses every core.")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out-dir", type=OutputPath(folder=True),
               help="Where to write the files (default: next to the input).")
 @build_dir_option
 @quiet_option

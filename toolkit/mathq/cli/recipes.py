@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from mathq.cli.common import echo_json, json_option
+from mathq.cli.types import FileOrName
 from mathq.recipes.quants import QUANT_TYPES
 from mathq.recipes.recipe import bundled_recipe_names, load_recipe, resolve_recipe_path
 
@@ -38,7 +39,7 @@ def recipes(ctx: click.Context, as_json: bool) -> None:
 
 
 @recipes.command()
-@click.argument("recipe")
+@click.argument("recipe", type=FileOrName())
 @json_option
 def show(recipe: str, as_json: bool) -> None:
     """Print one recipe: its TOML as written, or validated values with --json.

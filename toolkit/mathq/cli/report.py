@@ -8,11 +8,12 @@ import click
 
 from mathq.cli.common import build_dir_option, echo_json, json_option, quiet_option
 from mathq.cli.render import progress_for
+from mathq.cli.types import FileOrName, OutputPath
 
 
 @click.command()
-@click.argument("recipe")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.argument("recipe", type=FileOrName())
+@click.option("--out-dir", type=OutputPath(folder=True),
               help="Where to write the report (default: build/<model>/report/).")
 @build_dir_option
 @quiet_option

@@ -17,6 +17,16 @@ from mathq.cli.common import (
     quiet_option,
     threads_option,
 )
+from mathq.cli.types import (
+    MAX_PROBLEMS,
+    MAX_SECONDS,
+    MAX_TOKENS,
+    SEED,
+    FileOrName,
+    Float,
+    Int,
+    OutputPath,
+)
 from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
 from mathq.evaluate.summaries import Rate
 
@@ -26,26 +36,27 @@ def _pct(r: Rate) -> str:
 
 
 @click.command()
-@click.argument("source", metavar="RECIPE|GGUF")
-@click.option("--recipe", "recipe_for_gguf", metavar="RECIPE", default=None,
+@click.argument("source", metavar="RECIPE|GGUF", type=FileOrName())
+@click.option("--recipe", "recipe_for_gguf", metavar="RECIPE", type=FileOrName(),
+              default=None,
               help="With a GGUF path: the recipe whose prompt format, problems and token limit "
                    "to use, e.g. deepseek-math-7b-rl.")
 @click.option("--quant", "-Q", "quant_list", metavar="TYPES",
               help="Comma-separated variants, e.g. Q4_K_M,Q8_0 or Q4_K_M-imat (default: the "
                    "recipe's). Not with a GGUF path.")
-@click.option("--suite", metavar="SUITE|FILE", default=None,
+@click.option("--suite", metavar="SUITE|FILE", type=FileOrName(), default=None,
               help="Problem set: a suite name (`mathq problems`) or a JSONL file "
                    "(default: the recipe's, math500).")
-@click.option("--n", "n", type=click.IntRange(min=0), default=None,
+@click.option("--n", "n", type=Int(0, MAX_PROBLEMS), default=None,
               help="Problems to take, keeping the subject and level mix (default: the "
                    "recipe's; 0: all).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the subset; the same seed picks the same problems everywhere.")
 @click.option("--subject", "subjects", multiple=True,
               help="Only this subject (repeatable).")
-@click.option("--level", "levels", type=click.IntRange(1, 5), multiple=True,
+@click.option("--level", "levels", type=Int(1, 5), multiple=True,
               help="Only this MATH level, 1-5 (repeatable).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+@click.option("--max-tokens", type=Int(1, MAX_TOKENS), default=None,
               help="New tokens per answer at most (default: the recipe's, 1024).")
 @parallel_option
 @threads_option
@@ -59,9 +70,9 @@ def _pct(r: Rate) -> str:
 @click.option("--served-model", metavar="NAME", default=None,
               help="Model name to ask the servers for (default: the recipe's Ollama name, or "
                    "the first one /v1/models lists).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=600.0,
+@click.option("--timeout", "timeout_s", type=Float(1, MAX_SECONDS), default=600.0,
               show_default=True, help="Seconds a server may take for one answer.")
-@click.option("--grade-timeout", "grade_timeout_s", type=click.FloatRange(min=0.1),
+@click.option("--grade-timeout", "grade_timeout_s", type=Float(0.1, MAX_SECONDS),
               default=DEFAULT_TIMEOUT_S, show_default=True,
               help="Seconds one answer comparison may take (an overrun counts as wrong).")
 @click.option("--ignore-eos", is_flag=True,
@@ -74,7 +85,7 @@ def _pct(r: Rate) -> str:
                    "from the prompt): the same greedy answers in fewer steps.")
 @click.option("--restart", is_flag=True,
               help="Discard earlier results of these variants instead of resuming them.")
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out-dir", type=OutputPath(folder=True), default=None,
               help="Write results and summaries here instead of build/<model>/smoke/ (with a "
                    "GGUF path: default a smoke/ folder beside it).")
 @build_dir_option

@@ -15,44 +15,56 @@ from mathq.cli.common import (
     threads_option,
 )
 from mathq.cli.render import progress_for
+from mathq.cli.types import (
+    MAX_CHUNKS,
+    MAX_TOKENS,
+    SEED,
+    ByteSize,
+    FileOrName,
+    Float,
+    InputFile,
+    Int,
+    OutputPath,
+)
 from mathq.quantize.calibration import DEFAULT_CALIBRATION
 
 
 @click.command()
-@click.argument("source", metavar="RECIPE|BF16_GGUF")
+@click.argument("source", metavar="RECIPE|BF16_GGUF", type=FileOrName())
 @click.option("--match", metavar="QUANT",
               help="Budget: no larger than the stock file of this type, e.g. Q4_K_M.")
-@click.option("--size", metavar="SIZE", help="Budget in bytes: 4.2GiB, 4200MB, 1879136.")
-@click.option("--bpw", type=click.FloatRange(min=0, min_open=True),
+@click.option("--size", type=ByteSize(), help="Budget in bytes: 4.2GiB, 4200MB, 1879136.")
+@click.option("--bpw", type=Float(0, 32, low_open=True),
               help="Budget in bits per weight of the whole model, e.g. 4.85.")
-@click.option("--imatrix", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--imatrix", type=InputFile(),
               help="Importance matrix to quantize with (and to weight the costs by).")
 @click.option("--types", "types_list", metavar="TYPES",
               help="Candidate tensor types [default: Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0].")
-@click.option("--calibration", "-c", metavar="FILE|SET", default=DEFAULT_CALIBRATION,
+@click.option("--calibration", "-c", metavar="FILE|SET", type=FileOrName(),
+              default=DEFAULT_CALIBRATION,
               show_default=True,
               help="Text of the KLD probes, as `mathq imatrix -c` takes it; smoke problems "
                    "and passages of the held-out text are kept out of it.")
-@click.option("--probe-chunks", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--probe-chunks", type=Int(1, MAX_CHUNKS), default=8, show_default=True,
               help="Chunks of --ctx-size tokens each probe reads.")
-@click.option("--corpus", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--corpus", type=InputFile(),
               help="Held-out text the tuned file's KLD is reported on (default: the "
                    "recipe's [kld] corpus, else mathq's math notes).")
-@click.option("--ctx-size", "n_ctx", type=click.IntRange(min=16), default=512,
+@click.option("--ctx-size", "n_ctx", type=Int(16, MAX_TOKENS), default=512,
               show_default=True, help="Tokens per KLD chunk.")
-@click.option("--smoke-suite", metavar="SUITE|FILE",
+@click.option("--smoke-suite", metavar="SUITE|FILE", type=FileOrName(),
               help="Problems that must stay out of the calibration text (default: the "
                    "recipe's smoke suite, or math500 for a GGUF).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Shuffle of the calibration problems.")
 @threads_option
 @gpu_layers_option
-@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out-dir", type=OutputPath(folder=True),
               help="Where to write a GGUF input's tuned file (default: beside it).")
 @build_dir_option
 @quiet_option
 @json_option
-def tune(source: str, match: str | None, size: str | None, bpw: float | None,
+def tune(source: str, match: str | None, size: int | None, bpw: float | None,
          imatrix: Path | None, types_list: str | None, calibration: str, probe_chunks: int,
          corpus: Path | None, n_ctx: int, smoke_suite: str | None, seed: int, threads: int,
          gpu_layers: int | None, out_dir: Path | None, build_dir: Path | None, quiet: bool,
@@ -75,7 +87,7 @@ def tune(source: str, match: str | None, size: str | None, bpw: float | None,
       mathq tune tiny-demo --match Q2_K -c models/tiny-demo/problems.jsonl
     """
     from mathq.evaluate.kld.measure import KldOptions
-    from mathq.tune.plan import DEFAULT_TYPES, parse_size, parse_types
+    from mathq.tune.plan import DEFAULT_TYPES, parse_types
     from mathq.tune.search import Budget, TuneOptions
     from mathq.tune.stage import resolve_tune, tune_and_record
 
@@ -88,7 +100,7 @@ def tune(source: str, match: str | None, size: str | None, bpw: float | None,
         from mathq.recipes.quants import get_quant
 
         match = get_quant(match).name
-    budget = Budget(match=match, size=parse_size(size) if size is not None else None, bpw=bpw)
+    budget = Budget(match=match, size=size, bpw=bpw)
     types = parse_types(types_list) if types_list is not None else DEFAULT_TYPES
     options = TuneOptions(budget=budget, imatrix=imatrix, types=types, calibration=calibration,
                           probe_chunks=probe_chunks, seed=seed, threads=threads,

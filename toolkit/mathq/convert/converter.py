@@ -201,9 +201,9 @@ def convert_checkpoint(
         raise ValueError(f"unknown outtype {options.outtype!r}")
     outtype = OUTTYPES[options.outtype]
     hp = load_hparams(hf_dir)
-    vocab = build_vocab(hf_dir, hp.n_vocab, options.pre_tokenizer, options.pre_tokenizer_source)
     ckpt = open_checkpoint(hf_dir)
-    jobs = _plan_jobs(ckpt, hp, outtype)
+    jobs = _plan_jobs(ckpt, hp, outtype)  # config.json against its weights, before the vocab
+    vocab = build_vocab(hf_dir, hp.n_vocab, options.pre_tokenizer, options.pre_tokenizer_source)
     total = sum(j.nbytes for j in jobs)
     ensure_free_space(out.parent, total + (64 << 20), f"{out.name}")
 

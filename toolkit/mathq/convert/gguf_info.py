@@ -13,6 +13,7 @@ from typing import Any
 
 from mathq.errors import GGUFError
 from mathq.fsutil import READ_HINT, os_reason
+from mathq.inputs import file_problem
 from mathq.recipes.quants import by_ftype
 
 GGUF_MAGIC = b"GGUF"
@@ -81,6 +82,8 @@ class GGUFSummary:
 
 def is_gguf(path: Path) -> bool:
     """True when the file starts with GGUF's magic bytes."""
+    if file_problem(path) is not None:  # a named pipe would block the open below
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(4) == GGUF_MAGIC
@@ -90,10 +93,11 @@ def is_gguf(path: Path) -> bool:
 
 def _check_gguf_file(path: Path) -> None:
     """Refuse a missing, unreadable or non-GGUF file with the error that says which."""
-    if path.exists() and not path.is_file():
-        raise GGUFError(f"{path} is not a regular file", "give a .gguf file")
-    if not path.is_file():
+    problem = file_problem(path)
+    if problem == "does not exist":
         raise GGUFError(f"{path} not found", "check the path, or run `mathq convert` first")
+    if problem is not None:
+        raise GGUFError(f"{path} {problem}", "give a .gguf file")
     try:
         with open(path, "rb") as f:
             magic = f.read(4)

@@ -9,12 +9,12 @@ loads but computes something else.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mathq.errors import CheckpointError, InputFileError
+from mathq.errors import CheckpointError, InputFileError, shorten
+from mathq.inputs import UnreadableInput, finite, parse_json, read_text
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -55,6 +55,16 @@ class LlamaHParams:
         return value
 
 
+#: The largest JSON file a checkpoint holds is its tokenizer (a few megabytes at 100k tokens).
+CHECKPOINT_JSON_LIMIT = 256 << 20
+
+#: A context far beyond any model's: llama.cpp sizes caches from it.
+MAX_CONTEXT = 1 << 24
+
+#: GGUF stores counts (context length, heads, ...) as uint32.
+_UINT32_MAX = 2**32 - 1
+
+
 def read_checkpoint_json(path: Path, hint: str) -> Any:
     """Parse one of a checkpoint's JSON files (config, tokenizer, shard index).
 
@@ -63,9 +73,9 @@ def read_checkpoint_json(path: Path, hint: str) -> Any:
     good copy.
     """
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read: {e}", hint) from e
+        return parse_json(read_text(path, CHECKPOINT_JSON_LIMIT))
+    except UnreadableInput as e:
+        raise CheckpointError(f"cannot read {e.describe(path)}", hint) from None
 
 
 def load_config(hf_dir: Path) -> dict[str, Any]:
@@ -94,14 +104,34 @@ def parse_hparams(config: dict[str, Any], path: Path) -> LlamaHParams:
             "convert_hf_to_gguf.py for others",
         )
 
-    def need(key: str) -> int:
+    def need(key: str, default: int | None = None) -> int:
+        """A positive integer GGUF can store (as uint32)."""
         value = config.get(key)
+        if value is None:
+            value = default
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise CheckpointError(
-                f"{path}: {key} must be a positive integer, got {value!r}",
+                f"{path}: {key} must be a positive integer, got {shorten(repr(value), 40)}",
                 "fix or re-download config.json",
             )
+        if value > _UINT32_MAX:
+            raise CheckpointError(f"{path}: {key} {shorten(str(value), 40)} is more than GGUF "
+                                  "can store (2^32 - 1)", "fix or re-download config.json")
         return value
+
+    def positive(key: str, default: float, high: float) -> float:
+        """A positive, finite hyper-parameter up to ``high``: llama.cpp divides and takes
+        roots with it, so a NaN, a negative or an absurd value converts into a model that
+        computes NaN."""
+        value = config.get(key)
+        if value is None:
+            value = default
+        if not finite(value) or not 0 < value <= high:
+            raise CheckpointError(
+                f"{path}: {key} must be a number above 0 and at most {high:g}, got "
+                f"{shorten(repr(value), 40)}", "fix or re-download config.json",
+            )
+        return float(value)
 
     def refuse(feature: str) -> None:
         raise CheckpointError(
@@ -120,9 +150,12 @@ def parse_hparams(config: dict[str, Any], path: Path) -> LlamaHParams:
         refuse(f"hidden_act {config.get('hidden_act')!r}")
 
     n_embd, n_head = need("hidden_size"), need("num_attention_heads")
-    n_head_kv = config.get("num_key_value_heads") or n_head
-    head_dim = config.get("head_dim") or n_embd // n_head
-    if not isinstance(n_head_kv, int) or n_head % n_head_kv:
+    if n_head > n_embd:
+        raise CheckpointError(f"{path}: num_attention_heads {n_head} is more than hidden_size "
+                              f"{n_embd}", "fix or re-download config.json")
+    n_head_kv = need("num_key_value_heads", n_head)
+    head_dim = need("head_dim", max(n_embd // n_head, 1))
+    if n_head % n_head_kv:
         raise CheckpointError(
             f"{path}: num_attention_heads {n_head} is not a multiple of "
             f"num_key_value_heads {n_head_kv}",
@@ -134,9 +167,12 @@ def parse_hparams(config: dict[str, Any], path: Path) -> LlamaHParams:
         )
     # Defaults as transformers' LlamaConfig fills them in: llama.cpp's converter reads the
     # config through AutoConfig, so it always writes these keys, and so does mathq.
-    n_ctx = config.get("max_position_embeddings") or 2048
-    eps = config.get("rms_norm_eps") or 1e-6
-    theta = config.get("rope_theta") or rope.get("rope_theta") or 10000.0
+    n_ctx = need("max_position_embeddings", 2048)
+    if n_ctx > MAX_CONTEXT:
+        raise CheckpointError(f"{path}: max_position_embeddings {n_ctx} is more than any "
+                              f"model's context ({MAX_CONTEXT})", "fix or re-download config.json")
+    eps = positive("rms_norm_eps", 1e-6, 1.0)
+    theta = positive("rope_theta", rope.get("rope_theta") or 10000.0, 1e8)
     return LlamaHParams(
         architecture=arch,
         n_layer=need("num_hidden_layers"),
@@ -145,10 +181,10 @@ def parse_hparams(config: dict[str, Any], path: Path) -> LlamaHParams:
         n_head=n_head,
         n_head_kv=n_head_kv,
         head_dim=head_dim,
-        n_ctx=int(n_ctx),
+        n_ctx=n_ctx,
         n_vocab=need("vocab_size"),
-        rms_norm_eps=float(eps),
-        rope_theta=float(theta),
+        rms_norm_eps=eps,
+        rope_theta=theta,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         torch_dtype=config.get("torch_dtype") or config.get("dtype"),
     )

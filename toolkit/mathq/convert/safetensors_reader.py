@@ -17,7 +17,6 @@ resident set again, so peak memory stays bounded by one tensor, not the file.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import mmap
 import os
@@ -31,6 +30,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from mathq.errors import CheckpointError
+from mathq.inputs import UnreadableInput, file_problem, parse_json
 
 # dtype name -> (bytes per element, NumPy dtype of the raw storage). BF16 has no NumPy
 # dtype; it is handed out as its raw 16-bit words and widened where needed.
@@ -88,6 +88,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], int
     the data section starts. Raises :class:`CheckpointError` naming the first problem.
     """
     path = Path(path)
+    if (problem := file_problem(path)) is not None:  # a pipe would block the open below
+        raise CheckpointError(f"{path} {problem}", "download the checkpoint again")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -109,11 +111,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str], int
             f"cannot read {path}: {e.strerror or e}", "check the file's permissions"
         ) from e
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"has a corrupt header (not JSON: {e})") from e
-    except RecursionError:  # nested deeper than any header: hostile or garbage
-        raise _fail(path, "has a corrupt header (JSON nested too deeply)") from None
+        header = parse_json(raw)
+    except UnreadableInput as e:
+        raise _fail(path, f"has a corrupt header ({e})") from None
     if not isinstance(header, dict):
         raise _fail(path, "has a corrupt header (not a JSON object)")
 

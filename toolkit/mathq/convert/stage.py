@@ -20,6 +20,7 @@ from mathq.convert.checkpoint import INDEX_NAME, find_shards
 from mathq.convert.converter import OUTTYPES, ConvertOptions, ConvertResult, convert_checkpoint
 from mathq.errors import InputFileError
 from mathq.fsutil import sha256_file
+from mathq.inputs import file_problem
 from mathq.layout import BuildLayout
 from mathq.manifest import Manifest
 from mathq.progress import ProgressCallback, no_progress
@@ -73,8 +74,10 @@ def convert_recipe(
     layout = BuildLayout.for_model(recipe.name, build_root)
     hf_dir = recipe_hf_dir(recipe, layout)
     if not hf_dir.is_dir():
+        what = file_problem(hf_dir) or "is a file"
         raise InputFileError(
-            f"no checkpoint at {hf_dir}", f"run `mathq download {recipe.name}` first"
+            f"no checkpoint at {hf_dir}: it {what.replace('a regular file', 'a folder')}",
+            f"run `mathq download {recipe.name}` first",
         )
     out = Path(out) if out is not None else layout.gguf(OUTTYPES[options.outtype].label)
     if options.pre_tokenizer is None and recipe.model.pre_tokenizer:

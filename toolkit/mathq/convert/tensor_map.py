@@ -13,6 +13,7 @@ each head ("rotate half"), llama.cpp to adjacent pairs of dimensions, so each he
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,7 +110,41 @@ def expected_tensors(hp: LlamaHParams) -> dict[str, MappedTensor]:
 
 def is_ignored(hf_name: str, n_layer: int) -> bool:
     """True for tensors that are dropped on purpose (see :data:`IGNORED`)."""
-    return any(hf_name == p.format(bid=b) for p in IGNORED for b in range(n_layer))
+    m = _LAYER.match(hf_name)
+    return m is not None and int(m.group(1)) < n_layer and any(
+        hf_name == p.format(bid=int(m.group(1))) for p in IGNORED)
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def check_config_against_tensors(hp: LlamaHParams, found: dict[str, tuple[int, ...]],
+                                 where: str) -> None:
+    """Refuse a config.json whose sizes its own weights do not have, before any work.
+
+    The sizes that drive loops and allocations (layers, vocabulary, width) are checked
+    against the tensors' shapes first: a config claiming 10^12 layers would otherwise spin
+    building the tensor plan, and one claiming 2^40 tokens would allocate the vocabulary.
+    """
+    layers = {int(m.group(1)) for name in found if (m := _LAYER.match(name))}
+    n_found = max(layers) + 1 if layers else 0
+    if hp.n_layer != n_found or len(layers) != n_found:
+        held = f"{len(layers)} layers" + (f" (numbered up to {n_found - 1})"
+                                          if len(layers) != n_found else "")
+        raise CheckpointError(
+            f"config.json says num_hidden_layers is {hp.n_layer}, the weights in {where} "
+            f"hold {held}", "config.json and the weights must belong together; download the "
+            "checkpoint again")
+    embed = LLAMA_TENSORS[0].hf
+    if embed not in found:
+        raise CheckpointError(f"tensor {embed} is missing from {where}",
+                              "download the checkpoint again")
+    want = (hp.n_vocab, hp.n_embd)
+    if tuple(found[embed]) != want:
+        raise CheckpointError(
+            f"tensor {embed} has shape {list(found[embed])}, config.json implies {list(want)} "
+            "(vocab_size, hidden_size)",
+            "config.json and the weights must belong together; download the checkpoint again")
 
 
 def match_tensors(
@@ -120,6 +155,7 @@ def match_tensors(
     ``found`` maps each tensor in the checkpoint to its shape. Missing, unexpected or
     misshapen tensors are refused with the first offender's name.
     """
+    check_config_against_tensors(hp, found, where)
     expected = expected_tensors(hp)
     missing = [n for n in expected if n not in found]
     if missing:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mathq.errors import InputFileError
+from mathq.inputs import UnreadableInput, read_text
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent / "data" / "kld-corpus.md"
 BUNDLED_NAME = "mathq's bundled math notes"
@@ -37,16 +38,10 @@ def load_corpus(path: Path | None = None) -> Corpus:
     """
     source = BUNDLED_CORPUS if path is None else Path(path)
     try:
-        text = source.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputFileError(f"corpus file {source} not found",
-                             "give an existing UTF-8 text file to --corpus") from None
-    except UnicodeDecodeError as e:
-        raise InputFileError(f"corpus file {source} is not UTF-8 text: {e}",
-                             "convert it to UTF-8 or give another file") from None
-    except OSError as e:
-        raise InputFileError(f"cannot read corpus file {source}: {e}",
-                             "check the path and its permissions") from None
+        text = read_text(source)
+    except UnreadableInput as e:
+        raise InputFileError(f"corpus file {e.describe(source)}",
+                             "give an existing UTF-8 text file") from None
     if text.endswith("\n"):
         text = text[:-1]
     if not text.strip():

@@ -26,7 +26,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mathq.errors import DownloadError, ProblemSetError
+from mathq.errors import DownloadError, ProblemSetError, shorten
+from mathq.inputs import UnreadableInput, file_problem, parse_json, read_text
 from mathq.progress import Progress, ProgressCallback, no_progress
 
 
@@ -107,10 +108,10 @@ def load_problem_set(ref: str | Path, *, revision: str | None = None,
                      progress: ProgressCallback = no_progress) -> ProblemSet:
     """Load a suite by name (from the Hub or its cache) or a local JSONL file by path."""
     path = Path(ref)
-    if isinstance(ref, Path) or path.exists() or path.suffix in (".jsonl", ".json") \
-            or os.sep in str(ref):
-        if not path.is_file():
-            raise ProblemSetError(f"problem file not found: {path}",
+    if isinstance(ref, Path) or path.exists() or path.is_symlink() \
+            or path.suffix in (".jsonl", ".json") or os.sep in str(ref):
+        if (problem := file_problem(path)) is not None:
+            raise ProblemSetError(f"problem file {path} {problem}",
                                   "give an existing JSONL file or a suite name "
                                   f"({', '.join(s.name for s in SUITES)})", path=str(path))
         return ProblemSet(path.stem, str(path), tuple(read_problems_jsonl(path)))
@@ -182,19 +183,19 @@ def read_problems_jsonl(path: Path) -> list[Problem]:
     problems: list[Problem] = []
     seen: dict[str, int] = {}
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ProblemSetError(f"{path}: not UTF-8 text ({e.reason})", path=str(path)) from e
+        text = read_text(path)
+    except UnreadableInput as e:
+        raise ProblemSetError(e.describe(path), "give a JSONL file of problems",
+                              path=str(path)) from None
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ProblemSetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})",
-                                  "each line must be one JSON object", path=str(path),
-                                  line=lineno) from e
+            row = parse_json(line)
+        except UnreadableInput as e:
+            raise ProblemSetError(e.describe(where), "each line must be one JSON object",
+                                  path=str(path), line=lineno) from None
         if not isinstance(row, dict):
             kind = {list: "an array", str: "a string", bool: "true/false",
                     type(None): "null"}.get(type(row), "a number")
@@ -256,10 +257,14 @@ def _row_to_problem(row: dict[str, Any], where: str, default_id: str) -> Problem
     parsed_level: int | None = None
     if isinstance(level, int) and not isinstance(level, bool):
         parsed_level = level
-    elif isinstance(level, str) and (m := _LEVEL_RE.match(level)):
-        parsed_level = int(m.group(1))
+    elif isinstance(level, str) and (m := _LEVEL_RE.match(level)) and len(m.group(1)) <= 3:
+        parsed_level = int(m.group(1))  # (more digits would trip Python's int() limit)
     elif level not in (None, "") and not (isinstance(level, str) and "?" in level):
-        raise ProblemSetError(f"{where}: level must be 1-5 or 'Level N', got {level!r}")
+        raise ProblemSetError(f"{where}: level must be 1-5 or 'Level N', got "
+                              f"{shorten(repr(level), 60)}")
+    if parsed_level is not None and not 1 <= parsed_level <= 5:
+        raise ProblemSetError(f"{where}: level must be 1-5 or 'Level N', got "
+                              f"{shorten(str(parsed_level), 40)}")
     subject = _text_field(row, ("subject", "type"), where, required=False)
     pid = row.get("unique_id", row.get("id", row.get("idx")))
     return Problem(id=str(pid) if pid is not None else default_id, problem=text,

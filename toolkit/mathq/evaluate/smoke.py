@@ -40,6 +40,7 @@ from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
 from mathq.evaluate.grading.grade import ProblemResult, result_for, summarize
 from mathq.evaluate.grading.isolation import judge
 from mathq.evaluate.summaries import SmokeSummary, wilson_rate
+from mathq.inputs import UnreadableInput, parse_json
 from mathq.llama.devices import ParallelChoice
 from mathq.llama.drafts import draft_off_reason as engine_draft_off
 from mathq.progress import Progress, ProgressCallback
@@ -111,10 +112,10 @@ def read_results_log(path: Path) -> dict[str, ProblemResult]:
         if last and not raw:
             break
         try:
-            row = json.loads(raw.decode("utf-8")) if raw.strip() else None
+            row = parse_json(raw.decode("utf-8")) if raw.strip() else None
             result = (ProblemResult.from_json(row, f"{path}:{lineno}")
                       if isinstance(row, dict) else None)
-        except (UnicodeDecodeError, json.JSONDecodeError, ProblemSetError, TypeError) as e:
+        except (UnicodeDecodeError, UnreadableInput, ProblemSetError, TypeError) as e:
             if last:  # torn by a kill mid-append: drop it
                 with open(path, "r+b") as f:
                     f.truncate(offset)
@@ -154,8 +155,8 @@ def read_reference(path: Path) -> dict[str, str]:
         return completions
     for raw in lines:
         try:
-            row = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = parse_json(raw)
+        except UnreadableInput:
             continue
         if isinstance(row, dict) and isinstance(row.get("completion"), str) \
                 and isinstance(row.get("id"), (str, int)):

@@ -59,6 +59,7 @@ from mathq.evaluate.summaries import (
     save_summary,
 )
 from mathq.fsutil import Debris, exclusive_lock, make_dirs, write_text_atomic
+from mathq.inputs import file_problem, parse_json, read_text
 from mathq.layout import BuildLayout
 from mathq.llama.devices import ParallelChoice
 from mathq.llama.runtime import PARALLEL_AUTO
@@ -111,7 +112,7 @@ def _settings_conflict(path: Path, settings: dict[str, Any]) -> SmokeError | Non
         return SmokeError(f"{path} is missing, so the results beside it cannot be trusted",
                           "pass --restart to discard them")
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = parse_json(read_text(path))
     except (OSError, ValueError) as e:
         return SmokeError(f"cannot read {path}: {e}", "pass --restart")
     changed = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
@@ -449,8 +450,8 @@ def run_kld_files(variants: Sequence[Path], reference: Path, out_dir: Path,
     and one ``<name>.json`` summary per variant written there."""
     options = options or KldOptions()
     for path in (reference, *variants):
-        if not Path(path).is_file():
-            raise InputFileError(f"{path} not found", "give the path of an existing GGUF")
+        if (problem := file_problem(path)) is not None:
+            raise InputFileError(f"{path} {problem}", "give the path of an existing GGUF")
     corpus = load_corpus(options.corpus)
     ref_name = gguf_variant_name(Path(reference))
     ref = ensure_reference_file(Path(reference), ref_name, out_dir, corpus, options, progress)
@@ -473,8 +474,8 @@ def run_bench_files(paths: Sequence[Path], options: BenchOptions,
     outcomes = []
     for path in paths:
         path = Path(path)
-        if not path.is_file():
-            raise InputFileError(f"{path} not found", "give the path of an existing GGUF")
+        if (problem := file_problem(path)) is not None:
+            raise InputFileError(f"{path} {problem}", "give the path of an existing GGUF")
         name = gguf_variant_name(path)
         summary = _bench_summary(name, name, path, options, progress)
         out = Path(out_dir) / f"{name}.json" if out_dir is not None else path

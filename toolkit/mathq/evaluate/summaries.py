@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from mathq.errors import MathqError
 from mathq.fsutil import to_jsonable, write_text_atomic
+from mathq.inputs import UnreadableInput, parse_json, read_text
 from mathq.llama.devices import ParallelChoice
 
 SCHEMA_VERSION = 1
@@ -196,28 +197,60 @@ def save_summary(path: Path, summary: Any) -> None:
 
 
 def load_summary(path: Path, kind: type[S]) -> S:
-    """Read a summary written by :func:`save_summary` back into its dataclass."""
+    """Read a summary written by :func:`save_summary` back into its dataclass.
+
+    Every value is checked against the dataclass's type hints, so a hand-edited or damaged
+    file (a string where a number belongs, a NaN a broken variant measured, a 5,000-digit
+    integer) is named here, field by field, instead of crashing whoever formats it."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return _build(kind, data)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise MathqError(f"cannot read {kind.__name__} from {path}: {e}",
-                         "rerun the stage that writes it") from e
+        return _build(kind, parse_json(read_text(path)), kind.__name__)
+    except (UnreadableInput, _SchemaError) as e:
+        problem = e.describe(path) if isinstance(e, UnreadableInput) else f"{path}: {e}"
+        raise MathqError(f"cannot read {kind.__name__} from {problem}",
+                         "rerun the stage that writes it (a NaN or infinity means the variant "
+                         "computes garbage: rebuild it)") from None
 
 
-def _build(tp: Any, value: Any) -> Any:
-    """Rebuild nested dataclasses from JSON following the type hints."""
+class _SchemaError(ValueError):
+    """A summary value that does not match its field's type."""
+
+
+_JSON_KIND = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+              list: "an array", dict: "an object", type(None): "null"}
+
+
+def _build(tp: Any, value: Any, where: str) -> Any:
+    """Rebuild nested dataclasses from JSON following the type hints, checking each value."""
     if value is None:
         return None
     if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _SchemaError(f"{where} must be an object, got {_JSON_KIND[type(value)]}")
         hints = typing.get_type_hints(tp)
-        return tp(**{f.name: _build(hints[f.name], value[f.name])
-                     for f in dataclasses.fields(tp) if f.name in value})
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        missing = [name for name, f in fields.items() if name not in value
+                   and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise _SchemaError(f"{where} lacks field {missing[0]!r}")
+        return tp(**{name: _build(hints[name], value[name], f"{where}.{name}")
+                     for name in fields if name in value})
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _build(inner[0], value)
+        return _build(inner[0], value, where)
     if origin is dict:
         _k, v = typing.get_args(tp)
-        return {k: _build(v, x) for k, x in value.items()}
+        if not isinstance(value, dict):
+            raise _SchemaError(f"{where} must be an object, got {_JSON_KIND[type(value)]}")
+        return {k: _build(v, x, f"{where}.{k}") for k, x in value.items()}
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise _SchemaError(f"{where} must be an array, got {_JSON_KIND[type(value)]}")
+        return origin(value)
+    expected = {float: (int, float), int: (int,), str: (str,), bool: (bool,)}.get(tp)
+    if expected is not None and (not isinstance(value, expected)
+                                 or (tp is not bool and isinstance(value, bool))):
+        raise _SchemaError(f"{where} must be {_JSON_KIND[tp]}, got "
+                           f"{_JSON_KIND.get(type(value), 'something else')}")
     return value

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from mathq.errors import GGUFError, InferenceError, InputFileError, hold_termination
+from mathq.inputs import file_problem
 from mathq.llama.devices import (
     default_threads,
     gpu_offload_supported,
@@ -101,8 +102,8 @@ class LlamaModel:
         import llama_cpp
 
         path = Path(path)
-        if not path.is_file():
-            raise InputFileError(f"model file not found: {path}",
+        if (problem := file_problem(path)) is not None:
+            raise InputFileError(f"model file {path} {problem}",
                                  "build it first (`mathq quantize`), or check the path")
         llama_cpp.llama_backend_init()
         quiet_llama_cpp()
@@ -123,7 +124,7 @@ class LlamaModel:
             handle = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
         self.load_seconds = time.perf_counter() - started
         if not handle:
-            reason = errors[-1] if errors else "no reason given"
+            reason = llama_reason(errors)
             raise GGUFError(f"llama.cpp cannot load {path}: {reason}",
                             "check that the file is a complete GGUF of a supported model")
         self.path = path
@@ -245,7 +246,7 @@ class Context:
         with capture_llama_log(on_line):
             handle = llama_cpp.llama_init_from_model(model.handle, params)
         if not handle:
-            reason = errors[-1] if errors else "no reason given"
+            reason = llama_reason(errors)
             raise InferenceError(
                 f"llama.cpp could not make a context of {n_seq} x {n_ctx_seq} tokens: {reason}",
                 "lower --parallel or --max-tokens (the KV cache may not fit in memory)")
@@ -363,9 +364,23 @@ def add_buffer_line(totals: dict[str, int], line: str) -> None:
         kind = BUFFER_KINDS[m.group(1)]
         totals[kind] = totals.get(kind, 0) + round(float(m.group(2)) * 2**20)
 
-# ggml_log_level: NONE 0, INFO 1, WARN 2, ERROR 3, DEBUG 4, CONT 5 (continues the last line).
-LOG_ERROR = 3
+# ggml_log_level as the pinned ggml.h numbers it: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4,
+# CONT 5 (continues the last line). (llama-cpp-python's _logger.py comments an older order,
+# in which 3 was ERROR: taken from there, every warning was an error and no error was.)
+LOG_ERROR = 4
 _LOG_CONT = 5
+# The generic last words of a failed load, after the line that says why.
+_GENERIC = ("failed to load model", "failed to initialize the context", "failed to create")
+_PREFIX = re.compile(r"^\w+: (?:error loading model: )?")
+
+
+def llama_reason(errors: list[str]) -> str:
+    """llama.cpp's own reason for a failure, from the error lines of its log: the most
+    specific one ("unknown model architecture: 'zzzzz'", not the "failed to load model"
+    that follows it), without the C function's name."""
+    specific = [e for e in errors if not any(g in e for g in _GENERIC)]
+    chosen = (specific or errors or ["llama.cpp logged no reason"])[0]
+    return _PREFIX.sub("", chosen.strip(), count=1)
 
 _lock = threading.Lock()
 

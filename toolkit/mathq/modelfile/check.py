@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mathq.errors import InputFileError
-from mathq.fsutil import READ_HINT, os_reason
+from mathq.fsutil import READ_HINT
+from mathq.inputs import UnreadableInput, read_bytes
 from mathq.modelfile.options import get_option, parameter_problem
 from mathq.modelfile.templatesyntax import ollama_template_problem
 from mathq.recipes.prompt import BOS
@@ -290,15 +291,18 @@ def _file_problems(path: Path, parsed: ParsedModelfile) -> list[Problem]:
     return problems
 
 
+#: A Modelfile is a page of text and a template; 16 MiB is no Modelfile.
+MODELFILE_LIMIT = 16 << 20
+
+
 def check_modelfile(path: Path) -> ModelfileCheck:
     """Check one Modelfile on disk, FROM paths included; an undecodable file is reported,
     a missing or unreadable one raised."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise InputFileError(f"cannot read Modelfile {path}: {os_reason(e)}",
-                             READ_HINT) from e
+        data = read_bytes(path, MODELFILE_LIMIT)
+    except UnreadableInput as e:
+        raise InputFileError(f"cannot read Modelfile {e.describe(path)}", READ_HINT) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -17,6 +17,8 @@ import re
 import struct
 from dataclasses import dataclass
 
+from mathq.errors import shorten
+
 OPTION_KINDS = ("int", "float", "bool", "string_list")
 
 
@@ -87,7 +89,10 @@ def parse_go_float32(text: str) -> float | None:
     lower = plain.lower().lstrip("+-")
     if lower in ("inf", "infinity", "nan"):
         return float(plain.lower().replace("infinity", "inf"))
-    value = float.fromhex(plain) if "x" in lower else float(plain)
+    try:
+        value = float.fromhex(plain) if "x" in lower else float(plain)
+    except OverflowError:  # a hexadecimal float beyond any double: Go's ErrRange too
+        return None
     try:  # round to float32 as Go does; a finite number that rounds to Inf is ErrRange
         rounded = struct.unpack("f", struct.pack("f", value))[0]
     except OverflowError:  # older Pythons refuse instead of rounding to Inf
@@ -99,7 +104,10 @@ def parse_go_int64(text: str) -> int | None:
     """``text`` parsed as Go's ``strconv.ParseInt(text, 10, 64)``, or None if it fails."""
     if not _GO_INT.fullmatch(text):
         return None
-    value = int(text)
+    digits = text.lstrip("+-").lstrip("0") or "0"
+    if len(digits) > 19:  # beyond int64, and beyond Python's int() of a long string
+        return None
+    value = int(digits) * (-1 if text.startswith("-") else 1)
     return value if _INT64[0] <= value <= _INT64[1] else None
 
 
@@ -120,15 +128,15 @@ def parameter_problem(name: str, text: str) -> str | None:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown parameter '{name}'{hint}"
     if option.kind == "int" and parse_go_int64(text) is None:
-        return f"{name} takes a whole number, got {text!r}"
+        return f"{name} takes a whole number, got {shorten(text)!r}"
     if option.kind == "float":
         value = parse_go_float32(text)
         if value is None:
-            return f"{name} takes a number, got {text!r}"
+            return f"{name} takes a number, got {shorten(text)!r}"
         if math.isnan(value) or math.isinf(value):
-            return f"{name} must be finite, got {text!r}"
+            return f"{name} must be finite, got {shorten(text)!r}"
     if option.kind == "bool" and parse_go_bool(text) is None:
-        return f"{name} takes true or false, got {text!r}"
+        return f"{name} takes true or false, got {shorten(text)!r}"
     return None
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 
-from mathq.errors import ModelfileError, RecipeError
+from mathq.errors import RecipeError, RecipeModelfileError
 from mathq.modelfile.check import check_modelfile_text, parse_modelfile
 from mathq.modelfile.gotemplate import go_template
 from mathq.modelfile.options import format_parameter_values, recipe_parameter_problem
@@ -89,7 +89,7 @@ def _quote(value: str, what: str, triple: bool = False) -> str:
     bad = next((ch for ch in value if not (ch.isprintable() or ch in "\n\t")), None)
     if bad is not None:
         effect = "reads as a line end" if bad == "\r" else "would drop"
-        raise ModelfileError(f"{what} contains U+{ord(bad):04X}, which Ollama's Modelfile "
+        raise RecipeModelfileError(f"{what} contains U+{ord(bad):04X}, which Ollama's Modelfile "
                              f"parser {effect}", "remove the character from the recipe")
     plain = value and value.strip(" \t\n") == value and "\n" not in value
     if plain and not value.startswith('"') and not triple:
@@ -97,7 +97,7 @@ def _quote(value: str, what: str, triple: bool = False) -> str:
     if '"' not in value and not triple:
         return f'"{value}"'
     if '"""' in value:
-        raise ModelfileError(f'{what} contains """, which a Modelfile cannot hold',
+        raise RecipeModelfileError(f'{what} contains """, which a Modelfile cannot hold',
                              'reword it without three double quotes in a row')
     return f'"""{value}"""'
 
@@ -177,7 +177,7 @@ def render_modelfile(recipe: Recipe, tag: str, quant: str, from_path: str) -> st
             wrong = next(e for e, g in zip_longest(expected, got, fillvalue=("?", "", ""))
                          if e != g)
             where = f"{wrong[0]} {wrong[1]} would read differently".replace("  ", " ")
-        raise ModelfileError(f"{recipe.path}: recipe {recipe.name} cannot be written as a "
+        raise RecipeModelfileError(f"{recipe.path}: recipe {recipe.name} cannot be written as a "
                              f"Modelfile that Ollama reads back exactly ({where})",
                              "check the recipe's text fields and parameters")
     return text

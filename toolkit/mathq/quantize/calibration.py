@@ -33,6 +33,7 @@ from mathq.datasets.problems import (
     read_problems_jsonl,
 )
 from mathq.errors import CalibrationError
+from mathq.inputs import UnreadableInput, file_problem, read_text
 from mathq.progress import ProgressCallback, no_progress
 from mathq.recipes.prompt import ChatMessage, render_chat
 
@@ -90,17 +91,16 @@ def calibration_problems(ref: str, progress: ProgressCallback = no_progress
                          ) -> tuple[list[Problem] | str, str]:
     """Problems (and their source) for a set name or JSONL path; text for a plain text file."""
     path = Path(ref)
-    if path.suffix.lower() in PLAIN_TEXT_SUFFIXES or (path.is_file() and path.suffix == ""):
-        if not path.is_file():
-            raise CalibrationError(f"calibration file not found: {path}",
-                                   f"give an existing file or one of {_known()}")
+    named_file = path.exists() or path.is_symlink() or "/" in ref
+    if path.suffix.lower() in PLAIN_TEXT_SUFFIXES or (named_file and path.suffix == ""):
         try:
-            return path.read_text(encoding="utf-8"), str(path)
-        except UnicodeDecodeError as e:
-            raise CalibrationError(f"{path}: not UTF-8 text ({e.reason})") from e
-    if path.suffix.lower() in (".jsonl", ".json") or path.exists():
-        if not path.is_file():
-            raise CalibrationError(f"calibration file not found: {path}",
+            return read_text(path), str(path)
+        except UnreadableInput as e:
+            raise CalibrationError(f"calibration file {e.describe(path)}",
+                                   f"give a UTF-8 text file or one of {_known()}") from None
+    if path.suffix.lower() in (".jsonl", ".json") or named_file:
+        if (problem := file_problem(path)) is not None:
+            raise CalibrationError(f"calibration file {path} {problem}",
                                    f"give an existing file or one of {_known()}")
         return read_problems_jsonl(path), str(path)
     suite = get_calibration_set(ref)

@@ -20,7 +20,8 @@ from pathlib import Path
 from mathq.convert.gguf_info import GGUFSummary, read_gguf_summary
 from mathq.errors import MissingImatrixError, QuantizeError, TensorTypeFileError
 from mathq.fsutil import atomic_output, ensure_free_space, public_name
-from mathq.llama.runtime import LOG_ERROR, capture_llama_log
+from mathq.inputs import UnreadableInput, read_text
+from mathq.llama.runtime import LOG_ERROR, capture_llama_log, llama_reason
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.quantize.imatrix_file import Imatrix, load_imatrix
 from mathq.recipes.quants import QuantType, UnknownQuantError, ggml_type_id
@@ -216,7 +217,7 @@ def quantize_gguf(source: Path, dest: Path, options: QuantizeOptions,
                                                     ctypes.byref(params))
         if status != 0 or not tmp.exists():
             reason = next((e.split("failed to quantize:", 1)[1].strip() for e in reversed(errors)
-                           if "failed to quantize:" in e), errors[-1] if errors else "no reason")
+                           if "failed to quantize:" in e), llama_reason(errors))
             raise QuantizeError(f"llama.cpp could not quantize {source.name} to {quant.name}: "
                                 f"{reason}", "see `mathq quants` and `mathq quantize --help`")
         seconds = time.perf_counter() - started
@@ -227,15 +228,18 @@ def quantize_gguf(source: Path, dest: Path, options: QuantizeOptions,
                           tensor_types=out.tensor_types())
 
 
+#: A line per tensor of a 7B model is a few kilobytes; 64 MiB is no such file.
+TENSOR_TYPE_FILE_LIMIT = 64 << 20
+
+
 def read_tensor_type_file(path: Path) -> tuple[tuple[str, str], ...]:
     """``llama-quantize --tensor-type-file``: whitespace-separated ``PATTERN=TYPE`` words,
     read as llama-quantize reads them (patterns lower-cased), each checked before any work."""
     path = Path(path)
     try:
-        words = path.read_text(encoding="utf-8").split()
-    except (OSError, UnicodeDecodeError) as e:
-        raise TensorTypeFileError(f"cannot read tensor type file {path}: "
-                                  f"{getattr(e, 'strerror', None) or e}",
+        words = read_text(path, TENSOR_TYPE_FILE_LIMIT).split()
+    except UnreadableInput as e:
+        raise TensorTypeFileError(f"cannot read tensor type file {e.describe(path)}",
                                   "give a text file of PATTERN=TYPE lines") from None
     if not words:
         raise TensorTypeFileError(f"tensor type file {path} is empty",

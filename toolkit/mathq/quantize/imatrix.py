@@ -47,7 +47,7 @@ from mathq.llama.ggml_view import (
     tensor_at,
     tensor_name,
 )
-from mathq.llama.runtime import LOG_ERROR, capture_llama_log
+from mathq.llama.runtime import LOG_ERROR, capture_llama_log, llama_reason
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.quantize.imatrix_file import write_imatrix_gguf
 
@@ -210,7 +210,7 @@ class _Llama:
                                                               mparams)
         if not self.model:
             raise ImatrixComputeError(f"llama.cpp cannot load {self.model_path}: "
-                                      f"{self.log_errors[-1] if self.log_errors else 'no reason'}",
+                                      f"{llama_reason(self.log_errors)}",
                                       "check the file with `mathq quantize` or reconvert it")
         self._check_precision()
         return self
@@ -259,7 +259,7 @@ class _Llama:
         if not self.ctx:
             raise ImatrixComputeError(f"llama.cpp cannot open a context of {o.n_ctx} tokens for "
                                       f"{self.model_path.name}: "
-                                      f"{self.log_errors[-1] if self.log_errors else 'no reason'}",
+                                      f"{llama_reason(self.log_errors)}",
                                       "try a smaller --ctx")
 
     def __exit__(self, *exc: object) -> None:
@@ -337,7 +337,7 @@ def _decode_chunk(llm: _Llama, batch: object, chunk: list[int]) -> None:
     if error is not None:  # a bug: keep its traceback
         raise RuntimeError(f"activation collector failed: {error!r}") from error
     if rc != 0:
-        reason = llm.log_errors[-1] if llm.log_errors else "no reason"
+        reason = llama_reason(llm.log_errors)
         raise ImatrixComputeError(f"llama.cpp failed to evaluate a chunk (llama_decode "
                                   f"returned {rc}): {reason}")
 

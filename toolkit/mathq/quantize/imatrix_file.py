@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mathq.errors import GGUFError
+from mathq.inputs import UnreadableInput, file_problem, read_bytes
 
 GGUF_MAGIC = b"GGUF"
 KEY_DATASETS = "imatrix.datasets"
@@ -48,6 +49,8 @@ def _bad(path: Path, problem: str) -> ImatrixError:
 def load_imatrix(path: Path) -> Imatrix:
     """Read and validate an imatrix file of either format."""
     path = Path(path)
+    if (problem := file_problem(path)) is not None:  # a pipe would block the open below
+        raise _bad(path, problem)
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -107,7 +110,10 @@ def _load_gguf(path: Path) -> Imatrix:
 
 
 def _load_legacy(path: Path) -> Imatrix:
-    raw = path.read_bytes()
+    try:
+        raw = read_bytes(path)
+    except UnreadableInput as e:
+        raise _bad(path, str(e)) from None
     pos = 0
 
     def take(fmt: str) -> tuple:

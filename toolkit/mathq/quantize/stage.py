@@ -19,6 +19,7 @@ from mathq.convert.gguf_info import read_gguf_header
 from mathq.datasets.problems import ProblemSet, load_problem_set
 from mathq.errors import GGUFError, MissingImatrixError
 from mathq.fsutil import removing_new_dirs, sha256_file, write_text_atomic
+from mathq.inputs import file_problem
 from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
 from mathq.progress import ProgressCallback, no_progress
@@ -163,8 +164,8 @@ def resolve_imatrix_input(ref: str, build_root: Path | None = None, *, out: Path
     """A ``.gguf`` path is used as is (plain text layout); anything else is a recipe."""
     path = Path(ref)
     if path.suffix.lower() == ".gguf" or (path.is_file() and not ref.endswith(".toml")):
-        if not path.is_file():
-            raise GGUFError(f"model file not found: {path}",
+        if (problem := file_problem(path)) is not None:
+            raise GGUFError(f"model file {path} {problem}",
                             "give a GGUF path or a recipe name (see `mathq recipes`)")
         stem = path.stem
         for t in INPUT_TYPES:

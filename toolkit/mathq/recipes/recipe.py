@@ -12,22 +12,18 @@ live here too: a recipe's tags must obey them.
 from __future__ import annotations
 
 import difflib
+import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mathq.errors import RecipeError
+from mathq.errors import RecipeError, shorten
+from mathq.inputs import UnreadableInput, file_problem, finite, parse_toml, read_text
 from mathq.recipes.prompt import COT_SUFFIXES as _COT_SUFFIX_TEXTS
 from mathq.recipes.prompt import PROMPT_FORMATS, PromptSpec
 from mathq.recipes.prompt import SYSTEM_PROMPT_POLICIES as SYSTEM_PROMPT_POLICIES
 from mathq.recipes.quants import UnknownQuantError, get_quant, parse_variant, parse_variant_list
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 MODEL_KINDS = ("base", "chat")
 # Prompt choices come from the prompt module, where their exact text is defined.
@@ -144,33 +140,37 @@ def resolve_recipe_path(ref: str | Path) -> Path:
     """Turn a recipe name or a path into an existing TOML file, or raise RecipeError."""
     text = str(ref)
     as_path = Path(text).expanduser()
-    if text.endswith(".toml") or "/" in text or as_path.exists():
-        if as_path.exists() and not as_path.is_file():
-            raise RecipeError(f"recipe {text} is not a regular file",
-                              "give a .toml file or a name from `mathq recipes`", path=text)
-        if not as_path.is_file():
+    if text.endswith(".toml") or "/" in text or os.path.lexists(as_path):
+        problem = file_problem(as_path)
+        if problem == "does not exist":
             raise RecipeError(f"recipe file {text} not found",
                               "give an existing .toml path or a name from `mathq recipes`",
                               path=text)
+        if problem is not None:
+            raise RecipeError(f"recipe {text} {problem}",
+                              "give a .toml file or a name from `mathq recipes`", path=text)
         return as_path
     candidate = bundled_recipes_dir() / f"{text}.toml"
-    if candidate.is_file():
+    if file_problem(candidate) is None:
         return candidate
     names = bundled_recipe_names()
     close = difflib.get_close_matches(text, names, n=1)
     hint = f"did you mean {close[0]}?" if close else "run `mathq recipes` for the list"
-    raise RecipeError(f"no recipe named {text!r}", hint)
+    raise RecipeError(f"no recipe named {shorten(text)!r}", hint)
+
+
+#: A recipe is a page of TOML; anything beyond a megabyte is not one.
+RECIPE_LIMIT = 1 << 20
 
 
 def load_recipe(ref: str | Path) -> Recipe:
     """Load and validate a recipe by bundled name or by path."""
     path = resolve_recipe_path(ref)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"{path}: not valid TOML: {e}", "fix the syntax", path=str(path)) from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{path}: cannot read: {e}", "check the file", path=str(path)) from e
+        data = parse_toml(read_text(path, RECIPE_LIMIT))
+    except UnreadableInput as e:
+        raise RecipeError(e.describe(path), "fix the recipe, or give another",
+                          path=str(path)) from None
     return parse_recipe(data, path)
 
 
@@ -202,6 +202,29 @@ class _Table:
         if not isinstance(value, kinds):
             self.fail(key, f"expected {kinds[0].__name__}, got {type(value).__name__}")
         return value
+
+    def number(self, key: str, low: float, high: float, default: Any = ...,
+               whole: bool = True) -> Any:
+        """A number from ``low`` to ``high`` (an integer when ``whole``): TOML's nan and inf
+        never get here (the reader refuses them), and a count beyond any sensible bound would
+        reach C code as an overflow or a loop that never ends."""
+        value = self.get(key, int if whole else (float, int), default)
+        if value is None and default is None:
+            return None
+        if not finite(value) or not low <= value <= high:
+            kind = "a whole number" if whole else "a number"
+            self.fail(key, f"must be {kind} from {low} to {high}, got "
+                           f"{shorten(repr(value), 40)}")
+        return value
+
+    def resolve(self, key: str, path: Path) -> Path:
+        """``path`` made absolute with links resolved, or the field named: a loop of
+        links is a RuntimeError in Python's resolve(), not an OSError."""
+        try:
+            return path.resolve()
+        except (RuntimeError, OSError):
+            self.fail(key, f"names {path}, which is a loop of symbolic links")
+            raise AssertionError("unreachable") from None
 
     def choice(self, key: str, choices: tuple[str, ...], default: Any = ...) -> str:
         value = self.get(key, str, default)
@@ -250,9 +273,9 @@ def _parse_kld(t: _Table) -> KldSpec:
     corpus = t.get("corpus", str, None)
     path = None
     if corpus is not None:
-        path = (t.path.parent / corpus).resolve()
-        if not path.is_file():
-            t.fail("corpus", f"{path} is not a file",
+        path = t.resolve("corpus", t.path.parent / corpus)
+        if (problem := file_problem(path)) is not None:
+            t.fail("corpus", f"{path} {problem}",
                    "name a UTF-8 text file relative to the recipe, or leave corpus out for "
                    "mathq's bundled math notes")
     t.finish()
@@ -269,7 +292,7 @@ def _parse_model(t: _Table) -> ModelSpec:
         t.fail("hf_repo", "give exactly one of hf_repo (a Hub repo id) or local_dir (a folder)")
     if hf_repo is not None and hf_repo.count("/") != 1:
         t.fail("hf_repo", f"expected 'owner/name', got {hf_repo!r}")
-    local_dir = (t.path.parent / local).resolve() if local is not None else None
+    local_dir = t.resolve("local_dir", t.path.parent / local) if local is not None else None
     spec = ModelSpec(
         name=name,
         kind=t.choice("kind", MODEL_KINDS),
@@ -290,7 +313,7 @@ def _parse_prompt(t: _Table, kind: str) -> PromptSpec:
         cot_suffix=t.choice("cot_suffix", COT_SUFFIXES, "en"),
         append_cot_suffix=t.get("append_cot_suffix", bool, kind == "chat"),
         system_prompt=t.choice("system_prompt", SYSTEM_PROMPT_POLICIES, "none"),
-        few_shot=t.get("few_shot", int, 0),
+        few_shot=t.number("few_shot", 0, 64, 0),
     )
     if spec.few_shot < 0:
         t.fail("few_shot", "must be 0 or more")
@@ -342,20 +365,17 @@ def _parse_ollama(t: _Table, quants: QuantSpec) -> OllamaSpec:
 def _parse_smoke(t: _Table) -> SmokeSpec:
     suite = t.get("suite", str, "math500")
     if suite.endswith(".jsonl"):  # a local problem file, relative to the recipe
-        suite = str((t.path.parent / suite).resolve())
+        suite = str(t.resolve("suite", t.path.parent / suite))
     spec = SmokeSpec(
         suite=suite,
-        n=t.get("n", int, 100),
-        max_tokens=t.get("max_tokens", int, 1024),
+        n=t.number("n", 1, 10_000_000, 100),
+        max_tokens=t.number("max_tokens", 1, 1 << 20, 1024),
         reference_accuracy=t.get("reference_accuracy", (float, int), None),
         reference_source=t.get("reference_source", str, ""),
         suite_title=t.get("suite_title", str, None),
     )
-    if spec.n <= 0:
-        t.fail("n", "must be at least 1")
-    if spec.max_tokens <= 0:
-        t.fail("max_tokens", "must be at least 1")
-    if spec.reference_accuracy is not None and not 0 <= spec.reference_accuracy <= 100:
+    if spec.reference_accuracy is not None and not (finite(spec.reference_accuracy)
+                                                    and 0 <= spec.reference_accuracy <= 100):
         t.fail("reference_accuracy", "is a percentage between 0 and 100")
     if spec.suite_title is not None and not 0 < len(spec.suite_title.strip()) <= 80:
         t.fail("suite_title", "must be 1-80 characters, e.g. \"MATH-500\"")

@@ -22,13 +22,13 @@ A loss counts as *significant* when the variant is worse and the p-value is unde
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from mathq.evaluate.summaries import wilson_rate
+from mathq.inputs import UnreadableInput, parse_json, read_text
 
 ALPHA = 0.05
 Z95 = 1.959964
@@ -127,13 +127,13 @@ def read_verdicts(results: Path) -> dict[str, bool]:
     """
     out: dict[str, bool] = {}
     try:
-        text = results.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+        text = read_text(results)
+    except UnreadableInput:
         return out
     for line in text.splitlines():
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = parse_json(line)
+        except UnreadableInput:
             continue
         if isinstance(row, dict) and isinstance(row.get("id"), str):
             out[row["id"]] = row.get("verdict") == "correct"

@@ -19,6 +19,7 @@ from mathq.convert.converter import to_f32
 from mathq.convert.gguf_info import GGUFSummary, tensor_data
 from mathq.errors import TuneError
 from mathq.fsutil import sha256_file, write_text_atomic
+from mathq.inputs import UnreadableInput, parse_json, read_text
 from mathq.manifest import file_identity
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.quantize.imatrix_file import Imatrix
@@ -58,9 +59,12 @@ def tensor_costs(source: Path, model: GGUFSummary, types: tuple[str, ...],
         "quant_imatrix": sha256_file(quant_imatrix.path) if quant_imatrix else None,
         "cost_imatrix": sha256_file(cost_imatrix.path)}, sort_keys=True).encode()).hexdigest()
     if cache.is_file():
-        data = json.loads(cache.read_text(encoding="utf-8"))
-        if data.get("key") == key:
-            return [TensorCost(**c) for c in data["costs"]]
+        try:  # a damaged cache only costs the measurement again
+            data = parse_json(read_text(cache))
+            if data.get("key") == key:
+                return [TensorCost(**c) for c in data["costs"]]
+        except (UnreadableInput, AttributeError, KeyError, TypeError):
+            pass
     tensors = quantizable(model)
     costs = []
     for i, t in enumerate(tensors):

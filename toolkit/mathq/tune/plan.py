@@ -10,6 +10,7 @@ and :func:`allocate` spends the byte budget where a byte buys the most predicted
 from __future__ import annotations
 
 import heapq
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ def parse_size(text: str) -> int:
         raise TuneError(f"--size {text!r} is not a size",
                         "write it as a number with a unit, e.g. 4.2GiB, 4200MB or 1879136")
     number, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    if not math.isfinite(number * _UNITS[unit]):
+        raise TuneError(f"--size {text[:40]!r} is not a size a file can have",
+                        "write it as a number with a unit, e.g. 4.2GiB, 4200MB or 1879136")
     size = int(number * _UNITS[unit])
     if size <= 0:
         raise TuneError(f"--size {text!r} is not a positive size", "e.g. --size 4.2GiB")

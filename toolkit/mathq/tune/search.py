@@ -42,6 +42,7 @@ from mathq.evaluate.kld.measure import (
 )
 from mathq.evaluate.summaries import KldSummary
 from mathq.fsutil import sha256_file, write_text_atomic
+from mathq.inputs import UnreadableInput, parse_json
 from mathq.layout import overrides_file
 from mathq.manifest import file_identity
 from mathq.progress import Progress, ProgressCallback, no_progress
@@ -178,9 +179,9 @@ class _Journal:
         if path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
-                    row = json.loads(line)
+                    row = parse_json(line)
                     self.done[row["key"]] = row
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except (UnreadableInput, KeyError, TypeError):
                     continue  # a line cut short by a kill: that probe is measured again
 
     def add(self, row: dict) -> None:

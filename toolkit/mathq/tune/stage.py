@@ -17,6 +17,7 @@ from mathq.convert.gguf_info import read_gguf_summary
 from mathq.datasets.problems import load_problem_set
 from mathq.errors import InputFileError
 from mathq.fsutil import sha256_file
+from mathq.inputs import file_problem
 from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest, file_identity
 from mathq.progress import ProgressCallback, no_progress
@@ -42,8 +43,8 @@ def resolve_tune(ref: str, options: TuneOptions, build_root: Path | None = None,
     tuned into its build folder, measured on the recipe's ``[kld] corpus``."""
     path = Path(ref)
     if path.suffix.lower() == ".gguf" or (path.is_file() and not ref.endswith(".toml")):
-        if not path.is_file():
-            raise InputFileError(f"model file not found: {path}",
+        if (problem := file_problem(path)) is not None:
+            raise InputFileError(f"model file {path} {problem}",
                                  "give a BF16 GGUF path or a recipe name (see `mathq recipes`)")
         name = _name(path, options)
         dest = (out_dir or path.parent) / output_name(path, name)

@@ -11,7 +11,6 @@ server's description and the URL option differ, so the mapping lives here once.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mathq.errors import ServerError
+from mathq.inputs import parse_json
 
 #: Bytes one answer may hold: a completion is kilobytes; more is a server gone wrong.
 MAX_ANSWER_BYTES = 64 << 20
@@ -90,7 +90,7 @@ class Reply:
         return self.content.decode("utf-8", "replace")
 
     def json(self) -> Any:
-        return json.loads(self.content)
+        return parse_json(self.content)
 
 
 class Deadline:

@@ -10,7 +10,6 @@ server's ``OLLAMA_NUM_PARALLEL``.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,7 @@ from mathq.evaluate.backends.connections import (
     server_errors,
 )
 from mathq.evaluate.backends.pool import run_concurrently
+from mathq.inputs import UnreadableInput, parse_json
 
 
 class OllamaBackend:
@@ -63,8 +63,8 @@ class OllamaBackend:
                 if not line.strip():
                     continue
                 try:
-                    event = json.loads(line)
-                except json.JSONDecodeError as e:
+                    event = parse_json(line)
+                except UnreadableInput as e:
                     raise ServerError(f"{url} streamed a line that is not JSON: {line[:80]!r}",
                                       "is it an Ollama server?") from e
                 if not isinstance(event, dict):

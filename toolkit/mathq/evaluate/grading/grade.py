@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mathq.datasets.problems import Problem
-from mathq.errors import ProblemSetError
+from mathq.errors import ProblemSetError, shorten
 from mathq.evaluate.grading.equivalence import (
     DEFAULT_TIMEOUT_S,
     MAX_ANSWER_CHARS,
@@ -27,7 +27,8 @@ from mathq.evaluate.grading.equivalence import (
 )
 from mathq.evaluate.grading.extract import Extraction, extract_answer
 from mathq.evaluate.grading.isolation import judge
-from mathq.fsutil import READ_HINT, atomic_output, check_writable, os_reason
+from mathq.fsutil import READ_HINT, atomic_output, check_writable
+from mathq.inputs import UnreadableInput, parse_json, read_bytes
 from mathq.progress import Progress, ProgressCallback, no_progress
 
 #: Verdicts, and what each means. Only "correct" counts towards accuracy.
@@ -258,41 +259,40 @@ _RESULTS_HINT = "give the per-problem JSONL a smoke run wrote (build/<model>/smo
 def read_results(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a results file; a malformed line raises with ``path:line``."""
     path = Path(path)
-    if path.exists() and not path.is_file():
-        raise ProblemSetError(f"{path} is not a regular file", _RESULTS_HINT, path=str(path))
-    if not path.is_file():
-        raise ProblemSetError(f"results file not found: {path}", _RESULTS_HINT, path=str(path))
-    rows: list[dict[str, Any]] = []
     try:
-        f = open(path, "rb")  # noqa: SIM115 - closed below; bytes, decoded line by line
-    except OSError as e:
-        raise ProblemSetError(f"cannot read {path}: {os_reason(e)}", READ_HINT,
-                              path=str(path)) from None
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ProblemSetError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x})",
-                                      _RESULTS_HINT, path=str(path), line=lineno) from None
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ProblemSetError(f"{where}: not valid JSON ({e.msg} at column {e.colno})",
-                                      "each line must be one JSON object; fix or delete that "
-                                      "line", path=str(path), line=lineno) from None
-            except RecursionError:
-                raise ProblemSetError(f"{where}: JSON nested too deeply",
-                                      "each line must be one flat JSON object", path=str(path),
-                                      line=lineno) from None
-            if not isinstance(row, dict):
-                raise ProblemSetError(f"{where}: expected a JSON object, got {_json_type(row)}",
-                                      'each line must look like {"id": ..., "answer": ..., '
-                                      '"completion": ...}', path=str(path), line=lineno)
-            rows.append(row)
+        data = read_bytes(path)
+    except UnreadableInput as e:
+        raise ProblemSetError(e.describe(path), READ_HINT if "cannot be read" in str(e)
+                              else _RESULTS_HINT, path=str(path)) from None
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ProblemSetError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x})",
+                                  _RESULTS_HINT, path=str(path), line=lineno) from None
+        try:
+            row = parse_json(line)
+        except UnreadableInput as e:
+            raise ProblemSetError(e.describe(where), "each line must be one JSON object; fix "
+                                  "or delete that line", path=str(path), line=lineno) from None
+        if not isinstance(row, dict):
+            raise ProblemSetError(f"{where}: expected a JSON object, got {_json_type(row)}",
+                                  'each line must look like {"id": ..., "answer": ..., '
+                                  '"completion": ...}', path=str(path), line=lineno)
+        # A repeated id would be counted twice in the accuracy, as a suite refuses it.
+        if isinstance(row.get("id"), (str, int)) and not isinstance(row.get("id"), bool):
+            key = str(row["id"])
+            if key in seen:
+                raise ProblemSetError(f"{where}: id {shorten(key)!r} repeats line {seen[key]}",
+                                      "ids must be unique within a file; delete one of the "
+                                      "two lines", path=str(path), line=lineno)
+            seen[key] = lineno
+        rows.append(row)
     if not rows:
         raise ProblemSetError(f"{path}: no results in the file (it is empty)", _RESULTS_HINT,
                               path=str(path))

@@ -25,7 +25,7 @@ from mathq.llama.devices import (
     offloaded_layers,
     resolve_gpu_layers,
 )
-from mathq.llama.runtime import LOG_ERROR, capture_llama_log
+from mathq.llama.runtime import LOG_ERROR, capture_llama_log, llama_reason
 
 
 class ChunkEvaluator:
@@ -54,7 +54,7 @@ class ChunkEvaluator:
                                                                mparams)
         if not self._model:
             raise GGUFError(f"llama.cpp cannot load {self.model_path}: "
-                            f"{self.errors[-1] if self.errors else 'no reason given'}",
+                            f"{llama_reason(self.errors)}",
                             "check that the file is a complete GGUF (rebuild it if in doubt)")
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
@@ -79,7 +79,7 @@ class ChunkEvaluator:
             self.close()
             raise MathqError(f"llama.cpp cannot create a {self.n_ctx}-token context for "
                              f"{self.model_path.name}: "
-                             f"{self.errors[-1] if self.errors else 'no reason given'}",
+                             f"{llama_reason(self.errors)}",
                              "lower --ctx-size or free some memory")
         self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
         for k in range(self.n_ctx):
