@@ -31,7 +31,7 @@ from mathq.cli.recipes import quants, recipes
 from mathq.cli.report import report
 from mathq.cli.smoke import smoke
 from mathq.cli.tune import tune
-from mathq.errors import MathqError, OutputError, Terminated, terminate
+from mathq.errors import MathqError, OutputError, Terminated, handle_stop_signals
 
 
 class _UserError(click.ClickException):
@@ -52,11 +52,13 @@ class MathqGroup(click.Group):
             return super().invoke(ctx)
         except MathqError as e:
             raise _UserError(_with_output_hint(e, ctx)) from None
-        except Terminated:
-            err = MathqError("stopped by SIGTERM; unfinished files were removed",
+        except (Terminated, KeyboardInterrupt) as e:
+            # KeyboardInterrupt: Ctrl-C where main() did not install the handler (in process)
+            stop = e if isinstance(e, Terminated) else Terminated(signal.SIGINT)
+            err = MathqError(f"stopped by {stop.signal_name}; unfinished files were removed",
                              "run the same command again: finished work is kept")
             stopped = _UserError(err)
-            stopped.exit_code = Terminated.exit_code
+            stopped.exit_code = stop.exit_code
             raise stopped from None
         except OSError as e:
             from mathq.fsutil import WRITE_ERRNOS, WRITE_ONLY_ERRNOS, output_error
@@ -136,13 +138,8 @@ for command, short_help in PIPELINE:
     cli.add_command(command)
 
 
-def _on_sigterm(_signum: int, _frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
-    terminate()
-
-
 def main() -> None:
-    """Console-script entry point: SIGTERM unwinds like Ctrl-C (temporary files removed,
-    locks released) instead of killing the process mid-write."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    """Console-script entry point: SIGINT and SIGTERM unwind the command (temporary files
+    removed, locks released) and end it with one line, wherever they arrive."""
+    handle_stop_signals()
     cli(prog_name="mathq")

@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from mathq.errors import InferenceError, MathqError
+from mathq.errors import InferenceError, MathqError, leave_interrupts_to_parent
 from mathq.evaluate.summaries import BenchSummary, MeanSd
 from mathq.progress import Progress, ProgressCallback, no_progress
 
@@ -260,6 +260,7 @@ def _throughput(model: Any, options: BenchOptions, engine_options: Any, tokens: 
 
 def _child(path: str, options: dict[str, Any], conn: Any) -> None:
     """Spawned process: measure one GGUF, send progress and the result (or the error)."""
+    leave_interrupts_to_parent()
     opts = BenchOptions(**{**options, "parallel": tuple(options["parallel"])})
     try:
         result = bench_gguf(Path(path), opts, lambda e: conn.send(("progress", e)))

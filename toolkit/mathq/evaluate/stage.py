@@ -28,6 +28,7 @@ from mathq.evaluate.environment import measurement_environment
 from mathq.evaluate.kld.measure import (
     KldOptions,
     KldRun,
+    check_headers,
     ensure_reference,
     ensure_reference_file,
     measure_gguf,
@@ -52,7 +53,13 @@ from mathq.evaluate.summaries import (
     load_summary,
     save_summary,
 )
-from mathq.fsutil import Debris, exclusive_lock, make_dirs, write_text_atomic
+from mathq.fsutil import (
+    Debris,
+    exclusive_lock,
+    make_dirs,
+    removing_new_dirs,
+    write_text_atomic,
+)
 from mathq.layout import BuildLayout
 from mathq.llama.devices import ParallelChoice
 from mathq.llama.runtime import PARALLEL_AUTO
@@ -399,21 +406,23 @@ def run_kld(recipe_ref: str | Path, quants: tuple[str, ...] | None = None,
         names.remove(reference)
     if not names:
         raise MathqError("no variant to measure", "name variants with --quant")
-    for q in names:  # fail before the (long) reference pass, not after it
-        require_gguf(layout, q, f"{q} model")
+    # every input checked before the (long) reference pass, not after it
+    ggufs = [require_gguf(layout, q, f"{q} model") for q in names]
+    check_headers([*ggufs, require_gguf(layout, reference, "reference model")])
     corpus = load_corpus(options.corpus)
-    ref = ensure_reference(layout, corpus, options, progress)
-    summaries, paths = [], []
-    for q in names:
-        summary = measure_variant(layout, q, ref, corpus, options, progress)
-        out = layout.kld_summary(q)
-        save_summary(out, summary)
-        fingerprint = kld_fingerprint(layout, q, options, corpus)
-        assert fingerprint is not None  # both files were just read
-        Manifest(layout.manifest).record(layout.key(out), "kld", *fingerprint,
-                                         size=out.stat().st_size)
-        summaries.append(summary)
-        paths.append(out)
+    with removing_new_dirs(layout.kld_dir):  # a run stopped early leaves no empty folder
+        ref = ensure_reference(layout, corpus, options, progress)
+        summaries, paths = [], []
+        for q in names:
+            summary = measure_variant(layout, q, ref, corpus, options, progress)
+            out = layout.kld_summary(q)
+            save_summary(out, summary)
+            fingerprint = kld_fingerprint(layout, q, options, corpus)
+            assert fingerprint is not None  # both files were just read
+            Manifest(layout.manifest).record(layout.key(out), "kld", *fingerprint,
+                                             size=out.stat().st_size)
+            summaries.append(summary)
+            paths.append(out)
     return KldRun(ref, tuple(summaries), tuple(paths))
 
 
@@ -433,17 +442,20 @@ def run_kld_files(variants: Sequence[Path], reference: Path, out_dir: Path,
     for path in (reference, *variants):
         if not Path(path).is_file():
             raise InputFileError(f"{path} not found", "give the path of an existing GGUF")
+    check_headers((reference, *variants))
     corpus = load_corpus(options.corpus)
     ref_name = gguf_variant_name(Path(reference))
-    ref = ensure_reference_file(Path(reference), ref_name, out_dir, corpus, options, progress)
-    summaries, paths = [], []
-    for path in variants:
-        name = gguf_variant_name(Path(path))
-        summary = measure_gguf(Path(path), name, name, ref, corpus, options, progress)
-        out = Path(out_dir) / f"{name}.json"
-        save_summary(out, summary)
-        summaries.append(summary)
-        paths.append(out)
+    with removing_new_dirs(Path(out_dir)):
+        ref = ensure_reference_file(Path(reference), ref_name, out_dir, corpus, options,
+                                    progress)
+        summaries, paths = [], []
+        for path in variants:
+            name = gguf_variant_name(Path(path))
+            summary = measure_gguf(Path(path), name, name, ref, corpus, options, progress)
+            out = Path(out_dir) / f"{name}.json"
+            save_summary(out, summary)
+            summaries.append(summary)
+            paths.append(out)
     return KldRun(ref, tuple(summaries), tuple(paths))
 
 
