@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from mathq.errors import InferenceError, MathqError, leave_interrupts_to_parent
+from mathq.errors import InferenceError, MathqError, Terminated, leave_interrupts_to_parent
 from mathq.evaluate.summaries import BenchSummary, MeanSd
 from mathq.progress import Progress, ProgressCallback, no_progress
 
@@ -298,6 +298,9 @@ def bench_isolated(path: Path, options: BenchOptions,
             else:
                 _name, message, hint = payload
                 raise InferenceError(message, hint)
+    except (Terminated, KeyboardInterrupt):
+        proc.kill()  # stopped: the child ignores Ctrl-C, and its measurement is moot
+        raise
     finally:
         proc.join(10)
         if proc.is_alive():

@@ -431,4 +431,5 @@ def abort_on_termination(ctx: Any) -> None:
     if not _abort_callbacks:
         _abort_callbacks.append(llama_cpp.ggml_abort_callback(
             lambda _data: termination_pending()))
-    llama_cpp.llama_set_abort_callback(ctx, _abort_callbacks[0], None)
+    with capture_llama_log(lambda _level, _line: None):  # it logs that it was called
+        llama_cpp.llama_set_abort_callback(ctx, _abort_callbacks[0], None)

@@ -36,6 +36,7 @@ from mathq.fsutil import (
     ensure_free_space,
     exclusive_lock,
     make_dirs,
+    removing_new_dirs,
     write_text_atomic,
 )
 from mathq.layout import BuildLayout
@@ -140,11 +141,13 @@ def ensure_reference_file(ref_path: Path, reference: str, cache_dir: Path, corpu
             f = LogprobFile(cache)
             return ReferenceCache(cache, options.reference, key, f.n_ctx, f.n_chunk,
                                   f.n_vocab, computed=False, seconds=0.0)
-    make_dirs(Path(cache_dir))
-    busy = OutputBusyError(f"another mathq kld is computing the reference pass in {cache_dir}",
-                           "wait for it to finish, then run this again: it reuses the pass")
-    with exclusive_lock(Path(cache_dir) / f"reference-{reference}.lock", busy):
-        return _compute_reference(ref_path, cache, key, corpus, options, progress)
+    busy = OutputBusyError(f"another mathq command is computing the reference pass in "
+                           f"{cache_dir}", "wait for it to finish, then run this again: it "
+                           "reuses the pass")
+    with removing_new_dirs(Path(cache_dir)):  # whoever asked (kld, tune), stopped early
+        make_dirs(Path(cache_dir))
+        with exclusive_lock(Path(cache_dir) / f"reference-{reference}.lock", busy):
+            return _compute_reference(ref_path, cache, key, corpus, options, progress)
 
 
 def _compute_reference(ref_path: Path, cache: Path, key: str, corpus: Corpus,
