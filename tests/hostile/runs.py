@@ -30,12 +30,14 @@ class LongRun:
 
     ``args`` are formatted with :meth:`Folder.values`. ``server`` marks a command that waits
     on a server that never answers (so it runs until stopped, and a rerun cannot finish:
-    ``rerun`` says so); ``writes`` is False for commands that write nothing a concurrent
-    twin could collide with."""
+    a rerun cannot finish either); ``writes`` is False for commands that write nothing a
+    concurrent twin could collide with; ``instant`` says why a command that finishes in
+    milliseconds is not stopped mid-run (it still gets a concurrent twin)."""
 
     args: tuple[str, ...]
     server: bool = False
     writes: bool = True
+    instant: str = ""
 
 
 LONG_RUNS: dict[str, LongRun | str] = {
@@ -50,8 +52,8 @@ LONG_RUNS: dict[str, LongRun | str] = {
                          "--threads", "1")),
     "tune": LongRun(("tune", "tiny-demo", "-c", "{calib}", "--match", "Q4_K_M", "--types",
                      "Q4_K,Q6_K", "--probe-chunks", "1", "--ctx-size", "64", "--threads", "1")),
-    "modelfile": "writes four small files in milliseconds: nothing to interrupt (its set of "
-                 "Modelfiles is written as one locked set: test_class_concurrency)",
+    "modelfile": LongRun(("modelfile", "tiny-demo"),
+                         instant="writes four small files in milliseconds: nothing to stop"),
     "smoke": LongRun(("smoke", "tiny-demo", "-Q", "Q8_0", "--n", "30", "--threads", "1")),
     "bench": LongRun(("bench", "tiny-demo", "-Q", "Q8_0", "-p", "256", "-n", "64", "-r", "3",
                       "--parallel", "1,4", "--threads", "1")),
@@ -68,9 +70,10 @@ LONG_RUNS: dict[str, LongRun | str] = {
 
 
 def long_runs(*, writing: bool = False) -> dict[str, LongRun]:
-    """The covered commands (with ``writing``: those a concurrent twin can collide with)."""
-    return {name: run for name, run in LONG_RUNS.items()
-            if isinstance(run, LongRun) and (run.writes or not writing)}
+    """The commands to stop mid-run (with ``writing``: those a concurrent twin can collide
+    with, the instant ones included)."""
+    return {name: run for name, run in LONG_RUNS.items() if isinstance(run, LongRun)
+            and (run.writes if writing else not run.instant)}
 
 
 @dataclass

@@ -234,6 +234,15 @@ def handle_stop_signals() -> None:
         signal.signal(sig, _on_stop_signal)
 
 
+def release_stop_signals() -> None:
+    """Give SIGINT and SIGTERM their default action back once the command is over (its files
+    renamed into place or removed): one arriving during the interpreter's exit would raise
+    in an atexit handler (a traceback) instead; now it ends the process quietly, which a
+    shell reports with the same status, 128 + the signal's number."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def leave_interrupts_to_parent() -> None:
     """For a worker process's first line: Ctrl-C reaches the terminal's whole process group,
     and a worker would print KeyboardInterrupt's traceback; its parent stops it instead."""

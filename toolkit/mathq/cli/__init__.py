@@ -10,6 +10,7 @@ hint of an unwritable output names the command's own option for choosing another
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,13 @@ from mathq.cli.recipes import quants, recipes
 from mathq.cli.report import report
 from mathq.cli.smoke import smoke
 from mathq.cli.tune import tune
-from mathq.errors import MathqError, OutputError, Terminated, handle_stop_signals
+from mathq.errors import (
+    MathqError,
+    OutputError,
+    Terminated,
+    handle_stop_signals,
+    release_stop_signals,
+)
 
 
 class _UserError(click.ClickException):
@@ -54,18 +61,23 @@ class MathqGroup(click.Group):
             raise _UserError(_with_output_hint(e, ctx)) from None
         except (Terminated, KeyboardInterrupt) as e:
             # KeyboardInterrupt: Ctrl-C where main() did not install the handler (in process)
-            stop = e if isinstance(e, Terminated) else Terminated(signal.SIGINT)
-            err = MathqError(f"stopped by {stop.signal_name}; unfinished files were removed",
-                             "run the same command again: finished work is kept")
-            stopped = _UserError(err)
-            stopped.exit_code = stop.exit_code
-            raise stopped from None
+            raise _stopped(e if isinstance(e, Terminated) else Terminated(signal.SIGINT)) \
+                from None
         except OSError as e:
             from mathq.fsutil import WRITE_ERRNOS, WRITE_ONLY_ERRNOS, output_error
 
             if e.errno in WRITE_ONLY_ERRNOS or (e.errno in WRITE_ERRNOS and e.filename):
                 raise _UserError(_with_output_hint(output_error(e), ctx)) from None
             raise
+
+
+def _stopped(stop: Terminated) -> _UserError:
+    """The one line a stop signal ends a command with, and its exit code (130, 143)."""
+    stopped = _UserError(MathqError(f"stopped by {stop.signal_name}; unfinished files were "
+                                    "removed", "run the same command again: finished work "
+                                    "is kept"))
+    stopped.exit_code = stop.exit_code
+    return stopped
 
 
 #: Options that choose where a command writes, in the order a hint names them.
@@ -142,4 +154,11 @@ def main() -> None:
     """Console-script entry point: SIGINT and SIGTERM unwind the command (temporary files
     removed, locks released) and end it with one line, wherever they arrive."""
     handle_stop_signals()
-    cli(prog_name="mathq")
+    try:
+        cli(prog_name="mathq")
+    except Terminated as e:  # while Click parsed the options, before any command ran
+        stopped = _stopped(e)
+        stopped.show()
+        sys.exit(stopped.exit_code)
+    finally:
+        release_stop_signals()

@@ -1,0 +1,108 @@
+"""Class 4, two runs at once: every command that writes, started twice at the same moment
+into the same folder (a concurrent twin), and class 5's locked sets of files.
+
+Generated from :data:`tests.hostile.runs.LONG_RUNS` (every writing command of the command
+list, on the demo model). Asserted for each pair: each run either finishes (exit 0) or is
+refused at once with one ``Error: another mathq ... is writing|computing ...`` line (exit
+1); at least one finishes; no traceback; nothing half-written, no lock file and no empty new
+folder left; every GGUF and JSON file they added reads back whole; and the same command run
+again afterwards finishes, adding nothing the twins had not (so the twins left no debris
+the rerun would not make anyway).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from mathq.convert.gguf_info import read_gguf_header
+from mathq.errors import OutputBusyError
+from mathq.fsutil import atomic_outputs
+from tests.hostile.runs import assert_clean_stderr, error_lines, long_runs, make_folder
+
+TWINS = sorted(long_runs(writing=True))
+BUSY = re.compile(r"Error: another mathq \w+ is (writing|computing) .+ \(wait for it to "
+                  r"finish, .+\)")
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.test_build_imatrix import write_calibration
+
+    return write_calibration(tmp_path_factory.mktemp("calib") / "calib.jsonl", 60)
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_two_runs_at_once(name: str, tmp_path: Path, pristine: Path, calib: Path,
+                          servers: dict[str, str]):
+    run = long_runs(writing=True)[name]
+    folder = make_folder(tmp_path / "w", pristine, calib, servers)
+    before = folder.paths()
+    twins = [folder.start(run), folder.start(run)]
+    results = [(p.wait(timeout=300), p.communicate()[1]) for p in twins]
+    for code, err in results:
+        assert_clean_stderr(err)
+        assert code in (0, 1), err
+        if code:
+            assert len(error_lines(err)) == 1 and BUSY.fullmatch(error_lines(err)[0]), err
+    assert 0 in [code for code, _ in results], results
+    added = folder.paths() - before
+    assert [p for p in added if p.endswith((".partial", ".lock"))] == []
+    assert [p for p in added if (folder.root / p).is_dir()
+            and not any(q.is_file() for q in (folder.root / p).rglob("*"))] == []
+    for rel in added:
+        path = folder.root / rel
+        if rel.endswith(".gguf"):
+            assert read_gguf_header(path).summary.tensors, rel
+        elif rel.endswith(".json"):
+            json.loads(path.read_text(encoding="utf-8"))
+    again = folder.start(run)
+    _out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert added <= folder.paths() - before
+
+
+def test_a_set_is_written_whole_or_not_at_all(tmp_path: Path):
+    """A failure while a set is written (here the disk filling up at its third file) leaves
+    the previous set untouched and no new file, however many were already written."""
+    old = [tmp_path / f"{n}.txt" for n in ("a", "b")]
+    for p in old:
+        p.write_text("old")
+    files = [*old, tmp_path / "c.txt", tmp_path / "d.txt"]
+    with pytest.raises(OSError) as e, atomic_outputs(*files) as staged:
+        for i, f in enumerate(files):
+            if i == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            staged[f].write_text("new")
+    assert "no space left on device" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+    assert [p.read_text() for p in old] == ["old", "old"]
+
+
+def test_a_second_writer_of_a_set_is_refused_before_it_writes(tmp_path: Path):
+    """Locks on every file of the set are taken before the block runs: the second writer
+    learns at once, writes nothing and deletes nothing of the first one's."""
+    files = [tmp_path / "report.md", tmp_path / "accuracy.png"]
+    with atomic_outputs(*files) as first:
+        with pytest.raises(OutputBusyError) as e, atomic_outputs(files[1]):
+            pytest.fail("the second writer got in")
+        assert str(e.value) == (f"another mathq command is writing {files[1]} (wait for it "
+                                "to finish, then run this again)")
+        for f in files:
+            first[f].write_text("first")
+    assert [f.read_text() for f in files] == ["first", "first"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "report.md"]
+
+
+def test_a_partial_file_left_by_a_killed_run_is_reused(tmp_path: Path):
+    """A killed run's ``.partial`` holds no lock any more: the next run takes it over."""
+    final = tmp_path / "x.gguf"
+    stale = tmp_path / "x.gguf.partial"
+    stale.write_bytes(b"half a file")
+    with atomic_outputs(final) as staged:
+        staged[final].write_bytes(b"whole")
+    assert final.read_bytes() == b"whole" and not stale.exists()
