@@ -36,6 +36,7 @@ import pytest
 from mathq.cli import cli
 from tests.hostile.runs import (
     LONG_RUNS,
+    REPO,
     Folder,
     LongRun,
     assert_clean_stderr,
@@ -178,3 +179,36 @@ def test_a_stop_signal_inside_a_callback_is_held_then_raised():
         assert termination_pending()
     assert (e.value.exit_code, e.value.signal_name) == (130, "SIGINT")
     assert not termination_pending()
+
+
+def test_ctrl_c_inside_llama_cpp_aborts_the_evaluation(pristine: Path, tmp_path: Path,
+                                                       capfd: pytest.CaptureFixture[str]):
+    """Ctrl-C while llama.cpp evaluates a chunk of an importance matrix: the handler runs in
+    the evaluation (or log, or abort) callback, the only Python code running then; the signal
+    is held there, the abort callback stops the evaluation, and Terminated is raised when
+    llama_decode returns: the run stops at once, writes no matrix, and ctypes prints
+    nothing ("Exception ignored on calling ctypes callback function")."""
+    import threading
+
+    from mathq.errors import Terminated, handle_stop_signals
+    from mathq.quantize.imatrix import ImatrixOptions, compute_imatrix
+
+    text = (REPO / "models" / "tiny-demo" / "kld-text.txt").read_text(encoding="utf-8") * 4
+    dest = tmp_path / "m.imatrix.gguf"
+    saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    handle_stop_signals()
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    try:
+        timer.start()
+        with pytest.raises(Terminated) as e:
+            compute_imatrix(pristine / "tiny-demo" / "tiny-demo-BF16.gguf", text, dest,
+                            ImatrixOptions(n_ctx=64, chunks=None, threads=1), "text")
+    finally:
+        timer.cancel()
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert e.value.signum == signal.SIGINT
+    assert time.monotonic() - started < 30
+    assert not dest.exists() and list(tmp_path.iterdir()) == []
+    assert "Exception ignored" not in capfd.readouterr().err
