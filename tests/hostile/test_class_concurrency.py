@@ -106,3 +106,29 @@ def test_a_partial_file_left_by_a_killed_run_is_reused(tmp_path: Path):
     with atomic_outputs(final) as staged:
         staged[final].write_bytes(b"whole")
     assert final.read_bytes() == b"whole" and not stale.exists()
+
+
+def test_a_small_text_file_waits_its_turn(tmp_path: Path):
+    """Summaries and the digest cache are written in an instant: a second writer waits for
+    the first instead of failing the whole command at its very end; the later text stays."""
+    import threading
+    import time
+
+    from mathq.fsutil import write_text_atomic
+
+    final = tmp_path / "digests.json"
+    holding = threading.Event()
+
+    def first() -> None:
+        with atomic_outputs(final) as staged:
+            holding.set()
+            time.sleep(0.3)
+            staged[final].write_text("first")
+
+    writer = threading.Thread(target=first)
+    writer.start()
+    holding.wait(5)
+    write_text_atomic(final, "second")
+    writer.join()
+    assert final.read_text() == "second"
+    assert [p.name for p in tmp_path.iterdir()] == ["digests.json"]

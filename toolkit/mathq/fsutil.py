@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ def partial_path(final: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_outputs(*finals: Path) -> Iterator[dict[Path, Path]]:
+def atomic_outputs(*finals: Path, wait_s: float = 0.0) -> Iterator[dict[Path, Path]]:
     """Yield ``{final: temporary path}`` for files that belong together (a report's pages and
     plots, a recipe's Modelfiles, or one file); rename every one into place if the block
     succeeds, delete every one otherwise. A failure (a full disk, Ctrl-C, a bug) thus leaves
@@ -168,7 +169,9 @@ def atomic_outputs(*finals: Path) -> Iterator[dict[Path, Path]]:
     writing the same file is refused at once with :class:`~mathq.errors.OutputBusyError`
     instead of writing into, renaming or deleting the first run's file. One left by a killed
     run holds no lock any more and is reused. Opening them first also proves the folders
-    writable before any long work runs.
+    writable before any long work runs. ``wait_s``: how long to wait for another run's
+    lock first, for files written in an instant (a summary, a cache index), where the
+    other run is about to finish, not in the middle of an hour's work.
     """
     finals = tuple(Path(f) for f in finals)
     held: list[tuple[Path, int]] = []
@@ -177,7 +180,7 @@ def atomic_outputs(*finals: Path) -> Iterator[dict[Path, Path]]:
             make_dirs(final.parent)
             tmp = partial_path(final)
             try:
-                fd = _lock_file(tmp)
+                fd = _lock_file(tmp, wait_s)
                 if fd is not None:
                     held.append((tmp, fd))
                     os.ftruncate(fd, 0)
@@ -236,10 +239,15 @@ def _busy(final: Path) -> OutputBusyError:
                            "wait for it to finish, then run this again")
 
 
+#: How long a small text file's writer waits for another run writing the same file.
+TEXT_WAIT_S = 10.0
+
+
 def write_text_atomic(final: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``final`` through a temporary name."""
-    with atomic_output(final) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """Write ``text`` (UTF-8) to ``final`` through a temporary name. Two runs writing the
+    same small file (a summary, the digest cache) take turns; the later one's text stays."""
+    with atomic_outputs(final, wait_s=TEXT_WAIT_S) as staged:
+        staged[Path(final)].write_text(text, encoding="utf-8")
 
 
 def free_bytes(path: Path) -> int:
@@ -279,11 +287,13 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _lock_file(path: Path) -> int | None:
+def _lock_file(path: Path, wait_s: float = 0.0) -> int | None:
     """Open ``path`` (made if missing) and lock it exclusively; the descriptor, or None when
-    another process holds the lock. A holder may rename or delete the file between our open
-    and our lock (it finished); the lock is then on a file that no longer has this name, so
-    the open is retried until the locked file is the one ``path`` names."""
+    another process holds the lock (for up to ``wait_s`` seconds). A holder may rename or
+    delete the file between our open and our lock (it finished); the lock is then on a file
+    that no longer has this name, so the open is retried until the locked file is the one
+    ``path`` names."""
+    deadline = time.monotonic() + wait_s
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -293,7 +303,10 @@ def _lock_file(path: Path) -> int | None:
                     return fd
         except BlockingIOError:
             os.close(fd)
-            return None
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+            continue
         except BaseException:
             os.close(fd)
             raise
