@@ -1,5 +1,6 @@
 """Class 4, two runs at once: every command that writes, started twice at the same moment
-into the same folder (a concurrent twin), and class 5's locked sets of files.
+into the same folder (a concurrent twin); and the locks of :func:`mathq.fsutil.atomic_outputs`
+that refuse (or, for a small text file, queue) the second writer.
 
 Generated from :data:`tests.hostile.runs.LONG_RUNS` (every writing command of the command
 list, on the demo model). Asserted for each pair: each run either finishes (exit 0) or is
@@ -12,7 +13,6 @@ the rerun would not make anyway).
 
 from __future__ import annotations
 
-import errno
 import json
 import re
 from pathlib import Path
@@ -66,23 +66,6 @@ def test_two_runs_at_once(name: str, tmp_path: Path, pristine: Path, calib: Path
     assert added <= folder.paths() - before
 
 
-def test_a_set_is_written_whole_or_not_at_all(tmp_path: Path):
-    """A failure while a set is written (here the disk filling up at its third file) leaves
-    the previous set untouched and no new file, however many were already written."""
-    old = [tmp_path / f"{n}.txt" for n in ("a", "b")]
-    for p in old:
-        p.write_text("old")
-    files = [*old, tmp_path / "c.txt", tmp_path / "d.txt"]
-    with pytest.raises(OSError) as e, atomic_outputs(*files) as staged:
-        for i, f in enumerate(files):
-            if i == 2:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            staged[f].write_text("new")
-    assert "no space left on device" in str(e.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]
-    assert [p.read_text() for p in old] == ["old", "old"]
-
-
 def test_a_second_writer_of_a_set_is_refused_before_it_writes(tmp_path: Path):
     """Locks on every file of the set are taken before the block runs: the second writer
     learns at once, writes nothing and deletes nothing of the first one's."""
@@ -96,16 +79,6 @@ def test_a_second_writer_of_a_set_is_refused_before_it_writes(tmp_path: Path):
             first[f].write_text("first")
     assert [f.read_text() for f in files] == ["first", "first"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "report.md"]
-
-
-def test_a_partial_file_left_by_a_killed_run_is_reused(tmp_path: Path):
-    """A killed run's ``.partial`` holds no lock any more: the next run takes it over."""
-    final = tmp_path / "x.gguf"
-    stale = tmp_path / "x.gguf.partial"
-    stale.write_bytes(b"half a file")
-    with atomic_outputs(final) as staged:
-        staged[final].write_bytes(b"whole")
-    assert final.read_bytes() == b"whole" and not stale.exists()
 
 
 def test_a_small_text_file_waits_its_turn(tmp_path: Path):

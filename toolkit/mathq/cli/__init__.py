@@ -9,7 +9,6 @@ hint of an unwritable output names the command's own option for choosing another
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,10 +58,8 @@ class MathqGroup(click.Group):
             return super().invoke(ctx)
         except MathqError as e:
             raise _UserError(_with_output_hint(e, ctx)) from None
-        except (Terminated, KeyboardInterrupt) as e:
-            # KeyboardInterrupt: Ctrl-C where main() did not install the handler (in process)
-            raise _stopped(e if isinstance(e, Terminated) else Terminated(signal.SIGINT)) \
-                from None
+        except Terminated as e:
+            raise _stopped(e) from None
         except OSError as e:
             from mathq.fsutil import WRITE_ERRNOS, WRITE_ONLY_ERRNOS, output_error
 
