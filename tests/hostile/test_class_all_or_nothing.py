@@ -113,3 +113,11 @@ def test_kld_refuses_a_damaged_variant_before_the_reference_pass(world: World):
     code, errors = run("kld", "tiny-demo", "-Q", "Q8_0")
     assert code != 0 and len(errors) == 1 and "tiny-demo-Q8_0.gguf" in errors[0], errors
     assert snapshot(world.root) == before  # no kld/ folder, no reference
+
+
+def test_bench_checks_every_variant_before_measuring_the_first(world: World):
+    """Q2_K was never made: said before Q8_0 is measured, not after (nothing written)."""
+    before = snapshot(world.root)
+    code, errors = run("bench", "tiny-demo", "-Q", "Q8_0,Q2_K")
+    assert code == 1 and len(errors) == 1 and "no Q2_K GGUF" in errors[0], errors
+    assert snapshot(world.root) == before

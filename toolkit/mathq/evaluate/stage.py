@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mathq.convert.gguf_info import gguf_imatrix
+from mathq.convert.gguf_info import gguf_imatrix, read_gguf_header
 from mathq.datasets.corpus import Corpus, load_corpus
 from mathq.datasets.problems import ProblemSet, load_problem_set, select_problems
 from mathq.errors import InputFileError, MathqError, SmokeError
@@ -351,20 +351,23 @@ def run_bench(recipe: Recipe, quants: Sequence[str], options: BenchOptions,
               progress: ProgressCallback = no_progress) -> list[BenchOutcome]:
     """Measure each variant of ``recipe`` in turn and write its summary."""
     layout = BuildLayout.for_model(recipe.name, build_root)
-    outcomes = []
-    for q in quants:
+    for q in quants:  # every variant checked before the first (long) measurement
         gguf = layout.gguf(q)
         if not gguf.is_file():
             raise InputFileError(f"no {q} GGUF at {gguf}",
                                  f"make it first: mathq quantize {recipe.name} --quant {q}")
-        summary = _bench_summary(recipe.name, q, gguf, options, progress)
-        path = layout.bench_summary(q)
-        save_summary(path, summary)
-        fingerprint = bench_fingerprint(layout, q, options)
-        assert fingerprint is not None  # the GGUF was just measured
-        Manifest(layout.manifest).record(layout.key(path), "bench", *fingerprint,
-                                         size=path.stat().st_size)
-        outcomes.append(BenchOutcome(q, path, summary))
+        read_gguf_header(gguf)
+    outcomes = []
+    with removing_new_dirs(layout.bench_dir):  # a run stopped early leaves no empty folder
+        for q in quants:
+            summary = _bench_summary(recipe.name, q, layout.gguf(q), options, progress)
+            path = layout.bench_summary(q)
+            save_summary(path, summary)
+            fingerprint = bench_fingerprint(layout, q, options)
+            assert fingerprint is not None  # the GGUF was just measured
+            Manifest(layout.manifest).record(layout.key(path), "bench", *fingerprint,
+                                             size=path.stat().st_size)
+            outcomes.append(BenchOutcome(q, path, summary))
     return outcomes
 
 
@@ -464,11 +467,13 @@ def run_bench_files(paths: Sequence[Path], options: BenchOptions,
                     progress: ProgressCallback = no_progress) -> list[BenchOutcome]:
     """:func:`run_bench` for GGUF files outside a build folder (as ``llama-bench -m``);
     summaries go to ``out_dir/<name>.json`` when it is given."""
+    for path in paths:  # every file checked before the first (long) measurement
+        if not Path(path).is_file():
+            raise InputFileError(f"{path} not found", "give the path of an existing GGUF")
+        read_gguf_header(Path(path))
     outcomes = []
     for path in paths:
         path = Path(path)
-        if not path.is_file():
-            raise InputFileError(f"{path} not found", "give the path of an existing GGUF")
         name = gguf_variant_name(path)
         summary = _bench_summary(name, name, path, options, progress)
         out = Path(out_dir) / f"{name}.json" if out_dir is not None else path
