@@ -234,13 +234,13 @@ def handle_stop_signals() -> None:
         signal.signal(sig, _on_stop_signal)
 
 
-def release_stop_signals() -> None:
-    """Give SIGINT and SIGTERM their default action back once the command is over (its files
-    renamed into place or removed): one arriving during the interpreter's exit would raise
-    in an atexit handler (a traceback) instead; now it ends the process quietly, which a
-    shell reports with the same status, 128 + the signal's number."""
+def ignore_stop_signals() -> None:
+    """Ignore SIGINT and SIGTERM once the command is over (its files renamed into place or
+    removed, its one line printed): one arriving while the interpreter exits would raise in
+    an atexit handler (a traceback), or, with the default action, turn a finished command
+    into a killed one; now the process ends with the command's own exit code."""
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def leave_interrupts_to_parent() -> None:

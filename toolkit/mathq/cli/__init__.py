@@ -36,7 +36,7 @@ from mathq.errors import (
     OutputError,
     Terminated,
     handle_stop_signals,
-    release_stop_signals,
+    ignore_stop_signals,
 )
 
 
@@ -158,4 +158,4 @@ def main() -> None:
         stopped.show()
         sys.exit(stopped.exit_code)
     finally:
-        release_stop_signals()
+        ignore_stop_signals()
