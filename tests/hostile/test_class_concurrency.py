@@ -105,3 +105,21 @@ def test_a_small_text_file_waits_its_turn(tmp_path: Path):
     writer.join()
     assert final.read_text() == "second"
     assert [p.name for p in tmp_path.iterdir()] == ["digests.json"]
+
+
+def test_a_long_computation_is_refused_before_it_starts(tmp_path: Path):
+    """An importance matrix or a benchmark writes its file only at the end: the second run
+    is refused when it starts, not after its work; the lock file and a folder made for it
+    go when the first run ends."""
+    from mathq.fsutil import output_lock
+
+    final = tmp_path / "new" / "m.imatrix.gguf"
+    with output_lock(final):
+        with pytest.raises(OutputBusyError), output_lock(final):
+            pytest.fail("the second run got in")
+        assert (final.parent / "m.imatrix.gguf.lock").exists()
+    assert list(final.parent.iterdir()) == []
+    failed = tmp_path / "other" / "m.imatrix.gguf"
+    with pytest.raises(RuntimeError), output_lock(failed):
+        raise RuntimeError("the computation failed")
+    assert not failed.parent.exists()

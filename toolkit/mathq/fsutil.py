@@ -334,6 +334,19 @@ def exclusive_lock(lock_file: Path, busy: MathqError) -> Iterator[None]:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def output_lock(final: Path) -> Iterator[None]:
+    """Hold ``<final>.lock`` while a long computation whose result is written to ``final``
+    only at its end runs (an importance matrix, a benchmark): a second run making the same
+    file is refused at once, not when it comes to write after an hour's work. A folder made
+    for it is removed again if the block fails."""
+    final = Path(final)
+    with removing_new_dirs(final.parent):
+        make_dirs(final.parent)
+        with exclusive_lock(final.with_name(final.name + ".lock"), _busy(final)):
+            yield
+
+
 def to_jsonable(value: Any) -> Any:
     """Recursively turn dataclasses, paths, tuples and mappings into JSON-ready values."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

@@ -57,6 +57,7 @@ from mathq.fsutil import (
     Debris,
     exclusive_lock,
     make_dirs,
+    output_lock,
     removing_new_dirs,
     write_text_atomic,
 )
@@ -360,9 +361,10 @@ def run_bench(recipe: Recipe, quants: Sequence[str], options: BenchOptions,
     outcomes = []
     with removing_new_dirs(layout.bench_dir):  # a run stopped early leaves no empty folder
         for q in quants:
-            summary = _bench_summary(recipe.name, q, layout.gguf(q), options, progress)
             path = layout.bench_summary(q)
-            save_summary(path, summary)
+            with output_lock(path):  # two benchmarks at once would also slow each other
+                summary = _bench_summary(recipe.name, q, layout.gguf(q), options, progress)
+                save_summary(path, summary)
             fingerprint = bench_fingerprint(layout, q, options)
             assert fingerprint is not None  # the GGUF was just measured
             Manifest(layout.manifest).record(layout.key(path), "bench", *fingerprint,
