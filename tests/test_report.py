@@ -540,6 +540,7 @@ def test_report_command_prints_the_recommendation_and_paths(build) -> None:
 
 def test_a_build_with_no_measurements_reports_them_missing(tmp_path: Path) -> None:
     recipe = write_tiny_recipe(tmp_path / "tiny.toml", VARIANTS, reference_accuracy=None)
+    (tmp_path / "build" / TINY_MODEL).mkdir(parents=True)  # made, nothing measured yet
     result = build_report(recipe, build_root=tmp_path / "build")
     assert [r.quant for r in result.data.rows] == ["Q8_0", "Q6_K", "Q4_K_M", "Q2_K"]
     assert result.advice.quant is None
@@ -550,6 +551,16 @@ def test_a_build_with_no_measurements_reports_them_missing(tmp_path: Path) -> No
     assert " 0.0 " not in md and "nan" not in md.lower()
     assert "Δ vs paper" not in md  # no published figure: no column of dashes
     assert_options_exist(md)
+
+
+def test_a_mistyped_build_dir_is_an_error_that_creates_nothing(tmp_path: Path) -> None:
+    recipe = write_tiny_recipe(tmp_path / "tiny.toml", VARIANTS)
+    typo = tmp_path / "biuld"
+    result = CliRunner().invoke(cli, ["report", str(recipe), "--build-dir", str(typo)])
+    assert result.exit_code == 1, result.output
+    assert result.output == (f"Error: no build folder of {TINY_MODEL} at {typo / TINY_MODEL} "
+                             f"(check --build-dir, or make one: mathq build {TINY_MODEL})\n")
+    assert not typo.exists()
 
 
 def test_imatrix_variants_are_marked_and_compared_with_their_plain_sibling(build) -> None:

@@ -9,6 +9,8 @@ builtin so library callers can catch ``FileNotFoundError`` or ``ConnectionError`
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from collections.abc import Iterator
 
 
@@ -86,6 +88,11 @@ class OutputError(MathqError, OSError):
         super().__init__(message, hint)
         self.path = path
         self.reason = reason
+
+
+class OutputBusyError(MathqError):
+    """Another mathq run is writing the same output now (two runs into one folder): refused
+    at once, so neither reads nor renames the other's half-written file."""
 
 
 class GGUFError(MathqError, ValueError):
@@ -170,28 +177,46 @@ class ImatrixComputeError(MathqError, RuntimeError):
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived (``kill``, a service manager, a CI timeout). A BaseException, like
-    KeyboardInterrupt, so ``except Exception`` blocks let it through and every cleanup
-    (temporary files deleted, locks released) runs on the way out; the command line then
-    says so in one line and exits with 143 (128 + SIGTERM)."""
+    """A stop signal arrived: SIGINT (Ctrl-C) or SIGTERM (``kill``, a service manager, a CI
+    timeout). A BaseException, like KeyboardInterrupt, so ``except Exception`` blocks let it
+    through and every cleanup (temporary files deleted, locks released) runs on the way out;
+    the command line then says so in one line and exits with 128 + the signal's number
+    (130 for SIGINT, 143 for SIGTERM), as shells do."""
 
-    exit_code = 128 + 15
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum
+
+    @property
+    def signal_name(self) -> str:
+        """``SIGINT`` or ``SIGTERM``, for the message."""
+        return signal.Signals(self.signum).name
 
 
-# SIGTERM's exception, held while C code that calls back into Python runs (see
+#: The signals that stop a command cleanly; both are handled the same way.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# A stop signal's exception, held while C code that calls back into Python runs (see
 # hold_termination), and how deep such blocks are nested.
-_held: list[BaseException] = []
+_held: list[Terminated] = []
 _holding = [0]
 
 
 @contextlib.contextmanager
 def hold_termination() -> Iterator[None]:
-    """Hold a SIGTERM that arrives inside the block until the block ends.
+    """Hold a stop signal that arrives inside the block until the block ends.
 
-    For blocks in which C code calls back into Python (llama.cpp's log callback): Python runs
-    a signal handler in whatever Python code runs next, there often the callback, and ctypes
-    prints and drops an exception raised in a callback, so the command would carry on.
+    For blocks in which C code calls back into Python (llama.cpp's log, evaluation and abort
+    callbacks): Python runs a signal handler in whatever Python code runs next, there often
+    the callback, and ctypes prints ("Exception ignored on calling ctypes callback
+    function") and drops an exception raised in a callback, so the command would carry on.
+    C code that can stop early asks :func:`termination_pending` from its callbacks. Only the
+    main thread runs signal handlers, so in any other thread the block holds nothing.
     """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _holding[0] += 1
     try:
         yield
@@ -201,10 +226,44 @@ def hold_termination() -> Iterator[None]:
         raise _held.pop()
 
 
-def terminate() -> None:
-    """What SIGTERM does in the command line: raise :class:`Terminated` now, or at the end of
-    the :func:`hold_termination` block that is running."""
+def termination_pending() -> bool:
+    """Whether a stop signal is held: callbacks answer llama.cpp "abort" with it."""
+    return bool(_held)
+
+
+def terminate(signum: int = signal.SIGTERM) -> None:
+    """What a stop signal does in the command line: raise :class:`Terminated` now, or at the
+    end of the :func:`hold_termination` block that is running."""
     if _holding[0]:
-        _held.append(Terminated())
+        _held.append(Terminated(signum))
         return
-    raise Terminated
+    raise Terminated(signum)
+
+
+def _on_stop_signal(signum: int, _frame: object) -> None:
+    for sig in STOP_SIGNALS:  # a second Ctrl-C or SIGTERM kills at once
+        signal.signal(sig, signal.SIG_DFL)
+    terminate(signum)
+
+
+def handle_stop_signals() -> None:
+    """Make SIGINT and SIGTERM unwind the command (temporary files removed, locks released)
+    instead of killing it mid-write (SIGTERM's default) or raising KeyboardInterrupt
+    wherever Python happens to be, a ctypes callback included (SIGINT's default)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _on_stop_signal)
+
+
+def ignore_stop_signals() -> None:
+    """Ignore SIGINT and SIGTERM once the command is over (its files renamed into place or
+    removed, its one line printed): one arriving while the interpreter exits would raise in
+    an atexit handler (a traceback), or, with the default action, turn a finished command
+    into a killed one; now the process ends with the command's own exit code."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def leave_interrupts_to_parent() -> None:
+    """For a worker process's first line: Ctrl-C reaches the terminal's whole process group,
+    and a worker would print KeyboardInterrupt's traceback; its parent stops it instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

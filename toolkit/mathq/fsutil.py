@@ -8,7 +8,7 @@ dataclasses that ``--json`` output and JSON artifacts share.
 
 :func:`output_error` is the one place where an ``OSError`` on an output path (read-only file
 system, no permission, disk full) becomes a one-line :class:`~mathq.errors.OutputError`;
-:func:`atomic_output`, :func:`make_dirs`, :func:`writing` and :func:`exclusive_lock` use it,
+:func:`atomic_outputs`, :func:`make_dirs`, :func:`writing` and :func:`exclusive_lock` use it,
 and the command line maps any such error that escapes elsewhere through it too.
 """
 
@@ -17,16 +17,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mathq.errors import DiskSpaceError, MathqError, OutputError
+from mathq.errors import DiskSpaceError, MathqError, OutputBusyError, OutputError
 from mathq.progress import Progress, ProgressCallback, no_progress
 
 PARTIAL_SUFFIX = ".partial"
@@ -182,31 +184,59 @@ def partial_path(final: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(final: Path) -> Iterator[Path]:
-    """Yield a temporary path; rename it to ``final`` if the block succeeds, else delete it.
+def atomic_outputs(*finals: Path, wait_s: float = 0.0) -> Iterator[dict[Path, Path]]:
+    """Yield ``{final: temporary path}`` for files that belong together (a report's pages and
+    plots, a recipe's Modelfiles, or one file); rename every one into place if the block
+    succeeds, delete every one otherwise. A failure (a full disk, Ctrl-C, a bug) thus leaves
+    the old set of files or none, never some new ones beside old ones.
 
-    The temporary file lives in ``final``'s folder so the rename is atomic on one filesystem.
-    A stale temporary file from an earlier, killed run is removed first.
+    Each temporary file (``<final>.partial``, in ``final``'s folder so the rename is atomic)
+    is locked while this run owns it, all of them before the block runs: a second run
+    writing the same file is refused at once with :class:`~mathq.errors.OutputBusyError`
+    instead of writing into, renaming or deleting the first run's file. One left by a killed
+    run holds no lock any more and is reused. Opening them first also proves the folders
+    writable before any long work runs. ``wait_s``: how long to wait for another run's
+    lock first, for files written in an instant (a summary, a cache index), where the
+    other run is about to finish, not in the middle of an hour's work.
     """
-    final = Path(final)
-    make_dirs(final.parent)
-    refuse_special_output(final)
-    tmp = partial_path(final)
+    finals = tuple(Path(f) for f in finals)
+    held: list[tuple[Path, int]] = []
     try:
-        tmp.unlink(missing_ok=True)
-        # Prove the folder writable now, before any long work (or a library that reports
-        # a refused open badly) runs.
-        tmp.open("wb").close()
-    except OSError as e:
-        raise output_error(e, tmp) from None
-    try:
-        with writing(final):
-            yield tmp
-            os.replace(tmp, final)
+        for final in finals:
+            make_dirs(final.parent)
+            refuse_special_output(final)
+            tmp = partial_path(final)
+            try:
+                fd = _lock_file(tmp, wait_s)
+                if fd is not None:
+                    held.append((tmp, fd))
+                    os.ftruncate(fd, 0)
+            except OSError as e:
+                raise output_error(e, tmp) from None
+            if fd is None:
+                raise _busy(final)
+        with contextlib.ExitStack() as stack:
+            for final in finals:
+                stack.enter_context(writing(final))
+            yield {final: tmp for final, (tmp, _fd) in zip(finals, held, strict=True)}
+            for final, (tmp, _fd) in zip(finals, held, strict=True):
+                os.replace(tmp, final)
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        for tmp, _fd in held:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         raise
+    finally:
+        for _tmp, fd in held:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(final: Path) -> Iterator[Path]:
+    """Yield a temporary path; rename it to ``final`` if the block succeeds, else delete it
+    (:func:`atomic_outputs` for one file: locked, a stale one reused)."""
+    with atomic_outputs(final) as staged:
+        yield staged[Path(final)]
 
 
 def refuse_special_output(final: Path) -> None:
@@ -228,25 +258,41 @@ def refuse_special_output(final: Path) -> None:
 
 def check_writable(final: Path) -> None:
     """Raise :class:`OutputError` now unless ``final``'s folder (made if missing) takes a new
-    file: for commands that would otherwise find out only after their long work. A folder
-    made here is removed again when the check fails."""
+    file, or :class:`~mathq.errors.OutputBusyError` if another run is writing ``final``: for
+    commands that would otherwise find out only after their long work. A folder made here
+    is removed again when the check fails."""
     final = Path(final)
     with removing_new_dirs(final.parent):
         make_dirs(final.parent)
         refuse_special_output(final)
         probe = partial_path(final)
         try:
-            probe.open("ab").close()
-            if probe.stat().st_size == 0:
-                probe.unlink()
+            fd = _lock_file(probe)
+            if fd is None:
+                raise _busy(final)
+            try:
+                if os.fstat(fd).st_size == 0:
+                    probe.unlink()
+            finally:
+                os.close(fd)
         except OSError as e:
             raise output_error(e, probe) from None
 
 
+def _busy(final: Path) -> OutputBusyError:
+    return OutputBusyError(f"another mathq command is writing {final}",
+                           "wait for it to finish, then run this again")
+
+
+#: How long a small text file's writer waits for another run writing the same file.
+TEXT_WAIT_S = 10.0
+
+
 def write_text_atomic(final: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``final`` through a temporary name."""
-    with atomic_output(final) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    """Write ``text`` (UTF-8) to ``final`` through a temporary name. Two runs writing the
+    same small file (a summary, the digest cache) take turns; the later one's text stays."""
+    with atomic_outputs(final, wait_s=TEXT_WAIT_S) as staged:
+        staged[Path(final)].write_text(text, encoding="utf-8")
 
 
 def free_bytes(path: Path) -> int:
@@ -299,24 +345,64 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _lock_file(path: Path, wait_s: float = 0.0) -> int | None:
+    """Open ``path`` (made if missing) and lock it exclusively; the descriptor, or None when
+    another process holds the lock (for up to ``wait_s`` seconds). A holder may rename or
+    delete the file between our open and our lock (it finished); the lock is then on a file
+    that no longer has this name, so the open is retried until the locked file is the one
+    ``path`` names."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    return fd
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def exclusive_lock(lock_file: Path, busy: MathqError) -> Iterator[None]:
     """Hold an exclusive lock on ``lock_file`` for the block, or raise ``busy`` at once if
     another process holds it: two writers of the same files would interleave their output,
-    and waiting silently behind a long run is worse than saying so."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(lock_file, timeout=0)
+    and waiting silently behind a long run is worse than saying so. The lock file is
+    deleted when the block ends (the same lock as :func:`atomic_outputs`' on its files)."""
+    lock_file = Path(lock_file)
     try:
-        lock.acquire()
-    except Timeout:
-        raise busy from None
+        fd = _lock_file(lock_file)
     except OSError as e:
         raise output_error(e, lock_file) from None
+    if fd is None:
+        raise busy
     try:
         yield
     finally:
-        lock.release()
+        with contextlib.suppress(OSError):
+            lock_file.unlink()
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def output_lock(final: Path) -> Iterator[None]:
+    """Hold ``<final>.lock`` while a long computation whose result is written to ``final``
+    only at its end runs (an importance matrix, a benchmark): a second run making the same
+    file is refused at once, not when it comes to write after an hour's work. A folder made
+    for it is removed again if the block fails."""
+    final = Path(final)
+    with removing_new_dirs(final.parent):
+        make_dirs(final.parent)
+        with exclusive_lock(final.with_name(final.name + ".lock"), _busy(final)):
+            yield
 
 
 def to_jsonable(value: Any) -> Any:

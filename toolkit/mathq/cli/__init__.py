@@ -10,7 +10,7 @@ hint of an unwritable output names the command's own option for choosing another
 from __future__ import annotations
 
 import re
-import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,9 @@ from mathq.errors import (
     MathqError,
     OutputError,
     Terminated,
+    handle_stop_signals,
+    ignore_stop_signals,
     shorten,
-    terminate,
 )
 
 
@@ -62,10 +63,8 @@ class MathqGroup(click.Group):
             return super().invoke(ctx)
         except MathqError as e:
             raise _UserError(_for_command(e, ctx), e.exit_code) from None
-        except Terminated:
-            err = MathqError("stopped by SIGTERM; unfinished files were removed",
-                             "run the same command again: finished work is kept")
-            raise _UserError(str(err), Terminated.exit_code) from None
+        except Terminated as e:
+            raise _stopped(e) from None
         except click.ClickException as e:  # Click's own usage errors repeat input too
             e.message = _shorten_words(e.message)
             raise
@@ -75,6 +74,13 @@ class MathqGroup(click.Group):
             if e.errno in WRITE_ONLY_ERRNOS or (e.errno in WRITE_ERRNOS and e.filename):
                 raise _UserError(_for_command(output_error(e), ctx), 1) from None
             raise
+
+
+def _stopped(stop: Terminated) -> _UserError:
+    """The one line a stop signal ends a command with, and its exit code (130, 143)."""
+    err = MathqError(f"stopped by {stop.signal_name}; unfinished files were removed",
+                     "run the same command again: finished work is kept")
+    return _UserError(str(err), stop.exit_code)
 
 
 #: Options that choose where a command writes, in the order a hint names them.
@@ -191,13 +197,15 @@ for command, short_help in PIPELINE:
     cli.add_command(command)
 
 
-def _on_sigterm(_signum: int, _frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
-    terminate()
-
-
 def main() -> None:
-    """Console-script entry point: SIGTERM unwinds like Ctrl-C (temporary files removed,
-    locks released) instead of killing the process mid-write."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    cli(prog_name="mathq")
+    """Console-script entry point: SIGINT and SIGTERM unwind the command (temporary files
+    removed, locks released) and end it with one line, wherever they arrive."""
+    handle_stop_signals()
+    try:
+        cli(prog_name="mathq")
+    except Terminated as e:  # while Click parsed the options, before any command ran
+        stopped = _stopped(e)
+        stopped.show()
+        sys.exit(stopped.exit_code)
+    finally:
+        ignore_stop_signals()

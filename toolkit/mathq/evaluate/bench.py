@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from mathq.errors import InferenceError, MathqError
+from mathq.errors import InferenceError, MathqError, Terminated, leave_interrupts_to_parent
 from mathq.evaluate.summaries import BenchSummary, MeanSd
 from mathq.progress import Progress, ProgressCallback, no_progress
 
@@ -285,6 +285,7 @@ def _throughput(model: Any, options: BenchOptions, engine_options: Any, tokens: 
 
 def _child(path: str, options: dict[str, Any], conn: Any) -> None:
     """Spawned process: measure one GGUF, send progress and the result (or the error)."""
+    leave_interrupts_to_parent()
     opts = BenchOptions(**{**options, "parallel": tuple(options["parallel"]),
                            "memory_contexts": tuple(options["memory_contexts"])})
     try:
@@ -323,6 +324,9 @@ def bench_isolated(path: Path, options: BenchOptions,
             else:
                 _name, message, hint = payload
                 raise InferenceError(message, hint)
+    except (Terminated, KeyboardInterrupt):
+        proc.kill()  # stopped: the child ignores Ctrl-C, and its measurement is moot
+        raise
     finally:
         proc.join(10)
         if proc.is_alive():

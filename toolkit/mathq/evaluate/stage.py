@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mathq.convert.gguf_info import gguf_imatrix
+from mathq.convert.gguf_info import gguf_imatrix, read_gguf_header
 from mathq.datasets.corpus import Corpus, load_corpus
 from mathq.datasets.problems import ProblemSet, load_problem_set, select_problems
 from mathq.errors import InputFileError, MathqError, SmokeError
@@ -34,6 +34,7 @@ from mathq.evaluate.environment import measurement_environment
 from mathq.evaluate.kld.measure import (
     KldOptions,
     KldRun,
+    check_headers,
     ensure_reference,
     ensure_reference_file,
     measure_gguf,
@@ -58,7 +59,14 @@ from mathq.evaluate.summaries import (
     load_summary,
     save_summary,
 )
-from mathq.fsutil import Debris, exclusive_lock, make_dirs, write_text_atomic
+from mathq.fsutil import (
+    Debris,
+    exclusive_lock,
+    make_dirs,
+    output_lock,
+    removing_new_dirs,
+    write_text_atomic,
+)
 from mathq.inputs import file_problem, parse_json, read_text
 from mathq.layout import BuildLayout
 from mathq.llama.devices import ParallelChoice
@@ -363,20 +371,24 @@ def run_bench(recipe: Recipe, quants: Sequence[str], options: BenchOptions,
               progress: ProgressCallback = no_progress) -> list[BenchOutcome]:
     """Measure each variant of ``recipe`` in turn and write its summary."""
     layout = BuildLayout.for_model(recipe.name, build_root)
-    outcomes = []
-    for q in quants:
+    for q in quants:  # every variant checked before the first (long) measurement
         gguf = layout.gguf(q)
         if not gguf.is_file():
             raise InputFileError(f"no {q} GGUF at {gguf}",
                                  f"make it first: mathq quantize {recipe.name} --quant {q}")
-        summary = _bench_summary(recipe.name, q, gguf, options, progress)
-        path = layout.bench_summary(q)
-        save_summary(path, summary)
-        fingerprint = bench_fingerprint(layout, q, options)
-        assert fingerprint is not None  # the GGUF was just measured
-        Manifest(layout.manifest).record(layout.key(path), "bench", *fingerprint,
-                                         size=path.stat().st_size)
-        outcomes.append(BenchOutcome(q, path, summary))
+        read_gguf_header(gguf)
+    outcomes = []
+    with removing_new_dirs(layout.bench_dir):  # a run stopped early leaves no empty folder
+        for q in quants:
+            path = layout.bench_summary(q)
+            with output_lock(path):  # two benchmarks at once would also slow each other
+                summary = _bench_summary(recipe.name, q, layout.gguf(q), options, progress)
+                save_summary(path, summary)
+            fingerprint = bench_fingerprint(layout, q, options)
+            assert fingerprint is not None  # the GGUF was just measured
+            Manifest(layout.manifest).record(layout.key(path), "bench", *fingerprint,
+                                             size=path.stat().st_size)
+            outcomes.append(BenchOutcome(q, path, summary))
     return outcomes
 
 
@@ -418,21 +430,23 @@ def run_kld(recipe_ref: str | Path, quants: tuple[str, ...] | None = None,
         names.remove(reference)
     if not names:
         raise MathqError("no variant to measure", "name variants with --quant")
-    for q in names:  # fail before the (long) reference pass, not after it
-        require_gguf(layout, q, f"{q} model")
+    # every input checked before the (long) reference pass, not after it
+    ggufs = [require_gguf(layout, q, f"{q} model") for q in names]
+    check_headers([*ggufs, require_gguf(layout, reference, "reference model")])
     corpus = load_corpus(options.corpus)
-    ref = ensure_reference(layout, corpus, options, progress)
-    summaries, paths = [], []
-    for q in names:
-        summary = measure_variant(layout, q, ref, corpus, options, progress)
-        out = layout.kld_summary(q)
-        save_summary(out, summary)
-        fingerprint = kld_fingerprint(layout, q, options, corpus)
-        assert fingerprint is not None  # both files were just read
-        Manifest(layout.manifest).record(layout.key(out), "kld", *fingerprint,
-                                         size=out.stat().st_size)
-        summaries.append(summary)
-        paths.append(out)
+    with removing_new_dirs(layout.kld_dir):  # a run stopped early leaves no empty folder
+        ref = ensure_reference(layout, corpus, options, progress)
+        summaries, paths = [], []
+        for q in names:
+            summary = measure_variant(layout, q, ref, corpus, options, progress)
+            out = layout.kld_summary(q)
+            save_summary(out, summary)
+            fingerprint = kld_fingerprint(layout, q, options, corpus)
+            assert fingerprint is not None  # both files were just read
+            Manifest(layout.manifest).record(layout.key(out), "kld", *fingerprint,
+                                             size=out.stat().st_size)
+            summaries.append(summary)
+            paths.append(out)
     return KldRun(ref, tuple(summaries), tuple(paths))
 
 
@@ -452,17 +466,20 @@ def run_kld_files(variants: Sequence[Path], reference: Path, out_dir: Path,
     for path in (reference, *variants):
         if (problem := file_problem(path)) is not None:
             raise InputFileError(f"{path} {problem}", "give the path of an existing GGUF")
+    check_headers((reference, *variants))
     corpus = load_corpus(options.corpus)
     ref_name = gguf_variant_name(Path(reference))
-    ref = ensure_reference_file(Path(reference), ref_name, out_dir, corpus, options, progress)
-    summaries, paths = [], []
-    for path in variants:
-        name = gguf_variant_name(Path(path))
-        summary = measure_gguf(Path(path), name, name, ref, corpus, options, progress)
-        out = Path(out_dir) / f"{name}.json"
-        save_summary(out, summary)
-        summaries.append(summary)
-        paths.append(out)
+    with removing_new_dirs(Path(out_dir)):
+        ref = ensure_reference_file(Path(reference), ref_name, out_dir, corpus, options,
+                                    progress)
+        summaries, paths = [], []
+        for path in variants:
+            name = gguf_variant_name(Path(path))
+            summary = measure_gguf(Path(path), name, name, ref, corpus, options, progress)
+            out = Path(out_dir) / f"{name}.json"
+            save_summary(out, summary)
+            summaries.append(summary)
+            paths.append(out)
     return KldRun(ref, tuple(summaries), tuple(paths))
 
 
@@ -471,11 +488,13 @@ def run_bench_files(paths: Sequence[Path], options: BenchOptions,
                     progress: ProgressCallback = no_progress) -> list[BenchOutcome]:
     """:func:`run_bench` for GGUF files outside a build folder (as ``llama-bench -m``);
     summaries go to ``out_dir/<name>.json`` when it is given."""
+    for path in paths:  # every file checked before the first (long) measurement
+        if not Path(path).is_file():
+            raise InputFileError(f"{path} not found", "give the path of an existing GGUF")
+        read_gguf_header(Path(path))
     outcomes = []
     for path in paths:
         path = Path(path)
-        if (problem := file_problem(path)) is not None:
-            raise InputFileError(f"{path} {problem}", "give the path of an existing GGUF")
         name = gguf_variant_name(path)
         summary = _bench_summary(name, name, path, options, progress)
         out = Path(out_dir) / f"{name}.json" if out_dir is not None else path

@@ -20,10 +20,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from mathq.errors import GGUFError, InferenceError, InputFileError, hold_termination
+from mathq.errors import (
+    GGUFError,
+    InferenceError,
+    InputFileError,
+    hold_termination,
+    termination_pending,
+)
 from mathq.inputs import file_problem
 from mathq.llama.devices import (
     default_threads,
@@ -300,7 +307,8 @@ class Context:
         import llama_cpp
 
         self._batch.n_tokens = self._n
-        status = llama_cpp.llama_decode(self.handle, self._batch)
+        with hold_termination():  # llama.cpp may log (a Python callback) while it decodes
+            status = llama_cpp.llama_decode(self.handle, self._batch)
         if status != 0:
             raise InferenceError(f"llama_decode failed with status {status} on a batch of "
                                  f"{self._n} tokens",
@@ -422,3 +430,21 @@ def capture_llama_log(handler: LineHandler) -> Iterator[None]:
             if pending:
                 handler(level_of_line[0], "".join(pending))
             llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+_abort_callbacks: list[Any] = []  # the one ctypes callback, alive as long as the process
+
+
+def abort_on_termination(ctx: Any) -> None:
+    """Make ``llama_decode`` on ``ctx`` stop between graph nodes once a stop signal is held
+    (:func:`mathq.errors.termination_pending`), so Ctrl-C ends a long chunk at once instead of
+    after it. Call the decode inside :func:`capture_llama_log` (which holds the signal and
+    raises it when llama.cpp returns). CPU backends honour it; GPU ones finish the batch.
+    For contexts evaluated on the main thread only: the check takes the GIL per node."""
+    import llama_cpp
+
+    if not _abort_callbacks:
+        _abort_callbacks.append(llama_cpp.ggml_abort_callback(
+            lambda _data: termination_pending()))
+    with capture_llama_log(lambda _level, _line: None):  # it logs that it was called
+        llama_cpp.llama_set_abort_callback(ctx, _abort_callbacks[0], None)

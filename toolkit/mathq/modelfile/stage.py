@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mathq import __version__
-from mathq.fsutil import sha256_file, write_text_atomic
+from mathq.fsutil import atomic_outputs, removing_new_dirs, sha256_file
 from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
 from mathq.modelfile.write import (
@@ -39,12 +39,15 @@ def write_modelfiles(recipe: Recipe, out_dir: Path | None = None,
     texts = [(tag, quant, from_path(layout.gguf(quant), out_dir)) for tag, quant in pairs]
     rendered = [(tag, quant, src, render_modelfile(recipe, tag, quant, src))
                 for tag, quant, src in texts]  # all verified before the first write
+    paths = [out_dir / f"{tag}{MODELFILE_SUFFIX}" for tag, *_ in rendered]
     written = []
-    for i, (tag, quant, src, text) in enumerate(rendered):
-        path = out_dir / f"{tag}{MODELFILE_SUFFIX}"
-        write_text_atomic(path, text)
-        written.append(WrittenModelfile(tag, quant, path, src))
-        progress(Progress("modelfile", i + 1, len(rendered), "files", item=path.name))
+    # One set: all of them or, on a failure (a full disk), none; a second run writing the
+    # same Modelfiles is refused.
+    with removing_new_dirs(out_dir), atomic_outputs(*paths) as staged:
+        for i, ((tag, quant, src, text), path) in enumerate(zip(rendered, paths, strict=True)):
+            staged[path].write_text(text, encoding="utf-8")
+            written.append(WrittenModelfile(tag, quant, path, src))
+            progress(Progress("modelfile", i + 1, len(rendered), "files", item=path.name))
     if out_dir == layout.modelfiles_dir:
         Manifest(layout.manifest).record(layout.key(out_dir), "modelfile",
                                          *modelfiles_fingerprint(recipe, tags))

@@ -47,7 +47,12 @@ from mathq.llama.ggml_view import (
     tensor_at,
     tensor_name,
 )
-from mathq.llama.runtime import LOG_ERROR, capture_llama_log, llama_reason
+from mathq.llama.runtime import (
+    LOG_ERROR,
+    abort_on_termination,
+    capture_llama_log,
+    llama_reason,
+)
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.quantize.imatrix_file import write_imatrix_gguf
 
@@ -261,6 +266,7 @@ class _Llama:
                                       f"{self.model_path.name}: "
                                       f"{llama_reason(self.log_errors)}",
                                       "try a smaller --ctx")
+        abort_on_termination(self.ctx)
 
     def __exit__(self, *exc: object) -> None:
         import llama_cpp
@@ -329,7 +335,7 @@ def _decode_chunk(llm: _Llama, batch: object, chunk: list[int]) -> None:
         batch.n_seq_id[k] = 1
         batch.seq_id[k][0] = 0
         batch.logits[k] = True  # as llama-imatrix: the last layer then runs on every token
-    with capture_llama_log(llm._log):
+    with capture_llama_log(llm._log):  # a stop signal aborts the chunk and is raised here
         rc = llama_cpp.llama_decode(llm.ctx, batch)
     error = llm.collector.error
     if isinstance(error, (ImatrixComputeError, KeyboardInterrupt, Terminated)):

@@ -18,7 +18,13 @@ from pathlib import Path
 from mathq.convert.gguf_info import read_gguf_header
 from mathq.datasets.problems import ProblemSet, load_problem_set
 from mathq.errors import GGUFError, MissingImatrixError
-from mathq.fsutil import removing_new_dirs, sha256_file, write_text_atomic
+from mathq.fsutil import (
+    check_writable,
+    output_lock,
+    removing_new_dirs,
+    sha256_file,
+    write_text_atomic,
+)
 from mathq.inputs import file_problem
 from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
@@ -227,8 +233,11 @@ def run_imatrix(job: ImatrixJob, calibration: str, options: ImatrixOptions, *, s
         reused = _reuse(job, text, inputs, settings, text_path, smoke.name)
         if reused is not None:
             return reused
-    result = compute_imatrix(job.model, text.text, job.dest, options, text.dataset, progress)
-    write_text_atomic(text_path, text.text)
+    with output_lock(job.dest):  # a second run is refused now, not after the computation
+        check_writable(job.dest)
+        result = compute_imatrix(job.model, text.text, job.dest, options, text.dataset,
+                                 progress)
+        write_text_atomic(text_path, text.text)
     if job.layout is not None:
         manifest = Manifest(job.layout.manifest)
         manifest.record(job.dest.name, "imatrix", inputs, settings, size=job.dest.stat().st_size)

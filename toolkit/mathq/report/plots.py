@@ -22,11 +22,12 @@ bytes and the three can be inlined in one HTML page without clashing ids.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mathq.fsutil import atomic_output
+from mathq.fsutil import atomic_outputs
 from mathq.report.table import FULL_PRECISION, ReportData, VariantRow
 
 PLOT_NAMES = ("accuracy", "kld", "speed")
@@ -223,8 +224,20 @@ def _speed(axes: Any, data: ReportData) -> int:
     return drawn
 
 
-def write_plots(data: ReportData, out_dir: Path) -> tuple[Plot, ...]:
-    """Draw the three plots into ``out_dir`` (PNG and SVG each, written atomically)."""
+def plot_files(out_dir: Path) -> tuple[Path, ...]:
+    """The files :func:`write_plots` writes into ``out_dir``: a PNG and an SVG per plot."""
+    return tuple(Path(out_dir) / f"{name}.{ext}" for name in PLOT_NAMES for ext in ("png", "svg"))
+
+
+def write_plots(data: ReportData, out_dir: Path,
+                staged: Mapping[Path, Path] | None = None) -> tuple[Plot, ...]:
+    """Draw the three plots into ``out_dir`` (PNG and SVG each). ``staged`` maps each of
+    :func:`plot_files` to the temporary path to draw it into (from
+    :func:`mathq.fsutil.atomic_outputs`, which the caller renames into place with its other
+    files); without it the plots are written as one set of their own."""
+    if staged is None:
+        with atomic_outputs(*plot_files(out_dir)) as own:
+            return write_plots(data, out_dir, own)
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -249,10 +262,9 @@ def write_plots(data: ReportData, out_dir: Path) -> tuple[Plot, ...]:
                     points = _speed(axes, data)
                 fig.tight_layout()
                 png, svg = out_dir / f"{name}.png", out_dir / f"{name}.svg"
-                with atomic_output(png) as tmp:
-                    fig.savefig(tmp, format="png", dpi=PNG_DPI, metadata={"Software": None})
-                with atomic_output(svg) as tmp:
-                    fig.savefig(tmp, format="svg", metadata={"Date": None})
+                fig.savefig(staged[png], format="png", dpi=PNG_DPI,
+                            metadata={"Software": None})
+                fig.savefig(staged[svg], format="svg", metadata={"Date": None})
             finally:
                 plt.close(fig)
         plots.append(Plot(name, TITLES[name], png, svg, points))

@@ -1,19 +1,21 @@
 """Write a recipe's report: report.md, report.html, report.json and the plots, atomically.
 
 Reads only the summaries in the build folder (and GGUF headers for sizes), so it runs in
-seconds and can be rerun after any stage; every file is written under a temporary name and
-renamed into place.
+seconds and can be rerun after any stage; the files are written under temporary names and
+renamed into place together, once all of them are written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mathq import __version__
-from mathq.fsutil import to_jsonable, write_text_atomic
+from mathq.errors import InputFileError
+from mathq.fsutil import atomic_outputs, removing_new_dirs, to_jsonable
 from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
 from mathq.progress import Progress, ProgressCallback, no_progress
@@ -23,7 +25,7 @@ from mathq.report.cells import P_FLOOR
 from mathq.report.html import render_html
 from mathq.report.markdown import render_markdown
 from mathq.report.paired import ALPHA, Z95
-from mathq.report.plots import Plot, png_width, write_plots
+from mathq.report.plots import Plot, plot_files, png_width, write_plots
 from mathq.report.table import ReportData, VariantRow, collect, report_inputs
 
 REPORT_SCHEMA = 2
@@ -105,20 +107,26 @@ def build_report(recipe_ref: str | Path, options: ReportOptions = ReportOptions(
     """Gather the build folder's summaries and write every report file."""
     recipe = load_recipe(recipe_ref)
     layout = BuildLayout.for_model(recipe.name, build_root)
+    if not layout.root.is_dir():  # a mistyped --build-dir: say so, create nothing
+        raise InputFileError(f"no build folder of {recipe.name} at {layout.root}",
+                             f"check --build-dir, or make one: mathq build {recipe.name}")
     out = options.out_dir or layout.report_dir
-    out.mkdir(parents=True, exist_ok=True)
     steps = ("summaries", "plots", "pages")
     progress(Progress("report", 0, len(steps), "steps", item=steps[0]))
     data = with_advice(collect(recipe, layout, progress))
     advice = data.advice
-    progress(Progress("report", 1, len(steps), "steps", item=steps[1]))
-    plots = write_plots(data, out)
-    progress(Progress("report", 2, len(steps), "steps", item=steps[2]))
     md, html, js = out / "report.md", out / "report.html", out / "report.json"
-    write_text_atomic(md, render_markdown(data, advice, plots))
-    write_text_atomic(html, render_html(data, advice, plots))
-    write_text_atomic(js, json.dumps(report_json(data, advice, plots), indent=2,
-                                     ensure_ascii=False) + "\n")
+    # One set: a failure (a full disk, Ctrl-C) leaves the previous report or none, and a
+    # second report into the same folder is refused instead of colliding file by file.
+    with removing_new_dirs(out), atomic_outputs(*plot_files(out), md, html, js) as staged:
+        progress(Progress("report", 1, len(steps), "steps", item=steps[1]))
+        plots = write_plots(data, out, staged)
+        progress(Progress("report", 2, len(steps), "steps", item=steps[2]))
+        staged[md].write_text(render_markdown(data, advice, plots), encoding="utf-8")
+        drawn = tuple(dataclasses.replace(p, svg=staged[p.svg]) for p in plots)  # inlined
+        staged[html].write_text(render_html(data, advice, drawn), encoding="utf-8")
+        staged[js].write_text(json.dumps(report_json(data, advice, plots), indent=2,
+                                         ensure_ascii=False) + "\n", encoding="utf-8")
     if options.out_dir is None:
         fingerprint = report_fingerprint(recipe, layout)
         Manifest(layout.manifest).record(layout.key(html), "report", *fingerprint)

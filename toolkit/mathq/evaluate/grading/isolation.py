@@ -33,8 +33,10 @@ STARTUP_S = 120.0
 
 def _serve(conn: Connection) -> None:
     """Worker main loop: answer (gold, pred, timeout) requests until told to stop."""
+    from mathq.errors import leave_interrupts_to_parent
     from mathq.evaluate.grading.equivalence import compare
 
+    leave_interrupts_to_parent()
     compare("\\frac{1}{2}", "0.5")  # import and warm math-verify before saying ready
     conn.send("ready")
     while True:

@@ -25,7 +25,12 @@ from mathq.llama.devices import (
     offloaded_layers,
     resolve_gpu_layers,
 )
-from mathq.llama.runtime import LOG_ERROR, capture_llama_log, llama_reason
+from mathq.llama.runtime import (
+    LOG_ERROR,
+    abort_on_termination,
+    capture_llama_log,
+    llama_reason,
+)
 
 
 class ChunkEvaluator:
@@ -81,6 +86,7 @@ class ChunkEvaluator:
                              f"{self.model_path.name}: "
                              f"{llama_reason(self.errors)}",
                              "lower --ctx-size or free some memory")
+        abort_on_termination(self._ctx)
         self._batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
         for k in range(self.n_ctx):
             self._batch.n_seq_id[k] = 1

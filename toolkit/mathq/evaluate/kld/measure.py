@@ -12,24 +12,33 @@ results go to one :class:`mathq.evaluate.summaries.KldSummary` per variant.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mathq.convert.gguf_info import read_gguf_header
 from mathq.datasets.corpus import Corpus
-from mathq.errors import GGUFError, InputFileError, MathqError
+from mathq.errors import GGUFError, InputFileError, MathqError, OutputBusyError
 from mathq.evaluate.environment import measurement_environment
 from mathq.evaluate.kld import DEFAULT_CTX
 from mathq.evaluate.kld.evaluator import ChunkEvaluator
 from mathq.evaluate.kld.logprob_file import LogprobFile, LogprobWriter, file_size
 from mathq.evaluate.kld.stats import KldAccumulator, compress_log_probs
 from mathq.evaluate.summaries import KldSummary, wilson_rate
-from mathq.fsutil import atomic_output, ensure_free_space, write_text_atomic
+from mathq.fsutil import (
+    atomic_output,
+    ensure_free_space,
+    exclusive_lock,
+    make_dirs,
+    removing_new_dirs,
+    write_text_atomic,
+)
 from mathq.layout import BuildLayout
 from mathq.manifest import file_identity
 from mathq.progress import Progress, ProgressCallback, no_progress
@@ -99,6 +108,13 @@ def require_gguf(layout: BuildLayout, quant: str, why: str) -> Path:
     return path
 
 
+def check_headers(paths: Iterable[Path]) -> None:
+    """Read every GGUF's header (a damaged or truncated file is refused in milliseconds)
+    before the reference pass, which takes an hour and gigabytes at 7B."""
+    for path in paths:
+        read_gguf_header(Path(path))
+
+
 def ensure_reference(layout: BuildLayout, corpus: Corpus, options: KldOptions,
                      progress: ProgressCallback = no_progress) -> ReferenceCache:
     """Reuse the cached reference pass if its key matches, else compute and cache it."""
@@ -111,18 +127,32 @@ def ensure_reference_file(ref_path: Path, reference: str, cache_dir: Path, corpu
                           options: KldOptions,
                           progress: ProgressCallback = no_progress) -> ReferenceCache:
     """:func:`ensure_reference` for any GGUF ``ref_path`` (called ``reference``), its pass
-    cached in ``cache_dir`` as ``reference-<name>-<key>.logits``."""
+    cached in ``cache_dir`` as ``reference-<name>-<key>.logits``.
+
+    The cache is shared by every run measuring into ``cache_dir``: one computes it under a
+    lock while a second is refused at once (it would otherwise delete the first's files as
+    stale, or read them half-written); a finished cache is read without the lock, as it
+    only ever appears whole."""
     options = dataclasses.replace(options, reference=reference)
     key = reference_key(ref_path, corpus, options)
     cache = Path(cache_dir) / f"reference-{reference}-{key}.logits"
     if cache.is_file():
-        try:
+        with contextlib.suppress(MathqError):  # unreadable: computed again below
             f = LogprobFile(cache)
-        except MathqError:
-            cache.unlink()
-        else:
             return ReferenceCache(cache, options.reference, key, f.n_ctx, f.n_chunk,
                                   f.n_vocab, computed=False, seconds=0.0)
+    busy = OutputBusyError(f"another mathq command is computing the reference pass in "
+                           f"{cache_dir}", "wait for it to finish, then run this again: it "
+                           "reuses the pass")
+    with removing_new_dirs(Path(cache_dir)):  # whoever asked (kld, tune), stopped early
+        make_dirs(Path(cache_dir))
+        with exclusive_lock(Path(cache_dir) / f"reference-{reference}.lock", busy):
+            return _compute_reference(ref_path, cache, key, corpus, options, progress)
+
+
+def _compute_reference(ref_path: Path, cache: Path, key: str, corpus: Corpus,
+                       options: KldOptions, progress: ProgressCallback) -> ReferenceCache:
+    cache_dir = cache.parent
     started = time.perf_counter()
     stage = f"reference {options.reference}"
     with ChunkEvaluator(ref_path, options.n_ctx, options.threads, options.gpu_layers) as ev:
@@ -135,7 +165,6 @@ def ensure_reference_file(ref_path: Path, reference: str, cache_dir: Path, corpu
                              f"one chunk of {options.n_ctx}",
                              "lower --ctx-size or give a longer --corpus")
         tokens = tokens[:n_chunk * options.n_ctx]
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
         ensure_free_space(Path(cache_dir), file_size(options.n_ctx, ev.n_vocab, n_chunk),
                           f"the reference log-probabilities ({options.reference})")
         for stale in Path(cache_dir).glob(f"reference-{options.reference}-*"):
