@@ -335,7 +335,11 @@ class BatchEngine:
             result = self._advance(seq, token)
             if result is not None or j == len(seq.drafts) or seq.drafts[j] != token:
                 break
-        kept = len(emitted) - 1 if result is None else min(len(emitted), len(seq.drafts))
+        # Guesses kept: those the tokens before the last matched, and the last one too when
+        # the sequence ended on a token that was also guessed right (a stop string's end).
+        last = len(emitted) - 1
+        kept = last + (result is not None and last < len(seq.drafts)
+                       and seq.drafts[last] == emitted[last])
         seq.drafted += len(seq.drafts)
         seq.accepted += kept
         if result is not None:
