@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from mathq.cli import cli
 from mathq.cli.types import FileOrName, InputFile, OutputPath
@@ -157,6 +157,21 @@ def _alarm(_signum: int, _frame: object) -> None:
     raise Hung("the command did not finish in 30 s (blocked on a pipe or reading forever?)")
 
 
+def _invoke_within_30s(argv: list[str]) -> Result:
+    """The command run in process, raising Hung after 30 s (a read blocked on a pipe) and
+    re-raising anything but its exit."""
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(30)
+    try:
+        result = CliRunner().invoke(cli, argv, catch_exceptions=True)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
 @pytest.mark.parametrize(("name", "command", "param", "role", "kind"), CASES,
                          ids=[f"{n} {long_name(p)} {k}" for n, _c, p, _r, k in CASES])
 def test_file_that_is_not_a_file(name: str, command: click.Command, param: click.Parameter,
@@ -167,16 +182,8 @@ def test_file_that_is_not_a_file(name: str, command: click.Command, param: click
     values = {**world.values(), "repo": str(REPO)}
     argv = [a.format(**values) if "{" in a else a for a in _argv(name, param, hostile)]
     before = snapshot(world.root)
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(30)
     started = time.monotonic()
-    try:
-        result = CliRunner().invoke(cli, argv, catch_exceptions=True)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
+    result = _invoke_within_30s(argv)
     line = check_error_lines(result.output, command, result.exit_code)
     assert result.exit_code in (1, 2), result.output
     assert re.search(WORDS[kind], line), line
@@ -234,15 +241,7 @@ def test_a_file_a_recipe_names_that_is_not_a_file(field: str, kind: str, world: 
     values = {**world.values(), "recipe": str(recipe)}
     argv = [a.format(**values) for a in argv]
     before = snapshot(world.root)
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(30)
-    try:
-        result = CliRunner().invoke(cli, argv, catch_exceptions=True)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
+    result = _invoke_within_30s(argv)
     line = check_error_lines(result.output, cli.commands[argv[0]], result.exit_code)
     assert result.exit_code in (1, 2), result.output
     assert re.search(WORDS[kind] + "|not a folder", line), line
