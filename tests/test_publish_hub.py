@@ -383,3 +383,20 @@ def test_figures_of_an_earlier_file_are_never_published(demo_build):
                 "--tag", ",", "--dry-run", code=2).output
     assert empty.splitlines()[-1].endswith(
         "no tag given; name one or more of the recipe's tags, e.g. --tag latest")
+
+
+def test_a_num_ctx_beyond_the_trained_context_is_said(setup):
+    from mathq.publish.model_card import card_files, render_model_card
+    from mathq.publish.plan import release_report, tag_files
+
+    recipe_path, root = setup
+    recipe_path.write_text(recipe_path.read_text().replace(
+        "num_predict = 512\n", "num_predict = 512\nnum_ctx = 100000\n"))
+    recipe = load_recipe(recipe_path)
+    _pairs, files = tag_files(recipe, build_root=root)
+    data = release_report(recipe, root)
+    rows = card_files(data, list(files.values()), {q: f"{q}.Modelfile" for q in files})
+    card = render_model_card(recipe, REPO, data, rows, build_root=root)
+    assert ("The Modelfiles set num_ctx 100,000, beyond the 512 tokens the model was trained "
+            "on") in card
+    assert "-c 100000" in card  # the llama.cpp line runs it as the Modelfiles do

@@ -131,7 +131,7 @@ def render_model_card(recipe: Recipe, repo_id: str, data: ReportData,
     lines += _which_file(recipe, data, rows)
     lines += _files_table(data, rows)
     lines += _kind_lines(data, uploaded)
-    lines += _measurement_notes(data, rows)
+    lines += _measurement_notes(recipe, data, rows)
     lines += _prompt_section(recipe)
     lines += _run_sections(recipe, repo_id, data, uploaded, namespace)
     return "\n".join(lines)
@@ -290,7 +290,8 @@ def _kind_lines(data: ReportData, uploaded: Sequence[CardFile]) -> list[str]:
     return ["Variants that are not llama.cpp's stock mix:", "", *lines, ""] if lines else []
 
 
-def _measurement_notes(data: ReportData, rows: Sequence[CardFile]) -> list[str]:
+def _measurement_notes(recipe: Recipe, data: ReportData,
+                       rows: Sequence[CardFile]) -> list[str]:
     notes: list[str] = []
     if data.smoke_n or data.smoke_suite_title:
         n = f" ({data.smoke_n} problems)" if data.smoke_n else ""
@@ -315,6 +316,13 @@ def _measurement_notes(data: ReportData, rows: Sequence[CardFile]) -> list[str]:
         notes.append("Memory: llama.cpp's model, KV-cache (F16), compute and output buffers "
                      "for one sequence of that context, as `mathq bench` measured them; add "
                      "a few hundred MB for the program itself.")
+    num_ctx = dict(recipe.ollama.parameters).get("num_ctx")
+    trained = min((c.gguf.context_length for c in rows
+                   if c.gguf is not None and c.gguf.context_length), default=None)
+    if isinstance(num_ctx, int) and trained and num_ctx > trained:
+        notes.append(f"The Modelfiles set num_ctx {num_ctx:,}, beyond the {trained:,} tokens "
+                     "the model was trained on: text past that length is unlikely to be "
+                     "answered well, and takes more memory than the table says.")
     if any(f" {MISSING} " in line for line in _files_table(data, rows)):
         notes.append("A dash means not measured for this release.")
     return [*(f"{n}\n" for n in notes)]

@@ -48,6 +48,8 @@ class GGUFFile:
     tuned: tuple[tuple[str, str], ...] = ()
     # A tuned file's ``.overrides.txt``, published beside it: None when there is none.
     overrides: Path | None = None
+    # The context the model was trained for (``<arch>.context_length``), when recorded.
+    context_length: int | None = None
 
 
 def check_names(tags: Sequence[str] = (), namespace: str | None = None) -> None:
@@ -88,7 +90,7 @@ def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None 
         path = layout.gguf(quant)
         if not path.is_file():
             raise InputFileError(f"{path} not found", f"make it with {_making(recipe, quant)}")
-    summaries, tuned, overrides = {}, {}, {}
+    summaries, tuned, overrides, contexts = {}, {}, {}, {}
     for quant in quants:
         path = layout.gguf(quant)
         header = read_gguf_header(path)
@@ -96,6 +98,8 @@ def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None 
         tuned[quant] = tuple((k.removeprefix(TUNED_KEY), str(v))
                              for k, v in header.values.items() if k.startswith(TUNED_KEY))
         overrides[quant] = _overrides(recipe, quant, path, dict(tuned[quant]))
+        context = header.values.get(f"{summary.architecture}.context_length")
+        contexts[quant] = int(context) if isinstance(context, int) else None
         expected = parse_variant(quant).quant.name
         if summary.file_type_name != expected:
             raise GGUFError(f"{path} holds {summary.file_type_name}, not {expected}",
@@ -110,7 +114,7 @@ def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None 
             sha256=sha256_cached(path, layout.digest_cache, progress, save=not dry_run),
             bits_per_weight=summary.bits_per_weight, n_params=summary.n_params,
             tags=tuple(t for t, q in pairs if q == quant), tuned=tuned[quant],
-            overrides=overrides[quant])
+            overrides=overrides[quant], context_length=contexts[quant])
     return pairs, files
 
 
