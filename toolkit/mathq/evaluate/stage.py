@@ -362,7 +362,7 @@ def _bench_summary(model: str, quant: str, gguf: Path, options: BenchOptions,
         gpu_layers=result.gpu_layers, offloadable_layers=result.offloadable_layers,
         vram_bytes=result.vram_bytes, baseline_rss_bytes=result.baseline_rss_bytes,
         llama_buffers=dict(result.llama_buffers), buffers_context=result.buffers_context,
-        buffers_by_context={k: dict(v) for k, v in result.buffers_by_context.items()},
+        buffers_by_context={int(k): dict(v) for k, v in result.buffers_by_context.items()},
         environment=measurement_environment(result.threads))
 
 

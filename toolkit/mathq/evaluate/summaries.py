@@ -142,9 +142,9 @@ class BenchSummary:
     llama_buffers: dict[str, int] = field(default_factory=dict)
     buffers_context: int | None = None
     environment: dict[str, str] = field(default_factory=dict)
-    # The same buffers for one-sequence contexts of other lengths (keys: tokens, as text),
-    # read without decoding: what running the file at that context takes.
-    buffers_by_context: dict[str, dict[str, int]] = field(default_factory=dict)
+    # The same buffers for one-sequence contexts of other lengths (by tokens), read without
+    # decoding: what running the file at that context takes.
+    buffers_by_context: dict[int, dict[str, int]] = field(default_factory=dict)
 
     @property
     def rss_over_baseline_bytes(self) -> int | None:
@@ -240,9 +240,14 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         return _build(inner[0], value, where)
     if origin is dict:
-        _k, v = typing.get_args(tp)
+        key, v = typing.get_args(tp)
         if not isinstance(value, dict):
             raise _SchemaError(f"{where} must be an object, got {_JSON_KIND[type(value)]}")
+        if key is int:  # JSON keys are text: an int key must be written in digits
+            bad = next((k for k in value if not (k.isascii() and k.isdigit())), None)
+            if bad is not None:
+                raise _SchemaError(f"{where} has the key {bad[:40]!r} where a number belongs")
+            return {int(k): _build(v, x, f"{where}.{k}") for k, x in value.items()}
         return {k: _build(v, x, f"{where}.{k}") for k, x in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, list):
