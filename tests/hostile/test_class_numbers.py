@@ -33,7 +33,8 @@ from mathq.inputs import UnreadableInput, parse_json, parse_toml
 from tests.hostile.census import check_error_lines, commands, long_name, quoted_option
 
 HOSTILE_NUMBERS = ("nan", "NaN", "inf", "-inf", "Infinity", "-1", "0", "1e308", "1e999",
-                   "9" * 5000, "-" + "9" * 5000, "0x10", "", " ", "1,5", "4.5.6", "١٢", "²", "½")
+                   "9" * 5000, "-" + "9" * 5000, "0x10", "", " ", "1,5", "4.5.6", "١٢", "²", "½",
+                   "--5", "-+1")
 
 NUMERIC = [(path, command, param) for path, command in commands()
            for param in command.params if isinstance(param.type, NumberType)]

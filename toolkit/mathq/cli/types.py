@@ -51,11 +51,14 @@ class Int(NumberType):
             number = value
         else:
             text = str(value).strip().replace("_", "")
-            digits = text.lstrip("+-")
-            if not digits.isdecimal() or len(digits) > 30:
+            digits = text[1:] if text[:1] in ("+", "-") else text  # one sign at most
+            try:
+                if not digits.isdecimal() or len(digits) > 30:
+                    raise ValueError(text)
+                number = int(text)
+            except ValueError:
                 self.fail(f"{_number_text(value)!r} is not a whole number from {self.low} "
                           f"to {self.high}", param, ctx)
-            number = int(text)
         if not self.low <= number <= self.high:
             self.fail(f"{_number_text(value)} is not in the range {self.low} to {self.high}",
                       param, ctx)
