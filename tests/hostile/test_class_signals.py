@@ -27,6 +27,8 @@ import os
 import random
 import resource
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -210,3 +212,61 @@ def test_ctrl_c_inside_llama_cpp_aborts_the_evaluation(pristine: Path, tmp_path:
     assert time.monotonic() - started < 30
     assert not dest.exists() and list(tmp_path.iterdir()) == []
     assert "Exception ignored" not in capfd.readouterr().err
+
+
+def test_a_stop_signal_before_the_command_line_is_imported_stops_it_in_one_line():
+    """mathq.launch notes a Ctrl-C that arrives while the commands are imported; the
+    command line then stops before the command starts, with the usual line and code."""
+    script = ("import os, signal, sys; from mathq import launch; "
+              "signal.signal(signal.SIGINT, launch._note); os.kill(os.getpid(), signal.SIGINT); "
+              "from mathq.cli import main; sys.argv = ['mathq', 'recipes']; "
+              "main(early_signals=launch._early)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 130, done.stderr
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "Error: stopped by SIGINT; unfinished files were removed (run the same command again: "
+        "finished work is kept)"]
+
+
+def _ignores_sigint(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    raise AssertionError("no SigIgn line")
+
+
+def test_workers_start_with_ctrl_c_ignored_and_the_parent_keeps_it():
+    """A grading worker is spawned with SIGINT ignored from its first instruction (a Ctrl-C
+    to the process group while it starts up would print its traceback), and the parent's
+    own handler is back once they run."""
+    from mathq.errors import (
+        handle_stop_signals,
+        ignore_stop_signals,
+        interrupts_ignored_by_children,
+    )
+    from mathq.evaluate.grading.isolation import JudgePool
+
+    handle_stop_signals()
+    try:
+        before = signal.getsignal(signal.SIGINT)
+        sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+        with interrupts_ignored_by_children():
+            shielded = subprocess.Popen(sleeper)
+        plain = subprocess.Popen(sleeper)
+        time.sleep(1.0)  # both interpreters are up: Python left an ignored SIGINT ignored
+        try:
+            assert _ignores_sigint(shielded.pid) and not _ignores_sigint(plain.pid)
+        finally:
+            for proc in (shielded, plain):
+                proc.kill()
+                proc.wait()
+        assert signal.getsignal(signal.SIGINT) is before
+        with JudgePool(2) as pool:
+            assert len(pool.pids()) == 2  # started on entering, in this (the main) thread
+            assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        ignore_stop_signals()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -263,6 +263,27 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def interrupts_ignored_by_children() -> Iterator[None]:
+    """Start worker processes inside this block. Ctrl-C reaches the terminal's whole process
+    group, and a spawned interpreter hit while it starts up prints KeyboardInterrupt's
+    traceback before any of mathq's code runs in it. An ignored signal stays ignored across
+    exec, so SIGINT is ignored while the children start; it is blocked meanwhile too, and
+    Linux keeps a blocked signal pending even while it is ignored, so this process still
+    gets a Ctrl-C that arrived in between once the block ends. Only the main thread can
+    change a handler: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def leave_interrupts_to_parent() -> None:
     """For a worker process's first line: Ctrl-C reaches the terminal's whole process group,
     and a worker would print KeyboardInterrupt's traceback; its parent stops it instead."""

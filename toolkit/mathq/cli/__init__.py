@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -197,11 +198,15 @@ for command, short_help in PIPELINE:
     cli.add_command(command)
 
 
-def main() -> None:
-    """Console-script entry point: SIGINT and SIGTERM unwind the command (temporary files
-    removed, locks released) and end it with one line, wherever they arrive."""
+def main(early_signals: Sequence[int] = ()) -> None:
+    """Run the command line (:mod:`mathq.launch` calls this): SIGINT and SIGTERM unwind the
+    command (temporary files removed, locks released) and end it with one line, wherever
+    they arrive; one that arrived while the command line was imported
+    (``early_signals``) stops it before it starts."""
     handle_stop_signals()
     try:
+        if early_signals:
+            raise Terminated(early_signals[0])
         cli(prog_name="mathq")
     except Terminated as e:  # while Click parsed the options, before any command ran
         stopped = _stopped(e)

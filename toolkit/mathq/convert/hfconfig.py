@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mathq.errors import CheckpointError, InputFileError, shorten
-from mathq.inputs import UnreadableInput, finite, parse_json, read_text
+from mathq.inputs import UnreadableInput, file_problem, finite, parse_json, read_text
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -81,11 +81,11 @@ def read_checkpoint_json(path: Path, hint: str) -> Any:
 def load_config(hf_dir: Path) -> dict[str, Any]:
     """Read ``config.json`` as a dict, or raise naming the file."""
     path = Path(hf_dir) / "config.json"
-    if not path.is_file():
+    if (problem := file_problem(path)) is not None:
+        where = f"no config.json in {hf_dir}" if problem == "does not exist" \
+            else f"{path} {problem}"
         raise InputFileError(
-            f"no config.json in {hf_dir}",
-            "point at a Hugging Face model folder (config.json, tokenizer, *.safetensors)",
-        )
+            where, "point at a Hugging Face model folder (config.json, tokenizer, *.safetensors)")
     data = read_checkpoint_json(path, "download the checkpoint again")
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a JSON object", "download the checkpoint again")

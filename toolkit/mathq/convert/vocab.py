@@ -32,7 +32,8 @@ from typing import Any
 import gguf
 
 from mathq.convert.hfconfig import read_checkpoint_json
-from mathq.errors import CheckpointError
+from mathq.errors import CheckpointError, shorten
+from mathq.inputs import file_problem
 
 # llama.cpp pre-tokenizer name -> SHA-256 of the canonical JSON of the ``pre_tokenizer``
 # section (see :func:`pre_tokenizer_signature`) of a tokenizer.json known to need it.
@@ -221,7 +222,10 @@ def build_vocab(
 
     config_path = hf_dir / "tokenizer_config.json"
     tok_config: dict[str, Any] = {}
-    if config_path.is_file():
+    problem = file_problem(config_path)
+    if problem not in (None, "does not exist"):  # optional, but not as a pipe or a folder
+        raise CheckpointError(f"{config_path} {problem}", "download it again")
+    if problem is None:
         loaded = read_checkpoint_json(config_path, "download it again")
         tok_config = loaded if isinstance(loaded, dict) else {}
     _add_missing_specials(tok_config, data["model"]["vocab"], added, id_to_token, n_vocab)
@@ -253,7 +257,18 @@ def build_vocab(
     add_space_prefix = None
     if isinstance(tok_config.get("add_prefix_space"), bool):
         add_space_prefix = tok_config["add_prefix_space"]
-    special = gguf.SpecialVocab(hf_dir, load_merges=True)
+    try:
+        special = gguf.SpecialVocab(hf_dir, load_merges=True)
+    except ValueError as e:  # gguf refuses a negative special token id
+        raise CheckpointError(f"{hf_dir}: {e}", "fix the token ids in config.json and "
+                              "tokenizer_config.json") from None
+    for kind, token_id in special.special_token_ids.items():
+        if not isinstance(token_id, int) or isinstance(token_id, bool) \
+                or not 0 <= token_id < n_vocab:
+            raise CheckpointError(
+                f"{hf_dir}: the {kind} token id {shorten(repr(token_id), 40)} is not a token "
+                f"of the vocabulary (0 to {n_vocab - 1})",
+                "fix the token ids in config.json and tokenizer_config.json")
     if not special.merges:
         raise CheckpointError(
             f"{hf_dir / 'tokenizer.json'}: no BPE merges", "download the tokenizer again"

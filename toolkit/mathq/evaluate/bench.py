@@ -48,7 +48,13 @@ from typing import Any
 
 import numpy as np
 
-from mathq.errors import InferenceError, MathqError, Terminated, leave_interrupts_to_parent
+from mathq.errors import (
+    InferenceError,
+    MathqError,
+    Terminated,
+    interrupts_ignored_by_children,
+    leave_interrupts_to_parent,
+)
 from mathq.evaluate.summaries import BenchSummary, MeanSd
 from mathq.progress import Progress, ProgressCallback, no_progress
 
@@ -306,7 +312,8 @@ def bench_isolated(path: Path, options: BenchOptions,
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_child, args=(str(path), asdict(options), child), daemon=True,
                        name="mathq-bench")
-    proc.start()
+    with interrupts_ignored_by_children():
+        proc.start()
     child.close()
     try:
         while True:

@@ -17,6 +17,7 @@ from multiprocessing.connection import Connection
 from types import TracebackType
 from typing import Any
 
+from mathq.errors import interrupts_ignored_by_children
 from mathq.evaluate.grading.equivalence import (
     DEFAULT_TIMEOUT_S,
     Judgement,
@@ -62,13 +63,19 @@ class _Worker:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_serve, args=(child,), daemon=True,
                                  name="mathq-judge")
-        proc.start()
+        with interrupts_ignored_by_children():
+            proc.start()
         child.close()
         if not parent.poll(STARTUP_S) or parent.recv() != "ready":
             proc.kill()
             raise RuntimeError("a mathq grading worker did not start")
         self._proc, self._conn = proc, parent
         return parent
+
+    def start(self) -> None:
+        """Start the process unless it runs."""
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
 
     def ask(self, gold: str, pred: str, timeout_s: float) -> Judgement:
         conn = self._conn if self._proc is not None and self._proc.is_alive() else None
@@ -109,7 +116,8 @@ class _Worker:
 class JudgePool:
     """``workers`` processes that judge answers; :meth:`judge` is safe from any thread.
 
-    Use as a context manager (or call :meth:`close`); processes start on first use.
+    Use as a context manager (or call :meth:`close`): entering it starts the processes;
+    outside one they start on first use.
     """
 
     def __init__(self, workers: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
@@ -141,6 +149,10 @@ class JudgePool:
             w.stop()
 
     def __enter__(self) -> JudgePool:
+        """Start every worker now, in this thread: started from the threads that judge,
+        a worker could not be shielded from a Ctrl-C while it starts up."""
+        for w in self._all:
+            w.start()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
