@@ -146,8 +146,8 @@ def test_kld_errors_name_the_fix(tmp_path: Path, tiny_quant_ggufs: dict[str, Pat
     layout = link_ggufs(root, {"Q4_K_M": tiny_quant_ggufs["Q4_K_M"]})
     base = ["kld", str(recipe), "--build-dir", str(root), "-c", str(CTX), "--threads", "1"]
     assert _error([*base, "--quant", "Q4_K_M"]) == (
-        1, f"Error: reference model {layout.gguf('BF16')} not found (run `mathq convert` "
-           "first, or measure against Q8_0 with --reference Q8_0)")
+        1, f"Error: reference model {layout.gguf('BF16')} not found (run `mathq convert "
+           f"{TINY_MODEL}`, or measure against Q8_0 with --reference Q8_0)")
     link_ggufs(root, {"Q8_0": tiny_quant_ggufs["Q8_0"]})
     assert _error([*base, "--quant", "Q6_K", "--reference", "Q8_0"]) == (
         1, f"Error: Q6_K model {layout.gguf('Q6_K')} not found "

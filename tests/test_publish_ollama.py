@@ -216,7 +216,7 @@ def test_unknown_tag_and_missing_gguf_fail_before_any_request(setup):
     missing.unlink()
     result = publish(recipe, root, fake, "--namespace", "me", code=1)
     assert result.output.splitlines() == [
-        f"Error: {missing} not found (make it with `mathq quantize {recipe} -Q Q8_0`)"]
+        f"Error: {missing} not found (make it with `mathq quantize {recipe} --quant Q8_0`)"]
     assert fake.requests == []
 
 
@@ -228,7 +228,7 @@ def test_a_gguf_of_another_type_than_its_name_is_refused(setup, tiny_quantized):
     result = publish(recipe, root, fake, "--namespace", "me", code=1)
     assert result.output.splitlines() == [
         f"Error: {wrong} holds Q4_K_M, not Q8_0 (rebuild it with "
-        f"`mathq quantize {recipe} -Q Q8_0`)"]
+        f"`mathq quantize {recipe} --quant Q8_0`)"]
     assert fake.requests == []
 
 

@@ -51,6 +51,16 @@ class BuildLayout:
         """``manifest.json``: what each artifact was made from."""
         return self.root / "manifest.json"
 
+    def require(self) -> None:
+        """Raise InputFileError when the build folder does not exist: a command that only
+        reads it (report) says so and creates nothing, rather than making a folder where a
+        mistyped ``--build-dir`` points."""
+        if not self.root.is_dir():
+            from mathq.errors import InputFileError
+
+            raise InputFileError(f"no build folder of {self.name} at {self.root}",
+                                 f"check --build-dir, or make one: mathq build {self.name}")
+
     def gguf(self, quant: str) -> Path:
         """``<name>-<QUANT>.gguf``, e.g. ``deepseek-math-7b-rl-Q4_K_M.gguf``."""
         return self.root / f"{self.name}-{quant}.gguf"

@@ -150,7 +150,10 @@ def _output_hint(err: OutputError | DiskSpaceError, where: str) -> str:
 
 
 def _shorten_words(text: str) -> str:
-    """Every overlong word of ``text`` shortened (see :func:`mathq.errors.shorten`)."""
+    """Every overlong word of ``text`` shortened (see :func:`mathq.errors.shorten`), and its
+    line breaks and other control characters written as escapes (a path may hold them),
+    so the error stays one line."""
+    text = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group(0))[1:-1], text)
     return re.sub(rf"[^\s'\"]{{{SHORTEN_LIMIT + 1},}}", lambda m: shorten(m.group(0)), text)
 
 

@@ -74,7 +74,7 @@ from mathq.llama.runtime import PARALLEL_AUTO
 from mathq.manifest import Fingerprint, Manifest, file_identity
 from mathq.progress import ProgressCallback, no_progress
 from mathq.recipes.prompt import stop_strings
-from mathq.recipes.quants import get_quant
+from mathq.recipes.quants import get_quant, making_command
 from mathq.recipes.recipe import Recipe, load_recipe
 
 
@@ -187,7 +187,7 @@ def smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: Buil
     gguf = (gguf_path or layout.gguf(quant)) if spec.kind == "llama" else None
     if gguf is not None and not gguf.is_file():
         raise InputFileError(f"no {quant} GGUF at {gguf}",
-                             f"make it first: mathq quantize {recipe.name} --quant {quant}")
+                             f"make it first: {making_command(recipe.name, quant)}")
     ollama_model = ollama_model_name(recipe, quant, spec.model) if spec.kind == "ollama" else None
 
     fingerprint = smoke_fingerprint(recipe, quant, options, layout)
@@ -375,7 +375,7 @@ def run_bench(recipe: Recipe, quants: Sequence[str], options: BenchOptions,
         gguf = layout.gguf(q)
         if not gguf.is_file():
             raise InputFileError(f"no {q} GGUF at {gguf}",
-                                 f"make it first: mathq quantize {recipe.name} --quant {q}")
+                                 f"make it first: {making_command(recipe.name, q)}")
         read_gguf_header(gguf)
     outcomes = []
     with removing_new_dirs(layout.bench_dir):  # a run stopped early leaves no empty folder

@@ -34,6 +34,14 @@ class Rate:
     low: float
     high: float
 
+    def problem(self) -> str | None:
+        """What makes this not a proportion (read from a file, it may be damaged), or None."""
+        if not 0 <= self.k <= self.n:
+            return f"{self.k} of {self.n} is not a count of successes"
+        if not 0 <= self.low <= self.high <= 1 or not 0 <= self.value <= 1:
+            return f"{self.value} [{self.low}, {self.high}] is not a proportion and its interval"
+        return None
+
 
 def wilson_rate(k: int, n: int, z: float = 1.959964) -> Rate:
     """``k`` of ``n`` with its Wilson score interval (95 % for the default ``z``).
@@ -233,8 +241,12 @@ def _build(tp: Any, value: Any, where: str) -> Any:
                    and f.default_factory is dataclasses.MISSING]
         if missing:
             raise _SchemaError(f"{where} lacks field {missing[0]!r}")
-        return tp(**{name: _build(hints[name], value[name], f"{where}.{name}")
-                     for name in fields if name in value})
+        built = tp(**{name: _build(hints[name], value[name], f"{where}.{name}")
+                      for name in fields if name in value})
+        check = getattr(built, "problem", None)
+        if callable(check) and (problem := check()) is not None:
+            raise _SchemaError(f"{where}: {problem}")
+        return built
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(tp) if a is not type(None)]

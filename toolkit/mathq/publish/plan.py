@@ -24,7 +24,7 @@ from mathq.layout import BuildLayout, overrides_file
 from mathq.manifest import Manifest, file_identity
 from mathq.modelfile.write import select_tags
 from mathq.progress import ProgressCallback, no_progress
-from mathq.recipes.quants import parse_variant
+from mathq.recipes.quants import making_command, parse_variant
 from mathq.recipes.recipe import Recipe, bundled_recipes_dir, name_problem
 from mathq.report.advice import with_advice
 from mathq.report.table import ReportData, collect
@@ -143,12 +143,7 @@ def _overrides(recipe: Recipe, variant: str, gguf: Path, tuned: dict[str, str]) 
 
 
 def _making(recipe: Recipe, variant: str) -> str:
-    """The command that makes ``variant``'s file: ``mathq tune`` for a tuned one."""
-    v = parse_variant(variant)
-    if v.tuned:
-        matrix = " --imatrix FILE" if v.imatrix else ""
-        return f"`mathq tune {recipe_ref(recipe)} --match {v.quant.name}{matrix}`"
-    return f"`mathq quantize {recipe_ref(recipe)} -Q {variant}`"
+    return f"`{making_command(recipe_ref(recipe), variant)}`"
 
 
 def _check_current(recipe: Recipe, layout: BuildLayout, variants: Sequence[str]) -> None:

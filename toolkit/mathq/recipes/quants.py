@@ -203,6 +203,19 @@ def parse_variant(name: str) -> Variant:
     return Variant(quant, imatrix, tuned)
 
 
+def making_command(recipe: str, variant: str) -> str:
+    """The command that makes ``variant``'s file for ``recipe`` (a recipe's name or path):
+    ``mathq convert`` for the full-precision file, ``mathq tune`` for a tuned one, else
+    ``mathq quantize``; the one place every "make it first" hint comes from."""
+    v = parse_variant(variant)
+    if v.quant.is_float:
+        return f"mathq convert {recipe}"
+    if v.tuned:
+        matrix = " --imatrix FILE" if v.imatrix else ""
+        return f"mathq tune {recipe} --match {v.quant.name}{matrix}"
+    return f"mathq quantize {recipe} --quant {v.name}"
+
+
 def parse_variant_list(text: str) -> tuple[Variant, ...]:
     """Parse ``Q4_K_M,Q4_K_M-imat`` into variants, keeping order and dropping repeats."""
     seen: dict[str, Variant] = {}

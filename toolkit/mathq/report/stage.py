@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from mathq import __version__
-from mathq.errors import InputFileError
 from mathq.fsutil import atomic_outputs, removing_new_dirs, to_jsonable
 from mathq.layout import BuildLayout
 from mathq.manifest import Fingerprint, Manifest
@@ -107,9 +106,7 @@ def build_report(recipe_ref: str | Path, options: ReportOptions = ReportOptions(
     """Gather the build folder's summaries and write every report file."""
     recipe = load_recipe(recipe_ref)
     layout = BuildLayout.for_model(recipe.name, build_root)
-    if not layout.root.is_dir():  # a mistyped --build-dir: say so, create nothing
-        raise InputFileError(f"no build folder of {recipe.name} at {layout.root}",
-                             f"check --build-dir, or make one: mathq build {recipe.name}")
+    layout.require()
     out = options.out_dir or layout.report_dir
     steps = ("summaries", "plots", "pages")
     progress(Progress("report", 0, len(steps), "steps", item=steps[0]))

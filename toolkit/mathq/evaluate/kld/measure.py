@@ -42,6 +42,7 @@ from mathq.fsutil import (
 from mathq.layout import BuildLayout
 from mathq.manifest import file_identity
 from mathq.progress import Progress, ProgressCallback, no_progress
+from mathq.recipes.quants import making_command
 
 CACHE_FORMAT = 1   # bump when the cache's meaning changes, so old files are not reused
 
@@ -102,8 +103,8 @@ def reference_cache_path(layout: BuildLayout, reference: str, key: str) -> Path:
 def require_gguf(layout: BuildLayout, quant: str, why: str) -> Path:
     path = layout.gguf(quant)
     if not path.is_file():
-        hint = ("run `mathq convert` first, or measure against Q8_0 with --reference Q8_0"
-                if quant == "BF16" else f"run `mathq quantize {layout.name} --quant {quant}`")
+        hint = f"run `{making_command(layout.name, quant)}`" + (
+            ", or measure against Q8_0 with --reference Q8_0" if quant == "BF16" else "")
         raise InputFileError(f"{why} {path} not found", hint)
     return path
 
