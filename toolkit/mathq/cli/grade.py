@@ -20,7 +20,8 @@ from mathq.evaluate.grading.equivalence import DEFAULT_TIMEOUT_S
               help="Take gold answers from this problem set, by id (for results "
                    "without an 'answer' field, or to override it).")
 @click.option("--workers", type=Int(0, 1024), default=0, show_default=True,
-              help="Compare in this many worker processes in parallel (0: in this process).")
+              help="Compare in this many worker processes in parallel (0: in this "
+                   "process); at most one per result and four per core are started.")
 @click.option("--timeout", "timeout_s", type=Float(0.1, MAX_SECONDS), default=DEFAULT_TIMEOUT_S,
               show_default=True, help="Seconds one answer comparison may take; "
               "an overrun counts as wrong (verdict 'timeout').")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -355,6 +356,9 @@ def regrade_file(path: Path, *, out: Path | None = None,
     if workers > 0:
         from mathq.evaluate.grading.isolation import JudgePool
 
+        # A process per record at most, and a few per core: more only cost memory (each
+        # holds SymPy), and the pool starts them all at once.
+        workers = max(1, min(workers, len(records), 4 * (os.cpu_count() or 1)))
         with JudgePool(workers, timeout_s) as pool, ThreadPoolExecutor(workers) as ex:
             futures = [ex.submit(one, rec, pool.judge) for _, rec in records]
             for fut, (_, rec) in zip(futures, records, strict=True):
