@@ -65,7 +65,7 @@ LONG_CONTEXT = 8192
 def memory_contexts(num_ctx: int | None) -> tuple[int, ...]:
     """The contexts memory is stated at for files run with ``num_ctx`` (a recipe's Ollama
     parameter; None when it sets none): that one and :data:`LONG_CONTEXT`."""
-    return tuple(sorted({num_ctx, LONG_CONTEXT} - {None}))  # type: ignore[arg-type]
+    return tuple(sorted({LONG_CONTEXT, *([num_ctx] if num_ctx else [])}))
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,8 @@ class BenchResult:
     gpu_layers: int = 0
     offloadable_layers: int | None = None
     vram_bytes: int | None = None
-    # llama.cpp's buffers by context length (as a string: the summary is JSON).
-    buffers_by_context: dict[str, dict[str, int]] = field(default_factory=dict)
+    # llama.cpp's buffers by one-sequence context length in tokens.
+    buffers_by_context: dict[int, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def bench_gguf(path: Path, options: BenchOptions,
         by_context = {}
         for n_ctx in sorted({min(c, model.n_ctx_train) for c in options.memory_contexts}):
             probe = Context(model, 1, n_ctx, engine_options)
-            by_context[str(n_ctx)] = {**model.buffer_bytes, **probe.buffer_bytes}
+            by_context[n_ctx] = {**model.buffer_bytes, **probe.buffer_bytes}
             probe.close()
         return BenchResult(path=Path(path), threads=engine_options.n_threads(model),
                            load_seconds=round(model.load_seconds, 3),

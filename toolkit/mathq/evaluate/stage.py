@@ -324,9 +324,7 @@ def recipe_bench_options(recipe: Recipe, options: BenchOptions | None = None
     """``options`` (default: llama-bench's) with memory also stated at the context the
     recipe's Modelfiles set."""
     options = options or BenchOptions()
-    num_ctx = dict(recipe.ollama.parameters).get("num_ctx")
-    return dataclasses.replace(options, memory_contexts=memory_contexts(
-        num_ctx if isinstance(num_ctx, int) and num_ctx > 0 else None))
+    return dataclasses.replace(options, memory_contexts=memory_contexts(recipe.ollama.num_ctx))
 
 
 def bench_fingerprint(layout: BuildLayout, quant: str,
@@ -362,7 +360,7 @@ def _bench_summary(model: str, quant: str, gguf: Path, options: BenchOptions,
         gpu_layers=result.gpu_layers, offloadable_layers=result.offloadable_layers,
         vram_bytes=result.vram_bytes, baseline_rss_bytes=result.baseline_rss_bytes,
         llama_buffers=dict(result.llama_buffers), buffers_context=result.buffers_context,
-        buffers_by_context={int(k): dict(v) for k, v in result.buffers_by_context.items()},
+        buffers_by_context={k: dict(v) for k, v in result.buffers_by_context.items()},
         environment=measurement_environment(result.threads))
 
 

@@ -129,9 +129,10 @@ def render_model_card(recipe: Recipe, repo_id: str, data: ReportData,
         f"by mathq{measured}.", "",
     ]
     lines += _which_file(recipe, data, rows)
-    lines += _files_table(data, rows)
+    table = _files_table(data, rows)
+    lines += table
     lines += _kind_lines(data, uploaded)
-    lines += _measurement_notes(recipe, data, rows)
+    lines += _measurement_notes(recipe, data, rows, table)
     lines += _prompt_section(recipe)
     lines += _run_sections(recipe, repo_id, data, uploaded, namespace)
     return "\n".join(lines)
@@ -184,8 +185,7 @@ def _no_pick(data: ReportData, uploaded: Sequence[str]) -> str:
 
 def _budget_lines(recipe: Recipe, data: ReportData, uploaded: Sequence[str],
                   after_pick: bool) -> list[str]:
-    num_ctx = dict(recipe.ollama.parameters).get("num_ctx")
-    n_ctx = stated_context(data, num_ctx if isinstance(num_ctx, int) else None, uploaded)
+    n_ctx = stated_context(data, recipe.ollama.num_ctx, uploaded)
     candidates = budget_candidates(data, uploaded)
     if n_ctx is None:
         return ["Memory was not measured for these files, so no choice by memory budget is "
@@ -290,8 +290,10 @@ def _kind_lines(data: ReportData, uploaded: Sequence[CardFile]) -> list[str]:
     return ["Variants that are not llama.cpp's stock mix:", "", *lines, ""] if lines else []
 
 
-def _measurement_notes(recipe: Recipe, data: ReportData,
-                       rows: Sequence[CardFile]) -> list[str]:
+def _measurement_notes(recipe: Recipe, data: ReportData, rows: Sequence[CardFile],
+                       table: Sequence[str]) -> list[str]:
+    """How each column was measured; ``table`` is the files table as rendered (a note
+    explains its dashes, if it has any)."""
     notes: list[str] = []
     if data.smoke_n or data.smoke_suite_title:
         n = f" ({data.smoke_n} problems)" if data.smoke_n else ""
@@ -316,14 +318,14 @@ def _measurement_notes(recipe: Recipe, data: ReportData,
         notes.append("Memory: llama.cpp's model, KV-cache (F16), compute and output buffers "
                      "for one sequence of that context, as `mathq bench` measured them; add "
                      "a few hundred MB for the program itself.")
-    num_ctx = dict(recipe.ollama.parameters).get("num_ctx")
+    num_ctx = recipe.ollama.num_ctx
     trained = min((c.gguf.context_length for c in rows
                    if c.gguf is not None and c.gguf.context_length), default=None)
-    if isinstance(num_ctx, int) and trained and num_ctx > trained:
+    if num_ctx and trained and num_ctx > trained:
         notes.append(f"The Modelfiles set num_ctx {num_ctx:,}, beyond the {trained:,} tokens "
                      "the model was trained on: text past that length is unlikely to be "
                      "answered well, and takes more memory than the table says.")
-    if any(f" {MISSING} " in line for line in _files_table(data, rows)):
+    if any(f" {MISSING} " in line for line in table):
         notes.append("A dash means not measured for this release.")
     return [*(f"{n}\n" for n in notes)]
 
@@ -377,7 +379,7 @@ def _run_sections(recipe: Recipe, repo_id: str, data: ReportData,
                     for c in uploaded if c.gguf is not None), "```", ""]
     example = render_prompt(recipe.prompt, EXAMPLE_QUESTION)
     params = dict(recipe.ollama.parameters)
-    n_ctx = params.get("num_ctx") if isinstance(params.get("num_ctx"), int) else 0
+    n_ctx = recipe.ollama.num_ctx or 0
     temp, penalty = params.get("temperature", 0.0), params.get("repeat_penalty", 1.0)
     return [*lines,
             "## Run with llama.cpp", "",

@@ -25,9 +25,9 @@ from mathq.manifest import Manifest, file_identity
 from mathq.modelfile.write import select_tags
 from mathq.progress import ProgressCallback, no_progress
 from mathq.recipes.quants import making_command, parse_variant
-from mathq.recipes.recipe import Recipe, bundled_recipes_dir, name_problem
+from mathq.recipes.recipe import Recipe, name_problem
 from mathq.report.advice import with_advice
-from mathq.report.table import ReportData, collect
+from mathq.report.table import ReportData, collect, recipe_ref
 
 #: The header keys under which ``mathq tune`` describes a tuned file.
 TUNED_KEY = "quantize.tuned."
@@ -59,12 +59,6 @@ def check_names(tags: Sequence[str] = (), namespace: str | None = None) -> None:
     for tag in tags:
         if problem := name_problem(tag, "tag"):
             raise InvalidNameError(problem, "Ollama names are 1-80 letters, digits, '_', '.', '-'")
-
-
-def recipe_ref(recipe: Recipe) -> str:
-    """How a command line names this recipe: its name if bundled, else its path."""
-    bundled = bundled_recipes_dir().resolve()
-    return recipe.name if recipe.path.resolve().parent == bundled else str(recipe.path)
 
 
 def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None = None,

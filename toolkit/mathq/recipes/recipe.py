@@ -65,6 +65,14 @@ class OllamaSpec:
         """Tags in recipe order, each mapped to its quant type name."""
         return dict(self.tags)
 
+    @property
+    def num_ctx(self) -> int | None:
+        """The context the Modelfiles set (``num_ctx``), or None when they set none: what
+        bench states memory at and the model card runs llama.cpp with."""
+        value = dict(self.parameters).get("num_ctx")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 \
+            else None
+
 
 @dataclass(frozen=True)
 class SmokeSpec:

@@ -371,7 +371,7 @@ def collect(recipe: Recipe, layout: BuildLayout,
             rss_over_baseline_bytes=b.rss_over_baseline_bytes if b else None,
             llama_buffers=dict(b.llama_buffers) if b else {},
             buffers_context=b.buffers_context if b else None,
-            buffers_by_context=({int(c): dict(v) for c, v in b.buffers_by_context.items()}
+            buffers_by_context=({c: dict(v) for c, v in b.buffers_by_context.items()}
                                 if b else {}),
             kld_vs=k.reference if k else None,
             by_subject=dict(s.by_subject) if s else {},
