@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mathq.convert.gguf_info import read_gguf_summary
-from mathq.errors import QuantizeError
+from mathq.errors import MathqError, QuantizeError
 from mathq.llama.runtime import capture_llama_log
 from mathq.manifest import Manifest
 from mathq.quantize.core import QuantizeOptions, quantize_gguf
@@ -196,3 +196,71 @@ def test_cli_errors_are_one_line_and_leave_no_file(variants, tmp_path):
     assert result.output.strip() == (
         "Error: unknown quantization type 'Q4KM' (did you mean Q4_K_M or Q5_K_M or Q4_K_S?)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.gguf"]
+
+
+def _bump_u32(src: Path, dest: Path, key: str) -> Path:
+    """``src`` with the u32 metadata value ``key`` one larger: a header llama.cpp refuses."""
+    data = bytearray(src.read_bytes())
+    at = data.index(key.encode()) + len(key)
+    kind, value = struct.unpack_from("<II", data, at)
+    assert kind == 4  # GGUF_TYPE_UINT32
+    struct.pack_into("<I", data, at + 4, value + 1)
+    dest.write_bytes(data)
+    return dest
+
+
+@pytest.mark.parametrize("breakage", ["llama.block_count", "llama.embedding_length",
+                                      "truncated"])
+def test_verification_refuses_what_llama_cpp_refuses(variants, tmp_path, breakage):
+    """Verifying without reading the weights still checks what a load checks: every tensor
+    the hyper-parameters call for (a missing block), their shapes, the file's bounds."""
+    from mathq.quantize.core import verify_quantized
+
+    good = variants["Q8_0"]
+    n = len(read_gguf_summary(good).tensors)
+    bad = tmp_path / "bad.gguf"
+    if breakage == "truncated":
+        bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    else:
+        _bump_u32(good, bad, breakage)
+    with pytest.raises(MathqError):  # the header check or llama.cpp's load refuses it
+        verify_quantized(bad, get_quant("Q8_0"), n)
+    assert verify_quantized(good, get_quant("Q8_0"), n).file_type == get_quant("Q8_0").ftype
+
+
+def test_verification_reads_no_weights(tiny_bf16_gguf, tmp_path):
+    """At 7B a full load to verify held the whole output in memory (7.1 GiB RSS for Q8_0,
+    2.5x llama-quantize's own peak); the check must cost megabytes, whatever the file's size.
+    Measured by the process's own VmHWM (ru_maxrss would carry pytest's peak across exec)."""
+    import subprocess
+    import sys
+
+    out = quantize_gguf(tiny_bf16_gguf, tmp_path / "q8.gguf", QuantizeOptions(
+        quant=get_quant("Q8_0"), threads=2)).path
+    script = (
+        "import sys\n"
+        "import llama_cpp\n"
+        "from mathq.convert.gguf_info import read_gguf_summary\n"
+        "from mathq.convert.verify import LlamaVocab\n"
+        "from mathq.quantize.core import verify_quantized\n"
+        "from mathq.recipes.quants import get_quant\n"
+        "def hwm():\n"
+        "    status = open('/proc/self/status').read().split('VmHWM:')[1]\n"
+        "    return 1024 * int(status.split()[0])\n"
+        "n = len(read_gguf_summary(sys.argv[1]).tensors)\n"
+        "llama_cpp.llama_backend_init()\n"
+        "before = hwm()\n"
+        "if sys.argv[2] == 'vocab':\n"
+        "    LlamaVocab(sys.argv[1]).close()\n"
+        "else:\n"
+        "    verify_quantized(sys.argv[1], get_quant('Q8_0'), n)\n"
+        "print(hwm() - before)\n")
+
+    def grown(what: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", script, str(out), what], check=True,
+                                  capture_output=True, text=True).stdout.split()[-1])
+
+    # The vocabulary (102,400 tokens) costs the same in both: what verifying adds beyond it
+    # must be small beside the weights.
+    extra = grown("verify") - grown("vocab")
+    assert extra < out.stat().st_size // 4, (extra, out.stat().st_size)

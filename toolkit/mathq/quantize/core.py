@@ -263,7 +263,13 @@ def read_tensor_type_file(path: Path) -> tuple[tuple[str, str], ...]:
 
 
 def verify_quantized(path: Path, quant: QuantType, n_tensors: int) -> GGUFSummary:
-    """Reopen a fresh output: right file type, every tensor present, and llama.cpp loads it."""
+    """Reopen a fresh output: right file type, every tensor present, and llama.cpp loads it.
+
+    llama.cpp loads it without its weights (``no_alloc``, no mmap): the architecture, the
+    hyper-parameters, every tensor's presence and shape and the file's bounds are checked as
+    in a full load, but no weight page is read, so verifying a 7 GB file costs megabytes of
+    memory instead of the file's size (a full load maps and faults in all of it).
+    """
     import llama_cpp
 
     out = read_gguf_summary(path)
@@ -275,6 +281,9 @@ def verify_quantized(path: Path, quant: QuantType, n_tensors: int) -> GGUFSummar
                             f"{n_tensors}", "this is a bug; please report it")
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = 0
+    mparams.no_alloc = True
+    mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE  # no_alloc maps nothing
+    mparams.lazy_mode = llama_cpp.LLAMA_LAZY_MODE_OFF
     with capture_llama_log(lambda _level, _line: None):
         handle = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
     if not handle:
