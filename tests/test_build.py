@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from mathq.cli import cli
 from mathq.convert.gguf_info import read_gguf_summary
 from mathq.manifest import Manifest
+from mathq.pipeline import default_options, plan_build
 
 REPO = Path(__file__).resolve().parent.parent
 QUANTS = "Q8_0,Q4_K_M"
@@ -120,6 +121,7 @@ from pathlib import Path
 from mathq.pipeline import default_options, plan_build, run_steps
 from mathq.layout import BuildLayout
 from mathq.manifest import Manifest
+from mathq.pipeline import default_options, plan_build
 from mathq.recipes.recipe import load_recipe
 
 stage, after, root = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
@@ -189,3 +191,35 @@ def test_no_draft_smoke_tests_token_by_token(tmp_path):
         assert summary["draft_off"] == "--no-draft" and summary["drafted_tokens"] == 0
         assert summary["draft_reference"] is None
     assert set(statuses(run(*args).stderr).values()) == {"skipped"}
+
+
+def test_the_plan_sizes_the_kld_reference_and_refuses_what_would_not_fit(tmp_path,
+                                                                          monkeypatch):
+    """The KLD reference pass (52 MB a chunk at 7B) is in the disk the plan checks up front,
+    bounded from above: a build one byte short is refused before any file is written, and
+    the real pass fits in what was planned for it."""
+    from dataclasses import replace
+
+    from mathq.fsutil import format_bytes
+    from mathq.recipes.recipe import load_recipe
+
+    recipe = load_recipe("tiny-demo")
+    options = replace(default_options(recipe, "Q8_0,Q4_K_M"), skip_smoke=True)
+    steps = plan_build(recipe, options, tmp_path)
+    kld_needs = [s.needs_bytes for s in steps if s.stage == "kld"]
+    assert kld_needs[0] > 0 and kld_needs[1:] == [0]  # one pass serves every variant
+    total = sum(s.needs_bytes for s in steps)
+    argv = ["build", "tiny-demo", "--quant", "Q8_0,Q4_K_M", "--skip-smoke", "--build-dir",
+            str(tmp_path)]
+    monkeypatch.setattr("mathq.pipeline.free_bytes", lambda _path: total - 1)
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 1 and f"needs about {format_bytes(total)}" in result.output
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    run(*argv[:-3], "--files-only", *argv[-2:])  # the files; then the pass, as the build runs it
+    run("kld", "tiny-demo", "-Q", "Q8_0", "--build-dir", str(tmp_path))
+    (reference,) = (tmp_path / "tiny-demo" / "kld").glob("reference-BF16-*.logits")
+    assert 0 < reference.stat().st_size <= kld_needs[0]
+    assert [s.needs_bytes for s in plan_build(recipe, options, tmp_path)
+            if s.stage == "kld"] == [0, 0]  # cached: nothing more to plan for

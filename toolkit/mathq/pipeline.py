@@ -34,6 +34,7 @@ from mathq.recipes.recipe import Recipe
 
 if TYPE_CHECKING:
     from mathq.download.fetch import CheckpointPlan
+    from mathq.evaluate.kld.measure import KldOptions
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,8 @@ def plan_build(recipe: Recipe, options: BuildOptions, build_root: Path | None = 
     steps += [_tune_step(recipe, options, layout, v, n_params) for v in tuned]
     steps += _modelfile_steps(recipe, variants, layout, build_root)
     if options.measure:
-        steps += _measure_steps(recipe, options, variants + tuned, layout, build_root)
+        steps += _measure_steps(recipe, options, variants + tuned, layout, build_root,
+                                config["vocab_size"] if config else 0)
     return steps
 
 
@@ -318,8 +320,27 @@ def _modelfile_steps(recipe: Recipe, variants: tuple[Variant, ...], layout: Buil
         lambda: modelfiles_fingerprint(recipe, tags))]
 
 
+def _reference_bytes(layout: BuildLayout, kld: KldOptions, n_vocab: int) -> int:
+    """Disk for the KLD reference pass, unless it is cached for the reference file as it is
+    now (52 MB a chunk at 7B: gigabytes for a long corpus). 0 while the vocabulary is
+    unknown (a plan made before the download): the kld stage then checks it itself."""
+    from mathq.datasets.corpus import load_corpus
+    from mathq.evaluate.kld.measure import (
+        reference_bytes_bound,
+        reference_cache_path,
+        reference_key,
+    )
+
+    corpus = load_corpus(kld.corpus)
+    reference = layout.gguf(kld.reference)
+    if reference.is_file() and reference_cache_path(
+            layout, kld.reference, reference_key(reference, corpus, kld)).is_file():
+        return 0
+    return reference_bytes_bound(corpus, n_vocab, kld) if n_vocab else 0
+
+
 def _measure_steps(recipe: Recipe, options: BuildOptions, variants: tuple[Variant, ...],
-                   layout: BuildLayout, build_root: Path | None) -> list[Step]:
+                   layout: BuildLayout, build_root: Path | None, n_vocab: int) -> list[Step]:
     """Smoke tests, speed, KL divergence and the report, each with its stage's fingerprint."""
     from mathq.datasets.corpus import load_corpus
     from mathq.evaluate.backends.base import BackendSpec
@@ -361,14 +382,16 @@ def _measure_steps(recipe: Recipe, options: BuildOptions, variants: tuple[Varian
             0, lambda p, q=q: run_bench(recipe, [q], bench, build_root, p),
             lambda q=q: bench_fingerprint(layout, q, bench), (layout.gguf(q),)))
     kld = KldOptions(corpus=recipe.kld.corpus)
+    reference_bytes = _reference_bytes(layout, kld, n_vocab)
     for q in names:
         if q == kld.reference:
             continue
         steps.append(Step(
             f"kld {q}", "kld", layout.kld_summary(q), layout.key(layout.kld_summary(q)),
-            0, lambda p, q=q: run_kld(recipe.path, (q,), kld, build_root, p),
+            reference_bytes, lambda p, q=q: run_kld(recipe.path, (q,), kld, build_root, p),
             lambda q=q: kld_fingerprint(layout, q, kld, load_corpus(kld.corpus)),
             (layout.gguf(q), layout.gguf(kld.reference))))
+        reference_bytes = 0  # the first kld step computes the reference pass for all
     report = layout.report_dir / "report.html"
     steps.append(Step(
         "report", "report", report, layout.key(report), 0,

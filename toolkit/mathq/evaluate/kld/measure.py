@@ -95,6 +95,18 @@ def reference_key(reference: Path, corpus: Corpus, options: KldOptions) -> str:
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def reference_bytes_bound(corpus: Corpus, n_vocab: int, options: KldOptions) -> int:
+    """The most disk the reference pass can take before its model has tokenized the text:
+    a token is at least one byte of it (byte-level BPE and SentencePiece alike, plus a BOS
+    and a leading space), so the text's UTF-8 bytes bound the chunks. At 7B (102,400 tokens)
+    a chunk of 512 is 52 MB; the bundled corpus's 28 KB bound 55 chunks, of which DeepSeek's
+    tokenizer fills about 14."""
+    n_chunk = (len(corpus.text.encode("utf-8")) + 2) // options.n_ctx
+    if options.max_chunks is not None:
+        n_chunk = min(n_chunk, options.max_chunks)
+    return file_size(options.n_ctx, n_vocab, n_chunk) if n_chunk > 0 else 0
+
+
 def reference_cache_path(layout: BuildLayout, reference: str, key: str) -> Path:
     """``kld/reference-<QUANT>-<key>.logits``: llama-perplexity's --kl-divergence-base file."""
     return layout.kld_dir / f"reference-{reference}-{key}.logits"
