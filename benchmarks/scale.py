@@ -178,6 +178,7 @@ class Run:
         self.text = self.work / "calibration.txt"
         self.logs = self.work / "logs"
         self.mathq = str(Path(sys.executable).parent / "mathq")
+        self.planned_disk: int | None = None  # what `build --dry-run` says it will check for
 
     def gguf(self, quant: str) -> Path:
         return self.build / MODEL / f"{MODEL}-{quant}.gguf"
@@ -407,7 +408,15 @@ def build(run: Run) -> None:
     argv = [run.mathq, "build", str(run.recipe), "--quant", ",".join(QUANTS), "--n",
             str(SMOKE_N), "--build-dir", str(run.work / "build-all"), "--quiet", "--json",
             *(["--files-only"] if run.tiny else [])]
-    run.step("build:mathq", argv, env={"HF_HUB_OFFLINE": "1"})
+    if not run.results.has("build:mathq"):
+        plan = subprocess.run([*argv, "--dry-run"], capture_output=True, text=True,
+                              check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
+        run.planned_disk = sum(s.get("needs_bytes", 0) for s in json.loads(plan))
+    built = run.step("build:mathq", argv, env={"HF_HUB_OFFLINE": "1"})
+    if built is not None and "checked_bytes" not in built and run.planned_disk is not None:
+        # the disk the build checked for up front, beside what it used at its high-water mark
+        built["checked_bytes"] = run.planned_disk
+        run.results.put("build:mathq", built)
     rerun = run.step("build:rerun", argv, env={"HF_HUB_OFFLINE": "1"})
     if rerun is not None and "redone" not in rerun:
         plan = json.loads((run.logs / "build-rerun.log").read_text())
@@ -451,6 +460,8 @@ def table(data: dict[str, dict[str, object]]) -> str:
         peer = _peer_seconds(data, stage) if who == "mathq" else None
         ratio = f"{seconds / peer:.2f}x" if peer else ""
         same = " (byte-identical)" if v.get("identical") else ""
+        if "checked_bytes" in v:
+            same += f" (checked for {int(str(v['checked_bytes'])) / 2**30:.2f} GiB)"
         lines.append(f"| {stage} | {who}{same} | {seconds:.1f} s | {rss:.2f} GiB | "
                      f"{disk:.2f} GiB | {ratio} |")
     return "\n".join(lines)

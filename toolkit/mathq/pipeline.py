@@ -119,12 +119,13 @@ class Step:
 
 @dataclass(frozen=True)
 class StepOutcome:
-    """What happened to one step."""
+    """What happened to one step; for a plan, also the disk it is checked for."""
 
     name: str
     status: str  # "done", "skipped", "planned"
     artifact: Path
     seconds: float = 0.0
+    needs_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -204,8 +205,8 @@ def run_steps(model: str, root: Path, steps: list[Step], manifest: Manifest,
 def plan_outcomes(steps: list[Step], manifest: Manifest) -> list[StepOutcome]:
     """For ``--dry-run``: which steps would run and which are already current."""
     due = due_steps(steps, manifest)
-    return [StepOutcome(s.name, "planned" if s.name in due else "skipped", s.artifact)
-            for s in steps]
+    return [StepOutcome(s.name, "planned", s.artifact, needs_bytes=s.needs_bytes)
+            if s.name in due else StepOutcome(s.name, "skipped", s.artifact) for s in steps]
 
 
 def _read_config(hf_dir: Path) -> dict[str, Any] | None:

@@ -105,13 +105,12 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
         if as_json:
             echo_json(outcomes)
             return
-        sizes = {s.name: s.needs_bytes for s in steps}
         words = {"planned": "would run", "skipped": "current"}
         for o in outcomes:
-            size = f"~{format_bytes(sizes[o.name])}" if sizes[o.name] else ""
+            size = f"~{format_bytes(o.needs_bytes)}" if o.needs_bytes else ""
             click.echo(f"{words[o.status]:<9} {o.name:<22} {size:>12}  {o.artifact}")
         due = [o for o in outcomes if o.status == "planned"]
-        need = sum(sizes[o.name] for o in due)
+        need = sum(o.needs_bytes for o in due)
         disk = f", needing about {format_bytes(need)} of disk" if need else ""
         click.echo(f"{len(due)} of {len(outcomes)} steps would run, "
                    f"{len(outcomes) - len(due)} are current{disk}; nothing was done "
