@@ -102,19 +102,25 @@ class Step:
     ``fingerprint`` returns the (inputs, settings) the artifact must have been made from,
     or None when that cannot be known before the step runs (then the step always runs).
     ``run`` does the work; stages record their artifacts in the manifest themselves, with
-    the same fingerprint functions the build uses here.
+    the same fingerprint functions the build uses here. ``needs`` gives the disk the step
+    may take at its high-water mark; it is asked only of steps that will run (an exact
+    size may cost a llama.cpp dry run).
     """
 
     name: str
     stage: str
     artifact: Path
     key: str
-    needs_bytes: int
+    needs: Callable[[], int]
     run: Callable[[ProgressCallback], object]
     fingerprint: Callable[[], Fingerprint | None] = lambda: None
     # Artifacts of earlier steps this one reads: when one of them is due to be remade,
     # so is this step, even though its fingerprint still matches the old file.
     inputs: tuple[Path, ...] = ()
+
+    @property
+    def needs_bytes(self) -> int:
+        return self.needs()
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,58 @@ def estimate_params(config: dict[str, Any]) -> int:
     kv = config.get("num_key_value_heads") or heads
     attn = 2 * h * h + 2 * h * (h * kv // heads)
     return 2 * config["vocab_size"] * h + n * (attn + 3 * h * ff + 2 * h) + h
+
+
+class FileSizes:
+    """The sizes of the GGUF files a build writes, by llama.cpp's own arithmetic.
+
+    With the checkpoint here, exact: the BF16 file's skeleton (its header and index, data
+    left a hole, :func:`mathq.convert.converter.write_skeleton`), then llama.cpp's quantize
+    dry run of each variant on it (:func:`mathq.quantize.core.quantized_size`): the mixes'
+    wider tensors, the tokenizer's metadata and the padding included, to within 64 KiB.
+    Computed once, on first use (a second or so at 7B). Before the download, estimated from
+    the Hub's weight sizes, and not kept: asked again after the download, they are exact.
+    """
+
+    def __init__(self, recipe: Recipe, hf_dir: Path, n_params: int,
+                 variants: tuple[Variant, ...]) -> None:
+        self._recipe, self._hf_dir, self._n_params = recipe, hf_dir, n_params
+        self._variants = variants
+        self._exact: dict[str, int] | None = None
+
+    def bf16(self) -> int:
+        """Bytes of the BF16 file."""
+        return self._sizes()["BF16"]
+
+    def variant(self, variant: Variant) -> int:
+        """Bytes of a variant's file (a tuned one takes its stock type's size)."""
+        return self._sizes()[variant.quant.name]
+
+    def _sizes(self) -> dict[str, int]:
+        if self._exact is not None:
+            return self._exact
+        if not (self._hf_dir / "config.json").is_file():
+            # Two bytes a weight; the mixes keep some tensors wider than the nominal type.
+            estimate = {q.name: int(self._n_params * q.bpw / 8 * 1.15)
+                        for q in {v.quant for v in self._variants}}
+            return {"BF16": 2 * self._n_params + (64 << 20), **estimate}
+        self._exact = self._measure()
+        return self._exact
+
+    def _measure(self) -> dict[str, int]:
+        import tempfile
+
+        from mathq.convert.converter import ConvertOptions, write_skeleton
+        from mathq.convert.stage import recipe_convert_options
+        from mathq.quantize.core import QuantizeOptions, quantized_size
+
+        with tempfile.TemporaryDirectory(prefix="mathq-plan-") as tmp:
+            skeleton = Path(tmp) / "skeleton-BF16.gguf"
+            sizes = {"BF16": write_skeleton(
+                self._hf_dir, skeleton, recipe_convert_options(self._recipe, ConvertOptions()))}
+            for quant in {v.quant for v in self._variants}:
+                sizes[quant.name] = quantized_size(skeleton, QuantizeOptions(quant=quant))
+        return sizes
 
 
 def is_current(step: Step, manifest: Manifest) -> bool:
@@ -189,12 +247,14 @@ def run_steps(model: str, root: Path, steps: list[Step], manifest: Manifest,
 
     check_disk(steps, manifest, root)
     outcomes = []
-    for step in steps:
+    for i, step in enumerate(steps):
         if is_current(step, manifest):
             outcome = StepOutcome(step.name, "skipped", step.artifact)
         else:
             started = time.perf_counter()
             step.run(progress)
+            if step.stage == "download":  # the sizes were the Hub's; now they are exact
+                check_disk(steps[i + 1:], manifest, root)
             outcome = StepOutcome(step.name, "done", step.artifact,
                                   time.perf_counter() - started)
         outcomes.append(outcome)
@@ -236,19 +296,20 @@ def plan_build(recipe: Recipe, options: BuildOptions, build_root: Path | None = 
     steps: list[Step] = []
     if recipe.model.hf_repo is not None:
         steps.append(Step(
-            "download", "download", layout.hf_dir, "hf", download_bytes,
+            "download", "download", layout.hf_dir, "hf", lambda: download_bytes,
             lambda p: download_recipe(recipe, build_root=build_root, progress=p),
             # The Hub may have moved the revision: offline, a finished download is current.
             lambda: _offline_download_fingerprint(layout)))
     bf16 = layout.gguf("BF16")
     pre = recipe.model.pre_tokenizer
+    variants = build_variants(options)
+    sizes = FileSizes(recipe, hf_dir, n_params, variants + tuned_variants(options))
     steps.append(Step(
-        "convert", "convert", bf16, bf16.name, 2 * n_params,
+        "convert", "convert", bf16, bf16.name, sizes.bf16,
         lambda p: convert_recipe(recipe, ConvertOptions(), build_root, progress=p),
         lambda: (checkpoint_inputs(hf_dir), {"outtype": "bf16", "pre_tokenizer": pre,
                                               "verified": True})
         if hf_dir.is_dir() else None))
-    variants = build_variants(options)
     if any(v.imatrix for v in variants):
         steps.append(_imatrix_step(recipe, options, layout))
     job = QuantizeJob(source=bf16, default_quants=options.quants, layout=layout)
@@ -256,13 +317,12 @@ def plan_build(recipe: Recipe, options: BuildOptions, build_root: Path | None = 
         opts = QuantizeOptions(quant=v.quant, imatrix=layout.imatrix if v.imatrix else None)
         out = layout.gguf(v.name)
         steps.append(Step(
-            f"quantize {v.name}", "quantize", out, out.name,
-            int(n_params * v.quant.bpw / 8 * 1.15),
+            f"quantize {v.name}", "quantize", out, out.name, lambda v=v: sizes.variant(v),
             lambda p, o=opts: quantize_variants(job, [o], None, p),
             lambda o=opts: quantize_fingerprint(bf16, o),
             (bf16, layout.imatrix) if v.imatrix else (bf16,)))
     tuned = tuned_variants(options)
-    steps += [_tune_step(recipe, options, layout, v, n_params) for v in tuned]
+    steps += [_tune_step(recipe, options, layout, v, sizes) for v in tuned]
     steps += _modelfile_steps(recipe, variants, layout, build_root)
     if options.measure:
         steps += _measure_steps(recipe, options, variants + tuned, layout, build_root,
@@ -271,7 +331,7 @@ def plan_build(recipe: Recipe, options: BuildOptions, build_root: Path | None = 
 
 
 def _tune_step(recipe: Recipe, options: BuildOptions, layout: BuildLayout, variant: Variant,
-               n_params: int) -> Step:
+               sizes: FileSizes) -> Step:
     """``mathq tune --match QUANT`` into the build folder, probes calibrated on the build's
     ``calibration`` text; after the quantize steps, so a built stock file sets the budget."""
     from mathq.evaluate.kld.measure import KldOptions
@@ -283,9 +343,9 @@ def _tune_step(recipe: Recipe, options: BuildOptions, layout: BuildLayout, varia
         Budget(match=variant.quant.name), imatrix=imatrix, calibration=options.calibration,
         kld=KldOptions(corpus=recipe.kld.corpus)))
     bf16 = layout.gguf("BF16")
-    # the tuned file, and one probe file at a time of about BF16's size
-    needs = int(n_params * variant.quant.bpw / 8 * 1.15) + 2 * n_params
-    return Step(f"tune {variant.name}", "tune", job.dest, job.dest.name, needs,
+    # the tuned file (the stock file's size), and one probe file at a time, at most BF16's
+    return Step(f"tune {variant.name}", "tune", job.dest, job.dest.name,
+                lambda: sizes.variant(variant) + sizes.bf16(),
                 lambda p: tune_and_record(job, opts, layout, p),
                 lambda: tune_fingerprint(job, opts),
                 (bf16, imatrix) if imatrix else (bf16,))
@@ -300,7 +360,8 @@ def _imatrix_step(recipe: Recipe, options: BuildOptions, layout: BuildLayout) ->
     job = recipe_imatrix_job(recipe, layout)
     opts = ImatrixOptions()
     # A matrix holds one float per input column of each weight: a few MB for a 7B model.
-    return Step("imatrix", "imatrix", layout.imatrix, layout.key(layout.imatrix), 64 << 20,
+    return Step("imatrix", "imatrix", layout.imatrix, layout.key(layout.imatrix),
+                lambda: 64 << 20,
                 lambda p: run_imatrix(job, options.calibration, opts, progress=p),
                 lambda: imatrix_fingerprint(job, options.calibration, opts),
                 (job.model,))
@@ -316,7 +377,7 @@ def _modelfile_steps(recipe: Recipe, variants: tuple[Variant, ...], layout: Buil
     if not tags:
         return []
     return [Step("modelfiles", "modelfile", layout.modelfiles_dir, layout.key(
-        layout.modelfiles_dir), 0,
+        layout.modelfiles_dir), lambda: 0,
         lambda p: write_modelfiles(recipe, None, build_root, tags, p),
         lambda: modelfiles_fingerprint(recipe, tags))]
 
@@ -372,7 +433,7 @@ def _measure_steps(recipe: Recipe, options: BuildOptions, variants: tuple[Varian
         for q in names:
             steps.append(Step(
                 f"smoke {q}", "smoke", layout.smoke_summary(q),
-                layout.key(layout.smoke_summary(q)), 1 << 20,
+                layout.key(layout.smoke_summary(q)), lambda: 1 << 20,
                 lambda p, q=q: smoke_variant(recipe, q, select_smoke_problems(recipe, smoke, p),
                                              layout, smoke, p),
                 lambda q=q: smoke_fingerprint(recipe, q, smoke, layout), (layout.gguf(q),)))
@@ -380,22 +441,23 @@ def _measure_steps(recipe: Recipe, options: BuildOptions, variants: tuple[Varian
     for q in names:
         steps.append(Step(
             f"bench {q}", "bench", layout.bench_summary(q), layout.key(layout.bench_summary(q)),
-            0, lambda p, q=q: run_bench(recipe, [q], bench, build_root, p),
+            lambda: 0, lambda p, q=q: run_bench(recipe, [q], bench, build_root, p),
             lambda q=q: bench_fingerprint(layout, q, bench), (layout.gguf(q),)))
     kld = KldOptions(corpus=recipe.kld.corpus)
-    reference_bytes = _reference_bytes(layout, kld, n_vocab)
+    first = True  # the first kld step computes the reference pass for all
     for q in names:
         if q == kld.reference:
             continue
         steps.append(Step(
             f"kld {q}", "kld", layout.kld_summary(q), layout.key(layout.kld_summary(q)),
-            reference_bytes, lambda p, q=q: run_kld(recipe.path, (q,), kld, build_root, p),
+            (lambda: _reference_bytes(layout, kld, n_vocab)) if first else (lambda: 0),
+            lambda p, q=q: run_kld(recipe.path, (q,), kld, build_root, p),
             lambda q=q: kld_fingerprint(layout, q, kld, load_corpus(kld.corpus)),
             (layout.gguf(q), layout.gguf(kld.reference))))
-        reference_bytes = 0  # the first kld step computes the reference pass for all
+        first = False
     report = layout.report_dir / "report.html"
     steps.append(Step(
-        "report", "report", report, layout.key(report), 0,
+        "report", "report", report, layout.key(report), lambda: 0,
         lambda p: build_report(recipe.path, ReportOptions(), build_root, p),
         lambda: report_fingerprint(recipe, layout), tuple(s.artifact for s in steps)))
     return steps

@@ -183,6 +183,55 @@ def _add_metadata(
     add_vocab(g, vocab)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything a conversion decides before writing: tensors, their types, the vocab."""
+
+    hf_dir: Path
+    options: ConvertOptions
+    outtype: OutType
+    hp: LlamaHParams
+    ckpt: Checkpoint
+    jobs: list[_Job]
+    vocab: GGUFVocab
+
+    def writer(self, path: Path) -> StreamingGGUFWriter:
+        """A writer for ``path`` with every tensor planned and the metadata added."""
+        writer = StreamingGGUFWriter(path, ARCH)
+        for j in self.jobs:
+            writer.plan(j.mapped.gguf_name, j.mapped.shape, j.out_type, j.nbytes)
+        _add_metadata(writer, self.hp, self.hf_dir, self.outtype, self.vocab,
+                      self.options.model_name)
+        return writer
+
+
+def _plan(hf_dir: Path, options: ConvertOptions) -> _Plan:
+    if options.outtype not in OUTTYPES:
+        raise ValueError(f"unknown outtype {options.outtype!r}")
+    outtype = OUTTYPES[options.outtype]
+    hp = load_hparams(hf_dir)
+    ckpt = open_checkpoint(hf_dir)
+    jobs = _plan_jobs(ckpt, hp, outtype)  # config.json against its weights, before the vocab
+    vocab = build_vocab(hf_dir, hp.n_vocab, options.pre_tokenizer, options.pre_tokenizer_source)
+    return _Plan(hf_dir, options, outtype, hp, ckpt, jobs, vocab)
+
+
+def write_skeleton(hf_dir: Path, out: Path, options: ConvertOptions = ConvertOptions()) -> int:
+    """The GGUF that converting ``hf_dir`` would write, header and tensor index exact, its
+    data section a hole (a sparse file: a few MB of disk for a 14 GB file); its size.
+
+    llama.cpp reads only the header and index to plan a quantization, so its dry run on the
+    skeleton gives every variant's exact size before the BF16 file exists: a build checks
+    its disk with llama.cpp's own arithmetic, not an estimate of the mixes.
+    """
+    writer = _plan(Path(hf_dir), options).writer(Path(out))
+    try:
+        writer.begin()  # header, index, and the file truncated to its final size
+    finally:
+        writer.close()
+    return Path(out).stat().st_size
+
+
 def convert_checkpoint(
     hf_dir: Path,
     out: Path,
@@ -197,23 +246,14 @@ def convert_checkpoint(
     """
     started = time.monotonic()
     hf_dir, out = Path(hf_dir), Path(out)
-    if options.outtype not in OUTTYPES:
-        raise ValueError(f"unknown outtype {options.outtype!r}")
-    outtype = OUTTYPES[options.outtype]
-    hp = load_hparams(hf_dir)
-    ckpt = open_checkpoint(hf_dir)
-    jobs = _plan_jobs(ckpt, hp, outtype)  # config.json against its weights, before the vocab
-    vocab = build_vocab(hf_dir, hp.n_vocab, options.pre_tokenizer, options.pre_tokenizer_source)
-    total = sum(j.nbytes for j in jobs)
+    plan = _plan(hf_dir, options)
+    jobs, total = plan.jobs, sum(j.nbytes for j in plan.jobs)
     ensure_free_space(out.parent, total + (64 << 20), f"{out.name}")
 
     with atomic_output(out) as tmp:
-        writer = StreamingGGUFWriter(tmp, ARCH)
+        writer = plan.writer(tmp)
         header_checks: Future[VerifyResult] | None = None
         try:
-            for j in jobs:
-                writer.plan(j.mapped.gguf_name, j.mapped.shape, j.out_type, j.nbytes)
-            _add_metadata(writer, hp, hf_dir, outtype, vocab, options.model_name)
             writer.begin()
             if options.verify:  # header and index are final now; check them meanwhile
                 header_checks = start_header_checks(tmp, writer.tensors, hf_dir)
@@ -227,23 +267,23 @@ def convert_checkpoint(
         if header_checks is not None:
             progress(Progress("verify", 0, 1, "checks", item="tensor index and tokenizer"))
             header = header_checks.result()
-            spot = check_tensor_bytes(tmp, writer.tensors, writer.data_start, ckpt)
+            spot = check_tensor_bytes(tmp, writer.tensors, writer.data_start, plan.ckpt)
             verification = replace(header, bytes_spot_checked=spot)
             progress(Progress("verify", 1, 1, "checks"))
     return ConvertResult(
         path=out,
-        outtype=outtype.name,
-        file_type=int(outtype.file_type),
+        outtype=plan.outtype.name,
+        file_type=int(plan.outtype.file_type),
         file_size=file_size,
         n_tensors=len(jobs),
         tensor_bytes=total,
         copied_tensors=sum(j.byte_copy for j in jobs),
         transformed_tensors=sum(not j.byte_copy for j in jobs),
-        n_vocab=hp.n_vocab,
-        n_real_tokens=vocab.n_real,
-        pre_tokenizer=vocab.pre,
-        pre_tokenizer_source=vocab.pre_source,
-        shards=tuple(p.name for p in ckpt.shards),
+        n_vocab=plan.hp.n_vocab,
+        n_real_tokens=plan.vocab.n_real,
+        pre_tokenizer=plan.vocab.pre,
+        pre_tokenizer_source=plan.vocab.pre_source,
+        shards=tuple(p.name for p in plan.ckpt.shards),
         verification=verification,
         seconds=time.monotonic() - started,
     )

@@ -60,6 +60,17 @@ def recipe_hf_dir(recipe: Recipe, layout: BuildLayout) -> Path:
     return recipe.model.local_dir or layout.hf_dir
 
 
+def recipe_convert_options(recipe: Recipe, options: ConvertOptions) -> ConvertOptions:
+    """``options`` with the recipe's pre-tokenizer (unless they name one) and its name."""
+    if options.pre_tokenizer is None and recipe.model.pre_tokenizer:
+        options = replace(
+            options, pre_tokenizer=recipe.model.pre_tokenizer, pre_tokenizer_source="recipe"
+        )
+    if options.model_name is None:
+        options = replace(options, model_name=recipe.name)
+    return options
+
+
 def convert_recipe(
     recipe: Recipe,
     options: ConvertOptions,
@@ -80,12 +91,7 @@ def convert_recipe(
             f"run `mathq download {recipe.name}` first",
         )
     out = Path(out) if out is not None else layout.gguf(OUTTYPES[options.outtype].label)
-    if options.pre_tokenizer is None and recipe.model.pre_tokenizer:
-        options = replace(
-            options, pre_tokenizer=recipe.model.pre_tokenizer, pre_tokenizer_source="recipe"
-        )
-    if options.model_name is None:
-        options = replace(options, model_name=recipe.name)
+    options = recipe_convert_options(recipe, options)
     inputs = checkpoint_inputs(hf_dir)
     result = convert_checkpoint(hf_dir, out, options, progress)
     try:

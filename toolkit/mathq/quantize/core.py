@@ -14,7 +14,7 @@ import ctypes
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mathq.convert.gguf_info import GGUFSummary, read_gguf_summary
@@ -95,11 +95,6 @@ def check_imatrix_fits(imatrix: Imatrix, model: GGUFSummary) -> None:
                 "it was made for a model of another shape; compute one for this model")
 
 
-def _estimated_size(model: GGUFSummary, quant: QuantType) -> int:
-    # Mixes keep some tensors wider than the nominal type; 15 % and 16 MiB cover that.
-    return int(model.n_params * quant.bpw / 8 * 1.15) + (16 << 20)
-
-
 def _kv_override(key: str, value: str | int) -> object:
     """A header key for llama.cpp to write. Every string mathq puts in a quantized GGUF
     passes here, so a path among them becomes its file name (the file may be uploaded)."""
@@ -164,41 +159,8 @@ def quantize_gguf(source: Path, dest: Path, options: QuantizeOptions,
     source, dest = Path(source), Path(dest)
     quant = options.quant
     model, imatrix = preflight(source, options)
-    ensure_free_space(dest.parent, _estimated_size(model, quant), f"{dest.name}")
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = quant.ftype
-    params.nthread = options.threads or (os.cpu_count() or 1)
-    params.allow_requantize = options.allow_requantize
-    if options.output_tensor_type:
-        params.output_tensor_type = ggml_type_id(options.output_tensor_type)
-    if options.token_embedding_type:
-        params.token_embedding_type = ggml_type_id(options.token_embedding_type)
-    keep_alive: list[object] = []  # C arrays must outlive the call
-    kvs = [_kv_override(k, v) for k, v in options.metadata]
-    if imatrix is not None:
-        floats = {n: (ctypes.c_float * v.size).from_buffer_copy(v.tobytes())
-                  for n, v in imatrix.entries.items()}
-        keep_alive.append(floats)
-        items = [llama_cpp.llama_model_imatrix_data(n.encode(), f, len(f))
-                 for n, f in floats.items()]
-        params.imatrix = _terminated(llama_cpp.llama_model_imatrix_data, items)
-        kvs.append(_kv_override(KV_IMATRIX_FILE, Path(options.imatrix).name))
-        if imatrix.datasets:
-            kvs.append(_kv_override(KV_IMATRIX_DATASET, imatrix.datasets[0]))
-        kvs.append(_kv_override(KV_IMATRIX_ENTRIES, len(imatrix.entries)))
-        if imatrix.chunk_count > 0:
-            kvs.append(_kv_override(KV_IMATRIX_CHUNKS, imatrix.chunk_count))
-        keep_alive.append(params.imatrix)
-    if kvs:
-        params.kv_overrides = _terminated(llama_cpp.llama_model_kv_override, kvs)
-        keep_alive.append(params.kv_overrides)
-    if options.overrides:
-        items = [llama_cpp.llama_model_tensor_override(pattern.encode(), ggml_type_id(t))
-                 for pattern, t in options.overrides]
-        params.tt_overrides = _terminated(llama_cpp.llama_model_tensor_override, items)
-        keep_alive.append(params.tt_overrides)
-
+    ensure_free_space(dest.parent, quantized_size(source, options, model), f"{dest.name}")
+    params, _arrays = _params(options, imatrix)  # the arrays live as long as this call
     errors: list[str] = []
     n_total = len(model.tensors)
 
@@ -226,6 +188,89 @@ def quantize_gguf(source: Path, dest: Path, options: QuantizeOptions,
     return QuantizeResult(path=dest, quant=quant.name, size=out.size, n_tensors=len(out.tensors),
                           bits_per_weight=out.bits_per_weight, seconds=seconds,
                           tensor_types=out.tensor_types())
+
+
+_QUANT_SIZE_LINE = re.compile(r"quant size\s*=\s*([0-9.]+) MiB")
+#: Room for the keys a quantization adds to the header (imatrix names, counts, overrides).
+_ADDED_METADATA = 64 << 10
+
+
+def quantized_size(source: Path, options: QuantizeOptions,
+                   model: GGUFSummary | None = None) -> int:
+    """Bytes of the file quantizing ``source`` with ``options`` will write, at most:
+    llama.cpp's dry run (its own type choices, no data read) gives the tensors' bytes; the
+    header and padding are the source's, plus room for the keys quantizing adds.
+
+    Works on a :func:`mathq.convert.converter.write_skeleton` too, so a build knows every
+    variant's size before the BF16 file exists.
+    """
+    import llama_cpp
+
+    source = Path(source)
+    model = model or read_gguf_summary(source)
+    # The matrix changes values, not types: the plan needs none.
+    params, _arrays = _params(replace(options, imatrix=None), None)
+    params.dry_run = True
+    lines: list[str] = []
+    errors: list[str] = []
+
+    def on_line(level: int, line: str) -> None:
+        (errors if level == LOG_ERROR else lines).append(line.strip())
+
+    llama_cpp.llama_backend_init()
+    with capture_llama_log(on_line):
+        status = llama_cpp.llama_model_quantize(str(source).encode(), os.devnull.encode(),
+                                                ctypes.byref(params))
+    sizes = [m for line in lines if (m := _QUANT_SIZE_LINE.search(line))]
+    if status != 0 or not sizes:
+        raise QuantizeError(f"llama.cpp could not plan quantizing {source.name} to "
+                            f"{options.quant.name}: {llama_reason(errors)}",
+                            "see `mathq quants` and `mathq quantize --help`")
+    # The log prints MiB to two decimals: round up by its last digit.
+    tensors = int((float(sizes[-1].group(1)) + 0.01) * 2**20)
+    header_and_padding = model.size - sum(t.n_bytes for t in model.tensors)
+    return tensors + header_and_padding + 32 * len(model.tensors) + _ADDED_METADATA
+
+
+def _params(options: QuantizeOptions, imatrix: Imatrix | None) -> tuple[object, list[object]]:
+    """llama.cpp's quantize parameters for ``options``, and the C arrays they point into
+    (which must outlive the call)."""
+    import llama_cpp
+
+    quant = options.quant
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = quant.ftype
+    params.nthread = options.threads or (os.cpu_count() or 1)
+    params.allow_requantize = options.allow_requantize
+    if options.output_tensor_type:
+        params.output_tensor_type = ggml_type_id(options.output_tensor_type)
+    if options.token_embedding_type:
+        params.token_embedding_type = ggml_type_id(options.token_embedding_type)
+    keep_alive: list[object] = []
+    kvs = [_kv_override(k, v) for k, v in options.metadata]
+    if imatrix is not None:
+        floats = {n: (ctypes.c_float * v.size).from_buffer_copy(v.tobytes())
+                  for n, v in imatrix.entries.items()}
+        keep_alive.append(floats)
+        items = [llama_cpp.llama_model_imatrix_data(n.encode(), f, len(f))
+                 for n, f in floats.items()]
+        params.imatrix = _terminated(llama_cpp.llama_model_imatrix_data, items)
+        kvs.append(_kv_override(KV_IMATRIX_FILE, Path(options.imatrix).name))
+        if imatrix.datasets:
+            kvs.append(_kv_override(KV_IMATRIX_DATASET, imatrix.datasets[0]))
+        kvs.append(_kv_override(KV_IMATRIX_ENTRIES, len(imatrix.entries)))
+        if imatrix.chunk_count > 0:
+            kvs.append(_kv_override(KV_IMATRIX_CHUNKS, imatrix.chunk_count))
+        keep_alive.append(params.imatrix)
+    if kvs:
+        params.kv_overrides = _terminated(llama_cpp.llama_model_kv_override, kvs)
+        keep_alive.append(params.kv_overrides)
+    if options.overrides:
+        items = [llama_cpp.llama_model_tensor_override(pattern.encode(), ggml_type_id(t))
+                 for pattern, t in options.overrides]
+        params.tt_overrides = _terminated(llama_cpp.llama_model_tensor_override, items)
+        keep_alive.append(params.tt_overrides)
+    return params, keep_alive
 
 
 #: A line per tensor of a 7B model is a few kilobytes; 64 MiB is no such file.
