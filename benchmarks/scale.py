@@ -372,8 +372,15 @@ def smoke(run: Run) -> None:
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_healthy(url, server, log)
-        run.step("smoke:llama-server", [run.mathq, "smoke", *common, "--endpoint", url,
-                                        "--out-dir", str(run.work / "peer-smoke"), "--restart"])
+        peer = run.step("smoke:llama-server", [run.mathq, "smoke", *common, "--endpoint", url,
+                                               "--out-dir", str(run.work / "peer-smoke"),
+                                               "--restart"])
+        if peer is not None and "server_peak_rss_bytes" not in peer:
+            # the server runs the model: its own high-water mark is the peer's memory
+            server_peak = _status_kib(server.pid, "VmHWM") * 1024
+            peer["server_peak_rss_bytes"] = server_peak
+            peer["peak_rss_bytes"] = max(int(str(peer["peak_rss_bytes"])), server_peak)
+            run.results.put("smoke:llama-server", peer)
     finally:
         server.terminate()
         server.wait(60)
