@@ -98,6 +98,19 @@ def test_user_recipe_by_path_normalises_quant_names(tmp_path):
          "does not exist"),
         ("[smoke]", '[kld]\ncorpus_file = "a.txt"\n\n[smoke]', "kld.corpus_file",
          "is not a recipe field"),
+        ("[smoke]", '[tune]\ncalibration = "no-such.jsonl"\n\n[smoke]', "tune.calibration",
+         "does not exist"),
+        ("[smoke]", '[tune]\ntypes = ["Q4_K", "Q4_K_M"]\n\n[smoke]', "tune.types[1]",
+         "not a tensor type the tuner can choose"),
+        ("[smoke]", '[tune]\ntypes = []\n\n[smoke]', "tune.types", "names no type"),
+        ("[smoke]", '[tune]\nbudgets = ["BF16"]\n\n[smoke]', "tune.budgets[0]",
+         "not quantized"),
+        ("[smoke]", '[tune]\nbudgets = ["T16"]\n\n[smoke]', "tune.budgets[0]",
+         "not between 1 and 16"),
+        ("[smoke]", '[tune]\nbudgets = ["Q2_K,Q4_K_M"]\n\n[smoke]', "tune.budgets[0]",
+         "one type or budget"),
+        ("[smoke]", '[tune]\nbudgets = ["Q4_K_M-imat"]\n\n[smoke]', "tune.budgets[0]",
+         "alone"),
     ],
 )
 def test_invalid_recipes_name_file_and_field(tmp_path, old, new, field, problem):
@@ -117,3 +130,24 @@ def test_unknown_name_suggests_the_closest(tmp_path):
         load_recipe(tmp_path / "missing.toml")
     with pytest.raises(RecipeError, match="not valid TOML"):
         load_recipe(write(tmp_path, "[model"))
+
+
+def test_tune_is_a_recipe_setting(tmp_path):
+    """[tune]: the probes' calibration (a file relative to the recipe, or a set's name),
+    candidate types and the tuned variants a build makes by default, T<bpw> included."""
+    from mathq.pipeline import default_options
+
+    assert load_recipe(write(tmp_path, GOOD)).tune.calibration is None  # mathq's default
+    demo = load_recipe("tiny-demo")
+    assert demo.tune.calibration == str(
+        (demo.path.parent / "../models/tiny-demo/problems.jsonl").resolve())
+    (tmp_path / "calib.jsonl").write_text("{}\n")
+    own = load_recipe(write(tmp_path, GOOD + '\n[tune]\ncalibration = "calib.jsonl"\n'
+                            'types = ["q4_k", "Q6_K", "Q4_K"]\n'
+                            'budgets = ["Q4_K_M", "t4.85", "Q4_K_M-tuned"]\n'))
+    assert own.tune.calibration == str((tmp_path / "calib.jsonl").resolve())
+    assert own.tune.types == ("Q4_K", "Q6_K")
+    assert [v.name for v in own.tune.budgets] == ["Q4_K_M-tuned", "T4.85"]
+    assert [v.name for v in default_options(own, None).tune] == ["Q4_K_M-tuned", "T4.85"]
+    named = load_recipe(write(tmp_path, GOOD + '\n[tune]\ncalibration = "math-train"\n'))
+    assert named.tune.calibration == "math-train"

@@ -30,7 +30,9 @@ from tests.clirun import run
 
 REPO = Path(__file__).resolve().parent.parent
 CALIBRATION = str(REPO / "models" / "tiny-demo" / "problems.jsonl")
-ARGS = ("tune", "tiny-demo", "--match", "Q2_K", "-c", CALIBRATION, "--probe-chunks", "4", "--json")
+# No -c: the demo recipe's [tune] calibration (its own held-out problems) is the default, so
+# the tune runs offline; the fixture runs it with the Hub switched off to prove it.
+ARGS = ("tune", "tiny-demo", "--match", "Q2_K", "--probe-chunks", "4", "--json")
 
 
 def _build_with_bf16(root: Path, bf16: Path) -> Path:
@@ -44,8 +46,18 @@ def _build_with_bf16(root: Path, bf16: Path) -> Path:
 def tuned(demo_bf16_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("tune-build")
     folder = _build_with_bf16(root, demo_bf16_gguf)
-    result = json.loads(run(*ARGS, "--build-dir", str(root)).output)
+    with pytest.MonkeyPatch.context() as offline:
+        import huggingface_hub.constants
+
+        offline.setenv("HF_HUB_OFFLINE", "1")
+        offline.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        result = json.loads(run(*ARGS, "--build-dir", str(root)).output)
     return {"root": root, "folder": folder, "result": result}
+
+
+def test_the_demo_tunes_offline_on_its_recipes_calibration(tuned):
+    record = json.loads((tuned["folder"] / "tiny-demo-Q2_K-tuned.tune.json").read_text())
+    assert record["calibration"].endswith("problems.jsonl")
 
 
 def test_ggml_bytes_are_llama_cpp_bytes(tiny_quant_ggufs: dict[str, Path]):
@@ -207,3 +219,53 @@ def test_build_plans_tuned_siblings_and_measures_them_like_any_variant(tmp_path)
     assert not list(tmp_path.iterdir())
     run("build", "tiny-demo", "--tune", "BF16", "--build-dir", str(tmp_path), "--dry-run",
         code=2)
+
+
+@pytest.mark.parametrize(("name", "canonical", "bpw", "making"), [
+    ("T4.85", "T4.85", 4.85, "mathq tune r --bpw 4.85"),
+    ("t3.5-imat", "T3.50-imat", 3.5, "mathq tune r --bpw 3.5 --imatrix FILE"),
+    ("Q4_K_M-tuned", "Q4_K_M-tuned", 4.5, "mathq tune r --match Q4_K_M"),
+    ("TQ1_0", "TQ1_0", 1.6875, "mathq quantize r --quant TQ1_0"),  # a type, not a budget
+])
+def test_budget_names_are_variant_names(name, canonical, bpw, making):
+    from mathq.recipes.quants import making_command, parse_variant
+
+    v = parse_variant(name)
+    assert (v.name, v.nominal_bpw, making_command("r", name)) == (canonical, bpw, making)
+    assert parse_variant(v.name) == v
+
+
+def test_build_plans_budget_variants_from_tune_and_the_recipe(tmp_path):
+    out = run("build", "tiny-demo", "--quant", "Q4_K_M", "--tune", "T4,Q2_K", "--build-dir",
+              str(tmp_path), "--dry-run", "--json").stdout
+    names = [p["name"] for p in json.loads(out)]
+    assert [n for n in names if n.startswith("tune ")] == ["tune T4.00", "tune Q2_K-tuned"]
+    assert {"smoke T4.00", "bench T4.00", "kld T4.00"} <= set(names)
+    run("build", "tiny-demo", "--tune", "T4,Q2_K-imat", "--build-dir", str(tmp_path),
+        "--dry-run", code=2)
+
+
+def test_a_bpw_budget_goes_through_measurement_report_and_publish(tuned, tmp_path):
+    """``mathq tune --bpw`` names its file T<bpw>; smoke, kld, bench, report and publish take
+    the name like any variant's. The tune reuses the --match run's probes."""
+    root = tuned["root"]
+    out = json.loads(run("tune", "tiny-demo", "--bpw", "4", "--probe-chunks", "4", "--json",
+                         "--build-dir", str(root)).output)
+    assert out["name"] == "T4.00" and all(p["reused"] for p in out["probes"])
+    folder = tuned["folder"]
+    n_params = read_gguf_summary(folder / "tiny-demo-BF16.gguf").n_params
+    assert out["size"] <= out["budget"] == int(4 * n_params / 8)
+    assert read_gguf_summary(folder / "tiny-demo-T4.00.gguf").size == out["size"]
+    for step in (("smoke", "--n", "8"), ("bench", "-p", "16", "-n", "4", "-r", "1"), ("kld",)):
+        run(step[0], "tiny-demo", "-Q", "T4.00", *step[1:], "--build-dir", str(root))
+    report = json.loads(run("report", "tiny-demo", "--build-dir", str(root), "--json").stdout)
+    (row,) = [r for r in report["rows"] if r["quant"] == "T4.00"]
+    assert row["kind"] == "tuned" and row["nominal_bpw"] == 4.0
+    assert row["accuracy"] is not None and row["mean_kld"] is not None
+    recipe = tmp_path / "tiny-demo.toml"
+    text = (REPO / "recipes" / "tiny-demo.toml").read_text().replace(
+        "../models/", str(REPO / "models") + "/").replace(
+        'q8_0 = "Q8_0"', 'q8_0 = "Q8_0"\nt4 = "T4.00"')
+    recipe.write_text(text)
+    plan = run("publish", str(recipe), "--tag", "t4", "--dry-run", "--build-dir", str(root))
+    assert "tiny-demo-T4.00.gguf" in plan.output

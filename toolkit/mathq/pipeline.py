@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mathq.errors import DiskSpaceError, MathqError, MissingImatrixError, TuneError
+from mathq.errors import DiskSpaceError, MathqError, MissingImatrixError
 from mathq.fsutil import format_bytes, free_bytes
 from mathq.layout import BuildLayout
 from mathq.llama.runtime import PARALLEL_AUTO
@@ -47,7 +47,8 @@ class BuildOptions:
     see :func:`mathq.llama.devices.choose_parallel`). ``imatrix`` adds the
     importance matrix, computed on ``calibration`` (see :func:`build_variants`).
     ``draft`` lets each variant's smoke test draft from BF16's answers, which are smoke-tested
-    first (:mod:`mathq.llama.drafts`).
+    first (:mod:`mathq.llama.drafts`). ``calibration`` None is the imatrix stage's default
+    text for the matrix and the recipe's ``[tune]`` calibration for the tuned variants.
     """
 
     quants: tuple[QuantType, ...]
@@ -56,22 +57,19 @@ class BuildOptions:
     measure: bool = True
     parallel: int = PARALLEL_AUTO
     imatrix: bool = False
-    calibration: str = DEFAULT_CALIBRATION
+    calibration: str | None = None
     draft: bool = True
-    tune: tuple[QuantType, ...] = ()
+    tune: tuple[Variant, ...] = ()
 
 
 def tuned_variants(options: BuildOptions) -> tuple[Variant, ...]:
-    """The ``mathq tune --match`` siblings ``tune`` asks for: ``<QUANT>-tuned`` for each
-    type, and with ``imatrix`` also ``<QUANT>-imat-tuned`` where the matrix helps."""
+    """The ``mathq tune`` variants ``tune`` asks for (``<QUANT>-tuned``, ``T<bpw>``), and
+    with ``imatrix`` also their ``-imat`` siblings where the matrix helps."""
     variants: list[Variant] = []
-    for q in options.tune:
-        if q.is_float:
-            raise TuneError(f"--tune {q.name}: {q.name} is not quantized, so it has no tuned "
-                            "sibling", "name quantized types, e.g. --tune Q4_K_M,Q3_K_M")
-        variants.append(Variant(q, tuned=True))
-        if options.imatrix and q.imatrix_helps:
-            variants.append(Variant(q, imatrix=True, tuned=True))
+    for v in options.tune:
+        variants.append(v)
+        if options.imatrix and v.quant.imatrix_helps:
+            variants.append(replace(v, imatrix=True))
     return tuple(variants)
 
 
@@ -174,7 +172,11 @@ class FileSizes:
         return self._sizes()["BF16"]
 
     def variant(self, variant: Variant) -> int:
-        """Bytes of a variant's file (a tuned one takes its stock type's size)."""
+        """Bytes of a variant's file: a ``-tuned`` one takes its stock type's size, a
+        ``T<bpw>`` one its budget (over every weight, as the tune counts it, plus 1 %: the
+        weights are counted from config.json here, from the BF16 file there)."""
+        if variant.bpw is not None:
+            return int(variant.bpw * self._n_params / 8 * 1.01)
         return self._sizes()[variant.quant.name]
 
     def _sizes(self) -> dict[str, int]:
@@ -183,7 +185,7 @@ class FileSizes:
         if not (self._hf_dir / "config.json").is_file():
             # Two bytes a weight; the mixes keep some tensors wider than the nominal type.
             estimate = {q.name: int(self._n_params * q.bpw / 8 * 1.15)
-                        for q in {v.quant for v in self._variants}}
+                        for q in {v.quant for v in self._variants if v.bpw is None}}
             return {"BF16": 2 * self._n_params + (64 << 20), **estimate}
         self._exact = self._measure()
         return self._exact
@@ -199,7 +201,7 @@ class FileSizes:
             skeleton = Path(tmp) / "skeleton-BF16.gguf"
             sizes = {"BF16": write_skeleton(
                 self._hf_dir, skeleton, recipe_convert_options(self._recipe, ConvertOptions()))}
-            for quant in {v.quant for v in self._variants}:
+            for quant in {v.quant for v in self._variants if v.bpw is None}:
                 sizes[quant.name] = quantized_size(skeleton, QuantizeOptions(quant=quant))
         return sizes
 
@@ -340,7 +342,7 @@ def _tune_step(recipe: Recipe, options: BuildOptions, layout: BuildLayout, varia
 
     imatrix = layout.imatrix if variant.imatrix else None
     job, opts = recipe_tune_job(recipe, layout, TuneOptions(
-        Budget(match=variant.quant.name), imatrix=imatrix, calibration=options.calibration,
+        Budget.of(variant), imatrix=imatrix, calibration=options.calibration,
         kld=KldOptions(corpus=recipe.kld.corpus)))
     bf16 = layout.gguf("BF16")
     # the tuned file (the stock file's size), and one probe file at a time, at most BF16's
@@ -359,11 +361,12 @@ def _imatrix_step(recipe: Recipe, options: BuildOptions, layout: BuildLayout) ->
 
     job = recipe_imatrix_job(recipe, layout)
     opts = ImatrixOptions()
+    calibration = options.calibration or DEFAULT_CALIBRATION
     # A matrix holds one float per input column of each weight: a few MB for a 7B model.
     return Step("imatrix", "imatrix", layout.imatrix, layout.key(layout.imatrix),
                 lambda: 64 << 20,
-                lambda p: run_imatrix(job, options.calibration, opts, progress=p),
-                lambda: imatrix_fingerprint(job, options.calibration, opts),
+                lambda p: run_imatrix(job, calibration, opts, progress=p),
+                lambda: imatrix_fingerprint(job, calibration, opts),
                 (job.model,))
 
 
@@ -486,9 +489,9 @@ def _offline_download_fingerprint(layout: BuildLayout) -> Fingerprint | None:
 
 
 def default_options(recipe: Recipe, quants: str | None) -> BuildOptions:
-    """The recipe's variants, or the ``--quant`` list."""
+    """The recipe's variants, or the ``--quant`` list; the recipe's tuned variants."""
     from mathq.recipes.quants import parse_quant_list
 
     chosen = (parse_quant_list(quants) if quants is not None
               else tuple(get_quant(q) for q in recipe.quants.variants))
-    return BuildOptions(quants=chosen)
+    return BuildOptions(quants=chosen, tune=recipe.tune.budgets)

@@ -34,14 +34,15 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
               help="Also compute the recipe's importance matrix and build a <QUANT>-imat variant "
                    "of each type it helps (Q2_K-Q4_K, IQ*), measured beside the plain one.")
 @click.option("--calibration", "-c", metavar="FILE|SET", type=FileOrName(),
-              default=DEFAULT_CALIBRATION,
-              show_default=True,
-              help="With --imatrix: the calibration text, as for `mathq imatrix`; with "
-                   "--tune, the text of the tune's KLD probes.")
-@click.option("--tune", "tune_list", metavar="TYPES",
-              help="Also make the tuned sibling of each type (`mathq tune --match`), e.g. "
-                   "Q4_K_M,Q3_K_M: <QUANT>-tuned, and <QUANT>-imat-tuned with --imatrix. "
-                   "Its probes read --calibration.")
+              help="With --imatrix: the calibration text, as for `mathq imatrix` [default: "
+                   f"{DEFAULT_CALIBRATION}]; for tuned variants, the text of the tune's KLD "
+                   "probes [default: the recipe's [tune] calibration, else "
+                   f"{DEFAULT_CALIBRATION}].")
+@click.option("--tune", "tune_list", metavar="BUDGETS",
+              help="Also make tuned variants (`mathq tune`): a type makes <QUANT>-tuned at "
+                   "its stock file's size, T<bpw> a bits-per-weight budget, e.g. "
+                   "Q4_K_M,Q3_K_M,T4.85; with --imatrix also their -imat siblings [default: "
+                   "the recipe's [tune] budgets]. --tune '' makes none.")
 @click.option("--no-draft", "no_draft", is_flag=True,
               help="Smoke tests decode one token per step instead of also checking drafted "
                    "tokens (BF16's answers, prompt text) in batches; same answers.")
@@ -52,7 +53,7 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
 @quiet_option
 @json_option
 def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, skip_smoke: bool,
-          files_only: bool, use_imatrix: bool, calibration: str, tune_list: str | None,
+          files_only: bool, use_imatrix: bool, calibration: str | None, tune_list: str | None,
           no_draft: bool, dry_run: bool,
           build_dir: Path | None, quiet: bool, as_json: bool) -> None:
     """Run the whole pipeline for a recipe into build/<model>/, redoing only what changed.
@@ -89,14 +90,16 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
         plan_outcomes,
         run_steps,
     )
-    from mathq.recipes.quants import parse_quant_list
+    from mathq.recipes.quants import parse_tune_list
     from mathq.recipes.recipe import load_recipe
 
     loaded = load_recipe(recipe)
     options = replace(default_options(loaded, quant_list), n=n, parallel=parallel,
                       skip_smoke=skip_smoke, measure=not files_only, imatrix=use_imatrix,
-                      calibration=calibration, draft=not no_draft,
-                      tune=parse_quant_list(tune_list) if tune_list is not None else ())
+                      calibration=calibration, draft=not no_draft)
+    if tune_list is not None:  # the recipe's [tune] budgets otherwise; '' makes none
+        options = replace(options, tune=parse_tune_list(tune_list) if tune_list.strip()
+                          else ())
     layout = BuildLayout.for_model(loaded.name, build_dir)
     manifest = Manifest(layout.manifest)
     steps = plan_build(loaded, options, build_dir)

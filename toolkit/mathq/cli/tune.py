@@ -27,6 +27,7 @@ from mathq.cli.types import (
     OutputPath,
 )
 from mathq.quantize.calibration import DEFAULT_CALIBRATION
+from mathq.tune.plan import DEFAULT_TYPES
 
 
 @click.command()
@@ -39,12 +40,12 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
 @click.option("--imatrix", type=InputFile(),
               help="Importance matrix to quantize with (and to weight the costs by).")
 @click.option("--types", "types_list", metavar="TYPES",
-              help="Candidate tensor types [default: Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0].")
+              help="Candidate tensor types [default: the recipe's [tune] types, else "
+                   f"{','.join(DEFAULT_TYPES)}].")
 @click.option("--calibration", "-c", metavar="FILE|SET", type=FileOrName(),
-              default=DEFAULT_CALIBRATION,
-              show_default=True,
               help="Text of the KLD probes, as `mathq imatrix -c` takes it; smoke problems "
-                   "and passages of the held-out text are kept out of it.")
+                   "and passages of the held-out text are kept out of it [default: the "
+                   f"recipe's [tune] calibration, else {DEFAULT_CALIBRATION}].")
 @click.option("--probe-chunks", type=Int(1, MAX_CHUNKS), default=8, show_default=True,
               help="Chunks of --ctx-size tokens each probe reads.")
 @click.option("--corpus", type=InputFile(),
@@ -65,7 +66,7 @@ from mathq.quantize.calibration import DEFAULT_CALIBRATION
 @quiet_option
 @json_option
 def tune(source: str, match: str | None, size: int | None, bpw: float | None,
-         imatrix: Path | None, types_list: str | None, calibration: str, probe_chunks: int,
+         imatrix: Path | None, types_list: str | None, calibration: str | None, probe_chunks: int,
          corpus: Path | None, n_ctx: int, smoke_suite: str | None, seed: int, threads: int,
          gpu_layers: int | None, out_dir: Path | None, build_dir: Path | None, quiet: bool,
          as_json: bool) -> None:
@@ -87,7 +88,7 @@ def tune(source: str, match: str | None, size: int | None, bpw: float | None,
       mathq tune tiny-demo --match Q2_K -c models/tiny-demo/problems.jsonl
     """
     from mathq.evaluate.kld.measure import KldOptions
-    from mathq.tune.plan import DEFAULT_TYPES, parse_types
+    from mathq.tune.plan import parse_types
     from mathq.tune.search import Budget, TuneOptions
     from mathq.tune.stage import resolve_tune, tune_and_record
 
@@ -101,7 +102,7 @@ def tune(source: str, match: str | None, size: int | None, bpw: float | None,
 
         match = get_quant(match).name
     budget = Budget(match=match, size=size, bpw=bpw)
-    types = parse_types(types_list) if types_list is not None else DEFAULT_TYPES
+    types = parse_types(types_list) if types_list is not None else None
     options = TuneOptions(budget=budget, imatrix=imatrix, types=types, calibration=calibration,
                           probe_chunks=probe_chunks, seed=seed, threads=threads,
                           kld=KldOptions(corpus=corpus, n_ctx=n_ctx, threads=threads,

@@ -208,10 +208,9 @@ def kv_bytes_per_element(kv_type: str | None) -> float:
     ggml type (``q8_0``: 34 bytes per block of 32)."""
     if kv_type is None:
         return 2.0
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from mathq.recipes.quants import tensor_type_bpw
 
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kv_type.strip().upper()]]
-    return size / block
+    return tensor_type_bpw(kv_type) / 8
 
 
 def kv_bytes_per_sequence(n_ctx_seq: int, n_layer: int, n_embd_k: int, n_embd_v: int,

@@ -94,9 +94,13 @@ def tag_files(recipe: Recipe, tags: Sequence[str] = (), build_root: Path | None 
         overrides[quant] = _overrides(recipe, quant, path, dict(tuned[quant]))
         context = header.values.get(f"{summary.architecture}.context_length")
         contexts[quant] = int(context) if isinstance(context, int) else None
-        expected = parse_variant(quant).quant.name
-        if summary.file_type_name != expected:
-            raise GGUFError(f"{path} holds {summary.file_type_name}, not {expected}",
+        variant = parse_variant(quant)
+        if variant.bpw is not None:  # the tune chose its types, and so its file type
+            if not tuned[quant]:
+                raise GGUFError(f"{path} was not made by `mathq tune` (no {TUNED_KEY}* keys)",
+                                f"make it with {_making(recipe, quant)}")
+        elif summary.file_type_name != variant.quant.name:
+            raise GGUFError(f"{path} holds {summary.file_type_name}, not {variant.quant.name}",
                             f"rebuild it with {_making(recipe, quant)}")
     _check_current(recipe, layout, quants)
     if before_hashing is not None:

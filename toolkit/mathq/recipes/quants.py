@@ -13,6 +13,7 @@ measures the real figure).
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 
 from mathq.errors import MathqError
@@ -162,10 +163,24 @@ TUNED_SUFFIX = "-tuned"
 the tensor types chosen by measured KL divergence (``Q4_K_M-tuned``, ``Q4_K_M-imat-tuned``)."""
 
 
+BUDGET_PREFIX = "T"
+"""Starts the name of a variant tuned to a bits-per-weight budget (``mathq tune --bpw 4.85``,
+or ``--size`` over the model's weights): ``T4.85``, ``T4.85-imat``. No stock mix is named so;
+the tune chooses its tensor types, and so its file type."""
+
+_BUDGET_NAME = re.compile(r"^T(\d{1,2}(?:\.\d+)?)$", re.IGNORECASE)
+
+#: The stock mix a budget's whole bits are named for: a ``T4.85`` file is compared with the
+#: 4-bit files, and its stock neighbour is Q4_K_M.
+_CLASS_TYPE = {1: "Q2_K", 2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K",
+               7: "Q6_K"}
+
+
 @dataclass(frozen=True)
 class Variant:
     """A variant of a build: a quantization type, made with an importance matrix or not,
-    as llama.cpp's stock mix or tuned to the stock mix's size (``mathq tune``).
+    as llama.cpp's stock mix or tuned (``mathq tune``), to the stock mix's size or to a
+    bits-per-weight budget ``bpw`` (then ``quant`` is the stock mix of its size class).
 
     :attr:`name` is what every file of the variant is named after, and what ``--quant``
     options and the report call it.
@@ -174,22 +189,45 @@ class Variant:
     quant: QuantType
     imatrix: bool = False
     tuned: bool = False
+    bpw: float | None = None
+
+    @classmethod
+    def budget(cls, bpw: float, imatrix: bool = False) -> Variant:
+        """The tuned variant of a bits-per-weight budget, named to two decimals."""
+        bpw = round(bpw, 2)
+        return cls(get_quant(_CLASS_TYPE.get(int(bpw), "Q8_0")), imatrix, tuned=True, bpw=bpw)
 
     @property
     def name(self) -> str:
-        """``Q4_K_M``, ``Q4_K_M-imat``, ``Q4_K_M-tuned`` or ``Q4_K_M-imat-tuned``."""
-        return (self.quant.name + (IMATRIX_SUFFIX if self.imatrix else "")
-                + (TUNED_SUFFIX if self.tuned else ""))
+        """``Q4_K_M``, ``Q4_K_M-imat``, ``Q4_K_M-tuned``, ``Q4_K_M-imat-tuned``, ``T4.85``
+        or ``T4.85-imat``."""
+        matrix = IMATRIX_SUFFIX if self.imatrix else ""
+        if self.bpw is not None:
+            return f"{BUDGET_PREFIX}{self.bpw:.2f}{matrix}"
+        return self.quant.name + matrix + (TUNED_SUFFIX if self.tuned else "")
+
+    @property
+    def nominal_bpw(self) -> float:
+        """The bits per weight the variant is named for: its budget, or its type's."""
+        return self.bpw if self.bpw is not None else self.quant.bpw
 
 
 def parse_variant(name: str) -> Variant:
     """``Q4_K_M-imat`` -> Variant(Q4_K_M, imatrix=True), ``Q4_K_M-tuned`` -> Variant(Q4_K_M,
-    tuned=True); plain names as :func:`get_quant`.
+    tuned=True), ``T4.85`` -> the tuned variant of a 4.85-bit budget; plain names as
+    :func:`get_quant`.
 
     The one place that reads a variant name, so that a suffix means the same thing in every
     command and in the report.
     """
     key = name.strip()
+    budget_key = key[: -len(IMATRIX_SUFFIX)] if key.lower().endswith(IMATRIX_SUFFIX) else key
+    if m := _BUDGET_NAME.match(budget_key):
+        bpw = float(m.group(1))
+        if not 1 <= bpw < 16:
+            raise UnknownQuantError(f"{key!r}: a budget of {bpw:g} bits per weight is not "
+                                    "between 1 and 16 (BF16)", "e.g. T4.85")
+        return Variant.budget(bpw, imatrix=budget_key != key)
     tuned = key.lower().endswith(TUNED_SUFFIX)
     key = key[: -len(TUNED_SUFFIX)] if tuned else key
     imatrix = key.lower().endswith(IMATRIX_SUFFIX)
@@ -212,7 +250,8 @@ def making_command(recipe: str, variant: str) -> str:
         return f"mathq convert {recipe}"
     if v.tuned:
         matrix = " --imatrix FILE" if v.imatrix else ""
-        return f"mathq tune {recipe} --match {v.quant.name}{matrix}"
+        budget = f"--bpw {v.bpw:g}" if v.bpw is not None else f"--match {v.quant.name}"
+        return f"mathq tune {recipe} {budget}{matrix}"
     return f"mathq quantize {recipe} --quant {v.name}"
 
 
@@ -225,6 +264,27 @@ def parse_variant_list(text: str) -> tuple[Variant, ...]:
             seen.setdefault(v.name, v)
     if not seen:
         raise UnknownQuantError("no quantization type given", "e.g. --quant Q4_K_M,Q5_K_M")
+    return tuple(seen.values())
+
+
+def parse_tune_list(text: str) -> tuple[Variant, ...]:
+    """``Q4_K_M,T4.85`` -> the tuned variants to make: a type's (its stock file's size) or a
+    bits-per-weight budget's, in order, repeats dropped (``--tune``, ``[tune] budgets``)."""
+    seen: dict[str, Variant] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        v = parse_variant(part)
+        if v.imatrix:
+            raise UnknownQuantError(f"{part.strip()!r}: name the type or budget alone",
+                                    "--imatrix adds the -imat sibling of each")
+        if v.quant.is_float:
+            raise UnknownQuantError(f"{part.strip()!r}: {v.quant.name} is not quantized, so it "
+                                    "has no tuned sibling", "e.g. Q4_K_M,Q3_K_M or T4.85")
+        v = v if v.tuned else Variant(v.quant, tuned=True)
+        seen.setdefault(v.name, v)
+    if not seen:
+        raise UnknownQuantError("no type or budget to tune given", "e.g. Q4_K_M or T4.85")
     return tuple(seen.values())
 
 
@@ -247,3 +307,38 @@ def ggml_type_id(name: str) -> int:
         names = ", ".join(t.name for t in GGMLQuantizationType)
         raise UnknownQuantError(f"unknown ggml tensor type {name!r}",
                                 f"use one of {names}") from None
+
+
+# --- ggml tensor types ------------------------------------------------------------------
+# A file type above is a mix: llama.cpp stores each tensor in one ggml tensor type (Q4_K,
+# Q6_K, Q8_0 ...). The facts about those, in one place.
+
+FILE_TYPE_OF_TENSOR_TYPE = {
+    "Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M", "Q6_K": "Q6_K",
+    "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1", "Q5_0": "Q5_0", "Q5_1": "Q5_1",
+    "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL", "IQ3_S": "IQ3_S", "IQ3_XXS": "IQ3_XXS",
+    "IQ2_XXS": "IQ2_XXS", "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_S", "IQ1_S": "IQ1_S",
+    "IQ1_M": "IQ1_M"}
+"""The file type a file mostly of one tensor type is named after (a tuned file's
+``general.file_type``): the stock mix built on that tensor type. Its keys are the tensor
+types a quantized file can choose among."""
+
+TENSOR_TYPE_FALLBACK = {
+    "Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+    "IQ4_XS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ2_XXS": "IQ4_NL",
+    "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL", "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL"}
+"""llama.cpp's own fallback when a tensor's rows are not whole blocks of a type
+(``tensor_type_fallback`` in src/llama-quant.cpp): what it really stores instead."""
+
+
+def tensor_type_block(name: str) -> tuple[int, int]:
+    """(weights per block, bytes per block) of a ggml tensor type, from gguf's table."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    return GGML_QUANT_SIZES[GGMLQuantizationType[name.strip().upper()]]
+
+
+def tensor_type_bpw(name: str) -> float:
+    """Bits per weight of a ggml tensor type (Q4_K: 4.5, Q8_0: 8.5)."""
+    block, size = tensor_type_block(name)
+    return size * 8 / block

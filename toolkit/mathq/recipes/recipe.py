@@ -23,7 +23,14 @@ from mathq.inputs import UnreadableInput, file_problem, finite, parse_toml, read
 from mathq.recipes.prompt import COT_SUFFIXES as _COT_SUFFIX_TEXTS
 from mathq.recipes.prompt import PROMPT_FORMATS, PromptSpec
 from mathq.recipes.prompt import SYSTEM_PROMPT_POLICIES as SYSTEM_PROMPT_POLICIES
-from mathq.recipes.quants import UnknownQuantError, get_quant, parse_variant, parse_variant_list
+from mathq.recipes.quants import (
+    UnknownQuantError,
+    Variant,
+    get_quant,
+    parse_tune_list,
+    parse_variant,
+    parse_variant_list,
+)
 
 MODEL_KINDS = ("base", "chat")
 # Prompt choices come from the prompt module, where their exact text is defined.
@@ -107,6 +114,23 @@ class KldSpec:
 
 
 @dataclass(frozen=True)
+class TuneSpec:
+    """How ``mathq tune`` and ``mathq build`` tune this model.
+
+    ``calibration`` is the text the probes read, as ``mathq imatrix -c`` takes it (a set's
+    name, or a file the recipe names relative to itself); None is mathq's default, MATH's
+    training problems from the Hub. ``types`` are the candidate tensor types (None: the
+    tuner's default). ``budgets`` are the tuned variants ``mathq build`` makes without
+    ``--tune``: a type's (``Q2_K`` makes ``Q2_K-tuned``, the stock Q2_K file's size) or a
+    bits-per-weight budget's (``T4.85``).
+    """
+
+    calibration: str | None = None
+    types: tuple[str, ...] | None = None
+    budgets: tuple[Variant, ...] = ()
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A whole recipe, with the file it came from."""
 
@@ -117,6 +141,7 @@ class Recipe:
     ollama: OllamaSpec
     smoke: SmokeSpec
     kld: KldSpec = KldSpec()
+    tune: TuneSpec = TuneSpec()
 
     @property
     def name(self) -> str:
@@ -272,9 +297,48 @@ def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
     ollama = _parse_ollama(_Table(top.get("ollama", dict), path, "ollama"), quants)
     smoke = _parse_smoke(_Table(top.get("smoke", dict), path, "smoke"))
     kld = _parse_kld(_Table(top.get("kld", dict, {}), path, "kld"))
+    tune = _parse_tune(_Table(top.get("tune", dict, {}), path, "tune"))
     top.finish()
     return Recipe(path=path, model=model, prompt=prompt, quants=quants, ollama=ollama,
-                  smoke=smoke, kld=kld)
+                  smoke=smoke, kld=kld, tune=tune)
+
+
+def _parse_tune(t: _Table) -> TuneSpec:
+    from mathq.recipes.quants import FILE_TYPE_OF_TENSOR_TYPE
+
+    calibration = t.get("calibration", str, None)
+    if calibration is not None and calibration.endswith((".jsonl", ".txt", ".md")):
+        path = t.resolve("calibration", t.path.parent / calibration)
+        if (problem := file_problem(path)) is not None:
+            t.fail("calibration", f"{path} {problem}",
+                   "name a problem file (.jsonl) or a text file relative to the recipe, or "
+                   "leave calibration out for MATH's training problems")
+        calibration = str(path)
+    types = None
+    if (given := t.get("types", list, None)) is not None:
+        names = []
+        for i, v in enumerate(given):
+            name = v.strip().upper() if isinstance(v, str) else None
+            if name not in FILE_TYPE_OF_TENSOR_TYPE:
+                t.fail(f"types[{i}]", f"{shorten(repr(v), 40)} is not a tensor type the tuner "
+                       "can choose", f"choose from {', '.join(FILE_TYPE_OF_TENSOR_TYPE)}")
+            names.append(name)
+        if not names:
+            t.fail("types", "names no type", "leave it out for the tuner's default types")
+        types = tuple(dict.fromkeys(names))
+    budgets: dict[str, Variant] = {}
+    for i, v in enumerate(t.get("budgets", list, [])):
+        if not isinstance(v, str) or "," in v:
+            t.fail(f"budgets[{i}]", "expected one type or budget name",
+                   "e.g. budgets = [\"Q2_K\", \"T4.85\"]")
+        try:
+            (variant,) = parse_tune_list(v)
+        except UnknownQuantError as e:
+            t.fail(f"budgets[{i}]", e.message, e.hint)
+            raise AssertionError("unreachable") from e
+        budgets.setdefault(variant.name, variant)
+    t.finish()
+    return TuneSpec(calibration=calibration, types=types, budgets=tuple(budgets.values()))
 
 
 def _parse_kld(t: _Table) -> KldSpec:

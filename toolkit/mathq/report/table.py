@@ -22,6 +22,7 @@ table too, an :class:`ImatrixComparison` puts the two side by side.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -44,8 +45,10 @@ from mathq.layout import BuildLayout
 from mathq.manifest import file_identity
 from mathq.progress import ProgressCallback, no_progress
 from mathq.recipes.quants import (
+    BUDGET_PREFIX,
     QUANT_TYPES,
     QuantType,
+    UnknownQuantError,
     parse_variant,
     variant_names,
 )
@@ -61,7 +64,11 @@ _BITS = re.compile(r"^(?:I?Q|TQ)(\d)")
 
 
 def size_class(quant: str) -> int | None:
-    """The bits a variant's type is named for (``Q4_K_M-imat`` -> 4); None for F16/BF16."""
+    """The bits a variant is named for (``Q4_K_M-imat`` -> 4, ``T4.85`` -> 4); None for
+    F16/BF16."""
+    v = parse_variant(quant)
+    if v.bpw is not None:
+        return int(v.bpw)
     m = _BITS.match(quant)
     return int(m.group(1)) if m else None
 
@@ -243,13 +250,19 @@ def _load(path: Path, kind: type) -> object | None:
 
 
 def _present_quants(layout: BuildLayout, recipe: Recipe) -> list[str]:
+    """The recipe's variants, and every variant with a file or a summary in the build
+    folder: each type's stock, -imat and -tuned names, and the T<bpw> budgets' files."""
     names = {parse_variant(q).name for q in recipe.quants.variants}
-    for q in QUANT_TYPES:
-        for name in variant_names(q):
-            paths = (layout.gguf(name), layout.smoke_summary(name),
-                     layout.bench_summary(name), layout.kld_summary(name))
-            if any(p.is_file() for p in paths):
-                names.add(name)
+    candidates = [name for q in QUANT_TYPES for name in variant_names(q)]
+    for found in layout.root.glob(f"{layout.name}-{BUDGET_PREFIX}*.gguf"):
+        with contextlib.suppress(UnknownQuantError):  # another file that starts with T
+            candidates.append(parse_variant(
+                found.name.removeprefix(f"{layout.name}-").removesuffix(".gguf")).name)
+    for name in candidates:
+        paths = (layout.gguf(name), layout.smoke_summary(name),
+                 layout.bench_summary(name), layout.kld_summary(name))
+        if any(p.is_file() for p in paths):
+            names.add(name)
     return sorted(names)
 
 
@@ -353,7 +366,7 @@ def collect(recipe: Recipe, layout: BuildLayout,
         path = layout.gguf(q)
         rows.append(VariantRow(
             quant=q, gguf=gguf, size_bytes=size, bits_per_weight=bpw,
-            nominal_bpw=base_type(q).bpw, accuracy=acc, paired=paired,
+            nominal_bpw=parse_variant(q).nominal_bpw, accuracy=acc, paired=paired,
             delta_vs_paper_pp=(round(100 * acc.value - paper, 6)
                                if acc and paper is not None else None),
             mean_kld=k.mean_kld if k else None, mean_kld_err=k.mean_kld_err if k else None,

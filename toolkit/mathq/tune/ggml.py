@@ -58,10 +58,12 @@ def _lib() -> ctypes.CDLL:
 def _traits(type_id: int) -> tuple[str, int, int, object]:
     """(name, block size, bytes per block, to_float) of a ggml type, checked against gguf's
     own table so that a changed struct layout fails loudly instead of reading garbage."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.constants import GGMLQuantizationType
+
+    from mathq.recipes.quants import tensor_type_block
 
     t = _lib().ggml_get_type_traits(type_id).contents
-    expected = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
+    expected = tensor_type_block(GGMLQuantizationType(type_id).name)
     if (t.blck_size, t.type_size) != expected or not t.to_float:
         raise RuntimeError(f"ggml type traits of {GGMLQuantizationType(type_id).name} read as "
                            f"{(t.blck_size, t.type_size)}, gguf says {expected}")

@@ -3,7 +3,7 @@ the allocation of types under it.
 
 Nothing here runs a model. A tensor's *error* for a type is the importance-weighted squared
 error of ggml's own quantization of it (:mod:`mathq.tune.ggml`); the search turns errors into
-predicted KL divergence with one measured factor per tensor group (:attr:`Plan.sensitivity`),
+predicted KL divergence with one measured factor per tensor group (its *sensitivity*),
 and :func:`allocate` spends the byte budget where a byte buys the most predicted KLD.
 """
 
@@ -17,18 +17,12 @@ from dataclasses import dataclass
 
 from mathq.convert.gguf_info import FLOAT_TYPES, GGUFSummary, TensorInfo
 from mathq.errors import TuneError
+from mathq.recipes.quants import FILE_TYPE_OF_TENSOR_TYPE, TENSOR_TYPE_FALLBACK, tensor_type_block
 
 DEFAULT_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 """Candidate tensor types: the k-quants llama.cpp's own mixes are built from, and Q8_0. Q2_K
-is among them (the issue's list starts at Q3_K) because a budget of ``--match Q2_K`` cannot be
-met otherwise: the stock Q2_K mix itself holds most matrices at Q2_K."""
-
-# A tuned file's ``general.file_type``: the stock mix named after its most common tensor type.
-FTYPE_OF_TYPE = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M",
-                 "Q6_K": "Q6_K", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1",
-                 "Q5_0": "Q5_0", "Q5_1": "Q5_1", "IQ4_XS": "IQ4_XS", "IQ4_NL": "IQ4_NL",
-                 "IQ3_S": "IQ3_S", "IQ3_XXS": "IQ3_XXS", "IQ2_XXS": "IQ2_XXS",
-                 "IQ2_XS": "IQ2_XS", "IQ2_S": "IQ2_S", "IQ1_S": "IQ1_S", "IQ1_M": "IQ1_M"}
+is among them because a budget of ``--match Q2_K`` cannot be met without it: the stock Q2_K
+mix itself holds most matrices at Q2_K."""
 
 ALIGNMENT_SLACK = 31      # general.alignment is 32: each tensor's data may gain up to 31 bytes
 HEADER_SLACK = 4096       # metadata a quantized file adds beyond what is counted exactly
@@ -67,9 +61,9 @@ def parse_types(text: str) -> tuple[str, ...]:
     if not names:
         raise TuneError("--types names no type", f"e.g. --types {','.join(DEFAULT_TYPES)}")
     for name in names:
-        if name in FLOAT_TYPES or name not in FTYPE_OF_TYPE:
+        if name in FLOAT_TYPES or name not in FILE_TYPE_OF_TENSOR_TYPE:
             raise TuneError(f"--types {name}: not a type the tuner can choose",
-                            f"choose from {', '.join(FTYPE_OF_TYPE)}")
+                            f"choose from {', '.join(FILE_TYPE_OF_TENSOR_TYPE)}")
     return tuple(names)
 
 
@@ -88,9 +82,7 @@ def quantizable(model: GGUFSummary) -> list[TensorInfo]:
 
 def tensor_bytes(tensor: TensorInfo, type_name: str) -> int:
     """Bytes of ``tensor``'s data in ``type_name``."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    block, size = tensor_type_block(type_name)
     rows = tensor.n_elements // tensor.shape[0]
     return rows * (tensor.shape[0] // block) * size
 
@@ -98,16 +90,7 @@ def tensor_bytes(tensor: TensorInfo, type_name: str) -> int:
 def fits_shape(tensor: TensorInfo, type_name: str) -> bool:
     """Whether llama.cpp stores ``tensor`` in ``type_name`` as asked: its rows must be whole
     blocks, else llama.cpp falls back to another type (Q4_K -> Q5_0 for 11008-wide rows)."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    return tensor.shape[0] % GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][0] == 0
-
-
-# llama.cpp's own fallback when a tensor's rows are not whole 256-blocks (tensor_type_fallback
-# in src/llama-quant.cpp): the type it would really store a candidate as.
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
-            "IQ4_XS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ2_XXS": "IQ4_NL",
-            "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL", "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL"}
+    return tensor.shape[0] % tensor_type_block(type_name)[0] == 0
 
 
 def candidates(tensor: TensorInfo, types: Iterable[str]) -> list[str]:
@@ -116,7 +99,7 @@ def candidates(tensor: TensorInfo, types: Iterable[str]) -> list[str]:
     rows take Q4_0/Q5_0/Q5_1/Q8_0, as in llama.cpp's own mixes)."""
     out: dict[str, None] = {}
     for t in types:
-        t = t if fits_shape(tensor, t) else FALLBACK.get(t, t)
+        t = t if fits_shape(tensor, t) else TENSOR_TYPE_FALLBACK.get(t, t)
         if fits_shape(tensor, t):
             out[t] = None
     return list(out)

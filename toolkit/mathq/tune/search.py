@@ -46,17 +46,26 @@ from mathq.inputs import UnreadableInput, parse_json
 from mathq.layout import overrides_file
 from mathq.manifest import file_identity
 from mathq.progress import Progress, ProgressCallback, no_progress
-from mathq.quantize.calibration import build_calibration_text, load_calibration, normalise
+from mathq.quantize.calibration import (
+    DEFAULT_CALIBRATION,
+    build_calibration_text,
+    load_calibration,
+    normalise,
+)
 from mathq.quantize.core import QuantizeOptions, check_imatrix_fits, quantize_gguf
 from mathq.quantize.imatrix import ImatrixOptions, compute_imatrix
 from mathq.quantize.imatrix_file import Imatrix, load_imatrix
 from mathq.recipes.prompt import PromptSpec
-from mathq.recipes.quants import IMATRIX_SUFFIX, Variant, get_quant
+from mathq.recipes.quants import (
+    FILE_TYPE_OF_TENSOR_TYPE,
+    Variant,
+    get_quant,
+    tensor_type_bpw,
+)
 from mathq.tune import ggml
 from mathq.tune.costs import tensor_costs
 from mathq.tune.plan import (
     DEFAULT_TYPES,
-    FTYPE_OF_TYPE,
     SizeModel,
     TensorCost,
     allocate,
@@ -79,11 +88,52 @@ CHARS_PER_TOKEN_BOUND = 8
 @dataclass(frozen=True)
 class Budget:
     """The size limit: ``--match QUANT`` (the stock file's size), ``--size`` bytes or
-    ``--bpw`` bits per weight of the BF16 model's weights."""
+    ``--bpw`` bits per weight of the BF16 model's weights. Exactly one is set; these
+    methods are the only place that reads which."""
 
     match: str | None = None
     size: int | None = None
     bpw: float | None = None
+
+    def option(self) -> str:
+        """As given on the command line: ``--match Q4_K_M``, ``--size 123``, ``--bpw 4.85``."""
+        return (f"--match {self.match}" if self.match else
+                f"--size {self.size}" if self.size is not None else f"--bpw {self.bpw}")
+
+    def bits_per_weight(self, n_params: int) -> float | None:
+        """The budget in bits per weight of a model of ``n_params`` weights; None for
+        ``--match`` (the stock file's size is known only once it exists)."""
+        if self.match:
+            return None
+        return self.bpw if self.bpw is not None else (self.size or 0) * 8 / max(n_params, 1)
+
+    def bytes(self, n_params: int, stock_size: int | None) -> int:
+        """The budget in bytes (``--bpw`` counts every weight of the model, as the report's
+        bits-per-weight column does; ``--match`` is the stock file's size)."""
+        if self.match:
+            if stock_size is None:
+                raise ValueError("a --match budget needs the stock file's size")
+            return stock_size
+        if self.size is not None:
+            return self.size
+        assert self.bpw is not None
+        return int(self.bpw * n_params / 8)
+
+    def variant(self, imatrix: bool, n_params: int) -> Variant:
+        """``Q4_K_M-tuned`` (``Q4_K_M-imat-tuned``) for ``--match``, else ``T<bpw>``
+        (``T4.85-imat``): names no stock mix has."""
+        if self.match:
+            return Variant(get_quant(self.match), imatrix, tuned=True)
+        bpw = self.bits_per_weight(n_params)
+        assert bpw is not None
+        return Variant.budget(bpw, imatrix)
+
+    @classmethod
+    def of(cls, variant: Variant) -> Budget:
+        """The budget a tuned variant is made to: its stock type's size, or its bits."""
+        if variant.bpw is not None:
+            return cls(bpw=variant.bpw)
+        return cls(match=variant.quant.name)
 
 
 @dataclass(frozen=True)
@@ -91,16 +141,26 @@ class TuneOptions:
     """How to tune: budget, importance matrix, candidate types, calibration and held-out
     text. ``calibration`` is a source as ``mathq imatrix --calibration`` takes it; the
     probes read ``probe_chunks`` chunks of it. ``kld`` is how the held-out text is measured
-    (the same options as ``mathq kld``, so a build shares the reference pass)."""
+    (the same options as ``mathq kld``, so a build shares the reference pass).
+    ``types`` and ``calibration`` None are the recipe's ``[tune]`` choices, else the
+    defaults (:meth:`with_defaults`)."""
 
     budget: Budget
     imatrix: Path | None = None
-    types: tuple[str, ...] = DEFAULT_TYPES
-    calibration: str = "math-train"
+    types: tuple[str, ...] | None = None
+    calibration: str | None = None
     probe_chunks: int = 8
     kld: KldOptions = field(default_factory=KldOptions)
     seed: int = 0
     threads: int = 0
+
+
+    def with_defaults(self, calibration: str | None = None,
+                      types: tuple[str, ...] | None = None) -> TuneOptions:
+        """These options with what they leave open filled: from ``calibration`` and
+        ``types`` (a recipe's ``[tune]``), else the tuner's defaults."""
+        return replace(self, calibration=self.calibration or calibration or DEFAULT_CALIBRATION,
+                       types=self.types or types or DEFAULT_TYPES)
 
 
 @dataclass(frozen=True)
@@ -160,14 +220,6 @@ class TuneResult:
     checks: tuple[Probe, ...]
     types: dict[str, str]
     seconds: float
-
-
-def tune_name(budget: Budget, imatrix: bool, bpw: float | None = None) -> str:
-    """``Q4_K_M-tuned`` (``Q4_K_M-imat-tuned``) for ``--match``, else ``T<bpw>``
-    (``T4.85-imat``): names no stock mix has."""
-    if budget.match:
-        return Variant(get_quant(budget.match), imatrix, tuned=True).name
-    return f"T{bpw:.2f}{IMATRIX_SUFFIX if imatrix else ''}"
 
 
 class _Journal:
@@ -237,23 +289,26 @@ def _cost_imatrix(job: TuneJob, options: TuneOptions, calib: Corpus,
 
 
 def _metadata(options: TuneOptions, budget: int, overrides_sha: str,
-              predicted_kld: float, calib: Corpus) -> tuple[tuple[str, str | int], ...]:
+              predicted_kld: float, calibration: str) -> tuple[tuple[str, str | int], ...]:
     from mathq import __version__
 
-    b = options.budget
-    what = (f"match {get_quant(b.match).name}" if b.match else
-            f"size {b.size}" if b.size is not None else f"bpw {b.bpw}")
     return (("quantize.tuned.by", f"mathq tune {__version__}"),
-            ("quantize.tuned.budget", f"{what}: {budget} bytes"),
+            ("quantize.tuned.budget", f"{options.budget.option()[2:]}: {budget} bytes"),
             ("quantize.tuned.types", ",".join(options.types)),
-            ("quantize.tuned.calibration", calib.name),
+            ("quantize.tuned.calibration", calibration),
             ("quantize.tuned.predicted_kld", f"{predicted_kld:.6f}"),
             ("quantize.tuned.overrides_sha256", overrides_sha))
 
 
-def _extra_metadata_bytes() -> int:
-    """Bytes the tuned keys add to a header, at most (each: key, type, string length)."""
-    return 6 * (8 + 32 + 4 + 8 + 127)
+def _metadata_bound(options: TuneOptions) -> int:
+    """Bytes the keys of :func:`_metadata` add to a header, at most: each key's own bytes
+    and a value at its widest (a string is cut at 127 bytes, llama.cpp's override limit;
+    :func:`mathq.quantize.core._kv_override`). Counted from the real keys, so a key added
+    there is counted here."""
+    pairs = _metadata(options, 0, "", 0.0, "")
+    # key: length (8) and bytes; type (4); string: length (8) and up to 127 bytes; int: 8
+    return sum(8 + len(key.encode()) + 4 + (8 + 127 if isinstance(value, str) else 8)
+               for key, value in pairs)
 
 
 class _Prober:
@@ -312,121 +367,157 @@ def preflight(source: Path, options: TuneOptions) -> tuple[GGUFSummary, Imatrix 
     return model, imatrix
 
 
-def budget_bytes(options: TuneOptions, model: GGUFSummary, stock_size: int | None) -> int:
-    """The budget in bytes (``--bpw`` counts every weight of the model, as the report's
-    bits-per-weight column does)."""
-    b = options.budget
-    if b.match:
-        assert stock_size is not None
-        return stock_size
-    if b.size is not None:
-        return b.size
-    assert b.bpw is not None
-    return int(b.bpw * model.n_params / 8)
-
-
 def run_tune(job: TuneJob, options: TuneOptions,
              progress: ProgressCallback = no_progress) -> TuneResult:
     """Search, write and measure the tuned file; record the search beside it."""
     started = time.perf_counter()
+    options = options.with_defaults()
+    search = _prepare(job, options, progress)
+    costs = tensor_costs(job.source, search.model, options.types, search.imatrix,
+                         _cost_imatrix(job, options, search.calib, progress),
+                         job.work_dir / "costs.json", options.threads, progress)
+    sensitivity, probes = _calibrate(search.prober, costs, options.types, progress)
+    plan, plan_kld = _allocate(costs, sensitivity, search, progress)
+    checks = _check_prediction(search, costs, sensitivity, plan, plan_kld)
+    size, summary = _truth(job, options, search, costs, plan, plan_kld, progress)
+    out = TuneResult(path=job.dest, overrides=job.overrides_path, record=job.record_path,
+                     name=job.name, budget=search.budget, size=size, predicted_kld=plan_kld,
+                     calibration_kld=checks[-1].kld, kld=summary,
+                     stock_size=search.stock.size if search.stock else None,
+                     probes=tuple(probes), checks=tuple(checks), types=plan,
+                     seconds=round(time.perf_counter() - started, 3))
+    _write_record(out, options, sensitivity, search.calib)
+    return out
+
+
+@dataclass(frozen=True)
+class _Search:
+    """What every phase reads: the model, the budget and its size model, the texts, the
+    stock file of ``--match``, and the prober measuring on the calibration text."""
+
+    model: GGUFSummary
+    imatrix: Imatrix | None
+    sizes: SizeModel
+    budget: int
+    heldout: Corpus
+    calib: Corpus
+    stock: GGUFSummary | None
+    prober: _Prober
+
+
+def _prepare(job: TuneJob, options: TuneOptions, progress: ProgressCallback) -> _Search:
+    """Every check, the texts, the stock file and the calibration reference pass. An
+    impossible ``--size``/``--bpw`` budget is refused before any work."""
     model, imatrix = preflight(job.source, options)
     header = read_gguf_header(job.source)
-    sizes: SizeModel = size_model(model, header.data_offset, _extra_metadata_bytes())
+    sizes = size_model(model, header.data_offset, _metadata_bound(options))
     shapes = [TensorCost(t.name, group_of(t.name),
                          {ty: tensor_bytes(t, ty) for ty in candidates(t, options.types)},
                          {}) for t in quantizable(model)]
-    if options.budget.match is None:  # refuse an impossible budget before any work
-        check_budget(budget_bytes(options, model, None), shapes, sizes, _what(options))
+    what = f"the budget {options.budget.option()}"
+    if options.budget.match is None:
+        check_budget(options.budget.bytes(model.n_params, None), shapes, sizes, what)
     heldout = load_corpus(options.kld.corpus)
     calib = calibration_corpus(job, options, heldout, progress)
     job.work_dir.mkdir(parents=True, exist_ok=True)
     stock = _stock(job, options, progress)
-    budget = budget_bytes(options, model, stock.size if stock else None)
-    check_budget(budget, shapes, sizes, _what(options))
-
+    budget = options.budget.bytes(model.n_params, stock.size if stock else None)
+    check_budget(budget, shapes, sizes, what)
     calib_opts = replace(options.kld, max_chunks=options.probe_chunks)
     ref = ensure_reference_file(job.source, "BF16", job.work_dir, calib, calib_opts, progress)
-    cost_matrix = _cost_imatrix(job, options, calib, progress)
-    costs = tensor_costs(job.source, model, options.types, imatrix, cost_matrix,
-                         job.work_dir / "costs.json", options.threads, progress)
     prober = _Prober(job, replace(options, kld=calib_opts), ref, calib, progress)
+    return _Search(model, imatrix, sizes, budget, heldout, calib, stock, prober)
 
-    probe_type = _probe_type(options.types)
+
+def _calibrate(prober: _Prober, costs: list[TensorCost], types: tuple[str, ...],
+               progress: ProgressCallback) -> tuple[dict[str, float], list[Probe]]:
+    """Phase 2: one probe per tensor group (the group at the probe type, the rest BF16);
+    the group's sensitivity is its measured KLD per unit of its error."""
+    probe_type = _probe_type(types)
     groups = sorted({c.group for c in costs})
     probes, sensitivity = [], {}
     for i, g in enumerate(groups):
-        members = [c for c in costs if c.group == g]
-        assignment = {c.name: ("BF16" if c.group != g else
-                               probe_type if probe_type in c.n_bytes else min(
-                                   c.n_bytes, key=lambda t, c=c: c.n_bytes[t]))
-                      for c in costs}
+        assignment = {c.name: _probe_assignment(c, g, probe_type) for c in costs}
         progress(Progress("tune probes", i, len(groups), "probes", item=g))
         probe = prober.measure(f"probe {g}", assignment, None)
         probes.append(probe)
-        error = sum(c.error[assignment[c.name]] for c in members)
+        error = sum(c.error[assignment[c.name]] for c in costs if c.group == g)
         sensitivity[g] = max(probe.kld, 1e-9) / max(error, 1e-30)
         progress(Progress("tune probes", i + 1, len(groups), "probes", item=g,
                           info=f"KLD {probe.kld:.5f}"))
+    return sensitivity, probes
 
-    plan = allocate(costs, sensitivity, budget, sizes)
+
+def _probe_assignment(cost: TensorCost, group: str, probe_type: str) -> str:
+    """A tensor's type in ``group``'s probe: BF16 outside the group; inside, the probe
+    type, or the smallest it can take where its rows do not fit the probe type."""
+    if cost.group != group:
+        return "BF16"
+    if probe_type in cost.n_bytes:
+        return probe_type
+    return min(cost.n_bytes, key=lambda t: cost.n_bytes[t])
+
+
+def _allocate(costs: list[TensorCost], sensitivity: dict[str, float], search: _Search,
+              progress: ProgressCallback) -> tuple[dict[str, str], float]:
+    """Phase 3: the types that spend the budget for the least predicted KLD."""
+    plan = allocate(costs, sensitivity, search.budget, search.sizes)
     plan_kld = predicted(costs, sensitivity, plan)
-    progress(Progress("tune search", sizes.file_bytes(costs, plan), budget, "bytes",
-                      info=f"predicted KLD {plan_kld:.5f}"))
+    progress(Progress("tune search", search.sizes.file_bytes(costs, plan), search.budget,
+                      "bytes", info=f"predicted KLD {plan_kld:.5f}"))
+    return plan, plan_kld
+
+
+def _check_prediction(search: _Search, costs: list[TensorCost],
+                      sensitivity: dict[str, float], plan: dict[str, str],
+                      plan_kld: float) -> list[Probe]:
+    """The prediction checked on the calibration text: the stock mix (a configuration the
+    factors were not fitted to) and the plan itself; the plan's is last."""
     checks = []
-    if stock is not None:
-        written_types = stock.tensor_types()
+    if search.stock is not None:
+        written_types = search.stock.tensor_types()
         stock_types = {c.name: written_types[c.name] for c in costs}
         if all(stock_types[c.name] in c.error for c in costs):
-            checks.append(prober.measure(f"stock {stock.file_type_name}", stock_types,
-                                         predicted(costs, sensitivity, stock_types)))
-    checks.append(prober.measure("tuned", plan, plan_kld))
+            checks.append(search.prober.measure(f"stock {search.stock.file_type_name}",
+                                                stock_types,
+                                                predicted(costs, sensitivity, stock_types)))
+    checks.append(search.prober.measure("tuned", plan, plan_kld))
+    return checks
 
+
+def _truth(job: TuneJob, options: TuneOptions, search: _Search, costs: list[TensorCost],
+           plan: dict[str, str], plan_kld: float,
+           progress: ProgressCallback) -> tuple[int, KldSummary]:
+    """Phase 4: llama.cpp writes the plan (one override per tensor), checked to hold the
+    planned types within the budget; its KLD is measured on the held-out text."""
     text = overrides_text(plan)
     overrides_sha = hashlib.sha256(text.encode()).hexdigest()
     ftype = get_quant(options.budget.match) if options.budget.match else \
-        get_quant(FTYPE_OF_TYPE[main_type(costs, plan)])
+        get_quant(FILE_TYPE_OF_TENSOR_TYPE[main_type(costs, plan)])
     result = quantize_gguf(job.source, job.dest, QuantizeOptions(
         ftype, imatrix=options.imatrix, overrides=overrides_pairs(plan),
         threads=options.threads,
-        metadata=_metadata(options, budget, overrides_sha, plan_kld, calib)), progress)
+        metadata=_metadata(options, search.budget, overrides_sha, plan_kld,
+                           search.calib.name)), progress)
     written = {n: result.tensor_types[n] for n in plan}
-    if written != plan or result.size > budget:
+    if written != plan or result.size > search.budget:
         job.dest.unlink(missing_ok=True)
         raise QuantizeError(f"llama.cpp wrote {job.dest.name} with "
                             f"{'other types than planned' if written != plan else 'more bytes'}"
-                            f" ({result.size} bytes, budget {budget})",
+                            f" ({result.size} bytes, budget {search.budget})",
                             "this is a bug; please report it")
     write_text_atomic(job.overrides_path, text)
-    heldout_ref = ensure_reference_file(job.source, "BF16", job.heldout_cache, heldout,
+    heldout_ref = ensure_reference_file(job.source, "BF16", job.heldout_cache, search.heldout,
                                         options.kld, progress)
-    summary = measure_gguf(job.dest, job.name, job.source.name, heldout_ref, heldout,
+    summary = measure_gguf(job.dest, job.name, job.source.name, heldout_ref, search.heldout,
                            options.kld, progress)
-    out = TuneResult(path=job.dest, overrides=job.overrides_path, record=job.record_path,
-                     name=job.name, budget=budget, size=result.size, predicted_kld=plan_kld,
-                     calibration_kld=checks[-1].kld, kld=summary,
-                     stock_size=stock.size if stock else None, probes=tuple(probes),
-                     checks=tuple(checks), types=plan,
-                     seconds=round(time.perf_counter() - started, 3))
-    _write_record(out, options, sensitivity, calib)
-    return out
-
-
-def _what(options: TuneOptions) -> str:
-    b = options.budget
-    return (f"the budget --match {b.match}" if b.match else
-            f"the budget --size {b.size}" if b.size is not None else f"the budget --bpw {b.bpw}")
+    return result.size, summary
 
 
 def _probe_type(types: tuple[str, ...]) -> str:
     """The type the probes quantize a group to: the second smallest candidate (the middle
     of the range the budgets of interest use), or the only one."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    def bpw(t: str) -> float:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[t]]
-        return size * 8 / block
-
-    ordered = sorted(types, key=lambda t: (bpw(t), t))
+    ordered = sorted(types, key=lambda t: (tensor_type_bpw(t), t))
     return ordered[1] if len(ordered) > 1 else ordered[0]
 
 

@@ -24,16 +24,12 @@ from mathq.progress import ProgressCallback, no_progress
 from mathq.quantize.core import output_name
 from mathq.quantize.stage import DEFAULT_SMOKE_SUITE
 from mathq.recipes.recipe import Recipe, load_recipe
-from mathq.tune.search import TuneJob, TuneOptions, TuneResult, run_tune, tune_name
+from mathq.tune.search import TuneJob, TuneOptions, TuneResult, run_tune
 
 
 def _name(source: Path, options: TuneOptions) -> str:
-    bpw = None
-    if options.budget.match is None:
-        n_params = read_gguf_summary(source).n_params
-        bpw = (options.budget.bpw if options.budget.bpw is not None
-               else (options.budget.size or 0) * 8 / max(n_params, 1))
-    return tune_name(options.budget, options.imatrix is not None, bpw)
+    n_params = read_gguf_summary(source).n_params if options.budget.match is None else 0
+    return options.budget.variant(options.imatrix is not None, n_params).name
 
 
 def resolve_tune(ref: str, options: TuneOptions, build_root: Path | None = None,
@@ -46,6 +42,7 @@ def resolve_tune(ref: str, options: TuneOptions, build_root: Path | None = None,
         if (problem := file_problem(path)) is not None:
             raise InputFileError(f"model file {path} {problem}",
                                  "give a BF16 GGUF path or a recipe name (see `mathq recipes`)")
+        options = options.with_defaults()
         name = _name(path, options)
         dest = (out_dir or path.parent) / output_name(path, name)
         work = dest.parent / f"{path.stem}.tune"
@@ -67,10 +64,12 @@ def resolve_tune(ref: str, options: TuneOptions, build_root: Path | None = None,
 def recipe_tune_job(recipe: Recipe, layout: BuildLayout, options: TuneOptions,
                     smoke_suite: str | None = None) -> tuple[TuneJob, TuneOptions]:
     """The tune of a recipe's BF16 file (which a build may not have made yet for a
-    ``--match`` budget) into its build folder, measured on its ``[kld] corpus``."""
+    ``--match`` budget) into its build folder, measured on its ``[kld] corpus``, with its
+    ``[tune]`` calibration and types unless ``options`` name their own."""
     source = layout.gguf("BF16")
     if options.kld.corpus is None:
         options = replace(options, kld=replace(options.kld, corpus=recipe.kld.corpus))
+    options = options.with_defaults(recipe.tune.calibration, recipe.tune.types)
     name = _name(source, options)
     suite = smoke_suite or recipe.smoke.suite
     return (TuneJob(source=source, name=name, dest=layout.gguf(name),
