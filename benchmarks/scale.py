@@ -79,6 +79,9 @@ class Measured:
     peak_rss_bytes: int
     disk_bytes: int
     exit_code: int
+    #: user + system CPU time of the process and the children it waited for: steadier than
+    #: wall time on a shared VM (single runs of one quantize vary by 15 % in wall time)
+    cpu_seconds: float = 0.0
 
 
 def _tree(pid: int) -> list[int]:
@@ -131,7 +134,8 @@ def measure(argv: list[str], log: Path, disk: Path, env: dict[str, str] | None =
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         try:
-            code = proc.wait()
+            _pid, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = code = os.waitstatus_to_exitcode(status)
         except KeyboardInterrupt:
             os.killpg(proc.pid, signal.SIGTERM)
             raise
@@ -139,7 +143,8 @@ def measure(argv: list[str], log: Path, disk: Path, env: dict[str, str] | None =
             done.set()
             sampler.join()
         seconds = time.perf_counter() - started
-    return Measured(round(seconds, 2), peak[0], max(0, free0 - peak[1]), code)
+    return Measured(round(seconds, 2), peak[0], max(0, free0 - peak[1]), code,
+                    round(usage.ru_utime + usage.ru_stime, 2))
 
 
 def _read_through(path: Path) -> None:
@@ -199,7 +204,8 @@ class Run:
         it cannot run here. ``warm`` files are read first, unmeasured, so that mathq and its
         peer both start with their inputs in the page cache (whichever ran second found
         them there: 50.8 s against 34.2 s for the same Q8_0 quantize, cold against warm)."""
-        if self.results.has(key) and key.split(":")[0] not in self.redo:
+        step = key.split(":")[0]  # "quantize Q8_0": --redo quantize or --redo "quantize Q8_0"
+        if self.results.has(key) and not {step, step.split()[0]} & self.redo:
             print(f"  {key}: kept from an earlier run", flush=True)
             return self.results.data[key]
         if argv is None:
@@ -381,6 +387,7 @@ def smoke(run: Run) -> None:
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     log = run.logs / "llama-server.log"
+    started = time.perf_counter()
     with open(log, "w") as out:
         server = subprocess.Popen([tool, "-m", str(run.gguf("Q4_K_M")), "-np", str(SMOKE_P),
                                    "-c", str(SMOKE_P * 1024), "-t", str(run.threads), "--host",
@@ -388,14 +395,19 @@ def smoke(run: Run) -> None:
                                   stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_healthy(url, server, log)
+        start_seconds = round(time.perf_counter() - started, 2)
         peer = run.step("smoke:llama-server", [run.mathq, "smoke", *common, "--endpoint", url,
                                                "--out-dir", str(run.work / "peer-smoke"),
                                                "--restart"])
         if peer is not None and "server_peak_rss_bytes" not in peer:
-            # the server runs the model: its own high-water mark is the peer's memory
+            # The server runs the model: its own high-water mark is the peer's memory, and
+            # its start (loading the model, as mathq smoke does inside its own run) is part
+            # of the peer's time.
             server_peak = _status_kib(server.pid, "VmHWM") * 1024
             peer["server_peak_rss_bytes"] = server_peak
             peer["peak_rss_bytes"] = max(int(str(peer["peak_rss_bytes"])), server_peak)
+            peer["server_start_seconds"] = start_seconds
+            peer["seconds"] = round(float(str(peer["seconds"])) + start_seconds, 2)
             run.results.put("smoke:llama-server", peer)
     finally:
         server.terminate()
@@ -473,19 +485,21 @@ def _peer_seconds(data: dict[str, dict[str, object]], stage: str) -> float | Non
 def table(data: dict[str, dict[str, object]]) -> str:
     """The README's table: each command's wall, peak RSS, disk, and mathq's ratio to the
     peer measured in the same run."""
-    lines = ["| stage | command | wall | peak RSS | disk | vs peer |", "|---|---|---|---|---|---|"]
+    lines = ["| stage | command | wall | CPU | peak RSS | disk | vs peer |",
+             "|---|---|---|---|---|---|---|"]
     for key, v in data.items():
         stage, who = key.split(":", 1)
         if "skipped" in v:
-            lines.append(f"| {stage} | {who} | skipped: {v['skipped']} | | | |")
+            lines.append(f"| {stage} | {who} | skipped: {v['skipped']} | | | | |")
             continue
+        cpu = f"{float(str(v['cpu_seconds'])):.1f} s" if v.get("cpu_seconds") else ""
         seconds, rss, disk = _cost(v)
         peer = _peer_seconds(data, stage) if who == "mathq" else None
         ratio = f"{seconds / peer:.2f}x" if peer else ""
         same = " (byte-identical)" if v.get("identical") else ""
         if "checked_bytes" in v:
             same += f" (checked for {int(str(v['checked_bytes'])) / 2**30:.2f} GiB)"
-        lines.append(f"| {stage} | {who}{same} | {seconds:.1f} s | {rss:.2f} GiB | "
+        lines.append(f"| {stage} | {who}{same} | {seconds:.1f} s | {cpu} | {rss:.2f} GiB | "
                      f"{disk:.2f} GiB | {ratio} |")
     return "\n".join(lines)
 

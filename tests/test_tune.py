@@ -269,3 +269,32 @@ def test_a_bpw_budget_goes_through_measurement_report_and_publish(tuned, tmp_pat
     recipe.write_text(text)
     plan = run("publish", str(recipe), "--tag", "t4", "--dry-run", "--build-dir", str(root))
     assert "tiny-demo-T4.00.gguf" in plan.output
+
+
+def test_sampled_costs_are_within_their_stated_error_of_the_full_costs(tuned, tmp_path,
+                                                                       monkeypatch):
+    """Costs from sampled rows against every row, on the trained demo model's tensors: each
+    estimate is within 4 of its standard errors of the full cost (a 1-in-16,000 miss for a
+    normal estimate; the seeds are fixed, so this is checked once, not re-rolled), and a
+    sample that holds every row is exact."""
+    from mathq.quantize.imatrix_file import load_imatrix
+    from mathq.tune import costs as tune_costs
+    from mathq.tune.plan import DEFAULT_TYPES
+
+    bf16 = tuned["folder"] / "tiny-demo-BF16.gguf"
+    model = read_gguf_summary(bf16)
+    (matrix,) = (tuned["folder"] / "tune").glob("cost-*.imatrix.gguf")
+    weights = load_imatrix(matrix)
+    full = tune_costs.tensor_costs(bf16, model, DEFAULT_TYPES, None, weights,
+                                   tmp_path / "full.json", sample_rows=None)
+    monkeypatch.setattr(tune_costs, "RELATIVE_SE", 0.05)  # stop early: demo tensors are small
+    sampled = tune_costs.tensor_costs(bf16, model, DEFAULT_TYPES, None, weights,
+                                      tmp_path / "sampled.json", sample_rows=64)
+    estimated = 0
+    for s, f in zip(sampled, full, strict=True):
+        assert (s.name, s.n_bytes) == (f.name, f.n_bytes) and not any(f.error_se.values())
+        for ty, value in f.error.items():
+            se = s.error_se[ty]
+            assert abs(s.error[ty] - value) <= 4 * se + 1e-9 * value, (s.name, ty)
+            estimated += se > 0
+    assert estimated > 0  # some tensors were settled by a sample, not by every row

@@ -13,7 +13,7 @@ import heapq
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mathq.convert.gguf_info import FLOAT_TYPES, GGUFSummary, TensorInfo
 from mathq.errors import TuneError
@@ -107,12 +107,14 @@ def candidates(tensor: TensorInfo, types: Iterable[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class TensorCost:
-    """One quantizable tensor: its group, and bytes and weighted error per candidate type."""
+    """One quantizable tensor: its group, and bytes and weighted error per candidate type
+    (``error_se``: the error's standard error where it was estimated from sampled rows)."""
 
     name: str
     group: str
     n_bytes: Mapping[str, int]
     error: Mapping[str, float]
+    error_se: Mapping[str, float] = field(default_factory=dict)
 
 
 def pattern_for(name: str) -> str:
