@@ -258,7 +258,8 @@ def test_a_bpw_budget_goes_through_measurement_report_and_publish(tuned, tmp_pat
     assert read_gguf_summary(folder / "tiny-demo-T4.00.gguf").size == out["size"]
     for step in (("smoke", "--n", "8"), ("bench", "-p", "16", "-n", "4", "-r", "1"), ("kld",)):
         run(step[0], "tiny-demo", "-Q", "T4.00", *step[1:], "--build-dir", str(root))
-    report = json.loads(run("report", "tiny-demo", "--build-dir", str(root), "--json").stdout)
+    run("report", "tiny-demo", "--build-dir", str(root))
+    report = json.loads((folder / "report" / "report.json").read_text())
     (row,) = [r for r in report["rows"] if r["quant"] == "T4.00"]
     assert row["kind"] == "tuned" and row["nominal_bpw"] == 4.0
     assert row["accuracy"] is not None and row["mean_kld"] is not None
@@ -267,7 +268,8 @@ def test_a_bpw_budget_goes_through_measurement_report_and_publish(tuned, tmp_pat
         "../models/", str(REPO / "models") + "/").replace(
         'q8_0 = "Q8_0"', 'q8_0 = "Q8_0"\nt4 = "T4.00"')
     recipe.write_text(text)
-    plan = run("publish", str(recipe), "--tag", "t4", "--dry-run", "--build-dir", str(root))
+    plan = run("publish", str(recipe), "--tag", "t4", "--namespace", "someone", "--dry-run",
+               "--build-dir", str(root))
     assert "tiny-demo-T4.00.gguf" in plan.output
 
 

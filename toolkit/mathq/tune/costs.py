@@ -5,13 +5,16 @@ routines (:mod:`mathq.tune.ggml`, the bytes llama.cpp would write) and dequantiz
 squared error per input column is weighted by an importance matrix.
 
 Not every row: llama.cpp quantizes each row on its own, so a tensor's error is the sum of
-its rows' errors, and a random sample of rows estimates that sum without bias. The sample
-starts at :data:`SAMPLE_ROWS` rows and quadruples until every candidate's estimate has a
-standard error of at most :data:`RELATIVE_SE` of itself (the finite-population error of a
-mean of sampled rows), or holds every row; the standard error is kept beside the estimate.
-At 7B a matrix has 4,096 to 102,400 rows, and rows of one tensor differ little in error, so
-a few hundred rows settle it: the cost phase reads a few per cent of the weights instead of
-quantizing the model six times.
+its rows' errors, and a random sample of rows estimates it. A row's error grows with its
+size (the block scales follow its largest weights), so the estimate is a ratio estimator:
+every row's importance-weighted squared norm is read (cheap: no quantizing), the sample
+gives error per unit of norm, and the total is that ratio times the tensor's whole norm.
+Rows of very different sizes (outlier rows, zero rows) then cost the estimate little. The
+sample starts at :data:`SAMPLE_ROWS` rows and quadruples until every candidate's estimate
+has a standard error (the ratio estimator's, with the finite-population correction) of at
+most :data:`RELATIVE_SE` of itself, or holds every row; the standard error is kept beside
+the estimate. At 7B a matrix has 4,096 to 102,400 rows: a few hundred settle it, and the
+cost phase quantizes a few per cent of the weights instead of the model six times.
 """
 
 from __future__ import annotations
@@ -41,30 +44,45 @@ RELATIVE_SE = 0.01       # the sample grows until each estimate's standard error
 
 
 class _RowErrors:
-    """Each sampled row's weighted error per type; the tensor's estimated total and its
-    standard error."""
+    """Each sampled row's weighted error per type and weighted squared norm; the tensor's
+    estimated total error (a ratio estimator on the norms) and its standard error."""
 
-    def __init__(self, n_rows: int, types: list[str]) -> None:
-        self.n_rows = n_rows
-        self.rows: dict[str, list[np.ndarray]] = {ty: [] for ty in types}
+    def __init__(self, norms: np.ndarray, types: list[str]) -> None:
+        self.norms = norms  # every row's weighted squared norm
+        self.picked: list[np.ndarray] = []
+        self.errors: dict[str, list[np.ndarray]] = {ty: [] for ty in types}
+
+    def add_rows(self, rows: np.ndarray) -> None:
+        self.picked.append(rows)
 
     def add(self, ty: str, errors: np.ndarray) -> None:
-        self.rows[ty].append(errors)
+        self.errors[ty].append(errors)
 
     def estimate(self, ty: str) -> tuple[float, float]:
-        """(the tensor's total error, its standard error): N times the sample mean, with the
-        finite-population correction (no error once every row is in)."""
-        e = np.concatenate(self.rows[ty])
-        n, big_n = len(e), self.n_rows
-        total = float(big_n * e.mean())
-        if n >= big_n or n < 2:
-            return total, 0.0
-        se = big_n * float(e.std(ddof=1)) / math.sqrt(n) * math.sqrt(1 - n / big_n)
-        return total, se
+        """(the tensor's total error, its standard error): the sample's error per unit of
+        norm times the whole tensor's norm; exact once every row is in."""
+        e = np.concatenate(self.errors[ty])
+        x = self.norms[np.concatenate(self.picked)]
+        n, big_n, total_x = len(e), len(self.norms), float(self.norms.sum())
+        if n >= big_n:
+            return float(e.sum()), 0.0
+        ratio = float(e.sum() / x.sum()) if x.sum() > 0 else 0.0
+        residual = e - ratio * x
+        spread = float(residual.std(ddof=1)) if n > 1 else math.inf
+        return ratio * total_x, big_n * spread / math.sqrt(n) * math.sqrt(1 - n / big_n)
 
     def settled(self) -> bool:
         return all(se <= RELATIVE_SE * abs(total)
-                   for total, se in (self.estimate(ty) for ty in self.rows))
+                   for total, se in (self.estimate(ty) for ty in self.errors))
+
+
+def _norms(raw: np.ndarray, t: TensorInfo, weights: np.ndarray | None, step: int) -> np.ndarray:
+    """Every row's squared norm, weighted like the error (``weights`` per column)."""
+    out = np.empty(raw.shape[0])
+    for start in range(0, raw.shape[0], step):
+        rows = np.square(to_f32(raw[start:start + step], t.type), dtype=np.float64)
+        out[start:start + step] = rows @ weights if weights is not None else rows.sum(axis=1)
+    return out
 
 
 def _measure(path: Path, model: GGUFSummary, t: TensorInfo, fit: list[str],
@@ -79,11 +97,13 @@ def _measure(path: Path, model: GGUFSummary, t: TensorInfo, fit: list[str],
     seed = int.from_bytes(hashlib.sha256(t.name.encode()).digest()[:8], "little")
     order = np.random.default_rng(seed).permutation(n_rows)
     step = max(1, SLICE_BYTES // (4 * t.shape[0]))
-    acc = _RowErrors(n_rows, fit)
+    acc = _RowErrors(_norms(raw, t, weights, step) if sample_rows is not None
+                     else np.ones(n_rows), fit)
     done, want = 0, n_rows if sample_rows is None else min(n_rows, sample_rows)
     while True:
         for start in range(done, want, step):
             picked = np.sort(order[start:min(want, start + step)])
+            acc.add_rows(picked)
             rows = to_f32(raw[picked], t.type)
             for ty in fit:
                 tid = int(GGMLQuantizationType[ty])

@@ -28,7 +28,9 @@ from mathq.tune.search import TuneJob, TuneOptions, TuneResult, run_tune
 
 
 def _name(source: Path, options: TuneOptions) -> str:
-    n_params = read_gguf_summary(source).n_params if options.budget.match is None else 0
+    """The tuned file's variant name; only a ``--size`` budget needs the model's weight
+    count for it (a build plans ``T<bpw>`` names before the BF16 file exists)."""
+    n_params = read_gguf_summary(source).n_params if options.budget.size is not None else 0
     return options.budget.variant(options.imatrix is not None, n_params).name
 
 
