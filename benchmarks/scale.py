@@ -434,12 +434,6 @@ def build(run: Run) -> None:
     """The whole build, then the same command again (which must redo nothing). At tiny
     widths only the files are built (``--files-only``): CI checks the rerun, not the
     measurements, which the stages above already ran."""
-    if not run.results.has("build:mathq") and run.build.is_dir():
-        # The stages' files are measured; at full shape the disk holds one set only
-        # (checkpoint 13.8 GB, then BF16 and three variants 28 GB, per set).
-        print(f"  removing the stages' files ({run.build}) to make room for the build",
-              flush=True)
-        shutil.rmtree(run.build)
     argv = [run.mathq, "build", str(run.recipe), "--quant", ",".join(QUANTS), "--n",
             str(SMOKE_N), "--build-dir", str(run.work / "build-all"), "--quiet", "--json",
             *(["--files-only"] if run.tiny else [])]
@@ -447,6 +441,12 @@ def build(run: Run) -> None:
         plan = subprocess.run([*argv, "--dry-run"], capture_output=True, text=True,
                               check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
         run.planned_disk = sum(s.get("needs_bytes", 0) for s in json.loads(plan))
+        if run.planned_disk > shutil.disk_usage(run.work).free and run.build.is_dir():
+            # The stages' files are measured; at full shape the disk may hold one set only
+            # (checkpoint 13.8 GB, then BF16 and three variants 28 GB per set).
+            print(f"  removing the stages' files ({run.build}) to make room for the build",
+                  flush=True)
+            shutil.rmtree(run.build)
     built = run.step("build:mathq", argv, env={"HF_HUB_OFFLINE": "1"})
     if built is not None and "checked_bytes" not in built and run.planned_disk is not None:
         # the disk the build checked for up front, beside what it used at its high-water mark

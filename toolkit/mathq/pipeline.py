@@ -186,7 +186,7 @@ class FileSizes:
             # Two bytes a weight; the mixes keep some tensors wider than the nominal type.
             estimate = {q.name: int(self._n_params * q.bpw / 8 * 1.15)
                         for q in {v.quant for v in self._variants if v.bpw is None}}
-            return {"BF16": 2 * self._n_params + (64 << 20), **estimate}
+            return {"BF16": 2 * self._n_params, **estimate}
         self._exact = self._measure()
         return self._exact
 
