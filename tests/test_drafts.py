@@ -75,7 +75,7 @@ def test_drafted_answers_equal_undrafted(tiny_quant_ggufs: dict[str, Path],
     kept = sum(r.accepted for r in drafted.values())
     if quant == "Q4_K_M":  # a variant follows BF16's text: most drafts are kept
         assert kept >= 0.8 * sum(r.drafted for r in drafted.values())
-        assert tokens >= 2 * steps
+        assert tokens >= 3 * steps  # long drafts: the old cap of 8 gave about 2.1
     # Every kept draft saved a step, and a step only adds its kept drafts and one token.
     assert steps + kept >= tokens
 

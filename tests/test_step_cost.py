@@ -102,6 +102,21 @@ def test_drafts_go_where_they_are_likely_kept() -> None:
     assert max(len(plan.drafts[s]) for s in range(2, 8)) < 4
 
 
+def test_the_engines_own_time_per_step_makes_drafts_pay() -> None:
+    """Rows that each cost as much as a decode call are not worth drafting for, unless
+    the step costs more than its decode: the engine's own work per step (planning,
+    reading logits) is spread over every token the step keeps, as a decode call's is."""
+    candidates = [Candidate(0, tuple(range(50)), 0.95, room=100, last=1)]
+    assert plan_step(candidates, lambda rows: 0.001 * rows, max_rows=512).rows == 1
+    plan = plan_step(candidates, lambda rows: 0.001 * rows, max_rows=512, overhead=0.01)
+    assert plan.rows > 10
+    cost = StepCost(gpu=False, points={1: 0.001})
+    assert cost.host_seconds == 0.0
+    for host in (0.008, 0.002) * 50:
+        cost.observe((1,), 0.001, host_seconds=host)
+    assert cost.host_seconds == pytest.approx(0.005, rel=0.05)
+
+
 def test_timed_steps_correct_the_curve_and_older_ones_fade() -> None:
     points = {r: cpu_like(r) for r in (1, 8, 32, 128)}
     cost = StepCost(gpu=False, points=points)
@@ -203,8 +218,10 @@ def test_the_engine_calibrates_once_per_model_file(tiny_quant_ggufs: dict[str, P
         list(engine.generate(requests_16[:4]))
         cost = engine.step_cost
     assert cost is not None and set(cost.points) == {1, 8, 32, 128}
-    # The tiny model's rows are cheap next to a decode call: the curve says so.
-    assert cost.points[128] / 128 < cost.points[8] / 8 < cost.points[1]
+    # The tiny model's rows are cheap next to a decode call: the curve says so. (Between 8
+    # and 128 rows its Q8_0 kernels, on one thread, keep the cost per row about level.)
+    assert cost.points[8] / 8 < 0.7 * cost.points[1]
+    assert cost.points[128] / 128 < 0.7 * cost.points[1]
     # Another engine on the same file: the cached calibration, not a new measurement.
     with BatchEngine(tiny_quant_ggufs["Q8_0"], options, cost_cache=cache) as engine:
         list(engine.generate(requests_16[:4]))

@@ -213,6 +213,11 @@ class StepCost:
     steps of its own leans, with the weight of ``shrink`` steps, on the correction of all
     steps: other work on the machine slows every row count alike, and calibration batches
     (one sequence, short) are not quite a generation step either.
+
+    Beside the decode, a step costs the engine's own work (planning, filling the batch,
+    reading each row's logits): :attr:`host_seconds`, learned from the same steps. On a 7B
+    model it is nothing next to the decode; on a small one it is as long, and leaving it out
+    would make every step look dearer per token than it is, and drafts worth less.
     """
 
     def __init__(self, *, gpu: bool, points: Mapping[int, float] | None = None,
@@ -227,6 +232,7 @@ class StepCost:
         self._sum = np.zeros(len(BUCKETS))  # decayed correction sums and weights per bucket
         self._weight = np.zeros(len(BUCKETS))
         self._all_sum = self._all_weight = 0.0  # the same over all steps
+        self._host_sum = 0.0  # decayed host seconds, weighed like the steps
         self._table: np.ndarray | None = None  # seconds by rows, 0..BUCKETS[-1]
 
     def _prior(self, rows: np.ndarray) -> np.ndarray:
@@ -267,9 +273,16 @@ class StepCost:
             self._table = np.concatenate(([0.0], np.exp(self._log_seconds(every))))
         return float(self._table[max(rows, 0)])
 
-    def observe(self, micro_batch_rows: Sequence[int], seconds: float) -> None:
-        """Learn from one timed ``llama_decode``. Its time is shared among its
-        micro-batches in proportion to what the curve expected of each."""
+    @property
+    def host_seconds(self) -> float:
+        """The engine's own seconds per step, outside ``llama_decode`` (0 before a step)."""
+        return self._host_sum / self._all_weight if self._all_weight else 0.0
+
+    def observe(self, micro_batch_rows: Sequence[int], seconds: float, *,
+                host_seconds: float = 0.0) -> None:
+        """Learn from one timed step: ``seconds`` of ``llama_decode``, shared among its
+        micro-batches in proportion to what the curve expected of each, and
+        ``host_seconds`` of the engine's own work."""
         if not micro_batch_rows or not seconds > 0:
             return
         rows = np.array(micro_batch_rows, dtype=float)
@@ -280,6 +293,7 @@ class StepCost:
         self._weight *= self.decay
         self._all_sum = self.decay * self._all_sum + math.log(seconds / float(np.exp(base).sum()))
         self._all_weight = self.decay * self._all_weight + 1.0
+        self._host_sum = self.decay * self._host_sum + max(host_seconds, 0.0)
         share = 1.0 / len(rows)
         for place, target in zip(self._places(rows), correction + surprise, strict=True):
             low = int(place)
@@ -430,13 +444,14 @@ def _expected(acceptance: float, drafts: int) -> float:
 
 
 def plan_step(candidates: Sequence[Candidate], seconds: Callable[[int], float],
-              max_rows: int) -> StepPlan:
+              max_rows: int, *, overhead: float = 0.0) -> StepPlan:
     """The drafts to check in one step: those that maximise expected tokens per second.
 
     A sequence with acceptance a expects 1 + a + ... + a^n tokens from n drafts, so its
     n-th draft adds a^n. Drafts are ranked by that gain across all sequences together, and
     every prefix of the ranking (equal gains together) is a plan, costed as the
-    micro-batches llama.cpp will make of it, each ``seconds(rows)``. Beside those, every
+    micro-batches llama.cpp will make of it, each ``seconds(rows)``, plus the step's
+    ``overhead`` outside them (the engine's own work per step). Beside those, every
     sequence checks exactly k drafts, padded with repeats of its last one: one shape, so
     fewer micro-batches (a repeat that happens to be the greedy token is kept like any other
     draft). The most tokens per second wins, the fewer rows on a tie. At most ``max_rows``
@@ -449,7 +464,7 @@ def plan_step(candidates: Sequence[Candidate], seconds: Callable[[int], float],
     def consider(drafts: dict[int, tuple[int, ...]], tokens: float) -> None:
         nonlocal best, best_value
         micro = micro_batch_rows([(s, 1 + len(d)) for s, d in drafts.items()])
-        cost = sum(seconds(r) for r in micro)
+        cost = overhead + sum(seconds(r) for r in micro)
         value = tokens / cost if cost > 0 else 0.0
         if value > best_value * 1.0001:
             best, best_value = StepPlan(drafts, micro), value

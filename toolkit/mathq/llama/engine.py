@@ -39,7 +39,7 @@ many drafts a step checks, if any, is chosen from each sequence's acceptance so 
 step-cost curve (:func:`mathq.llama.drafts.plan_step`): calibrated on first use with a few
 batches in a scratch sequence before any prompt is read (cached in
 :data:`~mathq.llama.drafts.STEP_COSTS_FILE` beside the model), then corrected by the timed
-steps.
+steps, whose own work outside ``llama_decode`` counts too.
 """
 
 from __future__ import annotations
@@ -318,13 +318,14 @@ class BatchEngine:
                     if slot is None and pending:
                         r, p = pending.popleft()
                         slots[i] = self._new_seq(r, p, limit, now)
+                filling = time.perf_counter()
                 batch = self._fill_batch(ctx, slots, cost)
                 prompt_total += batch.read
-                tick = time.perf_counter()
+                decoding = time.perf_counter()
                 ctx.decode()
-                if cost is not None and not batch.read:  # a generation step: time it
+                if cost is not None:
                     ctx.synchronize()
-                    cost.observe(batch.micro_batch_rows, time.perf_counter() - tick)
+                decoded = time.perf_counter()
                 steps += 1
                 active = sum(s is not None for s in slots)
                 finished: list[GenResult] = []
@@ -338,6 +339,9 @@ class BatchEngine:
                     if outcome.result is not None:
                         slots[rows.slot] = None
                         finished.append(outcome.result)
+                if cost is not None and not batch.read:  # a generation step: learn its cost
+                    host = (decoding - filling) + (time.perf_counter() - decoded)
+                    cost.observe(batch.micro_batch_rows, decoded - decoding, host_seconds=host)
                 if on_step is not None:
                     on_step(StepStats(steps, active, len(pending), prompt_total,
                                       generated_total, time.perf_counter() - started,
@@ -465,7 +469,8 @@ class BatchEngine:
                 proposed[i] = len(proposal)
                 candidates.append(Candidate(i, proposal, seq.drafter.acceptance(), room=room,
                                             last=seq.tokens[-1]))
-            drafts = plan_step(candidates, cost.seconds, ctx.n_ubatch).drafts
+            drafts = plan_step(candidates, cost.seconds, ctx.n_ubatch,
+                               overhead=cost.host_seconds).drafts
         rows = []
         for i, seq in live:
             d = drafts[i]
