@@ -19,7 +19,8 @@ llama.cpp runs a micro-batch of a few rows with vector kernels and one of many r
 tiled matrix kernels, so the time *per row* falls steeply with the rows (Q8_0: a batch of
 72 rows decodes 1.65x more tokens per second than one of 8). :class:`StepCost` is that
 curve, calibrated once per model file and machine settings (:func:`calibrated_cost`, cached
-in :data:`STEP_COSTS_FILE`) and corrected by the engine's own timed steps. :func:`plan_step`
+in :data:`STEP_COSTS_FILE`) and corrected by the engine's own timed steps, which also say
+what its own work around each decode costs. :func:`plan_step`
 then picks, across all sequences together, the drafts that maximise expected kept tokens
 per second given each sequence's measured acceptance. No fixed cap: drafts run as long as
 they are likely to be kept and their rows pay, up to the whole rest of the draft reference,
