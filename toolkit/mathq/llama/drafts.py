@@ -1,44 +1,79 @@
 """Drafts for speculative decoding that need no second model, and how many to check.
 
-A drafted step (see :mod:`mathq.llama.engine`) puts each sequence's last token and up to
-k guessed next tokens into one ``llama_decode`` batch and keeps the guesses the model
-itself would have chosen. The guesses cost rows of that batch, never correctness. They come
-from two places, in order:
+A drafted step (see :mod:`mathq.llama.engine`) puts each sequence's last token and the
+drafts after it into one ``llama_decode`` batch and keeps the drafts the model itself would
+have chosen. Drafts cost rows of that batch, never correctness. They come from two places,
+in order:
 
-1. The *reference* completion of the same problem (BF16's, from the build's smoke results):
-   a quantized variant mostly writes the same text, so while its output follows the
-   reference the next reference tokens are the draft. After a divergence the reference is
-   re-aligned where the texts meet again: where the output's last few tokens occur in it.
+1. The *draft reference*: another model's completion of the same problem (BF16's, from the
+   build's smoke results). A quantized variant mostly writes the same text, so while its
+   output follows the draft reference the rest of it is the draft, up to its end. After a
+   divergence the draft reference is re-aligned where the texts meet again: where the
+   output's last few tokens occur in it.
 2. *Prompt lookup*: the most recent earlier occurrence, in the prompt and the completion so
    far, of the completion's last n tokens (n = 3, then 2), and what followed it there.
    Solutions repeat the problem's numbers and their own expressions.
 
-Whether checking k guesses pays depends on the hardware: a decode step costs a fixed part
-(reading every weight once, per micro-batch) plus a part per row (compute, and the
-102400-wide output layer). :class:`RowCost` fits that split from the engine's own step
-times, and :func:`plan_step` picks the k that maximises expected tokens per second given
-each sequence's measured acceptance. On a GPU, or on a CPU with few sequences left, rows
-are nearly free and k grows; on a CPU already busy with 8 sequences they are not, and k
-shrinks to 0 (plain decoding) when guesses would cost more than they save.
+Whether checking n drafts pays depends on what rows cost, and that is not linear: on a CPU
+llama.cpp runs a micro-batch of a few rows with vector kernels and one of many rows with
+tiled matrix kernels, so the time *per row* falls steeply with the rows (Q8_0: a batch of
+72 rows decodes 1.65x more tokens per second than one of 8). :class:`StepCost` is that
+curve, calibrated once per model file and machine settings (:func:`calibrated_cost`, cached
+in :data:`STEP_COSTS_FILE`) and corrected by the engine's own timed steps, which also say
+what its own work around each decode costs. :func:`plan_step`
+then picks, across all sequences together, the drafts that maximise expected kept tokens
+per second given each sequence's measured acceptance. No fixed cap: drafts run as long as
+they are likely to be kept and their rows pay, up to the whole rest of the draft reference,
+the sequence's context room and the context's micro-batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import heapq
+import json
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-#: Most tokens drafted for one sequence in one step.
-MAX_DRAFT = 8
-#: Tokens of the output that must occur in the reference to re-align with it.
+from mathq.errors import MathqError
+from mathq.fsutil import write_text_atomic
+
+#: Tokens of the output that must occur in the draft reference to re-align with it.
 REALIGN_TOKENS = 3
 #: N-gram lengths prompt lookup tries, longest first.
 LOOKUP_NGRAMS = (3, 2)
-#: Prior acceptance (successes, trials) per source, before a sequence has any of its own:
-#: a variant follows its reference closely; lookup guesses are right less often.
+#: Prior acceptance per source as (kept, checked), before any draft is measured: a variant
+#: follows its draft reference closely; lookup guesses are right less often.
 PRIORS = {"reference": (4.0, 5.0), "lookup": (1.0, 2.0)}
+#: How many checked drafts a new sequence's prior weighs: the engine's rate so far
+#: (:class:`KeptRates`), until the sequence's own drafts outweigh it.
+SEQUENCE_PRIOR = 8.0
+#: Drafts whose chance of being reached and kept is below this are never worth a row.
+MIN_GAIN = 1e-3
+#: Growth in rows between the long plans :func:`plan_step` compares.
+LADDER = 1.05
 
+#: Rows of the micro-batches the cost curve learns at, 1, 2, 4, ..., 512 (llama.cpp's
+#: largest micro-batch); row counts between them are interpolated.
+BUCKETS = tuple(1 << b for b in range(10))
+#: Rows of the batches a new curve is calibrated with, as far as the context allows: one
+#: row, the 8 of a plain CPU step, and two where the matrix kernels have taken over.
+CALIBRATION_ROWS = (1, 8, 32, 128)
+#: Timed decodes per calibration size (their median counts), after one untimed warm-up.
+CALIBRATION_REPEATS = 3
+#: The fixed part of a micro-batch (a pass over the weights) in rows' worth, where nothing is
+#: measured: next to it rows are nearly free on a GPU, not on a CPU.
+PRIOR_FIXED_ROWS = {"gpu": 64.0, "cpu": 4.0}
+#: The calibration cache beside the model file: small, and valid while the file is unchanged.
+STEP_COSTS_FILE = "step-costs.json"
+#: Format of :data:`STEP_COSTS_FILE`; another version is recalibrated.
+STEP_COSTS_VERSION = 1
 
 
 def draft_off_reason(draft: bool, ignore_eos: bool) -> str | None:
@@ -49,6 +84,7 @@ def draft_off_reason(draft: bool, ignore_eos: bool) -> str | None:
     if ignore_eos:
         return "--ignore-eos (its ban on EOS would have to hold at every drafted position)"
     return None
+
 
 def _find_last(history: np.ndarray, tail: np.ndarray, end: int) -> int:
     """Start of the last occurrence of ``tail`` in ``history[:end]``, or -1."""
@@ -63,33 +99,58 @@ def _find_last(history: np.ndarray, tail: np.ndarray, end: int) -> int:
     return -1
 
 
-class Drafter:
-    """One sequence's draft sources: its reference, its prompt and what it has generated.
+class KeptRates:
+    """Drafts kept per source across all of an engine's sequences so far, as (kept, checked)
+    counts started at :data:`PRIORS`: the prior of every new sequence's own estimate. A
+    variant that kept 99 % of its draft reference in the answers so far will most likely
+    keep it in the next one too, so a new sequence can check long drafts from its first
+    step instead of relearning that from the generic prior."""
 
-    Call :meth:`propose` before a step and :meth:`accepted` after it. :meth:`acceptance`
-    is a Beta estimate, per source, of the chance that a drafted token is the greedy one;
-    ``cap`` is the sequence's own k, grown while its guesses are all right.
+    def __init__(self) -> None:
+        self._counts = {source: list(prior) for source, prior in PRIORS.items()}
+
+    def rate(self, source: str) -> float:
+        """The share of ``source``'s checked drafts that were kept (prior included)."""
+        kept, checked = self._counts[source]
+        return kept / checked
+
+    def add(self, source: str, kept: int, checked: int) -> None:
+        """Count one step's drafts from ``source``."""
+        counts = self._counts[source]
+        counts[0] += kept
+        counts[1] += checked
+
+
+class Drafter:
+    """One sequence's draft sources: its draft reference, its prompt and what it has
+    generated.
+
+    Call :meth:`propose` before a step and :meth:`record` after it. :meth:`acceptance` is a
+    Beta estimate, per source, of the chance that a draft is kept, given the draft before it
+    was: the sequence's own counts on top of the engine's (``rates``).
     """
 
-    def __init__(self, prompt: Sequence[int], reference: Sequence[int] = ()) -> None:
+    def __init__(self, prompt: Sequence[int], reference: Sequence[int] = (),
+                 rates: KeptRates | None = None) -> None:
         self._history = list(prompt)
         self._n_prompt = len(self._history)
         self._ref = np.asarray(reference, dtype=np.int64)
-        #: Index of the next reference token while the output follows the reference.
+        #: Index of the next draft-reference token while the output follows it.
         self.ref_pos: int | None = 0 if len(self._ref) else None
-        self.cap = 4
-        self._counts = {k: list(v) for k, v in PRIORS.items()}
+        self._rates = rates or KeptRates()
+        self._counts = {source: [SEQUENCE_PRIOR * self._rates.rate(source), SEQUENCE_PRIOR]
+                        for source in PRIORS}
         self._source = "lookup"
 
     def acceptance(self, source: str | None = None) -> float:
-        """Estimated chance that a token drafted from ``source`` (default: the last
-        proposal's) is accepted."""
-        ok, n = self._counts[source or self._source]
-        return ok / n
+        """Estimated chance that a draft from ``source`` (default: the last proposal's) is
+        kept."""
+        kept, checked = self._counts[source or self._source]
+        return kept / checked
 
     def propose(self, limit: int) -> list[int]:
-        """Up to ``min(limit, cap)`` drafted tokens to follow the output so far."""
-        limit = min(limit, self.cap)
+        """Up to ``limit`` drafts to follow the output so far: the rest of the draft
+        reference while the output follows it, else a prompt lookup."""
         if limit <= 0:
             return []
         if self.ref_pos is not None and self.ref_pos < len(self._ref):
@@ -106,16 +167,16 @@ class Drafter:
                 return [int(t) for t in follow]
         return []
 
-    def accepted(self, drafted: int, accepted: int, emitted: Sequence[int]) -> None:
-        """Record a step: ``drafted`` tokens checked, the first ``accepted`` kept, and the
-        tokens ``emitted`` into the output (the accepted ones and the model's own next)."""
+    def record(self, drafted: int, kept: int, emitted: Sequence[int]) -> None:
+        """Record a step: ``drafted`` tokens checked, the first ``kept`` of them kept, and
+        the tokens ``emitted`` into the output (the kept ones and the model's own next)."""
         if drafted:
+            # A rejected draft is one more trial; those after it were never reached.
+            checked = kept + (1 if kept < drafted else 0)
             counts = self._counts[self._source]
-            counts[0] += accepted
-            counts[1] += accepted + (1 if accepted < drafted else 0)
-            # Grow while every guess is right, fall back to what was right otherwise.
-            self.cap = min(MAX_DRAFT, self.cap + 2) if accepted == drafted \
-                else max(1, accepted + 1)
+            counts[0] += kept
+            counts[1] += checked
+            self._rates.add(self._source, kept, checked)
         for t in emitted:
             self._history.append(t)
             if self.ref_pos is not None and self.ref_pos < len(self._ref) \
@@ -127,8 +188,8 @@ class Drafter:
             self._realign()
 
     def _realign(self) -> None:
-        """Find where the output meets the reference again: the last occurrence there of
-        the output's last :data:`REALIGN_TOKENS` tokens."""
+        """Find where the output meets the draft reference again: the last occurrence there
+        of the output's last :data:`REALIGN_TOKENS` tokens."""
         generated = len(self._history) - self._n_prompt
         if generated < REALIGN_TOKENS:
             return
@@ -138,46 +199,188 @@ class Drafter:
             self.ref_pos = start + REALIGN_TOKENS
 
 
-class RowCost:
-    """A decode step's time as ``fixed * micro_batches + per_row * rows``, fitted online.
+class StepCost:
+    """Seconds of one llama.cpp micro-batch as a function of its rows: the step-cost curve.
 
-    Least squares over the engine's generation steps (older ones weigh less), shrunk
-    towards a prior: the fixed part is ``prior_rows`` rows' worth until about
-    ``prior_steps`` steps that vary enough to tell the two parts apart say otherwise (a
-    few noisy steps on a shared machine must not swing the plan). Only the ratio matters
-    to :func:`plan_step`.
+    The calibration's ``points`` (rows to seconds, from :func:`calibrated_cost`) are
+    interpolated in log-log; beyond the first and last point, and without points, the
+    prior shape takes over, a fixed part of :data:`PRIOR_FIXED_ROWS` rows plus one per row,
+    anchored at the nearest point (without points only its ratios mean anything, which is
+    all :func:`plan_step` needs until steps are timed).
+
+    On top sits a correction learned from the engine's timed steps, kept per bucket of
+    rows (:data:`BUCKETS`) and interpolated between them; each step weighs ``decay`` times
+    the one after it, so the curve follows a machine whose load changes. A bucket with few
+    steps of its own leans, with the weight of ``shrink`` steps, on the correction of all
+    steps: other work on the machine slows every row count alike, and calibration batches
+    (one sequence, short) are not quite a generation step either.
+
+    Beside the decode, a step costs the engine's own work (planning, filling the batch,
+    reading each row's logits): :attr:`host_seconds`, learned from the same steps. On a 7B
+    model it is nothing next to the decode; on a small one it is as long, and leaving it out
+    would make every step look dearer per token than it is, and drafts worth less.
     """
 
-    def __init__(self, prior_rows: float, decay: float = 0.98, prior_steps: float = 20.0) -> None:
-        self.prior_rows = prior_rows
+    def __init__(self, *, gpu: bool, points: Mapping[int, float] | None = None,
+                 decay: float = 0.98, shrink: float = 2.0) -> None:
+        self.fixed_rows = PRIOR_FIXED_ROWS["gpu" if gpu else "cpu"]
+        #: The calibration, rows to seconds.
+        self.points = dict(sorted((int(r), float(s)) for r, s in (points or {}).items()))
+        if any(r < 1 or not s > 0 for r, s in self.points.items()):
+            raise ValueError(f"calibration points need rows >= 1 and seconds > 0: {points}")
         self.decay = decay
-        self.prior_steps = prior_steps
-        self._s = np.zeros(5)  # sum uu, ur, rr, ut, rt
-        self._n = 0.0  # steps seen, decayed like the sums
+        self.shrink = shrink
+        self._sum = np.zeros(len(BUCKETS))  # decayed correction sums and weights per bucket
+        self._weight = np.zeros(len(BUCKETS))
+        self._all_sum = self._all_weight = 0.0  # the same over all steps
+        self._host_sum = 0.0  # decayed host seconds, weighed like the steps
+        self._table: np.ndarray | None = None  # seconds by rows, 0..BUCKETS[-1]
 
-    def observe(self, micro_batches: int, rows: int, seconds: float) -> None:
-        """Add one timed step."""
-        u, r, t = float(micro_batches), float(rows), float(seconds)
-        self._s = self.decay * self._s + np.array([u * u, u * r, r * r, u * t, r * t])
-        self._n = self.decay * self._n + 1.0
+    def _prior(self, rows: np.ndarray) -> np.ndarray:
+        return np.log(self.fixed_rows + rows)
+
+    def _base(self, rows: np.ndarray) -> np.ndarray:
+        """Log seconds of the calibration, with the prior's shape beyond it."""
+        if not self.points:
+            return self._prior(rows)
+        r = np.array(list(self.points), dtype=float)
+        s = np.log(np.array(list(self.points.values())))
+        x = np.log(rows)
+        inside = np.interp(x, np.log(r), s)
+        below = s[0] + self._prior(rows) - self._prior(r[:1])
+        above = s[-1] + self._prior(rows) - self._prior(r[-1:])
+        return np.where(rows < r[0], below, np.where(rows > r[-1], above, inside))
+
+    @staticmethod
+    def _places(rows: np.ndarray) -> np.ndarray:
+        """Where ``rows`` fall among the buckets, as a fractional bucket index."""
+        return np.clip(np.log2(rows), 0, len(BUCKETS) - 1)
+
+    def _correction(self, rows: np.ndarray) -> np.ndarray:
+        """Log factor the timed steps put on the base curve at ``rows``."""
+        overall = self._all_sum / self._all_weight if self._all_weight else 0.0
+        per_bucket = (self._sum + self.shrink * overall) / (self._weight + self.shrink)
+        return np.interp(self._places(rows), np.arange(len(BUCKETS)), per_bucket)
+
+    def _log_seconds(self, rows: np.ndarray) -> np.ndarray:
+        return self._base(rows) + self._correction(rows)
+
+    def seconds(self, rows: int) -> float:
+        """Expected seconds of one micro-batch of ``rows`` rows (logits for each)."""
+        if rows > BUCKETS[-1]:
+            return float(np.exp(self._log_seconds(np.array([float(rows)])))[0])
+        if self._table is None:  # plan_step asks hundreds of times per step: a lookup
+            every = np.arange(1, BUCKETS[-1] + 1, dtype=float)
+            self._table = np.concatenate(([0.0], np.exp(self._log_seconds(every))))
+        return float(self._table[max(rows, 0)])
 
     @property
-    def fixed_rows(self) -> float:
-        """How many rows the fixed part of a micro-batch costs as much as."""
-        uu, ur, rr, ut, rt = self._s
-        det = uu * rr - ur * ur
-        if uu == 0 or det <= 1e-6 * uu * rr:
-            return self.prior_rows
-        fixed = (rr * ut - ur * rt) / det
-        per_row = (uu * rt - ur * ut) / det
-        if per_row <= 0 or fixed <= 0:
-            return self.prior_rows
-        fitted = min(512.0, max(0.25, fixed / per_row))
-        # How much the steps tell the parts apart: the share of row variance not explained
-        # by the micro-batch count, times the steps seen.
-        weight = self._n * det / (uu * rr)
-        return float((self.prior_steps * self.prior_rows + weight * fitted)
-                     / (self.prior_steps + weight))
+    def host_seconds(self) -> float:
+        """The engine's own seconds per step, outside ``llama_decode`` (0 before a step)."""
+        return self._host_sum / self._all_weight if self._all_weight else 0.0
+
+    def observe(self, micro_batch_rows: Sequence[int], seconds: float, *,
+                host_seconds: float = 0.0) -> None:
+        """Learn from one timed step: ``seconds`` of ``llama_decode``, shared among its
+        micro-batches in proportion to what the curve expected of each, and
+        ``host_seconds`` of the engine's own work."""
+        if not micro_batch_rows or not seconds > 0:
+            return
+        rows = np.array(micro_batch_rows, dtype=float)
+        correction = self._correction(rows)
+        base = self._base(rows)
+        surprise = math.log(seconds / float(np.exp(base + correction).sum()))
+        self._sum *= self.decay
+        self._weight *= self.decay
+        self._all_sum = self.decay * self._all_sum + math.log(seconds / float(np.exp(base).sum()))
+        self._all_weight = self.decay * self._all_weight + 1.0
+        self._host_sum = self.decay * self._host_sum + max(host_seconds, 0.0)
+        share = 1.0 / len(rows)
+        for place, target in zip(self._places(rows), correction + surprise, strict=True):
+            low = int(place)
+            high = min(low + 1, len(BUCKETS) - 1)
+            upper = place - low
+            for bucket, weight in ((low, share * (1.0 - upper)), (high, share * upper)):
+                self._sum[bucket] += weight * target
+                self._weight[bucket] += weight
+        self._table = None
+
+
+@dataclass(frozen=True)
+class CostIdentity:
+    """What a calibration holds for: the model file as it is (its path, size and
+    modification time) and how llama.cpp runs it (threads, layers on the GPU)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    threads: int
+    gpu_layers: int
+
+    @classmethod
+    def of(cls, model: Path, *, threads: int, gpu_layers: int) -> CostIdentity:
+        """The identity of ``model`` (links resolved) run with these settings."""
+        resolved = Path(model).resolve()
+        st = resolved.stat()
+        return cls(str(resolved), st.st_size, st.st_mtime_ns, threads, gpu_layers)
+
+    @property
+    def key(self) -> str:
+        """Its entry in :data:`STEP_COSTS_FILE`: one per file and settings, so a rebuilt
+        file replaces its old calibration instead of adding one."""
+        return f"{self.path} threads={self.threads} gpu_layers={self.gpu_layers}"
+
+
+def _load_entries(cache: Path) -> dict[str, Any]:
+    """The cache's entries; a missing, unreadable or damaged file has none."""
+    try:
+        data = json.loads(Path(cache).read_text(encoding="utf-8"))
+        if data["version"] != STEP_COSTS_VERSION:
+            return {}
+        return dict(data["entries"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _cached_points(entry: Any, identity: CostIdentity) -> dict[int, float]:
+    """The calibration in ``entry`` if it is one of this very file, else nothing."""
+    try:
+        if (entry["size"], entry["mtime_ns"]) != (identity.size, identity.mtime_ns):
+            return {}
+        points = {int(r): float(s) for r, s in entry["seconds"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return {}
+    if any(r < 1 or not 0 < s < math.inf for r, s in points.items()):
+        return {}
+    return points
+
+
+def calibrated_cost(*, cache: Path, identity: CostIdentity, gpu: bool, max_rows: int,
+                    time_rows: Callable[[int], float]) -> StepCost:
+    """The step-cost curve of the model ``identity`` names, calibrated.
+
+    Its points come from ``cache`` when it holds a calibration of this very file with these
+    settings; the rows of :data:`CALIBRATION_ROWS` up to ``max_rows`` it lacks are measured
+    now, each the median of :data:`CALIBRATION_REPEATS` calls of ``time_rows`` (seconds of
+    one decode of that many rows) after a warm-up, and written back. A cache that cannot be
+    read is measured anew and rewritten; one that cannot be written costs only a
+    calibration next time.
+    """
+    entries = _load_entries(cache)
+    points = _cached_points(entries.get(identity.key), identity)
+    missing = [r for r in CALIBRATION_ROWS if r <= max_rows and r not in points]
+    if missing:
+        for rows in missing:
+            time_rows(rows)  # the first decode of a shape allocates and warms caches
+            points[rows] = statistics.median(time_rows(rows) for _ in range(CALIBRATION_REPEATS))
+        entries[identity.key] = {"size": identity.size, "mtime_ns": identity.mtime_ns,
+                                 "seconds": {str(r): s for r, s in sorted(points.items())}}
+        text = json.dumps({"version": STEP_COSTS_VERSION, "entries": entries}, indent=1,
+                          sort_keys=True) + "\n"
+        # A read-only model folder: the next engine calibrates again.
+        with contextlib.suppress(OSError, MathqError):
+            write_text_atomic(Path(cache), text)
+    return StepCost(gpu=gpu, points=points)
 
 
 @dataclass(frozen=True)
@@ -193,12 +396,13 @@ class Candidate:
     last: int
 
 
-def micro_batches(lengths: Sequence[tuple[int, int]]) -> int:
-    """How many micro-batches llama.cpp makes of a batch of ``(seq, tokens)`` in sequence
-    order, with per-sequence caches: each takes the same number of tokens from a run of
-    consecutive sequence ids (the fewest any of them has left), until none are left."""
+def micro_batch_rows(lengths: Sequence[tuple[int, int]]) -> tuple[int, ...]:
+    """The rows of each micro-batch llama.cpp makes of a batch of ``(seq, tokens)`` in
+    sequence order, with per-sequence caches: each takes the same number of tokens from a
+    run of consecutive sequence ids (the fewest any of them has left), until none are
+    left."""
     left = {s: n for s, n in lengths if n > 0}
-    count = 0
+    rows: list[int] = []
     while left:
         run: list[int] = []
         for s in left:
@@ -210,54 +414,95 @@ def micro_batches(lengths: Sequence[tuple[int, int]]) -> int:
             left[s] -= take
             if not left[s]:
                 del left[s]
-        count += 1
-    return count
+        rows.append(take * len(run))
+    return tuple(rows)
 
 
 @dataclass(frozen=True)
 class StepPlan:
     """Tokens each sequence checks this step (drafts, padded where that saves a
-    micro-batch), and the micro-batches llama.cpp will make of it."""
+    micro-batch), and the rows of the micro-batches llama.cpp will make of it."""
 
     drafts: dict[int, tuple[int, ...]]
-    micro_batches: int
+    micro_batch_rows: tuple[int, ...]
 
     @property
     def rows(self) -> int:
         """Rows of the batch: each sequence's last token and its drafts."""
         return sum(1 + len(d) for d in self.drafts.values())
 
+    @property
+    def micro_batches(self) -> int:
+        """How many micro-batches, each a pass over the weights."""
+        return len(self.micro_batch_rows)
 
-def plan_step(candidates: Sequence[Candidate], fixed_rows: float, max_rows: int) -> StepPlan:
-    """The drafts to check in one step: what maximises expected tokens per unit of cost.
 
-    Expected tokens of a sequence with acceptance a and n real drafts: 1 + a + ... + a^n.
-    Cost in rows: every row, plus ``fixed_rows`` per micro-batch (a pass over the weights).
-    Each k from 0 up is tried two ways: every sequence checks up to k of its own drafts
-    (lengths differ, so llama.cpp may split the batch), or every sequence checks exactly k,
-    padded with repeats of its last draft (one shape, fewer micro-batches; a repeat that
-    happens to be the greedy token is kept like any other draft).
+def _expected(acceptance: float, drafts: int) -> float:
+    """Expected tokens of a step checking ``drafts`` drafts: 1 + a + ... + a^n."""
+    if acceptance >= 1.0:
+        return drafts + 1.0
+    return (1.0 - acceptance ** (drafts + 1)) / (1.0 - acceptance)
+
+
+def plan_step(candidates: Sequence[Candidate], seconds: Callable[[int], float],
+              max_rows: int, *, overhead: float = 0.0) -> StepPlan:
+    """The drafts to check in one step: those that maximise expected tokens per second.
+
+    A sequence with acceptance a expects 1 + a + ... + a^n tokens from n drafts, so its
+    n-th draft adds a^n. Drafts are ranked by that gain across all sequences together, and
+    every prefix of the ranking (equal gains together) is a plan, costed as the
+    micro-batches llama.cpp will make of it, each ``seconds(rows)``, plus the step's
+    ``overhead`` outside them (the engine's own work per step). Beside those, every
+    sequence checks exactly k drafts, padded with repeats of its last one: one shape, so
+    fewer micro-batches (a repeat that happens to be the greedy token is kept like any other
+    draft). The most tokens per second wins, the fewer rows on a tie. At most ``max_rows``
+    rows, each sequence within its cache room.
     """
-    best: StepPlan | None = None
+    usable = [min(len(c.drafts), max(c.room, 0)) for c in candidates]
+    best = StepPlan({c.seq: () for c in candidates}, ())
     best_value = -1.0
-    longest = max((min(len(c.drafts), c.room) for c in candidates), default=0)
-    for k in range(longest + 1):
-        for padded in (False, True):
-            if padded and (k == 0 or any(c.room < k for c in candidates)):
-                continue
-            drafts: dict[int, tuple[int, ...]] = {}
-            tokens = 0.0
-            for c in candidates:
-                real = c.drafts[:min(k, c.room)]
-                tokens += sum(c.acceptance ** j for j in range(len(real) + 1))
-                if padded and len(real) < k:
-                    real = real + (real[-1] if real else c.last,) * (k - len(real))
-                drafts[c.seq] = real
-            plan = StepPlan(drafts, micro_batches([(s, 1 + len(d)) for s, d in drafts.items()]))
-            if plan.rows > max_rows:
-                continue
-            value = tokens / (plan.rows + fixed_rows * plan.micro_batches)
-            if value > best_value * 1.0001:
-                best, best_value = plan, value
-    assert best is not None  # k = 0 always fits
+
+    def consider(drafts: dict[int, tuple[int, ...]], tokens: float) -> None:
+        nonlocal best, best_value
+        micro = micro_batch_rows([(s, 1 + len(d)) for s, d in drafts.items()])
+        cost = overhead + sum(seconds(r) for r in micro)
+        value = tokens / cost if cost > 0 else 0.0
+        if value > best_value * 1.0001:
+            best, best_value = StepPlan(drafts, micro), value
+
+    consider(dict(best.drafts), float(len(candidates)))
+    # Unpadded: the drafts most likely to be kept first, from whichever sequence. Every
+    # prefix while the sequences have a few drafts each, then prefixes LADDER apart in rows:
+    # the value moves little between those, and a step must not spend milliseconds planning.
+    lengths = [0] * len(candidates)
+    expected = float(len(candidates))
+    heap = [(-c.acceptance, i, 1) for i, c in enumerate(candidates) if usable[i]]
+    heapq.heapify(heap)
+    rows = last = len(candidates)
+    while heap and rows < max_rows and -heap[0][0] >= MIN_GAIN:
+        gain = -heap[0][0]
+        while heap and -heap[0][0] == gain and rows < max_rows:
+            _, i, n = heapq.heappop(heap)
+            lengths[i] = n
+            expected += gain
+            rows += 1
+            if n < usable[i]:
+                heapq.heappush(heap, (-candidates[i].acceptance ** (n + 1), i, n + 1))
+        if (rows <= 4 * len(candidates) or rows >= LADDER * last or not heap
+                or rows >= max_rows or -heap[0][0] < MIN_GAIN):
+            consider({c.seq: c.drafts[:n] for c, n in zip(candidates, lengths, strict=True)},
+                     expected)
+            last = rows
+    # Padded: every sequence k drafts, as far as each one's room allows.
+    k = 1
+    while (k <= max(usable, default=0) and len(candidates) * (1 + k) <= max_rows
+           and all(c.room >= k for c in candidates)):
+        drafts = {}
+        expected = 0.0
+        for c, n in zip(candidates, usable, strict=True):
+            real = c.drafts[:min(k, n)]
+            expected += _expected(c.acceptance, len(real))
+            drafts[c.seq] = real + (real[-1] if real else c.last,) * (k - len(real))
+        consider(drafts, expected)
+        k += 1
     return best

@@ -27,16 +27,19 @@ into micro-batches of consecutive sequence ids, so the batch lists sequences in 
 and a new prompt takes the lowest free slot.
 
 Drafted steps (speculative decoding without a second model, :mod:`mathq.llama.drafts`):
-a generating sequence may add up to k guessed tokens after its last one, with logits for
-each row. The step keeps the longest prefix of guesses that equal the greedy choice at the
-row before, adds the model's own choice after them, and removes the rejected positions from
-that sequence's KV cache (``llama_memory_seq_rm``). Greedy stays greedy: every kept token
-is the argmax of logits computed over exactly the tokens before it. What changes is the
-batch shape (k + 1 rows of one sequence instead of one), with the same consequence as P > 1
-above: where llama.cpp's kernels round such a batch differently, a near-tie can go the
-other way. How many guesses a step checks, if any, is chosen from each sequence's
-acceptance so far and a cost model of rows fitted to the step times
-(:func:`mathq.llama.drafts.plan_step`).
+a generating sequence may add drafts after its last token, with logits for each row. The
+step keeps the longest prefix of drafts that equal the greedy choice at the row before,
+adds the model's own choice after them, and removes the rejected positions from that
+sequence's KV cache (``llama_memory_seq_rm``); :meth:`BatchEngine._check` does all three and
+returns a :class:`StepOutcome`. Greedy stays greedy: every kept token is the argmax of
+logits computed over exactly the tokens before it. What changes is the batch shape (n + 1
+rows of one sequence instead of one), with the same consequence as P > 1 above: where
+llama.cpp's kernels round such a batch differently, a near-tie can go the other way. How
+many drafts a step checks, if any, is chosen from each sequence's acceptance so far and the
+step-cost curve (:func:`mathq.llama.drafts.plan_step`): calibrated on first use with a few
+batches in a scratch sequence before any prompt is read (cached in
+:data:`~mathq.llama.drafts.STEP_COSTS_FILE` beside the model), then corrected by the timed
+steps, whose own work outside ``llama_decode`` counts too.
 """
 
 from __future__ import annotations
@@ -61,12 +64,15 @@ from mathq.llama.devices import (
     kv_bytes_per_sequence,
 )
 from mathq.llama.drafts import (
-    MAX_DRAFT,
+    STEP_COSTS_FILE,
     Candidate,
+    CostIdentity,
     Drafter,
-    RowCost,
+    KeptRates,
+    StepCost,
+    calibrated_cost,
     draft_off_reason,
-    micro_batches,
+    micro_batch_rows,
     plan_step,
 )
 from mathq.llama.runtime import PARALLEL_AUTO, Context, EngineOptions, LlamaModel, pad_context
@@ -90,8 +96,8 @@ class GenResult:
 
     ``finish_reason`` is ``stop`` (end-of-generation token or stop string) or ``length``.
     ``seconds`` runs from the step the prompt entered the batch to the step it finished.
-    ``steps`` counts the decode steps that produced its tokens; ``drafted`` the guessed
-    tokens they checked and ``accepted`` those kept.
+    ``steps`` counts the decode steps that produced its tokens; ``drafted`` the drafts
+    they checked (padding included) and ``accepted`` those kept.
     """
 
     id: str
@@ -125,6 +131,44 @@ class StepStats:
     accepted: int = 0
 
 
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one step did for one sequence: the tokens it ``emitted`` into the output (its
+    kept drafts and the model's own next token), the ``drafted`` tokens it checked and how
+    many were ``kept``, where its KV cache was cut (``trim``: the first position removed,
+    the rejected drafts; 0 when the sequence ended and left the cache; None when the cache
+    keeps everything), and the ``result`` when the sequence ended."""
+
+    emitted: tuple[int, ...]
+    drafted: int
+    kept: int
+    trim: int | None
+    result: GenResult | None
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """One sequence's rows in a step's batch whose logits are read: the batch index and the
+    position of its last known token, and the drafts after it, of which the first
+    ``proposed`` came from its drafter (the rest pad it to the step's shape)."""
+
+    slot: int
+    index: int
+    pos: int
+    drafts: tuple[int, ...] = ()
+    proposed: int = 0
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What a step's batch holds: ``read`` prompt tokens, the ``rows`` to check, and the
+    rows of each micro-batch llama.cpp will make of a generation step (for the cost curve)."""
+
+    read: int
+    rows: tuple[_Rows, ...]
+    micro_batch_rows: tuple[int, ...] = ()
+
+
 @dataclass
 class _Seq:
     """A sequence in a slot: its prompt, where it stands, and what it has generated."""
@@ -133,16 +177,12 @@ class _Seq:
     prompt: list[int]
     max_tokens: int
     started: float
+    #: Cells of its KV cache in use: where the next token goes.
     n_past: int = 0
-    out_index: int = -1
-    #: Position of the token whose logits are at ``out_index``.
-    out_index_pos: int = -1
     tokens: list[int] = field(default_factory=list)
     text: bytearray = field(default_factory=bytearray)
     stops: tuple[bytes, ...] = ()
     drafter: Drafter | None = None
-    #: Guessed tokens in this step's batch after the last token, each with logits.
-    drafts: tuple[int, ...] = ()
     steps: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -160,9 +200,15 @@ class BatchEngine:
     With ``options.parallel`` :data:`~mathq.llama.runtime.PARALLEL_AUTO` each
     :meth:`generate` chooses the number from the free GPU memory (the CPU default without
     a GPU); :attr:`parallel_choice` says what the last call chose and why.
+
+    ``cost_cache`` is the file that keeps the step-cost calibration (default:
+    :data:`~mathq.llama.drafts.STEP_COSTS_FILE` beside the model, a build folder's own for
+    its variants). The curve (:attr:`step_cost`) and the rates at which drafts were kept
+    outlive a :meth:`generate` call: the next one starts where the last left off.
     """
 
-    def __init__(self, model_path: Path, options: EngineOptions | None = None) -> None:
+    def __init__(self, model_path: Path, options: EngineOptions | None = None, *,
+                 cost_cache: Path | None = None) -> None:
         self.options = options or EngineOptions()
         if self.options.parallel < 0:
             raise ValueError("parallel must be at least 1 (or 0 for auto)")
@@ -172,6 +218,11 @@ class BatchEngine:
         self._banned = self.model.eog_tokens() if self.options.ignore_eos else None
         #: Why drafted steps are off, or None when they are on.
         self.draft_off = draft_off_reason(self.options.draft, self.options.ignore_eos)
+        self.cost_cache = Path(cost_cache) if cost_cache is not None \
+            else self.model.path.parent / STEP_COSTS_FILE
+        #: The step-cost curve, made at the first drafted :meth:`generate`.
+        self.step_cost: StepCost | None = None
+        self._rates = KeptRates()
 
     def __enter__(self) -> BatchEngine:
         return self
@@ -257,49 +308,72 @@ class BatchEngine:
         ctx, n_seq = self._open(len(todo), limit)
         pending = deque(todo)
         slots: list[_Seq | None] = [None] * n_seq
-        steps = prompt_total = generated_total = drafted_total = accepted_total = 0
-        # Rows are nearly free next to a pass over the weights on a GPU, not on a CPU.
-        cost = RowCost(prior_rows=64.0 if self.model.gpu_layers_repeating > 0 else 4.0)
-        started = time.perf_counter()
+        steps = prompt_total = generated_total = drafted_total = kept_total = 0
         try:
+            cost = self._step_cost(ctx) if self.draft_off is None else None
+            started = time.perf_counter()
             while pending or any(s is not None for s in slots):
                 now = time.perf_counter()
                 for i, slot in enumerate(slots):
                     if slot is None and pending:
                         r, p = pending.popleft()
                         slots[i] = self._new_seq(r, p, limit, now)
-                read, micro = self._fill_batch(ctx, slots, cost)
-                prompt_total += read
-                rows = ctx.batch_size
-                tick = time.perf_counter()
+                filling = time.perf_counter()
+                batch = self._fill_batch(ctx, slots, cost)
+                prompt_total += batch.read
+                decoding = time.perf_counter()
                 ctx.decode()
-                if not read:  # a generation step: time it for the cost model
+                if cost is not None:
                     ctx.synchronize()
-                    cost.observe(micro, rows, time.perf_counter() - tick)
+                decoded = time.perf_counter()
                 steps += 1
                 active = sum(s is not None for s in slots)
                 finished: list[GenResult] = []
-                for i, seq in enumerate(slots):
-                    if seq is None or seq.out_index < 0:
-                        continue
-                    accepted_before = seq.accepted
-                    result, emitted = self._take(ctx, seq)
-                    generated_total += emitted
-                    drafted_total += len(seq.drafts)
-                    accepted_total += seq.accepted - accepted_before
-                    if result is not None:
-                        ctx.free_seq(i)
-                        slots[i] = None
-                        finished.append(result)
-                    elif seq.n_past < seq.out_index_pos + 1 + len(seq.drafts):
-                        ctx.free_seq(i, seq.n_past)  # the rejected guesses
+                for rows in batch.rows:
+                    seq = slots[rows.slot]
+                    assert seq is not None
+                    outcome = self._check(ctx, seq, rows)
+                    generated_total += len(outcome.emitted)
+                    drafted_total += outcome.drafted
+                    kept_total += outcome.kept
+                    if outcome.result is not None:
+                        slots[rows.slot] = None
+                        finished.append(outcome.result)
+                if cost is not None and not batch.read:  # a generation step: learn its cost
+                    host = (decoding - filling) + (time.perf_counter() - decoded)
+                    cost.observe(batch.micro_batch_rows, decoded - decoding, host_seconds=host)
                 if on_step is not None:
                     on_step(StepStats(steps, active, len(pending), prompt_total,
                                       generated_total, time.perf_counter() - started,
-                                      drafted_total, accepted_total))
+                                      drafted_total, kept_total))
                 yield from finished
         finally:
             ctx.free_seq(-1)
+
+    def _step_cost(self, ctx: Context) -> StepCost:
+        """The step-cost curve, calibrated at the first call with decodes of a few sizes
+        in sequence 0 before any prompt is there; each one's cells are removed at once."""
+        if self.step_cost is None:
+            filler = max(self.model.bos, 0)
+
+            def time_rows(rows: int) -> float:
+                ctx.clear_batch()
+                ctx.add([filler] * rows, 0, 0, True, all_logits=True)
+                tick = time.perf_counter()
+                ctx.decode()
+                ctx.synchronize()
+                seconds = time.perf_counter() - tick
+                ctx.free_seq(0)
+                return seconds
+
+            identity = CostIdentity.of(self.model.path,
+                                       threads=self.options.n_threads(self.model),
+                                       gpu_layers=self.model.offloaded)
+            self.step_cost = calibrated_cost(
+                cache=self.cost_cache, identity=identity,
+                gpu=self.model.gpu_layers_repeating > 0,
+                max_rows=min(ctx.n_ubatch, ctx.n_ctx_seq), time_rows=time_rows)
+        return self.step_cost
 
     def _new_seq(self, request: GenRequest, prompt: list[int], limit: int,
                  now: float) -> _Seq:
@@ -311,49 +385,56 @@ class BatchEngine:
                 reference = self.model.tokenize(request.reference)
                 if self.model.add_bos and reference[:1] == [self.model.bos]:
                     reference = reference[1:]
-            drafter = Drafter(prompt, reference)
+            drafter = Drafter(prompt, reference, self._rates)
         return _Seq(request, prompt, min(request.max_tokens, limit - len(prompt)), now,
                     stops=tuple(s.encode() for s in request.stop if s), drafter=drafter)
 
-    def _take(self, ctx: Context, seq: _Seq) -> tuple[GenResult | None, int]:
-        """Read a step's logits for ``seq``: its greedy token after the last one, then,
-        while each guess equals the greedy token before it, after each guess. Returns the
-        result if the sequence ended, and how many tokens it took.
+    def _check(self, ctx: Context, seq: _Seq, rows: _Rows) -> StepOutcome:
+        """One sequence's part of a decoded step: its greedy token after its last one,
+        then, while each draft equals the greedy token before it, after each draft; then
+        its KV cache cut to what it keeps.
 
-        Kept guesses and the model's own next token go into the output; the cache keeps
-        the last token and the kept guesses (``n_past`` says where the next one goes).
+        Kept drafts and the model's own next token go into the output; the cache keeps
+        the last token and the kept drafts (``n_past`` says where the next one goes), or
+        nothing once the sequence has ended.
         """
+        drafts = rows.drafts
         seq.steps += 1
         emitted: list[int] = []
         result = None
-        for j in range(1 + len(seq.drafts)):
-            logits = ctx.logits(seq.out_index + j)
+        for j in range(1 + len(drafts)):
+            logits = ctx.logits(rows.index + j)
             if self._banned is not None:  # --ignore-eos: as a logit bias of -inf
                 logits[self._banned] = -np.inf
             token = int(np.argmax(logits))
             emitted.append(token)
             result = self._advance(seq, token)
-            if result is not None or j == len(seq.drafts) or seq.drafts[j] != token:
+            if result is not None or j == len(drafts) or drafts[j] != token:
                 break
-        # Guesses kept: those the tokens before the last matched, and the last one too when
-        # the sequence ended on a token that was also guessed right (a stop string's end).
+        # Drafts kept: those the tokens before the last matched, and the last one too when
+        # the sequence ended on a token that was also drafted right (a stop string's end).
         last = len(emitted) - 1
-        kept = last + (result is not None and last < len(seq.drafts)
-                       and seq.drafts[last] == emitted[last])
-        seq.drafted += len(seq.drafts)
+        kept = last + (result is not None and last < len(drafts) and drafts[last] == emitted[last])
+        seq.drafted += len(drafts)
         seq.accepted += kept
+        trim: int | None = None
         if result is not None:
-            return dataclasses.replace(result, steps=seq.steps, drafted=seq.drafted,
-                                       accepted=seq.accepted), len(emitted)
-        seq.n_past = seq.out_index_pos + len(emitted)
-        if seq.drafter is not None:
-            seq.drafter.accepted(len(seq.drafts), kept, emitted)
-        return None, len(emitted)
+            result = dataclasses.replace(result, steps=seq.steps, drafted=seq.drafted,
+                                         accepted=seq.accepted)
+            trim = 0
+        else:
+            seq.n_past = rows.pos + len(emitted)
+            if seq.n_past < rows.pos + 1 + len(drafts):
+                trim = seq.n_past  # the rejected drafts
+            if seq.drafter is not None:  # padding says nothing about the drafter's drafts
+                seq.drafter.record(rows.proposed, min(kept, rows.proposed), emitted)
+        if trim is not None:
+            ctx.free_seq(rows.slot, trim)
+        return StepOutcome(tuple(emitted), len(drafts), kept, trim, result)
 
     def _fill_batch(self, ctx: Context, slots: list[_Seq | None],
-                    cost: RowCost) -> tuple[int, int]:
-        """Put one step's tokens into the batch; return how many were prompt tokens and
-        how many micro-batches llama.cpp will make of a generation step.
+                    cost: StepCost | None) -> _Batch:
+        """Put one step's tokens into the batch and say what it holds.
 
         A prompt is read in calls of its own, ``n_batch`` tokens at a time, exactly as a
         lone sequence reads it: llama.cpp would split a batch mixing sequences into
@@ -361,14 +442,11 @@ class BatchEngine:
         alone a prompt leaves the very cache and first logits that P = 1 (and
         llama-cpp-python) get. It costs no throughput: the generating sequences wait one
         call, which is as long as their token would have taken in a mixed batch.
-        Otherwise every generating sequence advances by its last token and the guesses
-        :func:`mathq.llama.drafts.plan_step` chose for it, in sequence order.
+        Otherwise every generating sequence advances by its last token and the drafts
+        :func:`mathq.llama.drafts.plan_step` chose for it under the curve ``cost``
+        (None: drafting is off), in sequence order.
         """
         ctx.clear_batch()
-        for seq in slots:
-            if seq is not None:
-                seq.out_index = -1
-                seq.drafts = ()
         reading = next((i for i, s in enumerate(slots) if s is not None and s.prefilling), None)
         if reading is not None:
             seq = slots[reading]
@@ -376,31 +454,30 @@ class BatchEngine:
             chunk = seq.prompt[seq.n_past:seq.n_past + ctx.n_batch]
             last = seq.n_past + len(chunk) == len(seq.prompt)
             index = ctx.add(chunk, seq.n_past, reading, last)
-            if last:
-                seq.out_index = index
-                seq.out_index_pos = seq.n_past + len(chunk) - 1
             seq.n_past += len(chunk)
-            return len(chunk), 1
+            return _Batch(len(chunk), (_Rows(reading, index, seq.n_past - 1),) if last else ())
         live = [(i, s) for i, s in enumerate(slots) if s is not None]
-        plan = None
-        if self.draft_off is None:
+        drafts: dict[int, tuple[int, ...]] = {i: () for i, _ in live}
+        proposed: dict[int, int] = dict.fromkeys(drafts, 0)
+        if cost is not None:
             candidates = []
             for i, seq in live:
                 assert seq.drafter is not None
+                room = ctx.n_ctx_seq - 1 - seq.n_past
                 left = seq.max_tokens - len(seq.tokens) - 1  # tokens after this step's first
-                drafts = tuple(seq.drafter.propose(min(MAX_DRAFT, left)))
-                candidates.append(Candidate(i, drafts, seq.drafter.acceptance(),
-                                            room=ctx.n_ctx_seq - 1 - seq.n_past,
+                proposal = tuple(seq.drafter.propose(min(left, room, ctx.n_ubatch - len(live))))
+                proposed[i] = len(proposal)
+                candidates.append(Candidate(i, proposal, seq.drafter.acceptance(), room=room,
                                             last=seq.tokens[-1]))
-            plan = plan_step(candidates, cost.fixed_rows, ctx.n_batch)
+            drafts = plan_step(candidates, cost.seconds, ctx.n_ubatch,
+                               overhead=cost.host_seconds).drafts
+        rows = []
         for i, seq in live:
-            seq.drafts = plan.drafts[i] if plan is not None else ()
-            seq.out_index = ctx.add([seq.tokens[-1], *seq.drafts], seq.n_past, i, True,
-                                    all_logits=True) - len(seq.drafts)
-            seq.out_index_pos = seq.n_past
-            seq.n_past += 1 + len(seq.drafts)
-        return 0, (plan.micro_batches if plan is not None
-                   else micro_batches([(i, 1) for i, _ in live]))
+            d = drafts[i]
+            index = ctx.add([seq.tokens[-1], *d], seq.n_past, i, True, all_logits=True)
+            rows.append(_Rows(i, index - len(d), seq.n_past, d, min(len(d), proposed[i])))
+        return _Batch(0, tuple(rows),
+                      micro_batch_rows([(i, 1 + len(drafts[i])) for i, _ in live]))
 
     def _advance(self, seq: _Seq, token: int) -> GenResult | None:
         """Take the greedy token; return the result when the sequence has ended."""

@@ -262,6 +262,8 @@ class Context:
         self.n_seq = n_seq
         self.n_ctx_seq = n_ctx_seq
         self.n_batch = options.n_batch
+        #: Most rows llama.cpp computes at once (a longer batch is split).
+        self.n_ubatch = params.n_ubatch
         self.memory = llama_cpp.llama_get_memory(handle)
         self._batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)
         self._tokens = np.ctypeslib.as_array(self._batch.token, shape=(options.n_batch,))
