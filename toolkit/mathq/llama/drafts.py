@@ -43,6 +43,7 @@ import numpy as np
 
 from mathq.errors import MathqError
 from mathq.fsutil import write_text_atomic
+from mathq.inputs import UnreadableInput, parse_json, read_text
 
 #: Tokens of the output that must occur in the draft reference to re-align with it.
 REALIGN_TOKENS = 3
@@ -332,13 +333,14 @@ class CostIdentity:
 
 
 def _load_entries(cache: Path) -> dict[str, Any]:
-    """The cache's entries; a missing, unreadable or damaged file has none."""
+    """The cache's entries; a missing, unreadable or damaged file (or a pipe, a device or
+    a folder in its place: :func:`mathq.inputs.read_text` never blocks on one) has none."""
     try:
-        data = json.loads(Path(cache).read_text(encoding="utf-8"))
+        data = parse_json(read_text(Path(cache)))
         if data["version"] != STEP_COSTS_VERSION:
             return {}
         return dict(data["entries"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (UnreadableInput, KeyError, TypeError, ValueError):
         return {}
 
 
