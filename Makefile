@@ -66,7 +66,7 @@ lint: install
 # the recommendation. A rerun redoes nothing.
 DEMO_QUANTS := Q2_K,Q4_K_M,Q8_0
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/mathq build tiny-demo --quant $(DEMO_QUANTS)
+	HF_HUB_OFFLINE=1 $(BIN)/mathq build tiny-demo --quant $(DEMO_QUANTS) --tune Q2_K
 
 # The demo's report in headless Chromium at desktop (1280 px) and phone (390 px) widths,
 # written to docs/ for the README. Needs Chromium (apt-get install chromium).
