@@ -231,3 +231,14 @@ def test_the_plan_sizes_the_kld_reference_and_refuses_what_would_not_fit(tmp_pat
     assert 0 < reference.stat().st_size <= kld_needs[0]
     assert [s.needs_bytes for s in plan_build(recipe, options, tmp_path)
             if s.stage == "kld"] == [0, 0]  # cached: nothing more to plan for
+
+
+def test_a_dry_run_says_what_the_run_would_about_disk(tmp_path, monkeypatch):
+    """A plan that does not fit is printed, then refused with the run's own line."""
+    monkeypatch.setattr("mathq.pipeline.free_bytes", lambda _path: 1000)
+    for extra in ((), ("--json",)):
+        result = CliRunner().invoke(cli, build_args(tmp_path, "--dry-run", *extra))
+        assert result.exit_code == 1, result.output
+        assert "this build needs about" in result.stderr and "1000 B is free" in result.stderr
+        assert "would run" in result.stdout or "planned" in result.stdout
+    assert not (tmp_path / "tiny-demo").exists()

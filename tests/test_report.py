@@ -652,3 +652,31 @@ def test_imatrix_tuned_variants_follow_the_tuned_ones_with_their_own_marker(buil
     assert "| Q4_K_M-imat-tuned †‡ |" in result.markdown.read_text(encoding="utf-8")
     svg = result.plots[1].svg.read_text(encoding="utf-8")
     assert "tuned with a matrix (-imat-tuned)" in svg
+
+
+def test_a_perfect_score_plots(build) -> None:
+    """At 100 % (or 0 %) the Wilson bound, computed in floating point, can land a hair on
+    the wrong side of the value: 1.0 with an upper bound of 0.9999999999999999 made
+    matplotlib refuse the error bar, and the report with it."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from mathq.recipes.recipe import load_recipe
+    from mathq.report import plots as plots_module
+    from mathq.report.advice import with_advice
+    from mathq.report.table import collect
+
+    recipe, layout = build
+    data = with_advice(collect(load_recipe(recipe), layout))
+    row = next(r for r in data.rows if r.accuracy is not None)
+    perfect = dataclasses.replace(row.accuracy, value=1.0, low=0.7,
+                                  high=0.9999999999999999)
+    # without BF16's verdicts there are no paired differences: the plot shows accuracy
+    data = dataclasses.replace(data, rows=tuple(
+        dataclasses.replace(r, accuracy=perfect if r is row else r.accuracy, paired=None)
+        for r in data.rows))
+    fig, ax = plt.subplots()
+    assert plots_module._accuracy(ax, data) > 0
+    plt.close(fig)

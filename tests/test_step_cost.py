@@ -166,6 +166,16 @@ def test_the_cache_round_trips_per_file_and_threads(tmp_path: Path) -> None:
     '{"version": 1, "entries": []}',
     '{"version": 1, "entries": {"KEY": {"size": 10, "mtime_ns": MTIME, "seconds": {"1": -1}}}}',
     '{"version": 1, "entries": {"KEY": {"size": 10, "mtime_ns": MTIME, "seconds": 7}}}',
+    # values that parse but no calibration has: a 401-digit row count, seconds at the ends
+    # of the float range, and a curve where 128 rows decode 100x faster than one
+    '{"version": 1, "entries": {"KEY": {"size": 10, "mtime_ns": MTIME, "seconds": '
+    '{"1": 1.0, "1' + "0" * 400 + '": 2.0}}}}',
+    '{"version": 1, "entries": {"KEY": {"size": 10, "mtime_ns": MTIME, "seconds": '
+    '{"1": 1e300, "128": 1e-300}}}}',
+    '{"version": 1, "entries": {"KEY": {"size": 10, "mtime_ns": MTIME, "seconds": '
+    '{"1": 5e-324, "8": 5e-324}}}}',
+    '{"version": 1, "entries": {"KEY": {"size": 10, "mtime_ns": MTIME, "seconds": '
+    '{"1": 0.4, "8": 0.4, "32": 0.0024, "128": 0.4}}}}',
 ])
 def test_a_damaged_cache_is_measured_again(tmp_path: Path, damage: str) -> None:
     cache = tmp_path / "costs.json"

@@ -85,6 +85,7 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
     from mathq.layout import BuildLayout
     from mathq.manifest import Manifest
     from mathq.pipeline import (
+        check_disk,
         default_options,
         plan_build,
         plan_outcomes,
@@ -107,6 +108,7 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
         outcomes = plan_outcomes(steps, manifest)
         if as_json:
             echo_json(outcomes)
+            check_disk(steps, manifest, layout.root)  # the plan, then what the run would say
             return
         words = {"planned": "would run", "skipped": "current"}
         for o in outcomes:
@@ -118,6 +120,7 @@ def build(recipe: str, quant_list: str | None, n: int | None, parallel: int, ski
         click.echo(f"{len(due)} of {len(outcomes)} steps would run, "
                    f"{len(outcomes) - len(due)} are current{disk}; nothing was done "
                    "(--dry-run).")
+        check_disk(steps, manifest, layout.root)
         return
 
     def show(outcome: object) -> None:

@@ -35,8 +35,9 @@ from mathq.tune.plan import DEFAULT_TYPES
 @click.option("--match", metavar="QUANT",
               help="Budget: no larger than the stock file of this type, e.g. Q4_K_M.")
 @click.option("--size", type=ByteSize(), help="Budget in bytes: 4.2GiB, 4200MB, 1879136.")
-@click.option("--bpw", type=Float(0, 32, low_open=True),
-              help="Budget in bits per weight of the whole model, e.g. 4.85.")
+@click.option("--bpw", type=Float(1, 15.99),
+              help="Budget in bits per weight of the whole model, e.g. 4.85 (below BF16's "
+                   "16; the file is named T<bpw>, to two decimals).")
 @click.option("--imatrix", type=InputFile(),
               help="Importance matrix to quantize with (and to weight the costs by).")
 @click.option("--types", "types_list", metavar="TYPES",

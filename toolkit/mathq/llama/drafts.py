@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import json
 import math
 import statistics
@@ -290,10 +291,14 @@ class StepCost:
         rows = np.array(micro_batch_rows, dtype=float)
         correction = self._correction(rows)
         base = self._base(rows)
-        surprise = math.log(seconds / float(np.exp(base + correction).sum()))
+        expected = float(np.exp(base + correction).sum())
+        plain = float(np.exp(base).sum())
+        if not (0 < expected < math.inf and 0 < plain < math.inf and math.isfinite(seconds)):
+            return
+        surprise = math.log(seconds / expected)
         self._sum *= self.decay
         self._weight *= self.decay
-        self._all_sum = self.decay * self._all_sum + math.log(seconds / float(np.exp(base).sum()))
+        self._all_sum = self.decay * self._all_sum + math.log(seconds / plain)
         self._all_weight = self.decay * self._all_weight + 1.0
         self._host_sum = self.decay * self._host_sum + max(host_seconds, 0.0)
         share = 1.0 / len(rows)
@@ -349,12 +354,24 @@ def _cached_points(entry: Any, identity: CostIdentity) -> dict[int, float]:
     try:
         if (entry["size"], entry["mtime_ns"]) != (identity.size, identity.mtime_ns):
             return {}
+        if any(len(str(r)) > 4 for r in entry["seconds"]):
+            return {}  # no calibration has such a row count (and int() of it is slow)
         points = {int(r): float(s) for r, s in entry["seconds"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         return {}
-    if any(r < 1 or not 0 < s < math.inf for r, s in points.items()):
-        return {}
-    return points
+    return points if _plausible(points) else {}
+
+
+def _plausible(points: Mapping[int, float]) -> bool:
+    """Whether a calibration can be trusted: only calibration row counts, each decode
+    between a microsecond and ten minutes, and no batch decoded in under half the time of
+    a smaller one (more rows never cost less; a damaged file or a machine busy with
+    something else during one batch says otherwise)."""
+    if not points or any(r not in CALIBRATION_ROWS or not 1e-6 <= s <= 600.0
+                         for r, s in points.items()):
+        return False
+    seconds = [points[r] for r in sorted(points)]
+    return all(later >= earlier / 2 for earlier, later in itertools.pairwise(seconds))
 
 
 def calibrated_cost(*, cache: Path, identity: CostIdentity, gpu: bool, max_rows: int,
@@ -372,9 +389,15 @@ def calibrated_cost(*, cache: Path, identity: CostIdentity, gpu: bool, max_rows:
     points = _cached_points(entries.get(identity.key), identity)
     missing = [r for r in CALIBRATION_ROWS if r <= max_rows and r not in points]
     if missing:
-        for rows in missing:
-            time_rows(rows)  # the first decode of a shape allocates and warms caches
-            points[rows] = statistics.median(time_rows(rows) for _ in range(CALIBRATION_REPEATS))
+        for _attempt in range(2):  # a batch slowed by other work: measure the curve again
+            for rows in missing:
+                time_rows(rows)  # the first decode of a shape allocates and warms caches
+                points[rows] = statistics.median(time_rows(rows)
+                                                 for _ in range(CALIBRATION_REPEATS))
+            if _plausible(points):
+                break
+        else:  # still implausible: use it for this run, the steps correct it; keep none
+            return StepCost(gpu=gpu, points=points)
         entries[identity.key] = {"size": identity.size, "mtime_ns": identity.mtime_ns,
                                  "seconds": {str(r): s for r, s in sorted(points.items())}}
         text = json.dumps({"version": STEP_COSTS_VERSION, "entries": entries}, indent=1,

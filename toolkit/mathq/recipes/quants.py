@@ -223,7 +223,7 @@ def parse_variant(name: str) -> Variant:
     key = name.strip()
     budget_key = key[: -len(IMATRIX_SUFFIX)] if key.lower().endswith(IMATRIX_SUFFIX) else key
     if m := _BUDGET_NAME.match(budget_key):
-        bpw = float(m.group(1))
+        bpw = round(float(m.group(1)), 2)  # the name's precision: T15.999 is T16.00
         if not 1 <= bpw < 16:
             raise UnknownQuantError(f"{key!r}: a budget of {bpw:g} bits per weight is not "
                                     "between 1 and 16 (BF16)", "e.g. T4.85")

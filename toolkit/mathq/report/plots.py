@@ -132,8 +132,8 @@ def _accuracy(ax: Any, data: ReportData) -> int:
             assert p is not None and r.bits_per_weight is not None
             y = 100 * p.difference
             _point(ax, r, r.bits_per_weight, y,
-                   [[100 * (p.difference - p.low)], [100 * (p.high - p.difference)]],
-                   _faded(r), seen)
+                   [[100 * max(0.0, p.difference - p.low)],
+                    [100 * max(0.0, p.high - p.difference)]], _faded(r), seen)
             _label(ax, r, r.bits_per_weight, y, below=r.kind != "stock")
             points[r.quant] = (r.bits_per_weight, y)
         _ring_picks(ax, data, points, seen)
@@ -150,7 +150,8 @@ def _accuracy(ax: Any, data: ReportData) -> int:
         a = r.accuracy
         assert a is not None and r.bits_per_weight is not None
         _point(ax, r, r.bits_per_weight, 100 * a.value,
-               [[100 * (a.value - a.low)], [100 * (a.high - a.value)]], False, seen)
+               [[100 * max(0.0, a.value - a.low)], [100 * max(0.0, a.high - a.value)]],
+               False, seen)  # a bound may round past the value at 0 % or 100 %
         _label(ax, r, r.bits_per_weight, 100 * a.value, below=r.kind != "stock")
     if data.paper_accuracy is not None:
         ax.axhline(data.paper_accuracy, color=COLORS["imatrix"], linestyle="--", linewidth=1,
