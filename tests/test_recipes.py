@@ -113,10 +113,7 @@ def test_user_recipe_by_path_normalises_quant_names(tmp_path):
          "alone"),
         ("[smoke]", '[tune]\nbudgets = ["T15.999"]\n\n[smoke]', "tune.budgets[0]",
          "not between 1 and 16"),  # T16.00 at the name's two decimals
-        ("[smoke]", '[tune]\ncalibration = "no-such-set"\n\n[smoke]', "tune.calibration",
-         "neither a calibration set"),
-        ("[smoke]", '[tune]\ncalibration = ""\n\n[smoke]', "tune.calibration",
-         "neither a calibration set"),
+        ("[smoke]", '[tune]\ncalibration = " "\n\n[smoke]', "tune.calibration", "is empty"),
     ],
 )
 def test_invalid_recipes_name_file_and_field(tmp_path, old, new, field, problem):

@@ -300,3 +300,19 @@ def test_sampled_costs_are_within_their_stated_error_of_the_full_costs(tuned, tm
             assert abs(s.error[ty] - value) <= 4 * se + 1e-9 * value, (s.name, ty)
             estimated += se > 0
     assert estimated > 0  # some tensors were settled by a sample, not by every row
+
+
+def test_an_unknown_calibration_set_is_refused_when_a_tune_is_planned(tmp_path):
+    """A recipe's [tune] calibration naming no set fails the build's dry run, before any
+    BF16 file or stock variant is made, not the tune hours later."""
+    text = (REPO / "recipes" / "tiny-demo.toml").read_text().replace(
+        "../models/", str(REPO / "models") + "/").replace(
+        'calibration = "' + str(REPO / "models") + '/tiny-demo/problems.jsonl"',
+        'calibration = "no-such-set"')
+    recipe = tmp_path / "demo.toml"
+    recipe.write_text(text)
+    out = run("build", str(recipe), "--tune", "Q2_K", "--dry-run", "--build-dir",
+              str(tmp_path / "b"), code=2).output
+    assert "[tune.calibration] 'no-such-set' is neither a calibration set" in out
+    assert "math-train" in out
+    run("build", str(recipe), "--dry-run", "--build-dir", str(tmp_path / "b"))  # no tune

@@ -307,15 +307,13 @@ def _parse_tune(t: _Table) -> TuneSpec:
     from mathq.recipes.quants import FILE_TYPE_OF_TENSOR_TYPE
 
     calibration = t.get("calibration", str, None)
-    if calibration is not None and not calibration.endswith((".jsonl", ".txt", ".md")):
-        from mathq.quantize.calibration import CALIBRATION_SETS, get_calibration_set
-
-        if get_calibration_set(calibration) is None:
-            t.fail("calibration", f"{shorten(repr(calibration), 60)} is neither a calibration "
-                   "set nor a .jsonl, .txt or .md file",
-                   f"name a file relative to the recipe, or a set: "
-                   f"{', '.join(s.name for s in CALIBRATION_SETS)}")
-    elif calibration is not None:
+    if calibration is not None and not calibration.strip():
+        t.fail("calibration", "is empty",
+               "name a set such as math-train or a file relative to the recipe, or leave "
+               "calibration out")
+    # A set's name is checked where the sets are known (the tune stage, when a tune is
+    # planned); a file is checked here.
+    if calibration is not None and calibration.endswith((".jsonl", ".txt", ".md")):
         path = t.resolve("calibration", t.path.parent / calibration)
         if (problem := file_problem(path)) is not None:
             t.fail("calibration", f"{path} {problem}",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mathq.convert.gguf_info import read_gguf_summary
 from mathq.datasets.problems import load_problem_set
-from mathq.errors import InputFileError
+from mathq.errors import InputFileError, RecipeError, shorten
 from mathq.fsutil import sha256_file
 from mathq.inputs import file_problem
 from mathq.layout import BuildLayout
@@ -71,6 +71,7 @@ def recipe_tune_job(recipe: Recipe, layout: BuildLayout, options: TuneOptions,
     source = layout.gguf("BF16")
     if options.kld.corpus is None:
         options = replace(options, kld=replace(options.kld, corpus=recipe.kld.corpus))
+    _check_calibration_set(recipe)
     options = options.with_defaults(recipe.tune.calibration, recipe.tune.types)
     name = _name(source, options)
     suite = smoke_suite or recipe.smoke.suite
@@ -79,6 +80,22 @@ def recipe_tune_job(recipe: Recipe, layout: BuildLayout, options: TuneOptions,
                     smoke=lambda: load_problem_set(suite), prompt=recipe.prompt,
                     stock=layout.gguf(options.budget.match) if options.budget.match else None),
             options)
+
+
+def _check_calibration_set(recipe: Recipe) -> None:
+    """A recipe's ``[tune] calibration`` that is no file must name a calibration set:
+    refused when a tune is planned (a build's dry run included), not after its BF16 file
+    and stock variants were made."""
+    from mathq.quantize.calibration import CALIBRATION_SETS, get_calibration_set
+
+    name = recipe.tune.calibration
+    if name is None or Path(name).is_absolute() or get_calibration_set(name) is not None:
+        return
+    raise RecipeError(f"{recipe.path}: [tune.calibration] {shorten(repr(name), 60)} is neither "
+                      "a calibration set nor a .jsonl, .txt or .md file",
+                      f"name a file relative to the recipe, or a set: "
+                      f"{', '.join(s.name for s in CALIBRATION_SETS)}",
+                      field="tune.calibration")
 
 
 def tune_fingerprint(job: TuneJob, options: TuneOptions) -> Fingerprint | None:
