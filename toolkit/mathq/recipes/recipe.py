@@ -24,6 +24,7 @@ from mathq.recipes.prompt import COT_SUFFIXES as _COT_SUFFIX_TEXTS
 from mathq.recipes.prompt import PROMPT_FORMATS, PromptSpec
 from mathq.recipes.prompt import SYSTEM_PROMPT_POLICIES as SYSTEM_PROMPT_POLICIES
 from mathq.recipes.quants import (
+    FILE_TYPE_OF_TENSOR_TYPE,
     UnknownQuantError,
     Variant,
     get_quant,
@@ -304,8 +305,6 @@ def parse_recipe(data: dict[str, Any], path: Path) -> Recipe:
 
 
 def _parse_tune(t: _Table) -> TuneSpec:
-    from mathq.recipes.quants import FILE_TYPE_OF_TENSOR_TYPE
-
     calibration = t.get("calibration", str, None)
     if calibration is not None and not calibration.strip():
         t.fail("calibration", "is empty",

@@ -82,9 +82,12 @@ def _empty(ax: Any, what: str) -> None:
     ax.set_yticks([])
 
 
-def _point(ax: Any, row: VariantRow, x: float, y: float, yerr: Any, faded: bool,
+def _point(ax: Any, row: VariantRow, x: float, y: float, yerr: list[list[float]], faded: bool,
            seen: set[str]) -> None:
-    """One variant: its kind's marker with error bars, no line to any other point."""
+    """One variant: its kind's marker with error bars, no line to any other point. An
+    interval's bound computed in floating point may round a hair past its value (a Wilson
+    bound at 100 %): such an error bar is drawn as zero, which matplotlib accepts."""
+    yerr = [[max(0.0, v) for v in side] for side in yerr]
     kind = _kind(row)
     marker, filled = _MARKERS[kind]
     color = COLORS[kind]
@@ -132,8 +135,8 @@ def _accuracy(ax: Any, data: ReportData) -> int:
             assert p is not None and r.bits_per_weight is not None
             y = 100 * p.difference
             _point(ax, r, r.bits_per_weight, y,
-                   [[100 * max(0.0, p.difference - p.low)],
-                    [100 * max(0.0, p.high - p.difference)]], _faded(r), seen)
+                   [[100 * (p.difference - p.low)], [100 * (p.high - p.difference)]],
+                   _faded(r), seen)
             _label(ax, r, r.bits_per_weight, y, below=r.kind != "stock")
             points[r.quant] = (r.bits_per_weight, y)
         _ring_picks(ax, data, points, seen)
@@ -150,8 +153,7 @@ def _accuracy(ax: Any, data: ReportData) -> int:
         a = r.accuracy
         assert a is not None and r.bits_per_weight is not None
         _point(ax, r, r.bits_per_weight, 100 * a.value,
-               [[100 * max(0.0, a.value - a.low)], [100 * max(0.0, a.high - a.value)]],
-               False, seen)  # a bound may round past the value at 0 % or 100 %
+               [[100 * (a.value - a.low)], [100 * (a.high - a.value)]], False, seen)
         _label(ax, r, r.bits_per_weight, 100 * a.value, below=r.kind != "stock")
     if data.paper_accuracy is not None:
         ax.axhline(data.paper_accuracy, color=COLORS["imatrix"], linestyle="--", linewidth=1,
