@@ -438,9 +438,12 @@ def build(run: Run) -> None:
             str(SMOKE_N), "--build-dir", str(run.work / "build-all"), "--quiet", "--json",
             *(["--files-only"] if run.tiny else [])]
     if not run.results.has("build:mathq"):
-        plan = subprocess.run([*argv, "--dry-run"], capture_output=True, text=True,
-                              check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}).stdout
-        run.planned_disk = sum(s.get("needs_bytes", 0) for s in json.loads(plan))
+        # exit status 1 with the plan on stdout: the dry run's own refusal of a full disk
+        dry = subprocess.run([*argv, "--dry-run"], capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if dry.returncode not in (0, 1) or not dry.stdout.strip():
+            raise SystemExit(f"build --dry-run failed: {dry.stderr.strip()}")
+        run.planned_disk = sum(s.get("needs_bytes", 0) for s in json.loads(dry.stdout))
         if run.planned_disk > shutil.disk_usage(run.work).free and run.build.is_dir():
             # The stages' files are measured; at full shape the disk may hold one set only
             # (checkpoint 13.8 GB, then BF16 and three variants 28 GB per set).

@@ -193,6 +193,39 @@ def create_completion_loop(model: Model, gguf: Path, n: int, max_tokens: int,
     return Run(seconds, tokens, prompt_tokens, answers)
 
 
+#: Rows of the batches llama-bench times for the limit: one sequence's drafts up to eight
+#: sequences' long ones.
+LIMIT_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def batch_speeds(gguf: Path, threads: int) -> dict[int, float]:
+    """llama-bench's tokens per second for one batch of each of :data:`LIMIT_ROWS` rows
+    (``-p N -n 0``): what a decode step of that many rows can move at best."""
+    argv = [str(tool("llama-bench")), "-m", str(gguf), "-p", ",".join(map(str, LIMIT_ROWS)),
+            "-n", "0", "-t", str(threads), "-r", "3", "-o", "jsonl"]
+    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {int(r["n_prompt"]): float(r["avg_ts"]) for r in rows if int(r["n_prompt"])}
+
+
+def limit_gain(speeds: dict[int, float], plain: float, parallel: int,
+               acceptance: float) -> tuple[float, int]:
+    """The most drafting can gain over ``plain`` (S_TG at ``parallel``) and the draft length
+    that reaches it: ``parallel`` sequences each check k drafts a step (``parallel`` x (k+1)
+    rows, at llama-bench's speed for that batch, interpolated in log rows), each draft kept
+    with probability ``acceptance`` while the ones before it were."""
+    import numpy as np
+
+    sizes = sorted(speeds)
+    best = (0.0, 0)
+    for k in range(sizes[-1] // parallel):
+        rows = parallel * (k + 1)
+        rate = float(np.interp(np.log(rows), np.log(sizes), [speeds[r] for r in sizes]))
+        kept_per_row = sum(acceptance ** i for i in range(k + 1)) / (k + 1)
+        best = max(best, (rate * kept_per_row / plain, k))
+    return best
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -238,6 +271,31 @@ def _tool_available(name: str) -> str | None:
     except (subprocess.CalledProcessError, OSError) as e:
         return f"{name} could not be built from the pinned sdist ({e})"
     return None
+
+
+def _limits(gguf: Path, threads: int, bb: dict[int, dict[str, float]],
+            rows: dict[str, dict[str, object]], p: int) -> dict[str, object]:
+    """For each drafted run: the limit's gain at the acceptance it measured and at 1, beside
+    the gain it got (its problems per hour over the undrafted run's at the same P)."""
+    speeds = batch_speeds(gguf, threads)
+    out: dict[str, object] = {"batch_tokens_per_second": speeds}
+    for name, run in rows.items():
+        if not name.endswith("drafted") or not run["drafted"]:
+            continue
+        par = 1 if name.startswith("mathq P=1") else p
+        plain = rows.get(name.removesuffix(" self-drafted").removesuffix(" drafted"))
+        acceptance = int(str(run["accepted"])) / int(str(run["drafted"]))
+        gain, k = limit_gain(speeds, bb[par]["speed_tg"], par, acceptance)
+        perfect, k1 = limit_gain(speeds, bb[par]["speed_tg"], par, 1.0)
+        got = (float(str(run["problems_per_hour"])) / float(str(plain["problems_per_hour"]))
+               if plain else None)
+        out[name] = {"acceptance": acceptance, "limit_gain": gain, "limit_drafts": k,
+                     "perfect_gain": perfect, "perfect_drafts": k1, "gain": got,
+                     "share_of_limit": ((got - 1) / (gain - 1) if got and gain > 1 else None)}
+        print(f"  limit for {name}: {gain:.2f}x at its {100 * acceptance:.1f} % kept "
+              f"({k} drafts a sequence), {perfect:.2f}x with every draft kept; it got "
+              + (f"{got:.2f}x" if got else "-"))
+    return out
 
 
 def main() -> None:
@@ -355,6 +413,7 @@ def main() -> None:
             print(f"  llama-batched-bench (pp {mean_prompt}, tg {args.max_tokens}): S_TG "
                   f"{bb[p]['speed_tg'] / bb[1]['speed_tg']:.2f}x, S "
                   f"{bb[p]['speed'] / bb[1]['speed']:.2f}x at P={p} over P=1")
+            entry["limit"] = _limits(gguf, args.threads, bb, rows, p)
         report[kind] = entry
     out = BENCH_DIR / f"smoke_throughput-{args.model}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")

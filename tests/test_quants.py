@@ -69,3 +69,12 @@ def test_variant_names_carry_the_imatrix_suffix():
     with pytest.raises(UnknownQuantError) as info:
         parse_variant("Q4_KM-imat")
     assert "Q4_K_M" in str(info.value)
+
+
+@pytest.mark.parametrize(("name", "fix"), [("T4.85-tuned", "T4.85"),
+                                           ("t4.85-IMAT-tuned", "t4.85-IMAT")])
+def test_a_budget_name_with_the_tuned_suffix_says_it_is_tuned_already(name: str,
+                                                                       fix: str) -> None:
+    with pytest.raises(UnknownQuantError) as info:
+        parse_variant(name)
+    assert "tuned by definition" in info.value.message and info.value.hint == f"use {fix}"

@@ -103,7 +103,12 @@ def build(tmp_path: Path, tiny_quant_ggufs: dict[str, Path]) -> tuple[Path, Buil
     recipe = write_tiny_recipe(tmp_path / "tiny.toml", VARIANTS)
     layout = link_ggufs(tmp_path / "build", tiny_quant_ggufs)
     for quant, correct in (("BF16", 52), ("Q8_0", 51), ("Q4_K_M", 47), ("Q2_K", 31)):
-        save_summary(layout.smoke_summary(quant), _smoke(quant, correct))
+        summary = _smoke(quant, correct)
+        if quant == "Q8_0":  # drafted from BF16's answers
+            summary = dataclasses.replace(summary, draft_reference="smoke/BF16.jsonl",
+                                          drafted_tokens=42_000, accepted_tokens=41_160,
+                                          decode_steps=8_772, tokens_per_step=5.5)
+        save_summary(layout.smoke_summary(quant), summary)
         _results(layout, quant, correct)
     bf16, q8 = layout.gguf("BF16").stat().st_size, layout.gguf("Q8_0").stat().st_size
     save_summary(layout.bench_summary("BF16"), _bench("BF16", bf16, 16.0, 61.0, 3.9, 14 << 30))
@@ -152,6 +157,10 @@ def test_report_json_has_every_figure_and_missing_ones_as_null(build) -> None:
     assert rows["Q8_0"]["rss_over_baseline_bytes"] == (8 << 30) - (140 << 20)
     assert rows["Q8_0"]["by_subject"]["Geometry"]["k"] == 21
     assert rows["Q8_0"]["kind"] == "stock" and rows["Q8_0"]["size_class"] == 8
+    # The smoke run's work: wall time, and what drafting did where it drafted.
+    assert (rows["Q8_0"]["smoke_seconds"], rows["Q8_0"]["tokens_per_step"],
+            rows["Q8_0"]["drafts_kept"]) == (4921.0, 5.5, pytest.approx(0.98))
+    assert (rows["BF16"]["tokens_per_step"], rows["BF16"]["drafts_kept"]) == (None, None)
     q6 = dict(rows["Q6_K"])  # in the recipe, never built or measured
     assert q6.pop("quant") == "Q6_K" and q6.pop("nominal_bpw") == 6.5625
     assert q6.pop("ollama_tags") == [f"{TINY_MODEL}:q6_k"] and q6.pop("is_kld_reference") is False
@@ -194,12 +203,13 @@ def test_markdown_table_shows_missing_as_a_dash_never_zero(build) -> None:
     # gives p = 2/32; the advice follows the test, and the notes say so.
     assert q4[5] == "−5.0 [−9.6, −0.3]" and q4[6] == "0.06" and q4[7] == "−4.7"
     assert q4[8] == "0.0302 ± 0.0003" and q4[9] == "92.04"
-    assert q4[10] == q4[11] == q4[12] == MISSING
+    assert q4[10] == q4[11] == MISSING and q4[12] == "4921 s"  # undrafted: time only
+    assert cells["Q8_0"][12] == "4921 s · 5.5 tok/step · 98 % kept"
     assert cells["Q2_K"][1] == "loses accuracy" and cells["Q2_K"][6] == "< 0.001"
     bf16 = cells["BF16"]
     assert bf16[1] == bf16[5] == bf16[6] == bf16[8] == "reference"
     memory = layout.gguf("BF16").stat().st_size + (556 << 20) + (400 << 10)
-    assert bf16[12] == format_bytes(memory)
+    assert bf16[13] == format_bytes(memory)
     assert text.startswith(f"## {TINY_MODEL}: which file to publish\n\n**Publish Q4_K_M (")
     assert "| 4-bit | Q4_K_M ★ | Q4_K_M (" in text
     assert f"`mathq publish {recipe} --tag q4_k_m --namespace NS`" in text

@@ -158,7 +158,30 @@ def test_the_cache_round_trips_per_file_and_threads(tmp_path: Path) -> None:
     cost = calibrated_cost(cache=cache, identity=CostIdentity.of(path, threads=2, gpu_layers=0),
                            gpu=False, max_rows=512, time_rows=rebuilt)
     assert rebuilt.calls and cost.seconds(8) == pytest.approx(3 * cpu_like(8))
-    assert len(json.loads(cache.read_text())["entries"]) == 2
+    # ... and the old file's calibration at 4 threads, which no longer holds, is dropped.
+    assert list(json.loads(cache.read_text())["entries"]) == [model.key]
+
+
+def test_the_cache_keeps_other_runs_entries_and_drops_gone_files(tmp_path: Path) -> None:
+    cache = tmp_path / "costs.json"
+    first, second, gone = (identity(tmp_path / name) for name in ("a", "b", "c"))
+    calibrated_cost(cache=cache, identity=gone, gpu=False, max_rows=512, time_rows=Timer())
+    Path(gone.path).unlink()
+
+    def while_another_run_writes(rows: int) -> float:
+        """Calibrating ``second`` while a run of ``first`` calibrates and writes."""
+        if not cache.read_text().count(first.key):
+            calibrated_cost(cache=cache, identity=first, gpu=False, max_rows=512,
+                            time_rows=Timer())
+        return cpu_like(rows)
+
+    calibrated_cost(cache=cache, identity=second, gpu=False, max_rows=512,
+                    time_rows=while_another_run_writes)
+    # The later write merged with what was on disk: both entries, none for the deleted file.
+    assert set(json.loads(cache.read_text())["entries"]) == {first.key, second.key}
+    again = Timer()
+    calibrated_cost(cache=cache, identity=first, gpu=False, max_rows=512, time_rows=again)
+    assert again.calls == []
 
 
 @pytest.mark.parametrize("damage", [

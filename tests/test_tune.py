@@ -243,6 +243,11 @@ def test_build_plans_budget_variants_from_tune_and_the_recipe(tmp_path):
     assert {"smoke T4.00", "bench T4.00", "kld T4.00"} <= set(names)
     run("build", "tiny-demo", "--tune", "T4,Q2_K-imat", "--build-dir", str(tmp_path),
         "--dry-run", code=2)
+    # A budget below every candidate type is refused by the plan, not by the tune later.
+    out = run("build", "tiny-demo", "--tune", "T1", "--build-dir", str(tmp_path),
+              "--dry-run", code=2).output
+    assert "1 bits per weight is below the smallest candidate type (Q2_K" in out
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_bpw_budget_goes_through_measurement_report_and_publish(tuned, tmp_path):

@@ -5,7 +5,8 @@ A parameter takes a file when its type is mathq's :class:`~mathq.cli.types.Input
 HF_DIR, SUITE): a new file option is covered the day it is added. Inputs get a named pipe,
 a link to ``/dev/zero``, ``/dev/zero`` itself, a folder, a loop of symbolic links and a
 missing file; outputs get a named pipe, a link to ``/dev/zero``, a loop, and a file where a
-folder belongs (a folder where a file belongs). Each case runs the real command in a world
+folder belongs (a folder where a file belongs); every one gets an empty value (as a path,
+the working folder). Each case runs the real command in a world
 holding a built demo model, and asserts: no traceback and no hang (a pipe opened for reading
 would block forever, ``/dev/zero`` read to the end would never end), exit 1 or 2 with one
 ``Error:`` line that names the problem and only options the command has, and nothing left
@@ -95,19 +96,22 @@ def _suffix(param: click.Parameter) -> str:
 
 #: What each hostile kind is, and the words its error must hold.
 KINDS: dict[str, tuple[str, ...]] = {
-    "input": ("fifo", "zero-link", "dev-zero", "folder", "loop", "missing"),
-    "folder": ("fifo", "zero-link", "loop", "file"),
-    "output": ("fifo", "zero-link", "loop", "folder"),
+    "input": ("fifo", "zero-link", "dev-zero", "folder", "loop", "missing", "empty"),
+    "folder": ("fifo", "zero-link", "loop", "file", "empty"),
+    "output": ("fifo", "zero-link", "loop", "folder", "empty"),
 }
 WORDS = {"fifo": r"named pipe", "zero-link": r"device", "dev-zero": r"device",
          "folder": r"directory|folder|no config\.json", "loop": r"loop of symbolic links",
-         "missing": r"does not exist|not found", "file": r"not a folder"}
+         "missing": r"does not exist|not found", "file": r"not a folder",
+         "empty": r"is empty|got ''"}  # "" is the working folder as a path
 
 
 def _make(kind: str, w: World, suffix: str) -> str:
     """The hostile path of ``kind`` under the world (``/dev/zero`` itself for dev-zero)."""
     if kind == "dev-zero":
         return "/dev/zero"
+    if kind == "empty":
+        return ""
     path = w.root / f"hostile-{kind}{suffix}"
     if kind == "fifo":
         os.mkfifo(path)

@@ -187,6 +187,7 @@ class OutputPath(click.Path):
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Any:
+        refuse_empty(self, value, "a path", param, ctx)
         path = Path(value)
         problem = file_problem(path)
         if ((problem == "is a directory" and self.folder) or problem == "does not exist"
@@ -205,6 +206,14 @@ class OutputPath(click.Path):
 FILE_SUFFIXES = (".gguf", ".toml", ".jsonl", ".json", ".txt", ".md", ".dat", ".text")
 
 
+def refuse_empty(kind: click.ParamType, value: Any, wanted: str, param: click.Parameter | None,
+                 ctx: click.Context | None) -> None:
+    """Fail on an empty or blank value: as a path it would be the working folder
+    (``Path("")`` is ``.``), and a command would take an empty name as "not given"."""
+    if isinstance(value, str) and not value.strip():
+        kind.fail(f"is empty: give {wanted}", param, ctx)
+
+
 class FileOrName(click.ParamType):
     """A name (a recipe, a suite, a calibration set) or the path of a file (a folder too
     with ``folder_ok``). A value that looks like a path (it holds a ``/``, ends in a
@@ -220,6 +229,7 @@ class FileOrName(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> str:
         text = str(value)
+        refuse_empty(self, text, "a name or a file's path", param, ctx)
         # A folder that happens to share a name (build/tiny-demo/ under the working folder)
         # does not turn the name into a path; anything else that exists does.
         if "/" in text or os.sep in text or Path(text).suffix.lower() in FILE_SUFFIXES \
@@ -239,6 +249,7 @@ class InputFile(click.ParamType):
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Path:
+        refuse_empty(self, value, "a file's path", param, ctx)
         path = Path(value)
         if (problem := file_problem(path)) is not None:
             self.fail(f"{shorten(str(path))} {problem}", param, ctx)

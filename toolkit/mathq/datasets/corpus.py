@@ -28,6 +28,8 @@ class Corpus:
     name: str
     text: str
     sha256: str
+    #: The option that gives a longer text, for the error when it is too short for a chunk.
+    option: str = "--corpus"
 
 
 def load_corpus(path: Path | None = None) -> Corpus:

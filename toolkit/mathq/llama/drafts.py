@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from mathq.errors import MathqError
-from mathq.fsutil import write_text_atomic
+from mathq.fsutil import TEXT_WAIT_S, atomic_outputs
 from mathq.inputs import UnreadableInput, parse_json, read_text
 
 #: Tokens of the output that must occur in the draft reference to re-align with it.
@@ -398,14 +398,33 @@ def calibrated_cost(*, cache: Path, identity: CostIdentity, gpu: bool, max_rows:
                 break
         else:  # still implausible: use it for this run, the steps correct it; keep none
             return StepCost(gpu=gpu, points=points)
+        _store(Path(cache), identity, points)
+    return StepCost(gpu=gpu, points=points)
+
+
+def _store(cache: Path, identity: CostIdentity, points: Mapping[int, float]) -> None:
+    """Add a calibration to the cache. The entries are read again while the cache's write
+    lock is held, so two runs calibrating different files at once keep both; entries of
+    files since deleted or changed are dropped, so the cache holds one per file that is
+    there. A read-only model folder keeps nothing: the next engine calibrates again."""
+    with contextlib.suppress(OSError, MathqError), \
+            atomic_outputs(cache, wait_s=TEXT_WAIT_S) as staged:
+        entries = {key: entry for key, entry in _load_entries(cache).items()
+                   if _current(key, entry)}
         entries[identity.key] = {"size": identity.size, "mtime_ns": identity.mtime_ns,
                                  "seconds": {str(r): s for r, s in sorted(points.items())}}
-        text = json.dumps({"version": STEP_COSTS_VERSION, "entries": entries}, indent=1,
-                          sort_keys=True) + "\n"
-        # A read-only model folder: the next engine calibrates again.
-        with contextlib.suppress(OSError, MathqError):
-            write_text_atomic(Path(cache), text)
-    return StepCost(gpu=gpu, points=points)
+        staged[cache].write_text(json.dumps({"version": STEP_COSTS_VERSION,
+                                             "entries": entries}, indent=1,
+                                            sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _current(key: str, entry: Any) -> bool:
+    """Whether a cache entry still describes a file that is there as it was measured."""
+    try:
+        st = Path(key.rsplit(" threads=", 1)[0]).stat()
+        return (entry["size"], entry["mtime_ns"]) == (st.st_size, st.st_mtime_ns)
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)

@@ -230,6 +230,10 @@ def parse_variant(name: str) -> Variant:
         return Variant.budget(bpw, imatrix=budget_key != key)
     tuned = key.lower().endswith(TUNED_SUFFIX)
     key = key[: -len(TUNED_SUFFIX)] if tuned else key
+    bare = key[: -len(IMATRIX_SUFFIX)] if key.lower().endswith(IMATRIX_SUFFIX) else key
+    if tuned and _BUDGET_NAME.match(bare):
+        raise UnknownQuantError(f"{name.strip()!r}: a {BUDGET_PREFIX}<bpw> budget is tuned "
+                                "by definition", f"use {key}")
     imatrix = key.lower().endswith(IMATRIX_SUFFIX)
     quant = get_quant(key[: -len(IMATRIX_SUFFIX)] if imatrix else key)
     if (imatrix or tuned) and quant.is_float:

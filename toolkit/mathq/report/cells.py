@@ -104,6 +104,19 @@ def kld_text(row: VariantRow) -> str:
     return f"{row.mean_kld:.{decimals}f}{err}"
 
 
+def smoke_run_text(row: VariantRow, _data: ReportData | None = None) -> str:
+    """``61 s · 5.5 tok/step · 98 % kept``: the smoke run's time and, where it drafted,
+    what drafting did."""
+    if row.smoke_seconds is None:
+        return MISSING
+    parts = [f"{row.smoke_seconds:.0f} s"]
+    if row.tokens_per_step is not None:
+        parts.append(f"{row.tokens_per_step:.1f} tok/step")
+    if row.drafts_kept is not None:
+        parts.append(f"{100 * row.drafts_kept:.0f} % kept")
+    return " · ".join(parts)
+
+
 def _kld(row: VariantRow, data: ReportData) -> str:
     if row.is_kld_reference:
         return REFERENCE
@@ -208,6 +221,9 @@ def columns(data: ReportData) -> tuple[Column, ...]:
                lambda r, _d: speed_text(r.prompt_tps), terminal=False),
         Column("generation_tps", "Gen tok/s", "generation (tg128), mean ± sd",
                lambda r, _d: speed_text(r.generation_tps)),
+        Column("smoke_run", "Smoke run", "the smoke test's wall time; where drafted, "
+               "completion tokens per decode step and the share of drafted tokens kept",
+               smoke_run_text),
         Column("memory", "Memory", "llama.cpp's model, KV-cache and compute buffers for a "
                "one-sequence context (see Memory)",
                lambda r, _d: bytes_text(r.llama_total_bytes)),

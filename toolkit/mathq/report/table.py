@@ -124,6 +124,11 @@ class VariantRow:
     buffers_by_context: dict[int, dict[str, int]] = field(default_factory=dict)
     # The model its KL divergence was measured from (None: not recorded, taken as BF16).
     kld_vs: str | None = None
+    # The smoke run's work: its wall time, completion tokens per decode step and the share
+    # of drafted tokens kept (None where it ran undrafted or before mathq recorded it).
+    smoke_seconds: float | None = None
+    tokens_per_step: float | None = None
+    drafts_kept: float | None = None
 
     @property
     def made_with_imatrix(self) -> bool:
@@ -388,7 +393,12 @@ def collect(recipe: Recipe, layout: BuildLayout,
                                 if b else {}),
             kld_vs=k.reference if k else None,
             by_subject=dict(s.by_subject) if s else {},
-            by_level=dict(s.by_level) if s else {}))
+            by_level=dict(s.by_level) if s else {},
+            smoke_seconds=s.wall_seconds if s else None,
+            tokens_per_step=s.tokens_per_step if s else None,
+            drafts_kept=(s.accepted_tokens / s.drafted_tokens
+                         if s and s.drafted_tokens and s.accepted_tokens is not None
+                         else None)))
     rows = _ordered(rows)
 
     smokes = [s for s in smoke.values() if s is not None]

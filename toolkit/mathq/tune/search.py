@@ -269,7 +269,7 @@ def calibration_corpus(job: TuneJob, options: TuneOptions, heldout: Corpus,
                                   preloaded=(loaded, source))
     _check_disjoint(text.text, heldout, source)
     return Corpus(f"calibration: {source}", text.text,
-                  hashlib.sha256(text.text.encode()).hexdigest())
+                  hashlib.sha256(text.text.encode()).hexdigest(), option="--calibration")
 
 
 def _cost_imatrix(job: TuneJob, options: TuneOptions, calib: Corpus,

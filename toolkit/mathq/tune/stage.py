@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mathq.convert.gguf_info import read_gguf_summary
 from mathq.datasets.problems import load_problem_set
-from mathq.errors import InputFileError, RecipeError, shorten
+from mathq.errors import InputFileError, RecipeError, TuneError, shorten
 from mathq.fsutil import sha256_file
 from mathq.inputs import file_problem
 from mathq.layout import BuildLayout
@@ -23,15 +23,32 @@ from mathq.manifest import Fingerprint, Manifest, file_identity
 from mathq.progress import ProgressCallback, no_progress
 from mathq.quantize.core import output_name
 from mathq.quantize.stage import DEFAULT_SMOKE_SUITE
+from mathq.recipes.quants import tensor_type_bpw
 from mathq.recipes.recipe import Recipe, load_recipe
 from mathq.tune.search import TuneJob, TuneOptions, TuneResult, run_tune
 
 
 def _name(source: Path, options: TuneOptions) -> str:
     """The tuned file's variant name; only a ``--size`` budget needs the model's weight
-    count for it (a build plans ``T<bpw>`` names before the BF16 file exists)."""
+    count for it (a build plans ``T<bpw>`` names before the BF16 file exists). A ``--bpw``
+    budget below every candidate type is refused here, when the tune is planned."""
+    _check_bpw(options)
     n_params = read_gguf_summary(source).n_params if options.budget.size is not None else 0
     return options.budget.variant(options.imatrix is not None, n_params).name
+
+
+def _check_bpw(options: TuneOptions) -> None:
+    """Refuse bits per weight below the smallest candidate type's: every tensor at that
+    type, and the norms at 32 bits, is already more (the exact check, against the model's
+    tensors, runs when the tune starts)."""
+    bpw = options.budget.bits_per_weight(0) if options.budget.size is None else None
+    assert options.types is not None  # with_defaults ran
+    smallest = min(options.types, key=tensor_type_bpw)
+    if bpw is not None and bpw < tensor_type_bpw(smallest):
+        raise TuneError(f"a budget of {bpw:g} bits per weight is below the smallest "
+                        "candidate type "
+                        f"({smallest}, {tensor_type_bpw(smallest):.4g} bits per weight)",
+                        "raise the budget or add smaller types to --types")
 
 
 def resolve_tune(ref: str, options: TuneOptions, build_root: Path | None = None,

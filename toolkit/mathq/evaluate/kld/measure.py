@@ -176,7 +176,7 @@ def _compute_reference(ref_path: Path, cache: Path, key: str, corpus: Corpus,
         if n_chunk < 1:
             raise MathqError(f"the corpus ({corpus.name}) has {len(tokens)} tokens, fewer than "
                              f"one chunk of {options.n_ctx}",
-                             "lower --ctx-size or give a longer --corpus")
+                             f"lower --ctx-size or give a longer {corpus.option}")
         tokens = tokens[:n_chunk * options.n_ctx]
         ensure_free_space(Path(cache_dir), file_size(options.n_ctx, ev.n_vocab, n_chunk),
                           f"the reference log-probabilities ({options.reference})")
