@@ -79,3 +79,19 @@ def test_bench_missing_variant() -> None:
     where = BuildLayout.for_model(RECIPE, Path(os.environ["MATHQ_BUILD_DIR"])).gguf("Q6_K")
     assert result.output == (f"Error: no Q6_K GGUF at {where} (make it first: mathq quantize "
                              f"{RECIPE} --quant Q6_K)\n")
+
+
+def test_memory_at_long_contexts_is_planned_as_llama_cpp_allocates_it(
+        tiny_bf16_gguf: Path) -> None:
+    """The buffers at the memory contexts come from contexts of a weightless model (planned,
+    nothing allocated): at the context the speed tests allocated they are the same bytes,
+    and the KV cache grows with the context as allocated ones do."""
+    from mathq.evaluate.bench import BenchOptions, bench_gguf
+
+    r = bench_gguf(tiny_bf16_gguf, BenchOptions(n_prompt=32, n_gen=4, repetitions=1,
+                                                parallel=(), threads=1,
+                                                memory_contexts=(256, 512)))
+    assert r.buffers_context == 256
+    assert r.buffers_by_context[256] == r.llama_buffers  # planned == allocated, every kind
+    assert r.buffers_by_context[512]["kv_cache"] == 2 * r.llama_buffers["kv_cache"] > 0
+    assert r.buffers_by_context[512]["model"] == r.llama_buffers["model"]

@@ -105,7 +105,12 @@ class LlamaModel:
     llama.cpp put on the GPU.
     """
 
-    def __init__(self, path: Path, gpu_layers: int | None = None) -> None:
+    def __init__(self, path: Path, gpu_layers: int | None = None, *,
+                 weights: bool = True) -> None:
+        """``weights`` False loads the metadata only (llama.cpp's ``no_alloc``, nothing
+        mapped): its contexts are planned, not allocated, and log the buffer sizes an
+        allocation would have, which is what :mod:`mathq.evaluate.bench` states memory
+        at long contexts from without allocating gigabytes of KV cache."""
         import llama_cpp
 
         path = Path(path)
@@ -117,6 +122,10 @@ class LlamaModel:
         params = llama_cpp.llama_model_default_params()
         self.gpu = gpu_offload_supported()
         self.gpu_layers = params.n_gpu_layers = resolve_gpu_layers(gpu_layers)
+        self.weights = weights
+        if not weights:
+            params.no_alloc = True
+            params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE  # no_alloc maps nothing
         errors: list[str] = []
         #: llama.cpp's own account of the weights' memory, from its load log (bytes by kind).
         self.buffer_bytes: dict[str, int] = {}
@@ -242,7 +251,8 @@ class Context:
                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         errors: list[str] = []
         #: llama.cpp's own account of this context's memory (KV cache, compute and output
-        #: buffers), from its log (bytes by kind).
+        #: buffers), from its log (bytes by kind); for a weightless model's context, what
+        #: an allocation would take.
         self.buffer_bytes: dict[str, int] = {}
 
         def on_line(level: int, line: str) -> None:
@@ -252,6 +262,9 @@ class Context:
 
         with capture_llama_log(on_line):
             handle = llama_cpp.llama_init_from_model(model.handle, params)
+        planned = self.buffer_bytes.pop(PLANNED_KV, None)
+        if not model.weights and planned is not None:
+            self.buffer_bytes["kv_cache"] = planned
         if not handle:
             reason = llama_reason(errors)
             raise InferenceError(
@@ -364,15 +377,22 @@ LineHandler = Callable[[int, str], None]
 # "sched_reserve:        CPU compute buffer size =     5.01 MiB".
 _BUFFER_LINE = re.compile(r"\b\S+\s+(model|KV|compute|output) buffer size\s*=\s*([0-9.]+) MiB")
 BUFFER_KINDS = {"model": "model", "KV": "kv_cache", "compute": "compute", "output": "output"}
+# Each KV cache's tensors, allocated or only planned (a weightless model's KV "buffer" is a
+# placeholder of 0 MiB): "llama_kv_cache: size =  256.00 MiB (  2048 cells, ...".
+_KV_SIZE_LINE = re.compile(r"\bllama_kv_cache: size =\s*([0-9.]+) MiB")
+PLANNED_KV = "planned_kv_cache"
 
 
 def add_buffer_line(totals: dict[str, int], line: str) -> None:
     """Add a llama.cpp "... buffer size = X MiB" log line to ``totals`` (bytes by kind:
-    model, kv_cache, compute, output; devices summed). Other lines are ignored."""
-    m = _BUFFER_LINE.search(line)
-    if m:
+    model, kv_cache, compute, output; devices summed), and a KV cache's own size line to
+    :data:`PLANNED_KV` (the KV cache of a context that was planned, not allocated). Other
+    lines are ignored."""
+    if m := _BUFFER_LINE.search(line):
         kind = BUFFER_KINDS[m.group(1)]
         totals[kind] = totals.get(kind, 0) + round(float(m.group(2)) * 2**20)
+    elif m := _KV_SIZE_LINE.search(line):
+        totals[PLANNED_KV] = totals.get(PLANNED_KV, 0) + round(float(m.group(1)) * 2**20)
 
 # ggml_log_level as the pinned ggml.h numbers it: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4,
 # CONT 5 (continues the last line). (llama-cpp-python's _logger.py comments an older order,

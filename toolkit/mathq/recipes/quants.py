@@ -327,6 +327,17 @@ FILE_TYPE_OF_TENSOR_TYPE = {
 ``general.file_type``): the stock mix built on that tensor type. Its keys are the tensor
 types a quantized file can choose among."""
 
+def tunable_type(name: object) -> str | None:
+    """``q4_k`` -> ``Q4_K``: a tensor type the tuner can choose, in gguf's spelling; None
+    for anything else (the one check behind ``tune --types`` and a recipe's ``[tune]
+    types``)."""
+    key = name.strip().upper() if isinstance(name, str) else None
+    return key if key in FILE_TYPE_OF_TENSOR_TYPE else None
+
+
+#: The fix for a type the tuner cannot choose: the types it can, not ggml's whole list.
+TUNABLE_TYPES_HINT = f"choose from {', '.join(FILE_TYPE_OF_TENSOR_TYPE)}"
+
 TENSOR_TYPE_FALLBACK = {
     "Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
     "IQ4_XS": "IQ4_NL", "IQ3_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ2_XXS": "IQ4_NL",

@@ -24,13 +24,14 @@ from mathq.recipes.prompt import COT_SUFFIXES as _COT_SUFFIX_TEXTS
 from mathq.recipes.prompt import PROMPT_FORMATS, PromptSpec
 from mathq.recipes.prompt import SYSTEM_PROMPT_POLICIES as SYSTEM_PROMPT_POLICIES
 from mathq.recipes.quants import (
-    FILE_TYPE_OF_TENSOR_TYPE,
+    TUNABLE_TYPES_HINT,
     UnknownQuantError,
     Variant,
     get_quant,
     parse_tune_list,
     parse_variant,
     parse_variant_list,
+    tunable_type,
 )
 
 MODEL_KINDS = ("base", "chat")
@@ -323,10 +324,10 @@ def _parse_tune(t: _Table) -> TuneSpec:
     if (given := t.get("types", list, None)) is not None:
         names = []
         for i, v in enumerate(given):
-            name = v.strip().upper() if isinstance(v, str) else None
-            if name not in FILE_TYPE_OF_TENSOR_TYPE:
+            if (name := tunable_type(v)) is None:
                 t.fail(f"types[{i}]", f"{shorten(repr(v), 40)} is not a tensor type the tuner "
-                       "can choose", f"choose from {', '.join(FILE_TYPE_OF_TENSOR_TYPE)}")
+                       "can choose", TUNABLE_TYPES_HINT)
+                raise AssertionError("unreachable")
             names.append(name)
         if not names:
             t.fail("types", "names no type", "leave it out for the tuner's default types")

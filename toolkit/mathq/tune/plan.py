@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 
 from mathq.convert.gguf_info import FLOAT_TYPES, GGUFSummary, TensorInfo
 from mathq.errors import TuneError
-from mathq.recipes.quants import FILE_TYPE_OF_TENSOR_TYPE, TENSOR_TYPE_FALLBACK, tensor_type_block
+from mathq.recipes.quants import (
+    TENSOR_TYPE_FALLBACK,
+    TUNABLE_TYPES_HINT,
+    tensor_type_block,
+    tunable_type,
+)
 
 DEFAULT_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 """Candidate tensor types: the k-quants llama.cpp's own mixes are built from, and Q8_0. Q2_K
@@ -57,13 +62,12 @@ def parse_types(text: str) -> tuple[str, ...]:
     names: dict[str, None] = {}
     for part in text.split(","):
         if part.strip():
-            names[part.strip().upper()] = None
+            if (name := tunable_type(part)) is None:
+                raise TuneError(f"--types {part.strip().upper()}: not a type the tuner can "
+                                "choose", TUNABLE_TYPES_HINT)
+            names[name] = None
     if not names:
         raise TuneError("--types names no type", f"e.g. --types {','.join(DEFAULT_TYPES)}")
-    for name in names:
-        if name in FLOAT_TYPES or name not in FILE_TYPE_OF_TENSOR_TYPE:
-            raise TuneError(f"--types {name}: not a type the tuner can choose",
-                            f"choose from {', '.join(FILE_TYPE_OF_TENSOR_TYPE)}")
     return tuple(names)
 
 
