@@ -68,6 +68,16 @@ def test_the_calibrated_curve_makes_rows_cheaper_in_bigger_batches(tmp_path: Pat
     assert per_row[0] > 20 * per_row[7]  # the switch to matrix kernels is in the curve
 
 
+def test_a_long_calibration_decode_is_timed_once(tmp_path: Path) -> None:
+    """A 7B on a CPU: a batch of 128 rows takes seconds, and three of them would make the
+    calibration cost more than a short smoke run; what is long is timed once."""
+    timer = Timer(lambda rows: 0.15 + 0.04 * rows)  # 0.19 s at 1 row, 5.3 s at 128
+    cost = calibrated_cost(cache=tmp_path / "costs.json", identity=identity(tmp_path / "m"),
+                           gpu=False, max_rows=512, time_rows=timer)
+    assert timer.calls == [1, 1, 1, 1, 8, 8, 32, 32, 128, 128]  # warm-up + 3; warm-up + 1
+    assert cost.seconds(128) == pytest.approx(0.15 + 0.04 * 128)
+
+
 def test_calibration_stays_inside_the_context(tmp_path: Path) -> None:
     timer = Timer()
     cost = calibrated_cost(cache=tmp_path / "costs.json", identity=identity(tmp_path / "m"),

@@ -69,6 +69,9 @@ BUCKETS = tuple(1 << b for b in range(10))
 CALIBRATION_ROWS = (1, 8, 32, 128)
 #: Timed decodes per calibration size (their median counts), after one untimed warm-up.
 CALIBRATION_REPEATS = 3
+#: A calibration decode at least this long is timed once: the noise of a few milliseconds
+#: is small next to it, and at 7B on a CPU a batch of 128 rows takes seconds.
+LONG_DECODE_S = 0.25
 #: The fixed part of a micro-batch (a pass over the weights) in rows' worth, where nothing is
 #: measured: next to it rows are nearly free on a GPU, not on a CPU.
 PRIOR_FIXED_ROWS = {"gpu": 64.0, "cpu": 4.0}
@@ -381,7 +384,8 @@ def calibrated_cost(*, cache: Path, identity: CostIdentity, gpu: bool, max_rows:
     Its points come from ``cache`` when it holds a calibration of this very file with these
     settings; the rows of :data:`CALIBRATION_ROWS` up to ``max_rows`` it lacks are measured
     now, each the median of :data:`CALIBRATION_REPEATS` calls of ``time_rows`` (seconds of
-    one decode of that many rows) after a warm-up, and written back. A cache that cannot be
+    one decode of that many rows; one call where it takes :data:`LONG_DECODE_S` or more)
+    after a warm-up, and written back. A cache that cannot be
     read is measured anew and rewritten; one that cannot be written costs only a
     calibration next time.
     """
@@ -392,8 +396,9 @@ def calibrated_cost(*, cache: Path, identity: CostIdentity, gpu: bool, max_rows:
         for _attempt in range(2):  # a batch slowed by other work: measure the curve again
             for rows in missing:
                 time_rows(rows)  # the first decode of a shape allocates and warms caches
-                points[rows] = statistics.median(time_rows(rows)
-                                                 for _ in range(CALIBRATION_REPEATS))
+                first = time_rows(rows)
+                points[rows] = first if first >= LONG_DECODE_S else statistics.median(
+                    [first, *(time_rows(rows) for _ in range(CALIBRATION_REPEATS - 1))])
             if _plausible(points):
                 break
         else:  # still implausible: use it for this run, the steps correct it; keep none
