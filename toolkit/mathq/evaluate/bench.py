@@ -232,8 +232,8 @@ def _buffers_by_context(model: Any, contexts: Sequence[int],
                         engine_options: Any) -> dict[int, dict[str, int]]:
     """llama.cpp's buffers for one-sequence contexts of each length (capped at the model's
     training context): the model's own, and each context's as llama.cpp plans it on a
-    weightless copy of the model (``no_alloc``), so stating memory at 8,192 tokens costs
-    no 4 GiB KV cache at 7B, neither its time nor its memory."""
+    weightless copy of the model (``no_alloc``), so stating memory at a 7B's 4,096 tokens
+    costs no 2 GiB KV cache, neither its time nor its memory."""
     from mathq.llama.runtime import Context, LlamaModel
 
     lengths = sorted({min(c, model.n_ctx_train) for c in contexts})
