@@ -127,6 +127,21 @@ def test_the_engines_own_time_per_step_makes_drafts_pay() -> None:
     assert cost.host_seconds == pytest.approx(0.005, rel=0.05)
 
 
+def test_the_engines_work_per_row_makes_rarely_kept_drafts_dear() -> None:
+    """Reading each row's logits is work per row: learned from steps of different sizes, it
+    is charged to every draft, so lookup drafts kept one time in five stop looking free on
+    a model whose decode barely grows with rows."""
+    cost = StepCost(gpu=False, points={1: 0.001, 8: 0.001, 32: 0.0011, 128: 0.0012})
+    for rows in (8, 16, 64, 8, 40) * 30:
+        cost.observe((rows,), cost.seconds(rows), host_seconds=0.002 + 0.0004 * rows)
+    assert cost.host_per_row == pytest.approx(0.0004, rel=0.01)
+    assert cost.host_seconds == pytest.approx(0.002, rel=0.01)
+    assert cost.step_seconds(16) == pytest.approx(cost.seconds(16) + 16 * 0.0004)
+    lookups = [Candidate(i, (5, 6, 7), 0.2, room=100, last=1) for i in range(8)]
+    assert plan_step(lookups, cost.seconds, 512, overhead=0.002).rows > 8  # looked free
+    assert plan_step(lookups, cost.step_seconds, 512, overhead=cost.host_seconds).rows == 8
+
+
 def test_timed_steps_correct_the_curve_and_older_ones_fade() -> None:
     points = {r: cpu_like(r) for r in (1, 8, 32, 128)}
     cost = StepCost(gpu=False, points=points)

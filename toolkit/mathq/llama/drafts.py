@@ -221,9 +221,10 @@ class StepCost:
     (one sequence, short) are not quite a generation step either.
 
     Beside the decode, a step costs the engine's own work (planning, filling the batch,
-    reading each row's logits): :attr:`host_seconds`, learned from the same steps. On a 7B
-    model it is nothing next to the decode; on a small one it is as long, and leaving it out
-    would make every step look dearer per token than it is, and drafts worth less.
+    reading each row's logits): :attr:`host_seconds` per step and :attr:`host_per_row` per
+    row, learned from the same steps. On a 7B model it is nothing next to the decode; on a
+    small one it is as long: left out per step, every step looks dearer per token than it
+    is and drafts worth less; left out per row, drafts that are rarely kept look free.
     """
 
     def __init__(self, *, gpu: bool, points: Mapping[int, float] | None = None,
@@ -238,7 +239,11 @@ class StepCost:
         self._sum = np.zeros(len(BUCKETS))  # decayed correction sums and weights per bucket
         self._weight = np.zeros(len(BUCKETS))
         self._all_sum = self._all_weight = 0.0  # the same over all steps
-        self._host_sum = 0.0  # decayed host seconds, weighed like the steps
+        # Decayed sums for host seconds as a fixed part plus a part per row (weights, rows,
+        # rows squared, seconds, rows x seconds): reading each row's logits (102400 floats
+        # at DeepSeek's vocabulary) is work per row, and a small model's rows are otherwise
+        # nearly free.
+        self._host = np.zeros(5)
         self._table: np.ndarray | None = None  # seconds by rows, 0..BUCKETS[-1]
 
     def _prior(self, rows: np.ndarray) -> np.ndarray:
@@ -280,9 +285,23 @@ class StepCost:
         return float(self._table[max(rows, 0)])
 
     @property
+    def host_per_row(self) -> float:
+        """The engine's own seconds per row of a step, outside ``llama_decode`` (0 until
+        steps of different rows were timed): the least-squares slope over the steps."""
+        w, r, rr, h, rh = self._host
+        spread = w * rr - r * r
+        return max((w * rh - r * h) / spread, 0.0) if w and spread > 1e-9 * w * rr else 0.0
+
+    @property
     def host_seconds(self) -> float:
-        """The engine's own seconds per step, outside ``llama_decode`` (0 before a step)."""
-        return self._host_sum / self._all_weight if self._all_weight else 0.0
+        """The engine's own seconds per step beside its rows' (0 before a step)."""
+        w, r, _rr, h, _rh = self._host
+        return max((h - self.host_per_row * r) / w, 0.0) if w else 0.0
+
+    def step_seconds(self, rows: int) -> float:
+        """Expected seconds of a micro-batch of ``rows`` rows with the engine's work per
+        row (what :func:`plan_step` weighs drafts with; :attr:`host_seconds` is the rest)."""
+        return self.seconds(rows) + self.host_per_row * rows
 
     def observe(self, micro_batch_rows: Sequence[int], seconds: float, *,
                 host_seconds: float = 0.0) -> None:
@@ -303,7 +322,9 @@ class StepCost:
         self._weight *= self.decay
         self._all_sum = self.decay * self._all_sum + math.log(seconds / plain)
         self._all_weight = self.decay * self._all_weight + 1.0
-        self._host_sum = self.decay * self._host_sum + max(host_seconds, 0.0)
+        n = float(rows.sum())
+        h = max(host_seconds, 0.0)
+        self._host = self.decay * self._host + np.array([1.0, n, n * n, h, n * h])
         share = 1.0 / len(rows)
         for place, target in zip(self._places(rows), correction + surprise, strict=True):
             low = int(place)

@@ -469,7 +469,7 @@ class BatchEngine:
                 proposed[i] = len(proposal)
                 candidates.append(Candidate(i, proposal, seq.drafter.acceptance(), room=room,
                                             last=seq.tokens[-1]))
-            drafts = plan_step(candidates, cost.seconds, ctx.n_ubatch,
+            drafts = plan_step(candidates, cost.step_seconds, ctx.n_ubatch,
                                overhead=cost.host_seconds).drafts
         rows = []
         for i, seq in live:
