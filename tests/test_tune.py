@@ -192,7 +192,7 @@ def test_sizes_parse(text, expected):
 @pytest.mark.parametrize("args,says", [
     (("--size", "100KB"), "below the smallest mix of the candidate types"),
     (("--size", "1GiB"), "is not below the BF16 file"),
-    (("--bpw", "1.0"), "below the smallest mix"),
+    (("--bpw", "1.0"), "below the smallest candidate type (Q2_K"),
     (("--match", "Q4_K_M", "--types", "IQ2_XXS"), "--types IQ2_XXS needs an importance matrix"),
     (("--size", "2MB", "--types", "Q4_K,F16"), "--types F16: not a type the tuner can choose"),
 ])
