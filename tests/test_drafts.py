@@ -16,7 +16,7 @@ from mathq.cli import cli
 from mathq.datasets.problems import load_problem_set, select_problems
 from mathq.evaluate.summaries import SmokeSummary, load_summary
 from mathq.layout import BuildLayout
-from mathq.llama.drafts import Candidate, Drafter, StepCost, micro_batch_rows, plan_step
+from mathq.llama.drafts import Drafter, Proposal, StepCost, micro_batch_rows, plan_step
 from mathq.llama.engine import BatchEngine, EngineOptions, GenRequest, GenResult
 from mathq.recipes.prompt import render_prompt, stop_strings
 from mathq.recipes.recipe import load_recipe
@@ -68,11 +68,11 @@ def test_drafted_answers_equal_undrafted(tiny_quant_ggufs: dict[str, Path],
     assert len(same) >= 0.99 * len(plain)
     assert all(drafted[i].text == plain[i].text for i in same)
     # Undrafted: a step per token, plus the one that chose EOS if that ended the answer.
-    assert all(r.drafted == r.accepted == 0 and r.steps - len(r.tokens) in (0, 1)
+    assert all(r.drafted == r.kept == 0 and r.steps - len(r.tokens) in (0, 1)
                for r in plain.values())
     tokens = sum(len(r.tokens) for r in drafted.values())
     steps = sum(r.steps for r in drafted.values())
-    kept = sum(r.accepted for r in drafted.values())
+    kept = sum(r.kept for r in drafted.values())
     if quant == "Q4_K_M":  # a variant follows BF16's text: most drafts are kept
         assert kept >= 0.8 * sum(r.drafted for r in drafted.values())
         assert tokens >= 3 * steps  # long drafts: the old cap of 8 gave about 2.1
@@ -92,12 +92,12 @@ def test_always_wrong_drafts_give_the_undrafted_answers(tiny_quant_ggufs: dict[s
         bos = engine.model.bos
         monkeypatch.setattr(Drafter, "propose", lambda self, limit: [bos] * min(limit, 3))
         # Rows free: every step drafts, the last one (ending on EOS) too, whatever the
-        # machine's timings; a guess there must not count as kept.
+        # machine's timings; a draft there must not count as kept.
         monkeypatch.setattr(StepCost, "seconds", lambda self, rows: 1.0)
         drafted = {r.id: r for r in engine.generate(
             _with_reference(requests, {r.id: "nonsense" for r in requests}))}
     assert sum(r.drafted for r in drafted.values()) > 0
-    assert sum(r.accepted for r in drafted.values()) == 0
+    assert sum(r.kept for r in drafted.values()) == 0
     assert {i: r.tokens for i, r in drafted.items()} == {i: r.tokens for i, r in plain.items()}
 
 
@@ -164,27 +164,27 @@ def test_rejected_positions_leave_the_cache(tiny_quant_ggufs: dict[str, Path],
 
 
 def test_plan_prefers_no_drafts_when_rows_are_dear() -> None:
-    """The plan: drafts with low acceptance, or rows that cost as much as a pass over the
+    """The plan: drafts with a low kept rate, or rows that cost as much as a pass over the
     weights, are not worth checking; likely ones on cheap rows are."""
 
     def linear(fixed: float):  # a micro-batch: a pass over the weights, then each row
         return lambda rows: fixed + rows
 
-    likely = [Candidate(s, (5, 6, 7, 8), 0.95, room=100, last=1) for s in range(8)]
+    likely = [Proposal(s, (5, 6, 7, 8), 0.95, room=100, last=1) for s in range(8)]
     assert plan_step(likely, linear(0.1), max_rows=512).rows == 8
     assert plan_step(likely, linear(64), max_rows=512).rows == 8 * 5
-    unlikely = [Candidate(s, (5, 6), 0.1, room=100, last=1) for s in range(8)]
+    unlikely = [Proposal(s, (5, 6), 0.1, room=100, last=1) for s in range(8)]
     assert plan_step(unlikely, linear(4), max_rows=512).rows == 8
     # One sequence with drafts among idle ones: padding the others costs rows, leaving
     # them out costs a micro-batch. Where a pass over the weights is dear, padding wins.
-    mixed = [Candidate(0, (5, 6, 7, 8), 0.95, room=100, last=1)] + [
-        Candidate(s, (), 0.5, room=100, last=1) for s in range(1, 8)]
+    mixed = [Proposal(0, (5, 6, 7, 8), 0.95, room=100, last=1)] + [
+        Proposal(s, (), 0.5, room=100, last=1) for s in range(1, 8)]
     plan = plan_step(mixed, linear(64), max_rows=512)
     assert plan.micro_batches == 1 and len(plan.drafts[0]) >= 2
     assert plan.drafts[0] == (5, 6, 7, 8)[:len(plan.drafts[0])]
     assert set(plan.drafts[1]) == {1}  # the idle ones repeat their last token
     # Half of them with drafts, rows dearer: leaving the others out wins.
-    half = [Candidate(s, (5, 6, 7, 8) if s < 4 else (), 0.95, room=100, last=1)
+    half = [Proposal(s, (5, 6, 7, 8) if s < 4 else (), 0.95, room=100, last=1)
             for s in range(8)]
     plan = plan_step(half, linear(4), max_rows=512)
     assert plan.micro_batch_rows == (8, 4 * 4)
@@ -193,15 +193,15 @@ def test_plan_prefers_no_drafts_when_rows_are_dear() -> None:
 
 
 def test_drafter_follows_and_realigns_with_its_reference() -> None:
-    drafter = Drafter(prompt=[1, 2, 3], reference=[10, 11, 12, 13, 14, 15, 16])
+    drafter = Drafter(prompt=[1, 2, 3], draft_reference=[10, 11, 12, 13, 14, 15, 16])
     assert drafter.propose(3) == [10, 11, 12]
     drafter.record(3, 1, [10, 11, 99])  # diverged after two tokens
-    assert drafter.ref_pos is None
-    drafter.record(0, 0, [13, 14])  # 99, 13, 14 is not in the reference
-    assert drafter.ref_pos is None
+    assert drafter.draft_ref_pos is None
+    drafter.record(0, 0, [13, 14])  # 99, 13, 14 is not in the draft reference
+    assert drafter.draft_ref_pos is None
     drafter.record(0, 0, [12, 13, 14])
     assert drafter.propose(8) == [15, 16]
-    # Without a reference: prompt lookup of the last n-gram.
+    # Without a draft reference: prompt lookup of the last n-gram.
     lookup = Drafter(prompt=[7, 8, 9, 4, 7, 8])
     lookup.record(0, 0, [9])
     assert lookup.propose(2) == [4, 7]

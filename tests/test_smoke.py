@@ -278,7 +278,7 @@ def test_backends_are_exclusive() -> None:
 @pytest.mark.parametrize("tail", [b'{"id": "x", "answer": "1", "comp', b"\xff\xfe"])
 def test_results_log_repairs_torn_last_line(tmp_path: Path, tail: bytes) -> None:
     from mathq.evaluate.grading.grade import ProblemResult
-    from mathq.evaluate.smoke import append_result, read_results_log
+    from mathq.evaluate.results_log import append_result, read_results_log
 
     path = tmp_path / "r.jsonl"
     with open(path, "a", encoding="utf-8") as f:
@@ -296,7 +296,7 @@ def test_results_log_repairs_torn_last_line(tmp_path: Path, tail: bytes) -> None
 
 def test_results_log_refuses_damage_in_the_middle(tmp_path: Path) -> None:
     from mathq.errors import ProblemSetError
-    from mathq.evaluate.smoke import read_results_log
+    from mathq.evaluate.results_log import read_results_log
 
     path = tmp_path / "r.jsonl"
     path.write_text('{"id": "a", "answer": "1", "completion": ""}\nnot json\n'

@@ -18,10 +18,10 @@ import pytest
 
 from mathq.llama.drafts import (
     CALIBRATION_REPEATS,
-    Candidate,
     CostIdentity,
     Drafter,
     KeptRates,
+    Proposal,
     StepCost,
     calibrated_cost,
     plan_step,
@@ -89,25 +89,25 @@ def test_long_drafts_where_rows_are_cheap_none_where_they_are_dear(tmp_path: Pat
     """Eight sequences that keep 99 % of their drafts, each with the 200 tokens left of its
     draft reference: under a CPU-like curve every one checks far more than the 8 drafts
     the old cap allowed; where every row costs as much as a pass over the weights, none."""
-    candidates = [Candidate(s, tuple(range(200)), 0.99, room=400, last=1) for s in range(8)]
+    proposals = [Proposal(s, tuple(range(200)), 0.99, room=400, last=1) for s in range(8)]
     cheap = StepCost(gpu=False, points={r: cpu_like(r) for r in (1, 8, 32, 128)})
-    plan = plan_step(candidates, cheap.seconds, max_rows=512)
+    plan = plan_step(proposals, cheap.seconds, max_rows=512)
     assert all(len(d) > 8 for d in plan.drafts.values())
     assert plan.drafts[0] == tuple(range(len(plan.drafts[0])))  # the draft reference, in order
-    assert plan_step(candidates, lambda rows: 0.01 * rows, max_rows=512).rows == 8
+    assert plan_step(proposals, lambda rows: 0.01 * rows, max_rows=512).rows == 8
     # Rows free: as many as the context's micro-batch holds.
-    assert plan_step(candidates, lambda rows: 0.01, max_rows=512).rows == 512
+    assert plan_step(proposals, lambda rows: 0.01, max_rows=512).rows == 512
     # One sequence alone checks the whole rest of its draft reference.
-    alone = [Candidate(0, tuple(range(100)), 0.99, room=400, last=1)]
+    alone = [Proposal(0, tuple(range(100)), 0.99, room=400, last=1)]
     assert plan_step(alone, cheap.seconds, max_rows=512).drafts[0] == tuple(range(100))
 
 
 def test_drafts_go_where_they_are_likely_kept() -> None:
     """k is chosen across sequences together: the sequences whose drafts are kept check
     long ones, the others short ones or none, in the same step."""
-    candidates = [Candidate(s, tuple(range(100)), 0.99 if s < 2 else 0.3, room=400, last=1)
-                  for s in range(8)]
-    plan = plan_step(candidates, lambda rows: 0.010 + 0.0001 * rows, max_rows=512)
+    proposals = [Proposal(s, tuple(range(100)), 0.99 if s < 2 else 0.3, room=400, last=1)
+                 for s in range(8)]
+    plan = plan_step(proposals, lambda rows: 0.010 + 0.0001 * rows, max_rows=512)
     assert min(len(plan.drafts[s]) for s in (0, 1)) > 20
     assert max(len(plan.drafts[s]) for s in range(2, 8)) < 4
 
@@ -116,9 +116,9 @@ def test_the_engines_own_time_per_step_makes_drafts_pay() -> None:
     """Rows that each cost as much as a decode call are not worth drafting for, unless
     the step costs more than its decode: the engine's own work per step (planning,
     reading logits) is spread over every token the step keeps, as a decode call's is."""
-    candidates = [Candidate(0, tuple(range(50)), 0.95, room=100, last=1)]
-    assert plan_step(candidates, lambda rows: 0.001 * rows, max_rows=512).rows == 1
-    plan = plan_step(candidates, lambda rows: 0.001 * rows, max_rows=512, overhead=0.01)
+    proposals = [Proposal(0, tuple(range(50)), 0.95, room=100, last=1)]
+    assert plan_step(proposals, lambda rows: 0.001 * rows, max_rows=512).rows == 1
+    plan = plan_step(proposals, lambda rows: 0.001 * rows, max_rows=512, overhead=0.01)
     assert plan.rows > 10
     cost = StepCost(gpu=False, points={1: 0.001})
     assert cost.host_seconds == 0.0
@@ -137,7 +137,7 @@ def test_the_engines_work_per_row_makes_rarely_kept_drafts_dear() -> None:
     assert cost.host_per_row == pytest.approx(0.0004, rel=0.01)
     assert cost.host_seconds == pytest.approx(0.002, rel=0.01)
     assert cost.step_seconds(16) == pytest.approx(cost.seconds(16) + 16 * 0.0004)
-    lookups = [Candidate(i, (5, 6, 7), 0.2, room=100, last=1) for i in range(8)]
+    lookups = [Proposal(i, (5, 6, 7), 0.2, room=100, last=1) for i in range(8)]
     assert plan_step(lookups, cost.seconds, 512, overhead=0.002).rows > 8  # looked free
     assert plan_step(lookups, cost.step_seconds, 512, overhead=cost.host_seconds).rows == 8
 
@@ -239,17 +239,17 @@ def test_a_damaged_cache_is_measured_again(tmp_path: Path, damage: str) -> None:
 
 
 def test_drafts_are_not_capped_and_rates_carry_to_new_sequences() -> None:
-    reference = list(range(10, 60))
-    drafter = Drafter(prompt=[1, 2, 3], reference=reference)
-    assert drafter.propose(100) == reference  # the whole rest of the draft reference
-    assert drafter.propose(7) == reference[:7]
+    draft_reference = list(range(10, 60))
+    drafter = Drafter(prompt=[1, 2, 3], draft_reference=draft_reference)
+    assert drafter.propose(100) == draft_reference  # the whole rest of the draft reference
+    assert drafter.propose(7) == draft_reference[:7]
     rates = KeptRates()
-    fresh = Drafter([1], reference, rates).acceptance("reference")
-    follower = Drafter([1], reference, rates)
+    fresh = Drafter([1], draft_reference, rates).kept_rate("draft_reference")
+    follower = Drafter([1], draft_reference, rates)
     follower.propose(100)
-    follower.record(50, 50, reference)  # every draft kept
-    assert follower.acceptance() > fresh
-    assert Drafter([1], reference, rates).acceptance("reference") > 0.95 > fresh
+    follower.record(50, 50, draft_reference)  # every draft kept
+    assert follower.kept_rate() > fresh
+    assert Drafter([1], draft_reference, rates).kept_rate("draft_reference") > 0.95 > fresh
 
 
 # -- on the demo model ----------------------------------------------------------------------
@@ -309,7 +309,7 @@ def test_an_answer_that_is_its_draft_reference_takes_two_steps_where_rows_are_ch
     assert len(same) >= 15
     assert all(own[i].steps > 10 for i in same)  # undrafted: a step per token
     assert [again[i].steps for i in same] == [2] * len(same)
-    assert all(again[i].accepted == len(again[i].tokens) - 1 for i in same)
+    assert all(again[i].kept == len(again[i].tokens) - 1 for i in same)
     monkeypatch.setattr(StepCost, "seconds", lambda self, rows: 0.01 * rows)
     with BatchEngine(gguf, options, cost_cache=tmp_path / "costs.json") as engine:
         dear = list(engine.generate(requests[:8]))

@@ -410,14 +410,13 @@ def _measure_steps(recipe: Recipe, options: BuildOptions, variants: tuple[Varian
     from mathq.datasets.corpus import load_corpus
     from mathq.evaluate.backends.base import BackendSpec
     from mathq.evaluate.kld.measure import KldOptions
-    from mathq.evaluate.smoke import SmokeOptions
+    from mathq.evaluate.smoke import SmokeOptions, select_smoke_problems
     from mathq.evaluate.stage import (
         bench_fingerprint,
         kld_fingerprint,
         recipe_bench_options,
         run_bench,
         run_kld,
-        select_smoke_problems,
         smoke_fingerprint,
         smoke_variant,
     )

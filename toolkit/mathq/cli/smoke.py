@@ -133,7 +133,7 @@ def smoke(source: str, recipe_for_gguf: str | None, quant_list: str | None, suit
     from mathq.cli.render import progress_for
     from mathq.evaluate.backends.base import BackendSpec
     from mathq.evaluate.smoke import SmokeOptions
-    from mathq.evaluate.stage import run_smoke
+    from mathq.evaluate.stage import run_smoke, run_smoke_files
     from mathq.recipes.recipe import load_recipe
 
     if ollama_url and endpoints:
@@ -159,7 +159,6 @@ def smoke(source: str, recipe_for_gguf: str | None, quant_list: str | None, suit
                                    "--endpoint test served models")
         if not gguf.is_file():
             raise click.BadParameter(f"{gguf} not found", param_hint="RECIPE|GGUF")
-        out_dir = out_dir or gguf.parent / "smoke"
     elif recipe_for_gguf is not None:
         raise click.UsageError("--recipe is for a GGUF path; RECIPE is already a recipe")
     rec = load_recipe(recipe_for_gguf or source)
@@ -167,18 +166,7 @@ def smoke(source: str, recipe_for_gguf: str | None, quant_list: str | None, suit
                            max_tokens=max_tokens, backend=spec, restart=restart,
                            grade_timeout_s=grade_timeout_s, out_dir=out_dir)
     if gguf is not None:
-        from mathq.evaluate.stage import (
-            gguf_variant_name,
-            select_smoke_problems,
-            smoke_variant,
-        )
-        from mathq.layout import BuildLayout
-
-        render = progress_for(quiet)
-        problems = select_smoke_problems(rec, options, render)
-        outcomes = [smoke_variant(rec, gguf_variant_name(gguf), problems,
-                                  BuildLayout.for_model(rec.name, build_dir), options, render,
-                                  gguf_path=gguf)]
+        outcomes = run_smoke_files([gguf], rec, options, build_dir, progress_for(quiet))
     else:
         quants = list(rec.variant_names(quant_list))
         outcomes = run_smoke(rec, quants, options, build_dir, progress_for(quiet))

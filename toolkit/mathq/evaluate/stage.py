@@ -4,25 +4,21 @@ Each step has a fingerprint function (what its summary is made from, so ``build`
 a finished measurement) and a ``run_*`` entry point that reads the recipe's GGUFs from the
 build folder, measures with the cores (:mod:`mathq.evaluate.smoke`,
 :mod:`mathq.evaluate.bench`, :mod:`mathq.evaluate.kld.measure`), writes the summaries and
-records them in the manifest.
+records them in the manifest. The ``run_*_files`` entry points measure GGUF files outside a
+build folder the same way and record nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from mathq.convert.gguf_info import gguf_imatrix, read_gguf_header
 from mathq.datasets.corpus import Corpus, load_corpus
-from mathq.datasets.problems import ProblemSet, load_problem_set, select_problems
-from mathq.errors import InputFileError, MathqError, SmokeError
-from mathq.evaluate.backends import open_backend
-from mathq.evaluate.backends.base import Backend, BackendSpec
+from mathq.datasets.problems import ProblemSet
+from mathq.errors import InputFileError, MathqError
 from mathq.evaluate.bench import (
     BenchOptions,
     BenchOutcome,
@@ -43,94 +39,57 @@ from mathq.evaluate.kld.measure import (
     require_gguf,
 )
 from mathq.evaluate.smoke import (
+    SmokeFiles,
     SmokeOptions,
     SmokeOutcome,
-    answer_problems,
-    build_summary,
-    describe_backend,
-    draft_off_reason,
+    SmokeTarget,
     ollama_model_name,
-    read_reference,
-    read_results_log,
+    run_smoke_target,
+    select_smoke_problems,
 )
-from mathq.evaluate.summaries import (
-    BenchSummary,
-    SmokeSummary,
-    load_summary,
-    save_summary,
-)
-from mathq.fsutil import (
-    Debris,
-    exclusive_lock,
-    make_dirs,
-    output_lock,
-    removing_new_dirs,
-    write_text_atomic,
-)
-from mathq.inputs import file_problem, parse_json, read_text
+from mathq.evaluate.summaries import BenchSummary, save_summary
+from mathq.fsutil import Debris, output_lock, removing_new_dirs
+from mathq.inputs import file_problem
 from mathq.layout import BuildLayout
-from mathq.llama.devices import ParallelChoice
-from mathq.llama.runtime import PARALLEL_AUTO
 from mathq.manifest import Fingerprint, Manifest, file_identity
 from mathq.progress import ProgressCallback, no_progress
-from mathq.recipes.prompt import stop_strings
 from mathq.recipes.quants import get_quant, making_command
 from mathq.recipes.recipe import Recipe, load_recipe
 
 
-@dataclass(frozen=True)
-class _Paths:
-    results: Path
-    settings: Path
-    summary: Path
-
-
-def _paths(layout: BuildLayout, quant: str, out_dir: Path | None) -> _Paths:
+def _files(layout: BuildLayout, quant: str, out_dir: Path | None) -> SmokeFiles:
     files = (layout.smoke_results(quant), layout.smoke_settings(quant),
              layout.smoke_summary(quant))
     if out_dir is not None:
         files = tuple(Path(out_dir) / f.name for f in files)
-    return _Paths(*files)
+    return SmokeFiles(*files)
 
 
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """Refuse a second smoke run writing the same results file."""
-    make_dirs(path.parent)
-    with exclusive_lock(path.with_name(path.name + ".lock"),
-                        SmokeError(f"another mathq smoke is writing {path}",
-                                   "wait for it to finish, or use --out-dir")):
-        yield
+def _draft_references(layout: BuildLayout, options: SmokeOptions,
+                      results: Path) -> tuple[Path, ...]:
+    """Where a variant's draft reference may be: ``options.draft_reference``, else BF16's
+    results beside this run's (``--out-dir``), then in the build folder."""
+    if options.draft_reference is not None:
+        return (options.draft_reference,)
+    bf16 = layout.smoke_results("BF16")
+    return (results.with_name(bf16.name), bf16)
 
 
-def _target(recipe: Recipe, quant: str, spec: BackendSpec, gguf: Path | None,
-            backend: Backend | None = None) -> dict[str, Any]:
-    if spec.kind == "llama":
-        assert gguf is not None
-        identity = file_identity(gguf)
-        return {"gguf": identity.pop("name"), **identity}
-    if spec.kind == "ollama":
-        return {"ollama_model": ollama_model_name(recipe, quant, spec.model)}
-    return {"served_model": getattr(backend, "model", spec.model)}
+@dataclass(frozen=True)
+class _ManifestRecord:
+    """The manifest's record of a smoke summary in the build folder, made from
+    ``fingerprint``."""
 
+    manifest: Manifest
+    key: str
+    fingerprint: Fingerprint
 
-def _settings_conflict(path: Path, settings: dict[str, Any]) -> SmokeError | None:
-    """Why results recorded beside ``path`` cannot be resumed under ``settings``, if so."""
-    if not path.exists():
-        return SmokeError(f"{path} is missing, so the results beside it cannot be trusted",
-                          "pass --restart to discard them")
-    try:
-        old = parse_json(read_text(path))
-    except (OSError, ValueError) as e:
-        return SmokeError(f"cannot read {path}: {e}", "pass --restart")
-    changed = [k for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
-    if not changed:
-        return None
-    first = changed[0]
-    return SmokeError(
-        f"results in {path.parent} were made with other settings "
-        f"({first}: {json.dumps(old.get(first))} -> {json.dumps(settings.get(first))})",
-        "pass --restart to discard them, or --out-dir to keep both")
+    def forget(self) -> None:
+        self.manifest.forget(self.key)
+
+    def record(self, summary: Path) -> None:
+        self.manifest.record(self.key, "smoke", *self.fingerprint,
+                             size=summary.stat().st_size)
 
 
 def smoke_fingerprint(recipe: Recipe, quant: str, options: SmokeOptions,
@@ -153,15 +112,6 @@ def smoke_fingerprint(recipe: Recipe, quant: str, options: SmokeOptions,
     return {"gguf": file_identity(gguf)}, settings
 
 
-def select_smoke_problems(recipe: Recipe, options: SmokeOptions,
-                          progress: ProgressCallback = no_progress) -> ProblemSet:
-    """The problem set a smoke run uses: suite, subset and filters (recipe defaults)."""
-    pset = load_problem_set(options.suite or recipe.smoke.suite, progress=progress)
-    n = recipe.smoke.n if options.n is None else options.n
-    return select_problems(pset, n=n or None, seed=options.seed, subjects=options.subjects,
-                           levels=options.levels)
-
-
 def run_smoke(recipe: Recipe, quants: Sequence[str], options: SmokeOptions,
               build_root: Path | None = None,
               progress: ProgressCallback = no_progress) -> list[SmokeOutcome]:
@@ -172,151 +122,34 @@ def run_smoke(recipe: Recipe, quants: Sequence[str], options: SmokeOptions,
 
 
 def smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: BuildLayout,
-                  options: SmokeOptions, progress: ProgressCallback = no_progress,
-                  gguf_path: Path | None = None) -> SmokeOutcome:
-    """Answer and grade every problem not yet answered for ``quant``; write the summary.
-
-    ``gguf_path`` tests that file (named ``quant``) instead of the build folder's; it needs
-    ``options.out_dir``, since nothing about it is recorded in the build folder.
-    """
+                  options: SmokeOptions,
+                  progress: ProgressCallback = no_progress) -> SmokeOutcome:
+    """Smoke-test the build folder's ``quant`` (in process, or its Ollama tag, or a
+    server's model) with :func:`mathq.evaluate.smoke.run_smoke_target`; an in-process
+    summary in the build folder is recorded in the manifest."""
     spec = options.backend
-    if gguf_path is not None and options.out_dir is None:
-        raise SmokeError("a GGUF outside the build folder needs an output folder",
-                         "pass --out-dir")
-    paths = _paths(layout, quant, options.out_dir)
-    gguf = (gguf_path or layout.gguf(quant)) if spec.kind == "llama" else None
+    files = _files(layout, quant, options.out_dir)
+    gguf = layout.gguf(quant) if spec.kind == "llama" else None
     if gguf is not None and not gguf.is_file():
         raise InputFileError(f"no {quant} GGUF at {gguf}",
                              f"make it first: {making_command(recipe.name, quant)}")
-    ollama_model = ollama_model_name(recipe, quant, spec.model) if spec.kind == "ollama" else None
-
+    target = SmokeTarget(
+        quant=quant, files=files, gguf=gguf,
+        ollama_model=(ollama_model_name(recipe, quant, spec.model) if spec.kind == "ollama"
+                      else None),
+        draft_references=_draft_references(layout, options, files.results))
     fingerprint = smoke_fingerprint(recipe, quant, options, layout)
-    manifest = Manifest(layout.manifest)
-    # A run that fails before its first answer (server unreachable, model unloadable)
-    # leaves nothing behind; one that recorded answers keeps them to resume from.
-    debris = Debris(paths.results.parent, paths.results, paths.settings,
-                    paths.results.with_name(paths.results.name + ".lock"),
+    if fingerprint is None:
+        return run_smoke_target(recipe, target, problems, options, progress)
+    record = _ManifestRecord(Manifest(layout.manifest), layout.key(files.summary), fingerprint)
+    # The run removes its own files if it fails; the manifest's lock, if it made it, too.
+    debris = Debris(files.results.parent,
                     layout.manifest.with_name(layout.manifest.name + ".lock"))
     try:
-        return _smoke_variant(recipe, quant, problems, layout, options, progress, paths,
-                              gguf, ollama_model, fingerprint, manifest)
+        return run_smoke_target(recipe, target, problems, options, progress, record)
     except BaseException:
-        answered = paths.results.is_file() and paths.results.stat().st_size > 0
-        debris.remove(keep=(paths.results, paths.settings) if answered else ())
+        debris.remove()
         raise
-
-
-def _smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: BuildLayout,
-                   options: SmokeOptions, progress: ProgressCallback, paths: _Paths,
-                   gguf: Path | None, ollama_model: str | None,
-                   fingerprint: Fingerprint | None, manifest: Manifest) -> SmokeOutcome:
-    spec = options.backend
-    max_tokens = options.max_tokens or recipe.smoke.max_tokens
-    stops = () if spec.ignore_eos else stop_strings(recipe.prompt)
-    few_shot = recipe.prompt.template == "few-shot"
-    with _exclusive(paths.results):
-        if options.restart:
-            _discard(paths)
-        done = read_results_log(paths.results)
-        backend = None
-        choice = None
-        try:
-            if spec.kind == "openai" and spec.model is None:
-                backend = open_backend(spec)  # the served model's name is part of the settings
-            settings = {"backend": spec.kind, **_target(recipe, quant, spec, gguf, backend),
-                        "prompt": dataclasses.asdict(recipe.prompt), "max_tokens": max_tokens,
-                        "stop": list(stops), "problems": problems.source}
-            if spec.ignore_eos:
-                settings["ignore_eos"] = True
-            conflict = _settings_conflict(paths.settings, settings) if done else None
-            if conflict is not None and not options.restart_if_changed:
-                raise conflict
-            if conflict is not None:
-                _discard(paths)
-                done = {}
-            write_text_atomic(paths.settings,
-                              json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
-            wanted = {p.id for p in problems.problems}
-            todo = [p for p in problems.problems if p.id not in done]
-            resumed = len(wanted) - len(todo)
-            reference = draft_reference(layout, quant, options, paths.results)
-            if todo:
-                if fingerprint is not None:  # the summary is about to be out of date
-                    manifest.forget(layout.key(paths.summary))
-                if backend is None:
-                    backend = open_backend(spec, gguf=gguf, ollama_model=ollama_model)
-                done.update(answer_problems(
-                    backend, todo, recipe, quant, max_tokens, stops, few_shot,
-                    options.grade_timeout_s, paths.results, done_before=resumed,
-                    total=len(wanted),
-                    correct_before=sum(done[i].correct for i in wanted if i in done),
-                    progress=progress,
-                    references=read_reference(reference) if reference is not None else None))
-                choice = _parallel_choice(spec, backend)
-        finally:
-            if backend is not None:
-                backend.close()
-        # Records of problems outside this selection (another --n) stay in the file but
-        # are not counted.
-        records = [done[p.id] for p in problems.problems if p.id in done]
-        summary = build_summary(recipe, quant, problems, records, options, max_tokens,
-                                target=gguf.name if gguf else str(ollama_model or
-                                                                  settings.get("served_model")),
-                                backend=describe_backend(spec),
-                                imatrix=gguf_imatrix(gguf) if gguf else None,
-                                parallel_choice=choice or _earlier_choice(paths.summary, spec),
-                                draft_reference=str(reference) if reference else None)
-        save_summary(paths.summary, summary)
-        if fingerprint is not None:
-            manifest.record(layout.key(paths.summary), "smoke", *fingerprint,
-                            size=paths.summary.stat().st_size)
-    return SmokeOutcome(quant=quant, results=paths.results, summary_path=paths.summary,
-                        summary=summary, resumed=resumed, answered=len(todo))
-
-
-def draft_reference(layout: BuildLayout, quant: str, options: SmokeOptions,
-                    results: Path) -> Path | None:
-    """The results file a variant drafts from: ``options.draft_reference``, else BF16's
-    results beside this run's (``--out-dir``) or in the build folder. None for BF16 itself
-    (it drafts by prompt lookup only) and when drafting is off."""
-    if draft_off_reason(options.backend) is not None:
-        return None
-    found = [options.draft_reference] if options.draft_reference is not None else [
-        results.with_name(layout.smoke_results("BF16").name), layout.smoke_results("BF16")]
-    for path in found:
-        if path is not None and path.is_file() and path.resolve() != results.resolve():
-            return path
-    return None
-
-
-def _parallel_choice(spec: BackendSpec, backend: Backend) -> ParallelChoice:
-    """What this run's backend decoded together: the engine's choice (``--parallel auto``
-    or given), or a server backend's requests in flight."""
-    chosen = getattr(backend, "parallel_choice", None)
-    if chosen is not None:
-        return chosen
-    requested = str(spec.parallel) if spec.parallel != PARALLEL_AUTO else "auto"
-    return ParallelChoice(backend.parallel, f"{backend.parallel} requests in flight per server",
-                          requested=requested, device=describe_backend(spec))
-
-
-def _earlier_choice(summary: Path, spec: BackendSpec) -> ParallelChoice | None:
-    """A run that only resumed finished results answered nothing: keep the choice the
-    results were made with, from the summary it replaces."""
-    if summary.is_file():
-        with contextlib.suppress(MathqError):
-            old = load_summary(summary, SmokeSummary)
-            return old.parallel_choice or ParallelChoice(
-                old.parallel, "recorded without a reason", requested=str(old.parallel))
-    if spec.parallel == PARALLEL_AUTO:
-        return None
-    return ParallelChoice(spec.parallel, f"--parallel {spec.parallel}",
-                          requested=str(spec.parallel))
-
-
-def _discard(paths: _Paths) -> None:
-    for p in (paths.results, paths.settings, paths.summary):
-        p.unlink(missing_ok=True)
 
 
 def recipe_bench_options(recipe: Recipe, options: BenchOptions | None = None
@@ -499,4 +332,31 @@ def run_bench_files(paths: Sequence[Path], options: BenchOptions,
         if out_dir is not None:
             save_summary(out, summary)
         outcomes.append(BenchOutcome(name, out, summary))
+    return outcomes
+
+
+def run_smoke_files(paths: Sequence[Path], recipe: Recipe, options: SmokeOptions,
+                    build_root: Path | None = None,
+                    progress: ProgressCallback = no_progress) -> list[SmokeOutcome]:
+    """:func:`run_smoke` for GGUF files outside a build folder (as ``llama-bench -m``),
+    in process with ``recipe``'s prompt format, problems and token limit: each named after
+    its file, its results and summary in ``options.out_dir`` (default: a ``smoke/``
+    folder beside the file). Nothing is recorded in the build folder (``build_root``),
+    but BF16's results there are drafted from when the output folder has none."""
+    for path in paths:  # every file checked before the first (long) run
+        if not Path(path).is_file():
+            raise InputFileError(f"{path} not found", "give the path of an existing GGUF")
+    layout = BuildLayout.for_model(recipe.name, build_root)
+    problems = select_smoke_problems(recipe, options, progress)
+    outcomes = []
+    for path in paths:
+        path = Path(path)
+        file_options = dataclasses.replace(options,
+                                           out_dir=options.out_dir or path.parent / "smoke")
+        name = gguf_variant_name(path)
+        files = _files(layout, name, file_options.out_dir)
+        target = SmokeTarget(quant=name, files=files, gguf=path,
+                             draft_references=_draft_references(layout, file_options,
+                                                                files.results))
+        outcomes.append(run_smoke_target(recipe, target, problems, file_options, progress))
     return outcomes

@@ -101,10 +101,11 @@ class SmokeSummary:
     # Versions, CPU and date of the run (:mod:`mathq.evaluate.environment`).
     environment: dict[str, str] = field(default_factory=dict)
     # Drafted decoding (:mod:`mathq.llama.drafts`), summed over the answers that recorded
-    # it: the reference results drafted from (None: prompt lookup only), why drafting was
-    # off (None: on), guessed tokens checked and kept, decode steps, and completion tokens
-    # per decode step (how many fewer passes than one token each; the wall-time gain is
-    # what benchmarks/smoke_throughput.py measures).
+    # it: the draft reference's results file (None: prompt lookup only), why drafting was
+    # off (None: on), drafted tokens checked and kept (``accepted_tokens``, the name saved
+    # summaries store kept drafts by), decode steps, and completion tokens per decode step
+    # (how many fewer passes than one token each; the wall-time gain is what
+    # benchmarks/smoke_throughput.py measures).
     draft_reference: str | None = None
     draft_off: str | None = None
     drafted_tokens: int | None = None

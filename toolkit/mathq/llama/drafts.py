@@ -22,7 +22,7 @@ curve, calibrated once per model file and machine settings (:func:`calibrated_co
 in :data:`STEP_COSTS_FILE`) and corrected by the engine's own timed steps, which also say
 what its own work around each decode costs. :func:`plan_step`
 then picks, across all sequences together, the drafts that maximise expected kept tokens
-per second given each sequence's measured acceptance. No fixed cap: drafts run as long as
+per second given each sequence's measured kept rate. No fixed cap: drafts run as long as
 they are likely to be kept and their rows pay, up to the whole rest of the draft reference,
 the sequence's context room and the context's micro-batch.
 """
@@ -50,9 +50,9 @@ from mathq.inputs import UnreadableInput, parse_json, read_text
 REALIGN_TOKENS = 3
 #: N-gram lengths prompt lookup tries, longest first.
 LOOKUP_NGRAMS = (3, 2)
-#: Prior acceptance per source as (kept, checked), before any draft is measured: a variant
-#: follows its draft reference closely; lookup guesses are right less often.
-PRIORS = {"reference": (4.0, 5.0), "lookup": (1.0, 2.0)}
+#: Prior kept rate per source as (kept, checked), before any draft is measured: a variant
+#: follows its draft reference closely; lookup drafts are kept less often.
+PRIORS = {"draft_reference": (4.0, 5.0), "lookup": (1.0, 2.0)}
 #: How many checked drafts a new sequence's prior weighs: the engine's rate so far
 #: (:class:`KeptRates`), until the sequence's own drafts outweigh it.
 SEQUENCE_PRIOR = 8.0
@@ -130,24 +130,24 @@ class Drafter:
     """One sequence's draft sources: its draft reference, its prompt and what it has
     generated.
 
-    Call :meth:`propose` before a step and :meth:`record` after it. :meth:`acceptance` is a
+    Call :meth:`propose` before a step and :meth:`record` after it. :meth:`kept_rate` is a
     Beta estimate, per source, of the chance that a draft is kept, given the draft before it
     was: the sequence's own counts on top of the engine's (``rates``).
     """
 
-    def __init__(self, prompt: Sequence[int], reference: Sequence[int] = (),
+    def __init__(self, prompt: Sequence[int], draft_reference: Sequence[int] = (),
                  rates: KeptRates | None = None) -> None:
         self._history = list(prompt)
         self._n_prompt = len(self._history)
-        self._ref = np.asarray(reference, dtype=np.int64)
+        self._draft_ref = np.asarray(draft_reference, dtype=np.int64)
         #: Index of the next draft-reference token while the output follows it.
-        self.ref_pos: int | None = 0 if len(self._ref) else None
+        self.draft_ref_pos: int | None = 0 if len(self._draft_ref) else None
         self._rates = rates or KeptRates()
         self._counts = {source: [SEQUENCE_PRIOR * self._rates.rate(source), SEQUENCE_PRIOR]
                         for source in PRIORS}
         self._source = "lookup"
 
-    def acceptance(self, source: str | None = None) -> float:
+    def kept_rate(self, source: str | None = None) -> float:
         """Estimated chance that a draft from ``source`` (default: the last proposal's) is
         kept."""
         kept, checked = self._counts[source or self._source]
@@ -158,9 +158,10 @@ class Drafter:
         reference while the output follows it, else a prompt lookup."""
         if limit <= 0:
             return []
-        if self.ref_pos is not None and self.ref_pos < len(self._ref):
-            self._source = "reference"
-            return [int(t) for t in self._ref[self.ref_pos:self.ref_pos + limit]]
+        pos = self.draft_ref_pos
+        if pos is not None and pos < len(self._draft_ref):
+            self._source = "draft_reference"
+            return [int(t) for t in self._draft_ref[pos:pos + limit]]
         self._source = "lookup"
         history = np.asarray(self._history, dtype=np.int64)
         for n in LOOKUP_NGRAMS:
@@ -184,12 +185,12 @@ class Drafter:
             self._rates.add(self._source, kept, checked)
         for t in emitted:
             self._history.append(t)
-            if self.ref_pos is not None and self.ref_pos < len(self._ref) \
-                    and self._ref[self.ref_pos] == t:
-                self.ref_pos += 1
+            pos = self.draft_ref_pos
+            if pos is not None and pos < len(self._draft_ref) and self._draft_ref[pos] == t:
+                self.draft_ref_pos = pos + 1
             else:
-                self.ref_pos = None
-        if self.ref_pos is None and len(self._ref):
+                self.draft_ref_pos = None
+        if self.draft_ref_pos is None and len(self._draft_ref):
             self._realign()
 
     def _realign(self) -> None:
@@ -199,9 +200,9 @@ class Drafter:
         if generated < REALIGN_TOKENS:
             return
         tail = np.asarray(self._history[-REALIGN_TOKENS:], dtype=np.int64)
-        start = _find_last(self._ref, tail, len(self._ref))
+        start = _find_last(self._draft_ref, tail, len(self._draft_ref))
         if start >= 0:
-            self.ref_pos = start + REALIGN_TOKENS
+            self.draft_ref_pos = start + REALIGN_TOKENS
 
 
 class StepCost:
@@ -454,14 +455,14 @@ def _current(key: str, entry: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """One sequence's part in a step's plan: its slot, proposed drafts, their estimated
-    acceptance, how many cells its cache has left after its last token, and that token
-    (the filler when there is nothing to pad with)."""
+class Proposal:
+    """One sequence's offer to a step's plan: its slot, the drafts it proposes, their
+    estimated kept rate, how many cells its cache has left after its last token, and that
+    token (the filler when there is nothing to pad with)."""
 
     seq: int
     drafts: tuple[int, ...]
-    acceptance: float
+    kept_rate: float
     room: int
     last: int
 
@@ -507,18 +508,18 @@ class StepPlan:
         return len(self.micro_batch_rows)
 
 
-def _expected(acceptance: float, drafts: int) -> float:
+def _expected(kept_rate: float, drafts: int) -> float:
     """Expected tokens of a step checking ``drafts`` drafts: 1 + a + ... + a^n."""
-    if acceptance >= 1.0:
+    if kept_rate >= 1.0:
         return drafts + 1.0
-    return (1.0 - acceptance ** (drafts + 1)) / (1.0 - acceptance)
+    return (1.0 - kept_rate ** (drafts + 1)) / (1.0 - kept_rate)
 
 
-def plan_step(candidates: Sequence[Candidate], seconds: Callable[[int], float],
+def plan_step(proposals: Sequence[Proposal], seconds: Callable[[int], float],
               max_rows: int, *, overhead: float = 0.0) -> StepPlan:
     """The drafts to check in one step: those that maximise expected tokens per second.
 
-    A sequence with acceptance a expects 1 + a + ... + a^n tokens from n drafts, so its
+    A sequence with kept rate a expects 1 + a + ... + a^n tokens from n drafts, so its
     n-th draft adds a^n. Drafts are ranked by that gain across all sequences together, and
     every prefix of the ranking (equal gains together) is a plan, costed as the
     micro-batches llama.cpp will make of it, each ``seconds(rows)``, plus the step's
@@ -528,8 +529,8 @@ def plan_step(candidates: Sequence[Candidate], seconds: Callable[[int], float],
     draft). The most tokens per second wins, the fewer rows on a tie. At most ``max_rows``
     rows, each sequence within its cache room.
     """
-    usable = [min(len(c.drafts), max(c.room, 0)) for c in candidates]
-    best = StepPlan({c.seq: () for c in candidates}, ())
+    usable = [min(len(p.drafts), max(p.room, 0)) for p in proposals]
+    best = StepPlan({p.seq: () for p in proposals}, ())
     best_value = -1.0
 
     def consider(drafts: dict[int, tuple[int, ...]], tokens: float) -> None:
@@ -540,15 +541,15 @@ def plan_step(candidates: Sequence[Candidate], seconds: Callable[[int], float],
         if value > best_value * 1.0001:
             best, best_value = StepPlan(drafts, micro), value
 
-    consider(dict(best.drafts), float(len(candidates)))
+    consider(dict(best.drafts), float(len(proposals)))
     # Unpadded: the drafts most likely to be kept first, from whichever sequence. Every
     # prefix while the sequences have a few drafts each, then prefixes LADDER apart in rows:
     # the value moves little between those, and a step must not spend milliseconds planning.
-    lengths = [0] * len(candidates)
-    expected = float(len(candidates))
-    heap = [(-c.acceptance, i, 1) for i, c in enumerate(candidates) if usable[i]]
+    lengths = [0] * len(proposals)
+    expected = float(len(proposals))
+    heap = [(-p.kept_rate, i, 1) for i, p in enumerate(proposals) if usable[i]]
     heapq.heapify(heap)
-    rows = last = len(candidates)
+    rows = last = len(proposals)
     while heap and rows < max_rows and -heap[0][0] >= MIN_GAIN:
         gain = -heap[0][0]
         while heap and -heap[0][0] == gain and rows < max_rows:
@@ -557,22 +558,22 @@ def plan_step(candidates: Sequence[Candidate], seconds: Callable[[int], float],
             expected += gain
             rows += 1
             if n < usable[i]:
-                heapq.heappush(heap, (-candidates[i].acceptance ** (n + 1), i, n + 1))
-        if (rows <= 4 * len(candidates) or rows >= LADDER * last or not heap
+                heapq.heappush(heap, (-proposals[i].kept_rate ** (n + 1), i, n + 1))
+        if (rows <= 4 * len(proposals) or rows >= LADDER * last or not heap
                 or rows >= max_rows or -heap[0][0] < MIN_GAIN):
-            consider({c.seq: c.drafts[:n] for c, n in zip(candidates, lengths, strict=True)},
+            consider({p.seq: p.drafts[:n] for p, n in zip(proposals, lengths, strict=True)},
                      expected)
             last = rows
     # Padded: every sequence k drafts, as far as each one's room allows.
     k = 1
-    while (k <= max(usable, default=0) and len(candidates) * (1 + k) <= max_rows
-           and all(c.room >= k for c in candidates)):
+    while (k <= max(usable, default=0) and len(proposals) * (1 + k) <= max_rows
+           and all(p.room >= k for p in proposals)):
         drafts = {}
         expected = 0.0
-        for c, n in zip(candidates, usable, strict=True):
-            real = c.drafts[:min(k, n)]
-            expected += _expected(c.acceptance, len(real))
-            drafts[c.seq] = real + (real[-1] if real else c.last,) * (k - len(real))
+        for p, n in zip(proposals, usable, strict=True):
+            real = p.drafts[:min(k, n)]
+            expected += _expected(p.kept_rate, len(real))
+            drafts[p.seq] = real + (real[-1] if real else p.last,) * (k - len(real))
         consider(drafts, expected)
         k += 1
     return best

@@ -35,11 +35,11 @@ returns a :class:`StepOutcome`. Greedy stays greedy: every kept token is the arg
 logits computed over exactly the tokens before it. What changes is the batch shape (n + 1
 rows of one sequence instead of one), with the same consequence as P > 1 above: where
 llama.cpp's kernels round such a batch differently, a near-tie can go the other way. How
-many drafts a step checks, if any, is chosen from each sequence's acceptance so far and the
-step-cost curve (:func:`mathq.llama.drafts.plan_step`): calibrated on first use with a few
-batches in a scratch sequence before any prompt is read (cached in
-:data:`~mathq.llama.drafts.STEP_COSTS_FILE` beside the model), then corrected by the timed
-steps, whose own work outside ``llama_decode`` counts too.
+many drafts a step checks, if any, is chosen from each sequence's kept rate so far (the
+share of its drafts kept) and the step-cost curve (:func:`mathq.llama.drafts.plan_step`):
+calibrated on first use with a few batches in a scratch sequence before any prompt is read
+(cached in :data:`~mathq.llama.drafts.STEP_COSTS_FILE` beside the model), then corrected by
+the timed steps, whose own work outside ``llama_decode`` counts too.
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ from mathq.llama.devices import (
 )
 from mathq.llama.drafts import (
     STEP_COSTS_FILE,
-    Candidate,
     CostIdentity,
     Drafter,
     KeptRates,
+    Proposal,
     StepCost,
     calibrated_cost,
     draft_off_reason,
@@ -87,7 +87,7 @@ class GenRequest:
     max_tokens: int
     stop: tuple[str, ...] = ()
     #: Another model's completion of the same prompt, to draft from (BF16's, for a variant).
-    reference: str = ""
+    draft_reference: str = ""
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class GenResult:
     ``finish_reason`` is ``stop`` (end-of-generation token or stop string) or ``length``.
     ``seconds`` runs from the step the prompt entered the batch to the step it finished.
     ``steps`` counts the decode steps that produced its tokens; ``drafted`` the drafts
-    they checked (padding included) and ``accepted`` those kept.
+    they checked (padding included) and ``kept`` how many of those were kept.
     """
 
     id: str
@@ -108,7 +108,7 @@ class GenResult:
     seconds: float
     steps: int = 0
     drafted: int = 0
-    accepted: int = 0
+    kept: int = 0
 
     @property
     def completion_tokens(self) -> int:
@@ -128,7 +128,7 @@ class StepStats:
     generated_tokens: int
     seconds: float
     drafted: int = 0
-    accepted: int = 0
+    kept: int = 0
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ class _Seq:
     drafter: Drafter | None = None
     steps: int = 0
     drafted: int = 0
-    accepted: int = 0
+    kept: int = 0
 
     @property
     def prefilling(self) -> bool:
@@ -380,12 +380,12 @@ class BatchEngine:
         """A sequence for ``request``, with its drafter unless drafting is off."""
         drafter = None
         if self.draft_off is None:
-            reference: list[int] = []
-            if request.reference:
-                reference = self.model.tokenize(request.reference)
-                if self.model.add_bos and reference[:1] == [self.model.bos]:
-                    reference = reference[1:]
-            drafter = Drafter(prompt, reference, self._rates)
+            draft_reference: list[int] = []
+            if request.draft_reference:
+                draft_reference = self.model.tokenize(request.draft_reference)
+                if self.model.add_bos and draft_reference[:1] == [self.model.bos]:
+                    draft_reference = draft_reference[1:]
+            drafter = Drafter(prompt, draft_reference, self._rates)
         return _Seq(request, prompt, min(request.max_tokens, limit - len(prompt)), now,
                     stops=tuple(s.encode() for s in request.stop if s), drafter=drafter)
 
@@ -416,11 +416,11 @@ class BatchEngine:
         last = len(emitted) - 1
         kept = last + (result is not None and last < len(drafts) and drafts[last] == emitted[last])
         seq.drafted += len(drafts)
-        seq.accepted += kept
+        seq.kept += kept
         trim: int | None = None
         if result is not None:
             result = dataclasses.replace(result, steps=seq.steps, drafted=seq.drafted,
-                                         accepted=seq.accepted)
+                                         kept=seq.kept)
             trim = 0
         else:
             seq.n_past = rows.pos + len(emitted)
@@ -460,16 +460,16 @@ class BatchEngine:
         drafts: dict[int, tuple[int, ...]] = {i: () for i, _ in live}
         proposed: dict[int, int] = dict.fromkeys(drafts, 0)
         if cost is not None:
-            candidates = []
+            proposals = []
             for i, seq in live:
                 assert seq.drafter is not None
                 room = ctx.n_ctx_seq - 1 - seq.n_past
                 left = seq.max_tokens - len(seq.tokens) - 1  # tokens after this step's first
-                proposal = tuple(seq.drafter.propose(min(left, room, ctx.n_ubatch - len(live))))
-                proposed[i] = len(proposal)
-                candidates.append(Candidate(i, proposal, seq.drafter.acceptance(), room=room,
-                                            last=seq.tokens[-1]))
-            drafts = plan_step(candidates, cost.step_seconds, ctx.n_ubatch,
+                offered = tuple(seq.drafter.propose(min(left, room, ctx.n_ubatch - len(live))))
+                proposed[i] = len(offered)
+                proposals.append(Proposal(i, offered, seq.drafter.kept_rate(), room=room,
+                                          last=seq.tokens[-1]))
+            drafts = plan_step(proposals, cost.step_seconds, ctx.n_ubatch,
                                overhead=cost.host_seconds).drafts
         rows = []
         for i, seq in live:
@@ -502,4 +502,4 @@ class BatchEngine:
         return GenResult(id=seq.request.id, text=text.decode("utf-8", errors="ignore"),
                          tokens=tuple(seq.tokens), prompt_tokens=len(seq.prompt),
                          finish_reason=reason, seconds=time.perf_counter() - seq.started,
-                         steps=seq.steps, drafted=seq.drafted, accepted=seq.accepted)
+                         steps=seq.steps, drafted=seq.drafted, kept=seq.kept)

@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from mathq.llama.devices import ParallelChoice
+
 BACKEND_KINDS: tuple[tuple[str, str], ...] = (
     ("llama", "llama.cpp in this process, continuous batching of --parallel sequences"),
     ("ollama", "an Ollama server's chat API: the tag's own Modelfile template and stops"),
@@ -23,7 +25,7 @@ class Request:
     max_tokens: int
     stop: tuple[str, ...] = ()
     #: BF16's completion of the same problem, to draft from (in process only).
-    reference: str = ""
+    draft_reference: str = ""
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,8 @@ class Completion:
 
     ``completion_tokens`` and ``prompt_tokens`` are the backend's own counts (None when it
     does not say); ``finish_reason`` is ``stop`` or ``length``; ``seconds`` is the time from
-    the request's start to its end. ``steps``, ``drafted`` and ``accepted`` are the
-    in-process engine's decode steps, guessed tokens checked and kept (None elsewhere).
+    the request's start to its end. ``steps``, ``drafted`` and ``kept`` are the
+    in-process engine's decode steps, drafted tokens checked and kept (None elsewhere).
     """
 
     id: str
@@ -44,7 +46,7 @@ class Completion:
     seconds: float
     steps: int | None = None
     drafted: int | None = None
-    accepted: int | None = None
+    kept: int | None = None
 
 
 #: Called with the number of tokens generated so far, as often as the backend knows it.
@@ -52,12 +54,24 @@ TokenCallback = Callable[[int], None]
 
 
 class Backend(Protocol):
-    """What the smoke stage needs from a backend."""
+    """What the smoke stage needs from a backend.
+
+    Backends subclass it to inherit the defaults of what only some of them have: a server
+    names its model but decodes on its own; only the in-process engine drafts and chooses
+    how many sequences to decode together.
+    """
 
     #: Short description for summaries and messages, e.g. ``llama.cpp`` or ``ollama URL``.
     description: str
     #: Requests in flight at once.
     parallel: int
+    #: The model a server is asked for (``name:tag`` or the OpenAI ``model``); None in process.
+    model: str | None = None
+    #: Drafted tokens checked and kept so far in this run, for progress displays.
+    draft_totals: tuple[int, int] = (0, 0)
+    #: How many sequences the last :meth:`complete` decoded together, and why; None where
+    #: that is simply ``parallel`` requests in flight per server.
+    parallel_choice: ParallelChoice | None = None
 
     def complete(self, requests: Sequence[Request],
                  on_tokens: TokenCallback | None = None) -> Iterator[Completion]:

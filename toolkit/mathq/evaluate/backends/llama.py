@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from mathq.evaluate.backends.base import Completion, Request, TokenCallback
+from mathq.evaluate.backends.base import Backend, Completion, Request, TokenCallback
 from mathq.llama.devices import ParallelChoice
 from mathq.llama.engine import BatchEngine, EngineOptions, GenRequest, GenResult, StepStats
 
@@ -24,30 +24,23 @@ class _Cancelled(Exception):
     """Raised inside the engine's step callback to stop it when the caller has gone."""
 
 
-class LlamaBackend:
+class LlamaBackend(Backend):
     """Completions from a GGUF loaded here; ``parallel`` sequences share one context."""
 
     def __init__(self, gguf: Path, options: EngineOptions) -> None:
         self.engine = BatchEngine(gguf, options)
         self.parallel = options.parallel
         self.description = "llama.cpp"
-        #: Guessed tokens checked and kept so far in this run, for progress displays.
-        self.draft_totals = (0, 0)
 
     @property
     def parallel_choice(self) -> ParallelChoice | None:
         """How many sequences the last :meth:`complete` decoded together, and why."""
         return self.engine.parallel_choice
 
-    @property
-    def load_seconds(self) -> float:
-        """How long llama.cpp took to load the model."""
-        return self.engine.model.load_seconds
-
     def complete(self, requests: Sequence[Request],
                  on_tokens: TokenCallback | None = None) -> Iterator[Completion]:
         """Answer every request with greedy decoding; yield each as it finishes."""
-        gen = [GenRequest(r.id, r.prompt, r.max_tokens, r.stop, r.reference)
+        gen = [GenRequest(r.id, r.prompt, r.max_tokens, r.stop, r.draft_reference)
                for r in requests]
         results: queue.SimpleQueue[GenResult | BaseException | None] = queue.SimpleQueue()
         stop = threading.Event()
@@ -55,7 +48,7 @@ class LlamaBackend:
 
         def on_step(stats: StepStats) -> None:
             generated[0] = stats.generated_tokens
-            self.draft_totals = (stats.drafted, stats.accepted)
+            self.draft_totals = (stats.drafted, stats.kept)
             if stop.is_set():
                 raise _Cancelled
 
@@ -89,7 +82,7 @@ class LlamaBackend:
                                  completion_tokens=item.completion_tokens,
                                  finish_reason=item.finish_reason, seconds=item.seconds,
                                  steps=item.steps, drafted=item.drafted,
-                                 accepted=item.accepted)
+                                 kept=item.kept)
         finally:
             stop.set()
             worker.join()

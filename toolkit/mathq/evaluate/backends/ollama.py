@@ -16,7 +16,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mathq.errors import ServerError
-from mathq.evaluate.backends.base import Completion, Request, TokenCallback, counted, reason
+from mathq.evaluate.backends.base import (
+    Backend,
+    Completion,
+    Request,
+    TokenCallback,
+    counted,
+    reason,
+)
 from mathq.evaluate.backends.connections import (
     Deadline,
     Reply,
@@ -28,7 +35,7 @@ from mathq.evaluate.backends.pool import run_concurrently
 from mathq.inputs import UnreadableInput, parse_json
 
 
-class OllamaBackend:
+class OllamaBackend(Backend):
     """Greedy chat completions from one Ollama server and one ``name:tag``."""
 
     def __init__(self, url: str, model: str, parallel: int, timeout_s: float = 600.0) -> None:

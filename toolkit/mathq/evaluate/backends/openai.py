@@ -14,7 +14,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from mathq.errors import ServerError
-from mathq.evaluate.backends.base import Completion, Request, TokenCallback, counted, reason
+from mathq.evaluate.backends.base import (
+    Backend,
+    Completion,
+    Request,
+    TokenCallback,
+    counted,
+    reason,
+)
 from mathq.evaluate.backends.connections import ThreadClients, fetch, server_errors
 from mathq.evaluate.backends.pool import run_concurrently
 
@@ -43,7 +50,7 @@ def _raise_for_status(response: Any, where: str) -> None:
                           "check the model name (--served-model) and the server's log")
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     """Greedy completions from OpenAI-compatible servers."""
 
     def __init__(self, urls: Sequence[str], model: str | None, parallel: int,
