@@ -32,12 +32,11 @@ from mathq.evaluate.kld.logprob_file import LogprobFile, LogprobWriter, file_siz
 from mathq.evaluate.kld.stats import KldAccumulator, compress_log_probs
 from mathq.evaluate.summaries import KldSummary, wilson_rate
 from mathq.fsutil import (
-    atomic_output,
+    atomic_outputs,
     ensure_free_space,
     exclusive_lock,
     make_dirs,
     removing_new_dirs,
-    write_text_atomic,
 )
 from mathq.layout import BuildLayout
 from mathq.manifest import file_identity
@@ -149,7 +148,7 @@ def ensure_reference_file(ref_path: Path, reference: str, cache_dir: Path, corpu
     options = dataclasses.replace(options, reference=reference)
     key = reference_key(ref_path, corpus, options)
     cache = Path(cache_dir) / f"reference-{reference}-{key}.logits"
-    if cache.is_file():
+    if cache.is_file() and cache.with_suffix(".json").is_file():
         with contextlib.suppress(MathqError):  # unreadable: computed again below
             f = LogprobFile(cache)
             return ReferenceCache(cache, options.reference, key, f.n_ctx, f.n_chunk,
@@ -182,8 +181,9 @@ def _compute_reference(ref_path: Path, cache: Path, key: str, corpus: Corpus,
                           f"the reference log-probabilities ({options.reference})")
         for stale in Path(cache_dir).glob(f"reference-{options.reference}-*"):
             stale.unlink()
-        with atomic_output(cache) as tmp:
-            writer = LogprobWriter(tmp, options.n_ctx, ev.n_vocab, tokens)
+        index = cache.with_suffix(".json")
+        with atomic_outputs(cache, index) as staged:  # the pair appears together or not at all
+            writer = LogprobWriter(staged[cache], options.n_ctx, ev.n_vocab, tokens)
             try:
                 for i in range(n_chunk):
                     progress(Progress(stage, i, n_chunk, "chunks"))
@@ -191,13 +191,13 @@ def _compute_reference(ref_path: Path, cache: Path, key: str, corpus: Corpus,
                     writer.write_chunk(compress_log_probs(ev.scored_logits(chunk)))
             finally:
                 writer.close()
+            seconds = time.perf_counter() - started
+            staged[index].write_text(json.dumps({
+                "reference": options.reference, "reference_file": file_identity(ref_path),
+                "corpus": corpus.name, "corpus_sha256": corpus.sha256, "n_ctx": options.n_ctx,
+                "n_chunks": n_chunk, "n_vocab": ev.n_vocab, "format": "llama-perplexity logits",
+                "seconds": round(seconds, 3)}, indent=2) + "\n", encoding="utf-8")
         n_vocab = ev.n_vocab
-    seconds = time.perf_counter() - started
-    write_text_atomic(cache.with_suffix(".json"), json.dumps({
-        "reference": options.reference, "reference_file": file_identity(ref_path),
-        "corpus": corpus.name, "corpus_sha256": corpus.sha256, "n_ctx": options.n_ctx,
-        "n_chunks": n_chunk, "n_vocab": n_vocab, "format": "llama-perplexity logits",
-        "seconds": round(seconds, 3)}, indent=2) + "\n")
     progress(Progress(stage, n_chunk, n_chunk, "chunks"))
     return ReferenceCache(cache, options.reference, key, options.n_ctx, n_chunk, n_vocab,
                           computed=True, seconds=seconds)
