@@ -12,8 +12,10 @@ RAM. Then runs each stage and its peer on the same files, one after the other:
     kld        mathq kld Q4_K_M, 4 chunks of 512       llama-perplexity --kl-divergence (2 runs)
     bench      mathq bench Q4_K_M pp64 tg16            llama-bench -p 64 -n 16
     smoke      mathq smoke Q4_K_M, 8 problems x 32     llama-server -np 8, driven by mathq smoke
-    tune       skipped: `mathq tune` at 7B is its own issue's row, not measured yet
     build      mathq build of the above, then a rerun  (the rerun must redo nothing)
+    tune       mathq tune --match Q4_K_M in the build's  mathq quantize -Q Q4_K_M of the same
+               folder (its stock file and held-out      BF16 file (the goal: the tune at most
+               reference pass reused)                   4x that)
 
 Each command is measured for wall time, the peak resident memory of its whole process tree
 (the largest of: the tree's summed RSS, sampled every 50 ms, and any one process's VmHWM)
@@ -70,8 +72,6 @@ CHUNKS, CTX = 4, 512
 SMOKE_N, SMOKE_TOKENS, SMOKE_P = 8, 32, 8
 PROBLEMS = ROOT / "tests" / "fixtures" / "math500" / "test.jsonl"
 CALIBRATION = ROOT / "models" / "tiny-demo" / "problems.jsonl"
-TUNE_SKIPPED = ("mathq tune at 7B is the tune issue's row; its cost is not measured here "
-                "until tune's sampled costs land")
 
 
 @dataclass
@@ -429,10 +429,6 @@ def _wait_healthy(url: str, server: subprocess.Popen[bytes], log: Path) -> None:
     raise SystemExit(f"llama-server did not start; see {log}")
 
 
-def tune(run: Run) -> None:
-    run.step("tune:mathq", None, why_not=TUNE_SKIPPED)
-
-
 def build(run: Run) -> None:
     """The whole build, then the same command again (which must redo nothing). At tiny
     widths only the files are built (``--files-only``): CI checks the rerun, not the
@@ -466,8 +462,37 @@ def build(run: Run) -> None:
         print(f"    redone on the rerun: {', '.join(rerun['redone']) or 'nothing'}")
 
 
+def tune(run: Run) -> None:
+    """``mathq tune --match Q4_K_M`` where the build stage left its files (the BF16 model,
+    the stock Q4_K_M the budget is, the held-out reference pass), calibrated on text that is
+    not the KLD text; and, in the same run, one plain ``mathq quantize -Q Q4_K_M`` of the
+    same BF16 file into a scratch folder: the yardstick of the tune's goal. The tune's
+    record (``*.tune.json``) says where its time went, phase by phase."""
+    folder = run.work / "build-all"
+    bf16 = folder / MODEL / f"{MODEL}-BF16.gguf"
+    if not bf16.is_file():
+        raise SystemExit(f"the tune stage needs the build stage's files ({bf16} is missing)")
+    scratch = run.work / "tune-quantize"
+    run.step("tune:quantize Q4_K_M", [run.mathq, "quantize", str(bf16), "-Q", "Q4_K_M",
+                                      "--threads", str(run.threads), "--out-dir", str(scratch),
+                                      "--quiet"], warm=(bf16,))
+    shutil.rmtree(scratch, ignore_errors=True)
+    tuned = run.step("tune:mathq", [run.mathq, "tune", str(run.recipe), "--match", "Q4_K_M",
+                                    "-c", str(run.text), "--threads", str(run.threads),
+                                    "--build-dir", str(folder), "--quiet"],
+                     env={"HF_HUB_OFFLINE": "1"}, warm=(bf16,))
+    record = folder / MODEL / f"{MODEL}-Q4_K_M-tuned.tune.json"
+    if tuned is not None and "phase_seconds" not in tuned and record.is_file():
+        r = json.loads(record.read_text())
+        tuned.update({k: r[k] for k in ("phase_seconds", "kld", "kld_err", "predicted_kld",
+                                        "size", "stock_size")})
+        run.results.put("tune:mathq", tuned)
+    if tuned is not None and "phase_seconds" in tuned:
+        print("    " + ", ".join(f"{k} {v:.0f} s" for k, v in tuned["phase_seconds"].items()))
+
+
 STAGES = {"convert": convert, "quantize": quantize, "imatrix": imatrix, "kld": kld,
-          "bench": bench, "smoke": smoke, "tune": tune, "build": build}
+          "bench": bench, "smoke": smoke, "build": build, "tune": tune}
 
 
 def _cost(v: dict[str, object]) -> tuple[float, float, float]:
@@ -480,7 +505,8 @@ def _peer_seconds(data: dict[str, dict[str, object]], stage: str) -> float | Non
     """The peer's wall time for ``stage`` (both llama-perplexity runs for kld)."""
     keys = {"convert": ["convert:upstream"], "imatrix": ["imatrix:llama-imatrix"],
             "kld": ["kld:llama-perplexity base", "kld:llama-perplexity kld"],
-            "bench": ["bench:llama-bench"], "smoke": ["smoke:llama-server"]}.get(
+            "bench": ["bench:llama-bench"], "smoke": ["smoke:llama-server"],
+            "tune": ["tune:quantize Q4_K_M"]}.get(
         stage, [f"{stage}:llama-quantize"])
     runs = [data.get(k, {}) for k in keys]
     if not all("seconds" in r for r in runs):

@@ -120,7 +120,8 @@ def _measure(path: Path, model: GGUFSummary, t: TensorInfo, fit: list[str],
             {ty: e[1] for ty, e in estimates.items()})
 
 
-def _entry(imatrix: Imatrix | None, name: str, n_per_row: int) -> np.ndarray | None:
+def imatrix_entry(imatrix: Imatrix | None, name: str, n_per_row: int) -> np.ndarray | None:
+    """``name``'s column weights in ``imatrix``, or None where it has none of that width."""
     values = imatrix.entries.get(name) if imatrix is not None else None
     return values if values is not None and values.size == n_per_row else None
 
@@ -155,8 +156,10 @@ def tensor_costs(source: Path, model: GGUFSummary, types: tuple[str, ...],
         if not fit:
             raise TuneError(f"no candidate type fits {t.name} (rows of {t.shape[0]})",
                             "add a 32-block type such as Q8_0 or Q4_0 to --types")
-        errors, se = _measure(source, model, t, fit, _entry(quant_imatrix, t.name, t.shape[0]),
-                              _entry(cost_imatrix, t.name, t.shape[0]), threads, sample_rows)
+        errors, se = _measure(source, model, t, fit,
+                              imatrix_entry(quant_imatrix, t.name, t.shape[0]),
+                              imatrix_entry(cost_imatrix, t.name, t.shape[0]), threads,
+                              sample_rows)
         costs.append(TensorCost(t.name, group_of(t.name),
                                 {ty: tensor_bytes(t, ty) for ty in fit}, errors, se))
     progress(Progress("tune costs", len(tensors), len(tensors), "tensors"))

@@ -9,24 +9,24 @@ resumes where it stopped):
    matters more). Without ``--imatrix`` the file is quantized without one, but the costs are
    still weighted, by a matrix computed on the calibration text for this purpose only.
 2. **Calibration.** Error is not KLD: how much a unit of error in ``ffn_down`` moves the
-   output distribution differs from ``attn_k``. One real probe per tensor group (every layer's
-   tensors of one role quantized to the probe type, the rest BF16, through llama.cpp's
-   quantizer, then the KLD pass against BF16 on the calibration text) gives each group a
-   factor from error to KLD. Probes are journalled one line each: a rerun keeps them.
+   output distribution differs from ``attn_k``. One probe per tensor group (some of the
+   group's layers quantized, the rest BF16: :mod:`mathq.tune.probes`)
+   gives each group a factor from error to KLD.
 3. **Allocation.** Predicted KLD is the sum of factor x error; :func:`mathq.tune.plan.allocate`
    spends the byte budget by predicted KLD saved per byte.
 4. **Truth.** The chosen file is written by llama.cpp's quantizer with one override per tensor,
-   and its KLD is measured on the calibration text (checking the prediction, together with
-   the stock mix as a held-out probe) and on the held-out text (the number reported).
+   and its KLD from BF16 is measured on the held-out text: the number reported, beside the
+   prediction it checks.
+
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -41,10 +41,8 @@ from mathq.evaluate.kld.measure import (
     measure_gguf,
 )
 from mathq.evaluate.summaries import KldSummary
-from mathq.fsutil import sha256_file, write_text_atomic
-from mathq.inputs import UnreadableInput, parse_json
+from mathq.fsutil import write_text_atomic
 from mathq.layout import overrides_file
-from mathq.manifest import file_identity
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.quantize.calibration import (
     DEFAULT_CALIBRATION,
@@ -80,8 +78,8 @@ from mathq.tune.plan import (
     size_model,
     tensor_bytes,
 )
+from mathq.tune.probes import Probe, ProbeInputs, Prober, shards_for
 
-PROBE_BASE = "Q8_0"   # the probe files' nominal file type; every tensor is overridden
 CHARS_PER_TOKEN_BOUND = 8
 
 
@@ -149,7 +147,7 @@ class TuneOptions:
     imatrix: Path | None = None
     types: tuple[str, ...] | None = None
     calibration: str | None = None
-    probe_chunks: int = 8
+    probe_chunks: int = 2
     kld: KldOptions = field(default_factory=KldOptions)
     seed: int = 0
     threads: int = 0
@@ -191,18 +189,6 @@ class TuneJob:
 
 
 @dataclass(frozen=True)
-class Probe:
-    """One measured configuration: what it was, predicted and measured KLD on the
-    calibration text, and whether this run measured it or found it in the journal."""
-
-    label: str
-    predicted_kld: float | None
-    kld: float
-    kld_err: float
-    reused: bool
-
-
-@dataclass(frozen=True)
 class TuneResult:
     """The tuned file and the evidence beside it."""
 
@@ -213,35 +199,27 @@ class TuneResult:
     budget: int
     size: int
     predicted_kld: float
-    calibration_kld: float
     kld: KldSummary
     stock_size: int | None
     probes: tuple[Probe, ...]
-    checks: tuple[Probe, ...]
     types: dict[str, str]
     seconds: float
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
 
-class _Journal:
-    """Measured probes, one JSON line each, appended and fsynced as each finishes."""
+class _PhaseClock:
+    """Wall seconds per phase of a run, for the record: where a tune's time goes."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.done: dict[str, dict] = {}
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = parse_json(line)
-                    self.done[row["key"]] = row
-                except (UnreadableInput, KeyError, TypeError):
-                    continue  # a line cut short by a kill: that probe is measured again
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
 
-    def add(self, row: dict) -> None:
-        self.done[row["key"]] = row
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = round(time.perf_counter() - started, 3)
 
 
 def _check_disjoint(text: str, heldout: Corpus, source: str) -> None:
@@ -272,22 +250,6 @@ def calibration_corpus(job: TuneJob, options: TuneOptions, heldout: Corpus,
                   hashlib.sha256(text.text.encode()).hexdigest(), option="--calibration")
 
 
-def _cost_imatrix(job: TuneJob, options: TuneOptions, calib: Corpus,
-                  progress: ProgressCallback) -> Imatrix:
-    """The matrix that weights the costs: the one given, else one computed on the
-    calibration text (used for the costs only, never given to the quantizer)."""
-    if options.imatrix is not None:
-        return load_imatrix(options.imatrix)
-    dest = job.work_dir / f"cost-{calib.sha256[:12]}.imatrix.gguf"
-    if not dest.is_file():
-        compute_imatrix(job.source, calib.text, dest,
-                        ImatrixOptions(n_ctx=options.kld.n_ctx, chunks=options.probe_chunks,
-                                       process_output=True, threads=options.threads,
-                                       gpu_layers=options.kld.gpu_layers),
-                        calib.name, progress)
-    return load_imatrix(dest)
-
-
 def _metadata(options: TuneOptions, budget: int, overrides_sha: str,
               predicted_kld: float, calibration: str) -> tuple[tuple[str, str | int], ...]:
     from mathq import __version__
@@ -309,44 +271,6 @@ def _metadata_bound(options: TuneOptions) -> int:
     # key: length (8) and bytes; type (4); string: length (8) and up to 127 bytes; int: 8
     return sum(8 + len(key.encode()) + 4 + (8 + 127 if isinstance(value, str) else 8)
                for key, value in pairs)
-
-
-class _Prober:
-    """Quantize a configuration and measure its KLD on the calibration text, once."""
-
-    def __init__(self, job: TuneJob, options: TuneOptions, ref: ReferenceCache,
-                 calib: Corpus, progress: ProgressCallback) -> None:
-        self.job, self.options, self.ref, self.calib = job, options, ref, calib
-        self.progress = progress
-        self.journal = _Journal(job.work_dir / "probes.jsonl")
-        self.imatrix_sha = sha256_file(options.imatrix) if options.imatrix else None
-
-    def key(self, assignment: Mapping[str, str]) -> str:
-        material = {"source": file_identity(self.job.source), "reference": self.ref.key,
-                    "imatrix": self.imatrix_sha, "types": dict(sorted(assignment.items()))}
-        return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
-
-    def measure(self, label: str, assignment: Mapping[str, str],
-                prediction: float | None) -> Probe:
-        key = self.key(assignment)
-        row = self.journal.done.get(key)
-        if row is not None:
-            return Probe(label, prediction, row["kld"], row["kld_err"], reused=True)
-        started = time.perf_counter()
-        path = self.job.work_dir / f"probe-{key}.gguf"
-        try:
-            quantize_gguf(self.job.source, path,
-                          QuantizeOptions(get_quant(PROBE_BASE), imatrix=self.options.imatrix,
-                                          overrides=overrides_pairs(assignment),
-                                          threads=self.options.threads))
-            summary = measure_gguf(path, label, self.job.name, self.ref, self.calib,
-                                   self.options.kld, self.progress)
-        finally:
-            path.unlink(missing_ok=True)
-        self.journal.add({"key": key, "label": label, "kld": summary.mean_kld,
-                          "kld_err": summary.mean_kld_err,
-                          "seconds": round(time.perf_counter() - started, 3)})
-        return Probe(label, prediction, summary.mean_kld, summary.mean_kld_err, reused=False)
 
 
 def preflight(source: Path, options: TuneOptions) -> tuple[GGUFSummary, Imatrix | None]:
@@ -372,20 +296,27 @@ def run_tune(job: TuneJob, options: TuneOptions,
     """Search, write and measure the tuned file; record the search beside it."""
     started = time.perf_counter()
     options = options.with_defaults()
-    search = _prepare(job, options, progress)
-    costs = tensor_costs(job.source, search.model, options.types, search.imatrix,
-                         _cost_imatrix(job, options, search.calib, progress),
-                         job.work_dir / "costs.json", options.threads, progress)
-    sensitivity, probes = _calibrate(search.prober, costs, options.types, progress)
+    clock = _PhaseClock()
+    with clock("prepare"):
+        search = _prepare(job, options, progress)
+    with clock("costs"):
+        cost_imatrix = _cost_imatrix(job, options, search.calib, progress)
+        costs = tensor_costs(job.source, search.model, options.types, search.imatrix,
+                             cost_imatrix, job.work_dir / "costs.json", options.threads, progress)
+    with clock("probes"):
+        probes = _calibrate(job, options, search, costs, cost_imatrix, progress)
+    sensitivity = {p.group: p.factor for p in probes}
     plan, plan_kld = _allocate(costs, sensitivity, search, progress)
-    checks = _check_prediction(search, costs, sensitivity, plan, plan_kld)
-    size, summary = _truth(job, options, search, costs, plan, plan_kld, progress)
+    with clock("write"):
+        size = _write(job, options, search, costs, plan, plan_kld, progress)
+    with clock("measure"):
+        summary = _measure(job, options, search, progress)
     out = TuneResult(path=job.dest, overrides=job.overrides_path, record=job.record_path,
                      name=job.name, budget=search.budget, size=size, predicted_kld=plan_kld,
-                     calibration_kld=checks[-1].kld, kld=summary,
-                     stock_size=search.stock.size if search.stock else None,
-                     probes=tuple(probes), checks=tuple(checks), types=plan,
-                     seconds=round(time.perf_counter() - started, 3))
+                     kld=summary, stock_size=search.stock.size if search.stock else None,
+                     probes=tuple(probes), types=plan,
+                     seconds=round(time.perf_counter() - started, 3),
+                     phase_seconds=clock.seconds)
     _write_record(out, options, sensitivity, search.calib)
     return out
 
@@ -393,7 +324,8 @@ def run_tune(job: TuneJob, options: TuneOptions,
 @dataclass(frozen=True)
 class _Search:
     """What every phase reads: the model, the budget and its size model, the texts, the
-    stock file of ``--match``, and the prober measuring on the calibration text."""
+    stock file of ``--match``, and the model's pass over the calibration text
+    (``calib_kld``: the options that pass and the probes read with)."""
 
     model: GGUFSummary
     imatrix: Imatrix | None
@@ -402,12 +334,13 @@ class _Search:
     heldout: Corpus
     calib: Corpus
     stock: GGUFSummary | None
-    prober: _Prober
+    reference: ReferenceCache
+    calib_kld: KldOptions
 
 
 def _prepare(job: TuneJob, options: TuneOptions, progress: ProgressCallback) -> _Search:
-    """Every check, the texts, the stock file and the calibration reference pass. An
-    impossible ``--size``/``--bpw`` budget is refused before any work."""
+    """Every check, the texts, the stock file and the BF16 pass over the calibration
+    text. An impossible ``--size``/``--bpw`` budget is refused before any work."""
     model, imatrix = preflight(job.source, options)
     header = read_gguf_header(job.source)
     sizes = size_model(model, header.data_offset, _metadata_bound(options))
@@ -423,39 +356,47 @@ def _prepare(job: TuneJob, options: TuneOptions, progress: ProgressCallback) -> 
     stock = _stock(job, options, progress)
     budget = options.budget.bytes(model.n_params, stock.size if stock else None)
     check_budget(budget, shapes, sizes, what)
-    calib_opts = replace(options.kld, max_chunks=options.probe_chunks)
-    ref = ensure_reference_file(job.source, "BF16", job.work_dir, calib, calib_opts, progress)
-    prober = _Prober(job, replace(options, kld=calib_opts), ref, calib, progress)
-    return _Search(model, imatrix, sizes, budget, heldout, calib, stock, prober)
+    calib_kld = replace(options.kld, max_chunks=options.probe_chunks)
+    ref = ensure_reference_file(job.source, "BF16", job.work_dir, calib, calib_kld, progress)
+    return _Search(model, imatrix, sizes, budget, heldout, calib, stock, ref, calib_kld)
 
 
-def _calibrate(prober: _Prober, costs: list[TensorCost], types: tuple[str, ...],
-               progress: ProgressCallback) -> tuple[dict[str, float], list[Probe]]:
-    """Phase 2: one probe per tensor group (the group at the probe type, the rest BF16);
-    the group's sensitivity is its measured KLD per unit of its error."""
-    probe_type = _probe_type(types)
-    groups = sorted({c.group for c in costs})
-    probes, sensitivity = [], {}
+def _cost_imatrix(job: TuneJob, options: TuneOptions, calib: Corpus,
+                  progress: ProgressCallback) -> Imatrix:
+    """The matrix that weights the costs: the one given, else one computed on the
+    calibration text (used for the costs only, never given to the quantizer)."""
+    if options.imatrix is not None:
+        return load_imatrix(options.imatrix)
+    dest = job.work_dir / f"cost-{calib.sha256[:12]}.imatrix.gguf"
+    if not dest.is_file():
+        compute_imatrix(job.source, calib.text, dest,
+                        ImatrixOptions(n_ctx=options.kld.n_ctx, chunks=options.probe_chunks,
+                                       process_output=True, threads=options.threads,
+                                       gpu_layers=options.kld.gpu_layers),
+                        calib.name, progress)
+    return load_imatrix(dest)
+
+
+def _calibrate(job: TuneJob, options: TuneOptions, search: _Search, costs: list[TensorCost],
+               cost_imatrix: Imatrix, progress: ProgressCallback) -> list[Probe]:
+    """Phase 2: one probe per tensor group; the model's shards go once all are in."""
+    inputs = ProbeInputs(source=search.model,
+                         shards=shards_for(search.model, job.work_dir, costs),
+                         reference=search.reference, calib=search.calib,
+                         quant_imatrix=search.imatrix, cost_imatrix=cost_imatrix,
+                         preferred=_probe_type(options.types), kld=search.calib_kld,
+                         threads=options.threads)
+    prober = Prober(inputs, job.work_dir, progress)
+    groups = inputs.shards.groups
+    probes = []
     for i, g in enumerate(groups):
-        assignment = {c.name: _probe_assignment(c, g, probe_type) for c in costs}
         progress(Progress("tune probes", i, len(groups), "probes", item=g))
-        probe = prober.measure(f"probe {g}", assignment, None)
+        probe = prober.measure(g, [c for c in costs if c.group == g])
         probes.append(probe)
-        error = sum(c.error[assignment[c.name]] for c in costs if c.group == g)
-        sensitivity[g] = max(probe.kld, 1e-9) / max(error, 1e-30)
         progress(Progress("tune probes", i + 1, len(groups), "probes", item=g,
                           info=f"KLD {probe.kld:.5f}"))
-    return sensitivity, probes
-
-
-def _probe_assignment(cost: TensorCost, group: str, probe_type: str) -> str:
-    """A tensor's type in ``group``'s probe: BF16 outside the group; inside, the probe
-    type, or the smallest it can take where its rows do not fit the probe type."""
-    if cost.group != group:
-        return "BF16"
-    if probe_type in cost.n_bytes:
-        return probe_type
-    return min(cost.n_bytes, key=lambda t: cost.n_bytes[t])
+    prober.finish()
+    return probes
 
 
 def _allocate(costs: list[TensorCost], sensitivity: dict[str, float], search: _Search,
@@ -468,28 +409,10 @@ def _allocate(costs: list[TensorCost], sensitivity: dict[str, float], search: _S
     return plan, plan_kld
 
 
-def _check_prediction(search: _Search, costs: list[TensorCost],
-                      sensitivity: dict[str, float], plan: dict[str, str],
-                      plan_kld: float) -> list[Probe]:
-    """The prediction checked on the calibration text: the stock mix (a configuration the
-    factors were not fitted to) and the plan itself; the plan's is last."""
-    checks = []
-    if search.stock is not None:
-        written_types = search.stock.tensor_types()
-        stock_types = {c.name: written_types[c.name] for c in costs}
-        if all(stock_types[c.name] in c.error for c in costs):
-            checks.append(search.prober.measure(f"stock {search.stock.file_type_name}",
-                                                stock_types,
-                                                predicted(costs, sensitivity, stock_types)))
-    checks.append(search.prober.measure("tuned", plan, plan_kld))
-    return checks
-
-
-def _truth(job: TuneJob, options: TuneOptions, search: _Search, costs: list[TensorCost],
-           plan: dict[str, str], plan_kld: float,
-           progress: ProgressCallback) -> tuple[int, KldSummary]:
-    """Phase 4: llama.cpp writes the plan (one override per tensor), checked to hold the
-    planned types within the budget; its KLD is measured on the held-out text."""
+def _write(job: TuneJob, options: TuneOptions, search: _Search, costs: list[TensorCost],
+           plan: dict[str, str], plan_kld: float, progress: ProgressCallback) -> int:
+    """Phase 4a: llama.cpp writes the plan (one override per tensor), checked to hold the
+    planned types within the budget; the file's size."""
     text = overrides_text(plan)
     overrides_sha = hashlib.sha256(text.encode()).hexdigest()
     ftype = get_quant(options.budget.match) if options.budget.match else \
@@ -507,11 +430,16 @@ def _truth(job: TuneJob, options: TuneOptions, search: _Search, costs: list[Tens
                             f" ({result.size} bytes, budget {search.budget})",
                             "this is a bug; please report it")
     write_text_atomic(job.overrides_path, text)
+    return result.size
+
+
+def _measure(job: TuneJob, options: TuneOptions, search: _Search,
+             progress: ProgressCallback) -> KldSummary:
+    """Phase 4b: the written file's KLD from BF16 on the held-out text."""
     heldout_ref = ensure_reference_file(job.source, "BF16", job.heldout_cache, search.heldout,
                                         options.kld, progress)
-    summary = measure_gguf(job.dest, job.name, job.source.name, heldout_ref, search.heldout,
-                           options.kld, progress)
-    return result.size, summary
+    return measure_gguf(job.dest, job.name, job.source.name, heldout_ref, search.heldout,
+                        options.kld, progress)
 
 
 def _probe_type(types: tuple[str, ...]) -> str:
@@ -545,9 +473,10 @@ def _write_record(result: TuneResult, options: TuneOptions, sensitivity: dict[st
         "stock_size": result.stock_size, "types": list(options.types),
         "imatrix": str(options.imatrix) if options.imatrix else None,
         "calibration": calib.name, "calibration_sha256": calib.sha256,
-        "predicted_kld": result.predicted_kld, "calibration_kld": result.calibration_kld,
+        "predicted_kld": result.predicted_kld,
         "kld": result.kld.mean_kld, "kld_err": result.kld.mean_kld_err,
         "heldout": result.kld.corpus, "sensitivity": sensitivity,
-        "probes": [asdict(p) for p in result.probes], "checks": [asdict(p) for p in result.checks],
-        "tensor_types": result.types, "seconds": result.seconds}
+        "probes": [asdict(p) for p in result.probes],
+        "tensor_types": result.types, "seconds": result.seconds,
+        "phase_seconds": result.phase_seconds}
     write_text_atomic(result.record, json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -25,6 +25,7 @@ from mathq.quantize.core import output_name
 from mathq.quantize.stage import DEFAULT_SMOKE_SUITE
 from mathq.recipes.quants import tensor_type_bpw
 from mathq.recipes.recipe import Recipe, load_recipe
+from mathq.tune.probes import PROBE_LAYERS, PROBE_RELATIVE_SE
 from mathq.tune.search import TuneJob, TuneOptions, TuneResult, run_tune
 
 
@@ -124,6 +125,7 @@ def tune_fingerprint(job: TuneJob, options: TuneOptions) -> Fingerprint | None:
     settings = {"budget": asdict(options.budget), "types": list(options.types),
                 "calibration": options.calibration, "probe_chunks": options.probe_chunks,
                 "seed": options.seed, "n_ctx": options.kld.n_ctx,
+                "probe_layers": PROBE_LAYERS, "probe_se": PROBE_RELATIVE_SE,
                 "corpus": str(options.kld.corpus) if options.kld.corpus else None}
     return inputs, settings
 
@@ -139,7 +141,7 @@ def tune_and_record(job: TuneJob, options: TuneOptions, layout: BuildLayout | No
             layout.key(result.path), "tune", *fingerprint, size=result.size,
             result={"budget_bytes": result.budget, "stock_size": result.stock_size,
                     "predicted_kld": result.predicted_kld,
-                    "calibration_kld": result.calibration_kld, "kld": result.kld.mean_kld,
+                    "kld": result.kld.mean_kld,
                     "kld_err": result.kld.mean_kld_err, "seconds": result.seconds,
                     "overrides": layout.key(result.overrides),
                     "record": layout.key(result.record)})

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from mathq.evaluate.environment import measurement_environment
 from mathq.evaluate.kld import DEFAULT_CTX
 from mathq.evaluate.kld.evaluator import ChunkEvaluator
 from mathq.evaluate.kld.logprob_file import LogprobFile, LogprobWriter, file_size
-from mathq.evaluate.kld.stats import KldAccumulator, compress_log_probs
+from mathq.evaluate.kld.stats import KldAccumulator, KldStats, compress_log_probs
 from mathq.evaluate.summaries import KldSummary, wilson_rate
 from mathq.fsutil import (
     atomic_outputs,
@@ -220,9 +220,10 @@ def measure_variant(layout: BuildLayout, quant: str, reference: ReferenceCache, 
 
 
 def measure_gguf(path: Path, quant: str, model: str, reference: ReferenceCache, corpus: Corpus,
-                 options: KldOptions,
-                 progress: ProgressCallback = no_progress) -> KldSummary:
-    """:func:`measure_variant` for any GGUF ``path``, named ``quant`` in its summary."""
+                 options: KldOptions, progress: ProgressCallback = no_progress,
+                 enough: Callable[[KldStats], bool] | None = None) -> KldSummary:
+    """:func:`measure_variant` for any GGUF ``path``, named ``quant`` in its summary;
+    ``enough`` stops it early, after the first chunk whose statistics it accepts."""
     ref = LogprobFile(reference.path)
     started = time.perf_counter()
     stage = f"kld {quant}"
@@ -232,17 +233,20 @@ def measure_gguf(path: Path, quant: str, model: str, reference: ReferenceCache, 
                             f"{reference.reference} has {ref.n_vocab}",
                             "compare variants of the same model only")
         acc = KldAccumulator(ev.n_vocab)
+        done = 0
         for i in range(ref.n_chunk):
             tokens = ref.chunk_tokens(i)
             next_tokens = tokens[ev.first + 1:ev.first + 1 + ev.n_scored]
             acc.add(ev.scored_logits(tokens), ref.chunk_rows(i), next_tokens)
+            done = i + 1
+            if enough is not None and enough(acc.result()):
+                break
             if i + 1 < ref.n_chunk:
                 progress(Progress(stage, i + 1, ref.n_chunk, "chunks",
                                   info=f"KLD {acc.mean_kld:.5f}"))
     stats = acc.result()
     seconds = time.perf_counter() - started
-    progress(Progress(stage, ref.n_chunk, ref.n_chunk, "chunks",
-                      info=f"KLD {stats.mean_kld:.5f}"))
+    progress(Progress(stage, done, done, "chunks", info=f"KLD {stats.mean_kld:.5f}"))
     return KldSummary(
         model=model, quant=quant, reference=reference.reference, corpus=corpus.name,
         n_tokens=stats.count, mean_kld=stats.mean_kld, mean_kld_err=stats.mean_kld_err,
@@ -250,6 +254,6 @@ def measure_gguf(path: Path, quant: str, model: str, reference: ReferenceCache, 
         same_top=wilson_rate(stats.same_top, stats.count),
         rms_delta_p=stats.rms_delta_p, imatrix=_imatrix_of(path),
         rms_delta_p_err=stats.rms_delta_p_err, ppl=stats.ppl, ppl_reference=stats.ppl_reference,
-        n_ctx=ref.n_ctx, n_chunks=ref.n_chunk, corpus_sha256=corpus.sha256,
+        n_ctx=ref.n_ctx, n_chunks=done, corpus_sha256=corpus.sha256,
         seconds=round(seconds, 3),
         environment=measurement_environment(options.threads or os.cpu_count() or 1))
