@@ -126,7 +126,7 @@ class Run:
     prompt_tokens: int
     answers: dict[str, str] = field(default_factory=dict)
     drafted: int = 0
-    accepted: int = 0
+    kept: int = 0
     steps: int = 0
 
 
@@ -209,11 +209,11 @@ def batch_speeds(gguf: Path, threads: int) -> dict[int, float]:
 
 
 def limit_gain(speeds: dict[int, float], plain: float, parallel: int,
-               acceptance: float) -> tuple[float, int]:
+               kept_rate: float) -> tuple[float, int]:
     """The most drafting can gain over ``plain`` (S_TG at ``parallel``) and the draft length
     that reaches it: ``parallel`` sequences each check k drafts a step (``parallel`` x (k+1)
     rows, at llama-bench's speed for that batch, interpolated in log rows), each draft kept
-    with probability ``acceptance`` while the ones before it were."""
+    with probability ``kept_rate`` while the ones before it were."""
     import numpy as np
 
     sizes = sorted(speeds)
@@ -221,7 +221,7 @@ def limit_gain(speeds: dict[int, float], plain: float, parallel: int,
     for k in range(sizes[-1] // parallel):
         rows = parallel * (k + 1)
         rate = float(np.interp(np.log(rows), np.log(sizes), [speeds[r] for r in sizes]))
-        kept_per_row = sum(acceptance ** i for i in range(k + 1)) / (k + 1)
+        kept_per_row = sum(kept_rate ** i for i in range(k + 1)) / (k + 1)
         best = max(best, (rate * kept_per_row / plain, k))
     return best
 
@@ -275,7 +275,7 @@ def _tool_available(name: str) -> str | None:
 
 def _limits(gguf: Path, threads: int, bb: dict[int, dict[str, float]],
             rows: dict[str, dict[str, object]], p: int) -> dict[str, object]:
-    """For each drafted run: the limit's gain at the acceptance it measured and at 1, beside
+    """For each drafted run: the limit's gain at the kept rate it measured and at 1, beside
     the gain it got (its problems per hour over the undrafted run's at the same P)."""
     speeds = batch_speeds(gguf, threads)
     out: dict[str, object] = {"batch_tokens_per_second": speeds}
@@ -284,15 +284,15 @@ def _limits(gguf: Path, threads: int, bb: dict[int, dict[str, float]],
             continue
         par = 1 if name.startswith("mathq P=1") else p
         plain = rows.get(name.removesuffix(" self-drafted").removesuffix(" drafted"))
-        acceptance = int(str(run["accepted"])) / int(str(run["drafted"]))
-        gain, k = limit_gain(speeds, bb[par]["speed_tg"], par, acceptance)
+        kept_rate = int(str(run["kept"])) / int(str(run["drafted"]))
+        gain, k = limit_gain(speeds, bb[par]["speed_tg"], par, kept_rate)
         perfect, k1 = limit_gain(speeds, bb[par]["speed_tg"], par, 1.0)
         got = (float(str(run["problems_per_hour"])) / float(str(plain["problems_per_hour"]))
                if plain else None)
-        out[name] = {"acceptance": acceptance, "limit_gain": gain, "limit_drafts": k,
+        out[name] = {"kept_rate": kept_rate, "limit_gain": gain, "limit_drafts": k,
                      "perfect_gain": perfect, "perfect_drafts": k1, "gain": got,
                      "share_of_limit": ((got - 1) / (gain - 1) if got and gain > 1 else None)}
-        print(f"  limit for {name}: {gain:.2f}x at its {100 * acceptance:.1f} % kept "
+        print(f"  limit for {name}: {gain:.2f}x at its {100 * kept_rate:.1f} % kept "
               f"({k} drafts a sequence), {perfect:.2f}x with every draft kept; it got "
               + (f"{got:.2f}x" if got else "-"))
     return out
@@ -383,11 +383,11 @@ def main() -> None:
             plain = runs.get(name.removesuffix(" drafted").removesuffix(" self-drafted"))
             same = (sum(run.answers.get(i) == a for i, a in plain.answers.items())
                     / len(plain.answers) if name.endswith("drafted") and plain else None)
-            kept = run.accepted / run.drafted if run.drafted else None
+            kept = run.kept / run.drafted if run.drafted else None
             per_step = run.tokens / run.steps if run.steps else None
             rows[name] = {"seconds": run.seconds, "tokens": run.tokens,
                           "prompt_tokens": run.prompt_tokens, "problems_per_hour": per_hour[name],
-                          "drafted": run.drafted, "accepted": run.accepted,
+                          "drafted": run.drafted, "kept": run.kept,
                           "steps": run.steps, "identical_to_undrafted": same,
                           "all_seconds": [x.seconds for x in all_runs[name]]}
             print(f"  {name:<24} {run.seconds:8.1f} {run.tokens:7d} {per_hour[name]:11.0f} "

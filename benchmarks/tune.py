@@ -105,7 +105,7 @@ def demo(out: Path) -> dict:
             "corpus": klds[0]["corpus"], "n_tokens": klds[0]["n_tokens"]}
 
 
-def big(out: Path, hidden: int, ffn: int, layers: int, probe_chunks: int) -> dict:
+def big(out: Path, hidden: int, ffn: int, layers: int, probe_chunks: int | None) -> dict:
     """The DeepSeek-shaped random model, as bare GGUF files."""
     from tests.ggufbuild import write_tiny_llama_gguf
 
@@ -120,8 +120,8 @@ def big(out: Path, hidden: int, ffn: int, layers: int, probe_chunks: int) -> dic
                               n_layer=layers, n_head=hidden // 64, output_scale=0.5)
         mathq("imatrix", str(bf16), "-c", str(CALIBRATION), "--smoke-suite", str(SMOKE),
               "--chunks", "16", "--out", str(imatrix), "-q", env=env)
-    common = ["-c", str(CALIBRATION), "--smoke-suite", str(SMOKE), "--probe-chunks",
-              str(probe_chunks), "-q"]
+    common = ["-c", str(CALIBRATION), "--smoke-suite", str(SMOKE), "-q",
+              *(["--probe-chunks", str(probe_chunks)] if probe_chunks else [])]
     cold = folder / "cold"
     cost = _cost(env, ["quantize", str(bf16), "-Q", "Q4_K_M", "--out-dir", str(cold), "-q"],
                  ["tune", str(bf16), "--match", "Q4_K_M", "--out-dir", str(cold), *common],
@@ -197,7 +197,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--ffn", type=int, default=1536)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--probe-chunks", type=int, default=4)
+    ap.add_argument("--probe-chunks", type=int, default=None,
+                    help="for the DeepSeek-shaped model's tunes (default: mathq tune's)")
     ap.add_argument("--skip-big", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

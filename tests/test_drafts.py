@@ -207,6 +207,25 @@ def test_drafter_follows_and_realigns_with_its_reference() -> None:
     assert lookup.propose(2) == [4, 7]
 
 
+def test_drafter_realigns_by_text_where_the_tokens_differ() -> None:
+    """The output writes the draft reference's text in other tokens ("1" "2" for "12"):
+    drafting resumes at the first reference token that starts where the text meets it
+    again, not inside a token."""
+    pieces = {10: b"The ", 11: b"answer ", 12: b"is ", 13: b"12", 14: b".", 15: b" Done",
+              20: b"1", 21: b"2", 1: b"", 2: b"", 3: b""}
+    drafter = Drafter([1, 2, 3], [10, 11, 12, 13, 14, 15], piece=pieces.__getitem__)
+    assert drafter.propose(8) == [10, 11, 12, 13, 14, 15]
+    drafter.record(6, 3, [10, 11, 12, 20])  # "1": the reference has "12" as one token
+    assert drafter.draft_ref_pos is None  # "...is 1" ends inside a reference token
+    drafter.record(0, 0, [21])  # "...is 12": the text meets the reference before "."
+    assert drafter.propose(8) == [14, 15]
+    # Without pieces, token ids alone cannot re-align it.
+    plain = Drafter([1, 2, 3], [10, 11, 12, 13, 14, 15])
+    plain.record(6, 3, [10, 11, 12, 20])
+    plain.record(0, 0, [21])
+    assert plain.draft_ref_pos is None
+
+
 def test_smoke_drafts_from_bf16_results_and_records_it(tiny_quant_ggufs: dict[str, Path],
                                                        tmp_path: Path) -> None:
     """`mathq smoke` drafts a variant from BF16's results in the build folder, records

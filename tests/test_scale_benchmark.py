@@ -29,9 +29,15 @@ def test_every_stage_is_measured_resumably_and_the_build_rerun_redoes_nothing(tm
     # The converter wrote the BF16 file: its disk high-water mark is at least that size.
     bf16 = tmp_path / "build" / "scale" / "scale-BF16.gguf"
     assert results["convert:mathq"]["disk_bytes"] >= 0.9 * bf16.stat().st_size
-    # Peers off: each says so; tune says why it is not measured.
+    # Peers off: each says so. The tune runs in the build's folder, beside a plain quantize,
+    # and brings its phases' times from its record.
     assert results["quantize Q4_K_M:llama-quantize"] == {"skipped": "peers off (--no-peers)"}
-    assert "tune issue" in results["tune:mathq"]["skipped"]
+    for key in ("tune:quantize Q4_K_M", "tune:mathq"):
+        assert results[key]["exit_code"] == 0 and results[key]["seconds"] > 0, key
+    assert set(results["tune:mathq"]["phase_seconds"]) == {"prepare", "costs", "probes",
+                                                           "write", "measure"}
+    assert results["tune:mathq"]["size"] <= results["tune:mathq"]["stock_size"]
+    assert "| tune | mathq |" in out
     assert results["build:rerun"]["redone"] == []  # the rerun of build redoes nothing
     assert "| build | rerun |" in out and "| quantize Q2_K | mathq |" in out
     # A second run keeps every measurement and measures nothing again.

@@ -345,9 +345,11 @@ def _tune_step(recipe: Recipe, options: BuildOptions, layout: BuildLayout, varia
         Budget.of(variant), imatrix=imatrix, calibration=options.calibration,
         kld=KldOptions(corpus=recipe.kld.corpus)))
     bf16 = layout.gguf("BF16")
-    # the tuned file (the stock file's size), and one probe file at a time, at most BF16's
+    # the tuned file (the stock file's size), and the probes' copy of BF16 in shards with one
+    # probe's group shard beside it (up to 8 layers of one role at the probe type: a quarter
+    # of BF16 bounds it unless one role is most of the model; 1.3 % of it at 7B)
     return Step(f"tune {variant.name}", "tune", job.dest, job.dest.name,
-                lambda: sizes.variant(variant) + sizes.bf16(),
+                lambda: sizes.variant(variant) + sizes.bf16() * 5 // 4,
                 lambda p: tune_and_record(job, opts, layout, p),
                 lambda: tune_fingerprint(job, opts),
                 (bf16, imatrix) if imatrix else (bf16,))

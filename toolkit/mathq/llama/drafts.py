@@ -48,6 +48,9 @@ from mathq.inputs import UnreadableInput, parse_json, read_text
 
 #: Tokens of the output that must occur in the draft reference to re-align with it.
 REALIGN_TOKENS = 3
+#: Bytes of output text that re-align it with the draft reference where their token ids
+#: differ (the same text cut into other tokens, "12" against "1" "2").
+REALIGN_BYTES = 12
 #: N-gram lengths prompt lookup tries, longest first.
 LOOKUP_NGRAMS = (3, 2)
 #: Prior kept rate per source as (kept, checked), before any draft is measured: a variant
@@ -136,10 +139,21 @@ class Drafter:
     """
 
     def __init__(self, prompt: Sequence[int], draft_reference: Sequence[int] = (),
-                 rates: KeptRates | None = None) -> None:
+                 rates: KeptRates | None = None,
+                 piece: Callable[[int], bytes] | None = None) -> None:
         self._history = list(prompt)
         self._n_prompt = len(self._history)
         self._draft_ref = np.asarray(draft_reference, dtype=np.int64)
+        # With ``piece`` (a token's bytes): the draft reference's text and where each of its
+        # tokens starts in it, and the output's text, for re-aligning by text.
+        self._piece = piece
+        self._output = bytearray()
+        self._ref_text = b""
+        self._ref_starts = np.zeros(0, dtype=np.int64)
+        if piece is not None and len(self._draft_ref):
+            pieces = [piece(int(t)) for t in self._draft_ref]
+            self._ref_text = b"".join(pieces)
+            self._ref_starts = np.cumsum([0, *map(len, pieces[:-1])], dtype=np.int64)
         #: Index of the next draft-reference token while the output follows it.
         self.draft_ref_pos: int | None = 0 if len(self._draft_ref) else None
         self._rates = rates or KeptRates()
@@ -185,6 +199,8 @@ class Drafter:
             self._rates.add(self._source, kept, checked)
         for t in emitted:
             self._history.append(t)
+            if self._piece is not None:
+                self._output += self._piece(t)
             pos = self.draft_ref_pos
             if pos is not None and pos < len(self._draft_ref) and self._draft_ref[pos] == t:
                 self.draft_ref_pos = pos + 1
@@ -195,14 +211,27 @@ class Drafter:
 
     def _realign(self) -> None:
         """Find where the output meets the draft reference again: the last occurrence there
-        of the output's last :data:`REALIGN_TOKENS` tokens."""
+        of the output's last :data:`REALIGN_TOKENS` tokens, else of its last
+        :data:`REALIGN_BYTES` bytes of text where that ends on a draft-reference token's
+        start (the same text in other tokens)."""
         generated = len(self._history) - self._n_prompt
-        if generated < REALIGN_TOKENS:
+        if generated >= REALIGN_TOKENS:
+            tail = np.asarray(self._history[-REALIGN_TOKENS:], dtype=np.int64)
+            start = _find_last(self._draft_ref, tail, len(self._draft_ref))
+            if start >= 0:
+                self.draft_ref_pos = start + REALIGN_TOKENS
+                return
+        if len(self._output) < REALIGN_BYTES:
             return
-        tail = np.asarray(self._history[-REALIGN_TOKENS:], dtype=np.int64)
-        start = _find_last(self._draft_ref, tail, len(self._draft_ref))
-        if start >= 0:
-            self.draft_ref_pos = start + REALIGN_TOKENS
+        text = bytes(self._output[-REALIGN_BYTES:])
+        end = self._ref_text.rfind(text)
+        while end >= 0:
+            after = end + REALIGN_BYTES
+            k = int(np.searchsorted(self._ref_starts, after))
+            if k < len(self._ref_starts) and self._ref_starts[k] == after:
+                self.draft_ref_pos = k
+                return
+            end = self._ref_text.rfind(text, 0, end + REALIGN_BYTES - 1)
 
 
 class StepCost:

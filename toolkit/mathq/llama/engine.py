@@ -385,7 +385,7 @@ class BatchEngine:
                 draft_reference = self.model.tokenize(request.draft_reference)
                 if self.model.add_bos and draft_reference[:1] == [self.model.bos]:
                     draft_reference = draft_reference[1:]
-            drafter = Drafter(prompt, draft_reference, self._rates)
+            drafter = Drafter(prompt, draft_reference, self._rates, self.model.piece)
         return _Seq(request, prompt, min(request.max_tokens, limit - len(prompt)), now,
                     stops=tuple(s.encode() for s in request.stop if s), drafter=drafter)
 

@@ -13,8 +13,8 @@ minute on two cores and the model is 13.8 GB:
   any of them. The BF16 model is copied once into such a set: the first shard holds the
   metadata and the tensors no group holds, then one shard per group. A probe is a folder of
   links to those shards with its own group's shard written anew: it writes one group's
-  probed tensors, a few per cent of the model, instead of all of it. The shards go once every
-  probe is measured.
+  probed tensors, a few per cent of the model, instead of all of it. The shards go when the
+  probe phase ends (a run killed outright leaves them to the next, which reuses them).
 - **Some layers.** A group's factor is one number for all its layers, so a probe quantizes
   :data:`PROBE_LAYERS` of them, spread over the depth, and divides by their error only.
 - **Text sized to the answer.** A probe reads chunks of the calibration text until its KLD's
@@ -290,7 +290,7 @@ class Prober:
         return Probe(group, stats.mean_kld, stats.mean_kld_err, error, stats.n_tokens, False)
 
     def finish(self) -> None:
-        """Every probe is journalled: the shards are no longer needed."""
+        """The probe phase is over: remove the shards (a copy of the model)."""
         shutil.rmtree(self.inputs.shards.folder, ignore_errors=True)
 
 

@@ -379,7 +379,8 @@ def _cost_imatrix(job: TuneJob, options: TuneOptions, calib: Corpus,
 
 def _calibrate(job: TuneJob, options: TuneOptions, search: _Search, costs: list[TensorCost],
                cost_imatrix: Imatrix, progress: ProgressCallback) -> list[Probe]:
-    """Phase 2: one probe per tensor group; the model's shards go once all are in."""
+    """Phase 2: one probe per tensor group. The model's shards go when the phase ends,
+    finished or stopped: they are a copy, and the journal keeps every finished probe."""
     inputs = ProbeInputs(source=search.model,
                          shards=shards_for(search.model, job.work_dir, costs),
                          reference=search.reference, calib=search.calib,
@@ -389,13 +390,15 @@ def _calibrate(job: TuneJob, options: TuneOptions, search: _Search, costs: list[
     prober = Prober(inputs, job.work_dir, progress)
     groups = inputs.shards.groups
     probes = []
-    for i, g in enumerate(groups):
-        progress(Progress("tune probes", i, len(groups), "probes", item=g))
-        probe = prober.measure(g, [c for c in costs if c.group == g])
-        probes.append(probe)
-        progress(Progress("tune probes", i + 1, len(groups), "probes", item=g,
-                          info=f"KLD {probe.kld:.5f}"))
-    prober.finish()
+    try:
+        for i, g in enumerate(groups):
+            progress(Progress("tune probes", i, len(groups), "probes", item=g))
+            probe = prober.measure(g, [c for c in costs if c.group == g])
+            probes.append(probe)
+            progress(Progress("tune probes", i + 1, len(groups), "probes", item=g,
+                              info=f"KLD {probe.kld:.5f}"))
+    finally:
+        prober.finish()
     return probes
 
 
