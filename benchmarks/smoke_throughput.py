@@ -13,6 +13,9 @@ problems in the recipe's exact prompt, greedy, ``--max-tokens`` new tokens at mo
   first): every draft is right until the text ends, the ceiling of what drafting can gain
   here, and what a variant that follows BF16 closely (a trained model's Q8_0) comes near;
 - ``mathq P=1`` and ``mathq P=1 drafted``: the same engine, one sequence at a time;
+- ``mathq P=8 prompts``: the same problems with one new token each: reading the prompts
+  (and grading), which drafting cannot shorten; the drafted runs' gain is also given on
+  what is left, the decoding;
 - ``create_completion``: a sequential loop over llama-cpp-python's ``Llama.create_completion``
   (temperature 0), the obvious way to write this without mathq;
 - ``llama-server -np 8``: llama.cpp's server built from the same sdist, 8 slots, driven
@@ -26,9 +29,12 @@ the trained tiny demo model on its own word problems: a variant really writes BF
 demo's answers at the random model's cost, so drafting is measured where it can pay.
 
 Every timing starts after the model is loaded (server start-up and ``Llama()`` excluded)
-and ends when the last answer is back; mathq's includes grading. Problems per hour =
-problems / seconds x 3600. With ``--rounds`` > 1 each contender runs that many times in
-rotated order and its fastest run counts (on a shared machine: the least disturbed one).
+and ends when the last answer is back; mathq's includes grading. A drafted run's one-time
+calibration of its step costs (a few decodes, kept beside the model file by a build) is
+made once per model file and carried to the next runs, as a build folder keeps it.
+Problems per hour = problems / seconds x 3600. With ``--rounds`` > 1 each contender runs
+that many times in rotated order and its fastest run counts (on a shared machine: the least
+disturbed one).
 Drafted runs report the share of drafted tokens kept, completion tokens per decode step,
 and how many answers are token for token those of the undrafted run at the same P.
 
@@ -62,8 +68,10 @@ from pathlib import Path
 
 from benchsetup import BENCH_DIR, ROOT, batched_bench, load_note, model_path, tool
 
+#: The drafted runs' step-cost calibration, kept across runs (a build keeps one per file).
+STEP_COSTS = BENCH_DIR / "smoke-throughput-step-costs.json"
 CONTENDERS = ("batched", "drafted", "self-drafted", "single", "single-drafted", "loop",
-              "server", "batched-bench")
+              "server", "batched-bench", "prompts")
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,7 @@ def _smoke(model: Model, gguf: Path, kind: str, n: int, max_tokens: int, spec: o
     from mathq.evaluate.smoke import SmokeOptions
     from mathq.evaluate.stage import run_smoke
     from mathq.layout import BuildLayout
+    from mathq.llama.drafts import STEP_COSTS_FILE
     from mathq.recipes.recipe import load_recipe
 
     recipe = load_recipe(model.recipe)
@@ -144,12 +153,19 @@ def _smoke(model: Model, gguf: Path, kind: str, n: int, max_tokens: int, spec: o
         layout = BuildLayout.for_model(recipe.name, Path(root))
         layout.root.mkdir(parents=True)
         layout.gguf(kind).symlink_to(gguf)
+        # The step-cost calibration is made once per model file and kept beside it, as in
+        # a build folder: carried from run to run, not charged to every drafted run.
+        costs = layout.root / STEP_COSTS_FILE
+        if STEP_COSTS.is_file():
+            shutil.copyfile(STEP_COSTS, costs)
         options = SmokeOptions(suite=str(model.problems), n=n, max_tokens=max_tokens,
                                backend=spec, draft_reference=reference)  # type: ignore[arg-type]
         (outcome,) = run_smoke(recipe, [kind], options, Path(root))
         rows = [json.loads(line) for line in outcome.results.read_text().splitlines()]
         if keep is not None:
             shutil.copyfile(outcome.results, keep)
+        if costs.is_file():
+            shutil.copyfile(costs, STEP_COSTS)
     s = outcome.summary
     return Run(s.wall_seconds, s.completion_tokens, s.prompt_tokens,
                {r["id"]: r["completion"] for r in rows}, s.drafted_tokens or 0,
@@ -354,6 +370,8 @@ def main() -> None:
             "drafted": (f"mathq P={p} drafted", partial(engine, p, draft=True, reference=ref)),
             "self-drafted": (f"mathq P={p} self-drafted",
                              partial(engine, p, draft=True, reference=own)),
+            "prompts": (f"mathq P={p} prompts", partial(mathq_engine, model, gguf, kind,
+                                                        args.n, 1, p, threads=args.threads)),
             "single": ("mathq P=1", partial(engine, 1)),
             "single-drafted": ("mathq P=1 drafted",
                                partial(engine, 1, draft=True, reference=ref)),
@@ -405,6 +423,16 @@ def main() -> None:
             if a in per_hour and b in per_hour:
                 ratios[f"{a} / {b}"] = per_hour[a] / per_hour[b]
                 print(f"  {a} / {b}: {ratios[f'{a} / {b}']:.2f}x")
+        prompts = runs.get(f"mathq P={p} prompts")
+        for a, b in ((f"mathq P={p} drafted", f"mathq P={p}"),
+                     (f"mathq P={p} self-drafted", f"mathq P={p}")):
+            if prompts is not None and a in runs and b in runs:
+                # what drafting can shorten: each run less one that reads the same prompts
+                # and writes one token each
+                key = f"{a} / {b} (decoding only)"
+                ratios[key] = ((runs[b].seconds - prompts.seconds)
+                               / max(runs[a].seconds - prompts.seconds, 1e-9))
+                print(f"  {key}: {ratios[key]:.2f}x (prompts alone {prompts.seconds:.1f} s)")
         entry: dict[str, object] = {"runs": rows, "ratios": ratios, "load_after": load_note()}
         if "batched-bench" in chosen and "mathq P=1" in runs:
             mean_prompt = round(runs["mathq P=1"].prompt_tokens / args.n)

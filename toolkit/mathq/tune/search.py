@@ -33,7 +33,7 @@ from pathlib import Path
 from mathq.convert.gguf_info import GGUFSummary, read_gguf_header, read_gguf_summary
 from mathq.datasets.corpus import Corpus, load_corpus
 from mathq.datasets.problems import ProblemSet
-from mathq.errors import MissingImatrixError, QuantizeError, TuneError
+from mathq.errors import MissingImatrixError, OutputBusyError, QuantizeError, TuneError
 from mathq.evaluate.kld.measure import (
     KldOptions,
     ReferenceCache,
@@ -41,7 +41,7 @@ from mathq.evaluate.kld.measure import (
     measure_gguf,
 )
 from mathq.evaluate.summaries import KldSummary
-from mathq.fsutil import write_text_atomic
+from mathq.fsutil import exclusive_lock, write_text_atomic
 from mathq.layout import overrides_file
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.quantize.calibration import (
@@ -387,18 +387,22 @@ def _calibrate(job: TuneJob, options: TuneOptions, search: _Search, costs: list[
                          quant_imatrix=search.imatrix, cost_imatrix=cost_imatrix,
                          preferred=_probe_type(options.types), kld=search.calib_kld,
                          threads=options.threads)
-    prober = Prober(inputs, job.work_dir, progress)
     groups = inputs.shards.groups
     probes = []
-    try:
-        for i, g in enumerate(groups):
-            progress(Progress("tune probes", i, len(groups), "probes", item=g))
-            probe = prober.measure(g, [c for c in costs if c.group == g])
-            probes.append(probe)
-            progress(Progress("tune probes", i + 1, len(groups), "probes", item=g,
-                              info=f"KLD {probe.kld:.5f}"))
-    finally:
-        prober.finish()
+    busy = OutputBusyError(f"another mathq command is computing the tune's probes in "
+                           f"{job.work_dir}", "wait for it to finish, then run this again: it "
+                           "reuses the probes")
+    with exclusive_lock(job.work_dir / "probes.lock", busy):  # one writer of the shards
+        prober = Prober(inputs, job.work_dir, progress)
+        try:
+            for i, g in enumerate(groups):
+                progress(Progress("tune probes", i, len(groups), "probes", item=g))
+                probe = prober.measure(g, [c for c in costs if c.group == g])
+                probes.append(probe)
+                progress(Progress("tune probes", i + 1, len(groups), "probes", item=g,
+                                  info=f"KLD {probe.kld:.5f}"))
+        finally:
+            prober.finish()
     return probes
 
 
