@@ -136,16 +136,24 @@ def test_the_manifest_records_the_search(tuned):
 
 def test_the_held_out_measurement_is_the_kld_stages_so_a_build_measures_once(tuned):
     """The tune's KLD on the held-out text is saved and recorded as the kld stage's
-    summary of the tuned variant: a build with that variant plans no second measurement."""
+    summary of the tuned variant, with the fingerprint a build's kld step has: a build
+    with that variant finds it current and measures nothing again."""
+    from mathq.datasets.corpus import load_corpus
+    from mathq.evaluate.kld.measure import KldOptions
+    from mathq.evaluate.stage import kld_fingerprint
+    from mathq.layout import BuildLayout
+    from mathq.recipes.recipe import load_recipe
+
     root, folder, r = tuned["root"], tuned["folder"], tuned["result"]
     summary = json.loads((folder / "kld" / "Q2_K-tuned.json").read_text())
     assert summary["mean_kld"] == r["kld"]["mean_kld"] and summary["model"] == "tiny-demo"
     rec = Manifest(folder / "manifest.json").get("kld/Q2_K-tuned.json")
     assert rec is not None and rec.stage == "kld"
-    plan = {p["name"]: p["status"] for p in json.loads(run(
-        "build", "tiny-demo", "--quant", "Q2_K", "--tune", "Q2_K", "--build-dir", str(root),
-        "--dry-run", "--json").stdout)}
-    assert plan["tune Q2_K-tuned"] == "skipped" and plan["kld Q2_K-tuned"] == "skipped"
+    recipe = load_recipe("tiny-demo")
+    build_kld = KldOptions(corpus=recipe.kld.corpus)  # what a build's kld step measures with
+    fingerprint = kld_fingerprint(BuildLayout.for_model("tiny-demo", root), "Q2_K-tuned",
+                                  build_kld, load_corpus(build_kld.corpus))
+    assert fingerprint is not None and rec.same_recipe(*fingerprint)
 
 
 def test_killed_mid_search_a_rerun_keeps_its_probes_and_chooses_the_same(

@@ -304,7 +304,8 @@ def _write_probe(inputs: ProbeInputs, folder: Path, group: str,
     ``plan``'s tensors quantized. Returns those tensors' weighted squared error."""
     bg = inputs.shards
     index = bg.groups.index(group) + 1
-    folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)  # a killed run's half-made probe
+    folder.mkdir(parents=True)
     for i in range(bg.count):
         if i != index:
             shard_path(folder, i, bg.count).symlink_to(bg.shard(i).resolve())
