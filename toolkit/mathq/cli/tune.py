@@ -77,11 +77,14 @@ def tune(source: str, match: str | None, size: int | None, bpw: float | None,
 
     Stock mixes spend bits by a fixed rule written for general text. tune measures this
     model: each tensor's error in each candidate type (ggml's own quantizer, weighted by an
-    importance matrix), one real KLD probe per tensor group to turn error into KLD, then the
-    budget spent where a byte saves the most. The file is written by llama.cpp's quantizer
-    with one --tensor-type override per tensor (saved as <file>.overrides.txt, which
-    `llama-quantize --tensor-type-file` reproduces) and its KLD is measured on held-out text.
-    A killed run keeps the probes it finished.
+    importance matrix), one real KLD probe per tensor group to turn error into KLD (up to 8
+    of the group's layers quantized in a split copy of the BF16 model: no model file per
+    probe), then the budget spent where a byte saves the most. The file is written by
+    llama.cpp's quantizer with one --tensor-type override per tensor (saved as
+    <file>.overrides.txt, which `llama-quantize --tensor-type-file` reproduces) and its KLD
+    is measured on held-out text (in a build folder, saved as `mathq kld`'s measurement of
+    it). The record (<file>.tune.json) says where the time went. A killed run keeps the
+    probes it finished.
 
     \b
     Examples:
