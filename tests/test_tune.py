@@ -243,6 +243,65 @@ def test_a_probe_is_the_model_llama_cpp_would_write_for_it(demo_bf16_gguf, tmp_p
     assert probe.same_top == direct.same_top
 
 
+def test_shards_changed_since_they_were_written_are_written_again(demo_bf16_gguf, tmp_path):
+    """A shard cut short or overwritten in place (same size) after a killed run is not fed
+    to llama.cpp: the set is written again, byte for byte what it was."""
+    from mathq.tune.probes import write_shards
+
+    inputs, _costs = _probe_inputs(demo_bf16_gguf, tmp_path)
+    shards = inputs.shards
+    write_shards(shards)
+    assert shards.complete()
+    victim = shards.shard(5)
+    original = victim.read_bytes()
+    with open(victim, "r+b") as f:  # the same size, other bytes
+        f.seek(len(original) - 64)
+        f.write(bytes(64))
+    assert not shards.complete()
+    write_shards(shards)
+    assert shards.complete() and victim.read_bytes() == original
+    os.truncate(victim, len(original) // 2)
+    assert not shards.complete()
+    write_shards(shards)
+    assert victim.read_bytes() == original
+
+
+def test_the_probe_journal_skips_what_is_not_a_probe_and_refuses_a_pipe(tmp_path):
+    """Rows cut short or edited (a missing or non-numeric figure) are measured again, an
+    append after a cut line stays a line of its own, and a named pipe where the journal
+    goes is refused at once instead of blocking the first append."""
+    from mathq.errors import OutputError
+    from mathq.tune.probes import _Journal
+
+    good = {"key": "a", "kld": 0.5, "kld_err": 0.01, "error": 2.0, "tokens": 255}
+    path = tmp_path / "probes.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (
+        good, {**good, "key": "b", "kld": None}, {k: v for k, v in good.items() if k != "error"}
+        | {"key": "c"}, {**good, "key": "d", "kld": "NaN"})) + "\n" + '{"key": "e", "kl')
+    journal = _Journal(path)
+    assert set(journal.done) == {"a"}
+    journal.add({**good, "key": "f"})
+    assert set(_Journal(path).done) == {"a", "f"}
+    pipe = tmp_path / "pipe.jsonl"
+    os.mkfifo(pipe)
+    with pytest.raises(OutputError, match="named pipe"):
+        _Journal(pipe)
+
+
+def test_a_second_tune_into_the_same_folder_is_refused_before_any_work(tuned):
+    """The work folder is held for the whole run: a second tune of any budget is refused at
+    once with one line, not after redoing the first one's costs."""
+    from mathq.errors import OutputBusyError
+    from mathq.fsutil import exclusive_lock
+
+    root, folder = tuned["root"], tuned["folder"]
+    before = sorted(p.name for p in (folder / "tune").iterdir())
+    with exclusive_lock(folder / "tune" / "tune.lock", OutputBusyError("held", "wait")):
+        out = run("tune", "tiny-demo", "--bpw", "5", "--build-dir", str(root), code=1).output
+    assert "another mathq command is computing a tune in" in out
+    assert sorted(p.name for p in (folder / "tune").iterdir()) == before
+
+
 def test_a_probe_quantizes_a_spread_of_a_deep_groups_layers():
     from mathq.tune.probes import PROBE_LAYERS, probed_layers
 
@@ -348,11 +407,14 @@ def test_build_plans_budget_variants_from_tune_and_the_recipe(tmp_path):
 def test_a_bpw_budget_goes_through_measurement_report_and_publish(tuned, tmp_path):
     """``mathq tune --bpw`` names its file T<bpw>; smoke, kld, bench, report and publish take
     the name like any variant's. The tune reuses the --match run's probes."""
-    root = tuned["root"]
+    root, folder = tuned["root"], tuned["folder"]
+    stale = folder / "tune" / "probe-0123456789abcdef01234567"  # a killed run's probe
+    stale.mkdir()
+    (stale / "model-00002-of-00010.gguf").write_bytes(b"GGUF")
     out = json.loads(run("tune", "tiny-demo", "--bpw", "4", "--json",
                          "--build-dir", str(root)).output)
     assert out["name"] == "T4.00" and all(p["reused"] for p in out["probes"])
-    folder = tuned["folder"]
+    assert not list((folder / "tune").glob("probe-*"))
     n_params = read_gguf_summary(folder / "tiny-demo-BF16.gguf").n_params
     assert out["size"] <= out["budget"] == int(4 * n_params / 8)
     assert read_gguf_summary(folder / "tiny-demo-T4.00.gguf").size == out["size"]

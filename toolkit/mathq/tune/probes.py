@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -42,8 +43,14 @@ from mathq.convert.writer import StreamingGGUFWriter
 from mathq.datasets.corpus import Corpus
 from mathq.evaluate.kld.measure import KldOptions, ReferenceCache, measure_gguf
 from mathq.evaluate.kld.stats import KldStats
-from mathq.fsutil import atomic_output, ensure_free_space, sha256_file
-from mathq.inputs import UnreadableInput, parse_json
+from mathq.fsutil import (
+    atomic_output,
+    ensure_free_space,
+    refuse_special_output,
+    sha256_file,
+    write_text_atomic,
+)
+from mathq.inputs import UnreadableInput, parse_json, read_text
 from mathq.manifest import file_identity
 from mathq.progress import ProgressCallback
 from mathq.quantize.imatrix_file import Imatrix
@@ -78,8 +85,25 @@ class Shards:
     def shard(self, index: int) -> Path:
         return shard_path(self.folder, index, self.count)
 
+    @property
+    def record(self) -> Path:
+        """Each finished shard's size and modification time, written once all are there."""
+        return self.folder / "shards.json"
+
     def complete(self) -> bool:
-        return all(self.shard(i).is_file() for i in range(self.count))
+        """Whether every shard is there as it was written (a shard changed since, cut short
+        or overwritten in place, has another size or time): else they are written again."""
+        try:
+            return parse_json(read_text(self.record)) == self._identities()
+        except (UnreadableInput, OSError):
+            return False
+
+    def _identities(self) -> dict[str, list[int]]:
+        out = {}
+        for i in range(self.count):
+            st = self.shard(i).stat()
+            out[self.shard(i).name] = [st.st_size, st.st_mtime_ns]
+        return out
 
     def tensor(self, name: str) -> TensorInfo:
         return next(t for t in self.base.tensors if t.name == name)
@@ -99,21 +123,20 @@ def shards_for(base: GGUFSummary, work_dir: Path, costs: Sequence[TensorCost]) -
 
 
 def write_shards(bg: Shards) -> None:
-    """Copy the base file's tensors into shards (each written whole or not at all); the
-    shards a killed run finished are kept."""
+    """Copy the base file's tensors into shards, unless a complete, unchanged set is
+    there (one a killed run left); anything less is written again from scratch."""
     if bg.complete():
         return
     for stale in bg.folder.parent.glob("shards-*"):
-        if stale != bg.folder:
-            shutil.rmtree(stale, ignore_errors=True)
-    bg.folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(stale, ignore_errors=True)
+    bg.folder.mkdir(parents=True)
     ensure_free_space(bg.folder, bg.base.size,
                       f"the probes' copy of the model ({bg.base.path.name})")
     grouped = {n for names in bg.members.values() for n in names}
     rest = tuple(t.name for t in bg.base.tensors if t.name not in grouped)
     for index, names in enumerate((rest, *(bg.members[g] for g in bg.groups))):
-        if not bg.shard(index).is_file():
-            _write_shard(bg, index, [(bg.tensor(n), None) for n in names])
+        _write_shard(bg, index, [(bg.tensor(n), None) for n in names])
+    write_text_atomic(bg.record, json.dumps(bg._identities()) + "\n")
 
 
 def _write_shard(bg: Shards, index: int,
@@ -201,25 +224,44 @@ class Probe:
 
 
 class _Journal:
-    """Measured probes, one JSON line each, appended and fsynced as each finishes."""
+    """Measured probes, one JSON line each, appended and fsynced as each finishes. A line
+    that is not a whole probe (cut short by a kill, or edited) is skipped: that probe is
+    measured again."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.done: dict[str, dict] = {}
+        refuse_special_output(path)  # a pipe there would block the first append forever
         if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            for line in read_text(path).splitlines():
                 try:
                     row = parse_json(line)
+                except UnreadableInput:
+                    continue
+                if _whole(row):
                     self.done[row["key"]] = row
-                except (UnreadableInput, KeyError, TypeError):
-                    continue  # a line cut short by a kill: that probe is measured again
 
     def add(self, row: dict) -> None:
         self.done[row["key"]] = row
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        with open(self.path, "a+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            cut = False
+            if size:  # a line a kill cut short gets its end first, so this row stays whole
+                f.seek(size - 1)
+                cut = f.read(1) != b"\n"
+            line = ("\n" if cut else "") + json.dumps(row, sort_keys=True) + "\n"
+            f.write(line.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
+
+
+def _whole(row: object) -> bool:
+    """Whether a journal row holds a probe: its key and finite numbers."""
+    if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+        return False
+    numbers = [row.get(k) for k in ("kld", "kld_err", "error", "tokens")]
+    return all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+               for v in numbers)
 
 
 @dataclass(frozen=True)
@@ -245,6 +287,8 @@ class Prober:
     def __init__(self, inputs: ProbeInputs, work_dir: Path, progress: ProgressCallback) -> None:
         self.inputs, self.work_dir, self.progress = inputs, work_dir, progress
         self.journal = _Journal(work_dir / "probes.jsonl")
+        for stale in work_dir.glob("probe-*"):  # a killed run's: the tune's lock is held
+            shutil.rmtree(stale, ignore_errors=True)
         self._imatrix_sha = {m.path: sha256_file(m.path)
                              for m in (inputs.quant_imatrix, inputs.cost_imatrix) if m}
 

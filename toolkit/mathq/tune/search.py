@@ -41,7 +41,7 @@ from mathq.evaluate.kld.measure import (
     measure_gguf,
 )
 from mathq.evaluate.summaries import KldSummary
-from mathq.fsutil import exclusive_lock, write_text_atomic
+from mathq.fsutil import exclusive_lock, make_dirs, removing_new_dirs, write_text_atomic
 from mathq.layout import overrides_file
 from mathq.progress import Progress, ProgressCallback, no_progress
 from mathq.quantize.calibration import (
@@ -296,6 +296,27 @@ def run_tune(job: TuneJob, options: TuneOptions,
     """Search, write and measure the tuned file; record the search beside it."""
     started = time.perf_counter()
     options = options.with_defaults()
+    with _work_dir_held(job):
+        return _search(job, options, started, progress)
+
+
+@contextmanager
+def _work_dir_held(job: TuneJob) -> Iterator[None]:
+    """The work folder for this run alone: its costs, probes and shards are shared by every
+    budget, so a second tune into it is refused at once, not after minutes of work that
+    the first is doing too (a folder made for it goes again if that happens)."""
+    busy = OutputBusyError(f"another mathq command is computing a tune in {job.work_dir}",
+                           "wait for it to finish, then run this again: it reuses the "
+                           "costs and probes")
+    with removing_new_dirs(job.work_dir):
+        make_dirs(job.work_dir)
+        with exclusive_lock(job.work_dir / "tune.lock", busy):
+            yield
+
+
+def _search(job: TuneJob, options: TuneOptions, started: float,
+            progress: ProgressCallback) -> TuneResult:
+    """:func:`run_tune`'s phases, with the work folder held."""
     clock = _PhaseClock()
     with clock("prepare"):
         search = _prepare(job, options, progress)
@@ -352,7 +373,6 @@ def _prepare(job: TuneJob, options: TuneOptions, progress: ProgressCallback) -> 
         check_budget(options.budget.bytes(model.n_params, None), shapes, sizes, what)
     heldout = load_corpus(options.kld.corpus)
     calib = calibration_corpus(job, options, heldout, progress)
-    job.work_dir.mkdir(parents=True, exist_ok=True)
     stock = _stock(job, options, progress)
     budget = options.budget.bytes(model.n_params, stock.size if stock else None)
     check_budget(budget, shapes, sizes, what)
@@ -389,20 +409,16 @@ def _calibrate(job: TuneJob, options: TuneOptions, search: _Search, costs: list[
                          threads=options.threads)
     groups = inputs.shards.groups
     probes = []
-    busy = OutputBusyError(f"another mathq command is computing the tune's probes in "
-                           f"{job.work_dir}", "wait for it to finish, then run this again: it "
-                           "reuses the probes")
-    with exclusive_lock(job.work_dir / "probes.lock", busy):  # one writer of the shards
-        prober = Prober(inputs, job.work_dir, progress)
-        try:
-            for i, g in enumerate(groups):
-                progress(Progress("tune probes", i, len(groups), "probes", item=g))
-                probe = prober.measure(g, [c for c in costs if c.group == g])
-                probes.append(probe)
-                progress(Progress("tune probes", i + 1, len(groups), "probes", item=g,
-                                  info=f"KLD {probe.kld:.5f}"))
-        finally:
-            prober.finish()
+    prober = Prober(inputs, job.work_dir, progress)
+    try:
+        for i, g in enumerate(groups):
+            progress(Progress("tune probes", i, len(groups), "probes", item=g))
+            probe = prober.measure(g, [c for c in costs if c.group == g])
+            probes.append(probe)
+            progress(Progress("tune probes", i + 1, len(groups), "probes", item=g,
+                              info=f"KLD {probe.kld:.5f}"))
+    finally:
+        prober.finish()
     return probes
 
 
