@@ -47,7 +47,7 @@ from mathq.evaluate.smoke import (
     run_smoke_target,
     select_smoke_problems,
 )
-from mathq.evaluate.summaries import BenchSummary, save_summary
+from mathq.evaluate.summaries import BenchSummary, KldSummary, save_summary
 from mathq.fsutil import Debris, output_lock, removing_new_dirs
 from mathq.inputs import file_problem
 from mathq.layout import BuildLayout
@@ -239,6 +239,19 @@ def kld_fingerprint(layout: BuildLayout, quant: str, options: KldOptions,
              "max_chunks": options.max_chunks, "corpus_sha256": corpus.sha256})
 
 
+def record_kld_summary(layout: BuildLayout, quant: str, summary: KldSummary,
+                       options: KldOptions, corpus: Corpus) -> Path:
+    """Save a variant's KLD summary where the kld stage keeps it and record it in the build
+    manifest with its fingerprint (what ``build`` compares to skip measuring it again)."""
+    out = layout.kld_summary(quant)
+    save_summary(out, summary)
+    fingerprint = kld_fingerprint(layout, quant, options, corpus)
+    assert fingerprint is not None  # both files were just read
+    Manifest(layout.manifest).record(layout.key(out), "kld", *fingerprint,
+                                     size=out.stat().st_size)
+    return out
+
+
 def run_kld(recipe_ref: str | Path, quants: tuple[str, ...] | None = None,
             options: KldOptions | None = None, build_root: Path | None = None,
             progress: ProgressCallback = no_progress) -> KldRun:
@@ -270,12 +283,7 @@ def run_kld(recipe_ref: str | Path, quants: tuple[str, ...] | None = None,
         summaries, paths = [], []
         for q in names:
             summary = measure_variant(layout, q, ref, corpus, options, progress)
-            out = layout.kld_summary(q)
-            save_summary(out, summary)
-            fingerprint = kld_fingerprint(layout, q, options, corpus)
-            assert fingerprint is not None  # both files were just read
-            Manifest(layout.manifest).record(layout.key(out), "kld", *fingerprint,
-                                             size=out.stat().st_size)
+            out = record_kld_summary(layout, q, summary, options, corpus)
             summaries.append(summary)
             paths.append(out)
     return KldRun(ref, tuple(summaries), tuple(paths))

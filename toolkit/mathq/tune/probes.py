@@ -119,48 +119,48 @@ def shards_for(base: GGUFSummary, work_dir: Path, costs: Sequence[TensorCost]) -
         members.setdefault(c.group, []).append(c.name)
     groups = tuple(sorted(members))
     return Shards(base, work_dir / f"shards-{ident}", groups,
-                      {g: tuple(members[g]) for g in groups})
+                  {g: tuple(members[g]) for g in groups})
 
 
-def write_shards(bg: Shards) -> None:
+def write_shards(shards: Shards) -> None:
     """Copy the base file's tensors into shards, unless a complete, unchanged set is
     there (one a killed run left); anything less is written again from scratch."""
-    if bg.complete():
+    if shards.complete():
         return
-    for stale in bg.folder.parent.glob("shards-*"):
+    for stale in shards.folder.parent.glob("shards-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    bg.folder.mkdir(parents=True)
-    ensure_free_space(bg.folder, bg.base.size,
-                      f"the probes' copy of the model ({bg.base.path.name})")
-    grouped = {n for names in bg.members.values() for n in names}
-    rest = tuple(t.name for t in bg.base.tensors if t.name not in grouped)
-    for index, names in enumerate((rest, *(bg.members[g] for g in bg.groups))):
-        _write_shard(bg, index, [(bg.tensor(n), None) for n in names])
-    write_text_atomic(bg.record, json.dumps(bg._identities()) + "\n")
+    shards.folder.mkdir(parents=True)
+    ensure_free_space(shards.folder, shards.base.size,
+                      f"the probes' copy of the model ({shards.base.path.name})")
+    grouped = {n for names in shards.members.values() for n in names}
+    rest = tuple(t.name for t in shards.base.tensors if t.name not in grouped)
+    for index, names in enumerate((rest, *(shards.members[g] for g in shards.groups))):
+        _write_shard(shards, index, [(shards.tensor(n), None) for n in names])
+    write_text_atomic(shards.record, json.dumps(shards._identities()) + "\n")
 
 
-def _write_shard(bg: Shards, index: int,
+def _write_shard(shards: Shards, index: int,
                  tensors: Sequence[tuple[TensorInfo, tuple[str, np.ndarray] | None]],
                  dest: Path | None = None) -> None:
     """One shard: each tensor either copied from the base file (``None``) or given as
     (type, bytes). Shard 0 carries the base file's metadata; every shard, the split keys."""
     from gguf import GGMLQuantizationType
 
-    dest = dest or bg.shard(index)
+    dest = dest or shards.shard(index)
     with atomic_output(dest) as tmp:
-        writer = StreamingGGUFWriter(tmp, bg.base.architecture)
+        writer = StreamingGGUFWriter(tmp, shards.base.architecture)
         try:
             if index == 0:
-                _copy_metadata(bg.base.path, writer)
+                _copy_metadata(shards.base.path, writer)
             writer.gguf.add_uint16("split.no", index)
-            writer.gguf.add_uint16("split.count", bg.count)
-            writer.gguf.add_int32("split.tensors.count", len(bg.base.tensors))
+            writer.gguf.add_uint16("split.count", shards.count)
+            writer.gguf.add_int32("split.tensors.count", len(shards.base.tensors))
             for t, given in tensors:
                 ty = given[0] if given else t.type
                 n_bytes = given[1].nbytes if given else t.n_bytes
                 writer.plan(t.name, tuple(reversed(t.shape)), GGMLQuantizationType[ty], n_bytes)
             writer.begin()
-            with open(bg.base.path, "rb") as src:
+            with open(shards.base.path, "rb") as src:
                 for t, given in tensors:
                     if given:
                         writer.write_array(t.name, given[1])
@@ -289,8 +289,9 @@ class Prober:
         self.journal = _Journal(work_dir / "probes.jsonl")
         for stale in work_dir.glob("probe-*"):  # a killed run's: the tune's lock is held
             shutil.rmtree(stale, ignore_errors=True)
-        self._imatrix_sha = {m.path: sha256_file(m.path)
-                             for m in (inputs.quant_imatrix, inputs.cost_imatrix) if m}
+        self._quant_imatrix_sha = (sha256_file(inputs.quant_imatrix.path)
+                                   if inputs.quant_imatrix else None)
+        self._cost_imatrix_sha = sha256_file(inputs.cost_imatrix.path)
 
     def plan(self, costs: Sequence[TensorCost]) -> dict[str, str]:
         """``{tensor: probe type}`` for the probed tensors of one group's ``costs``."""
@@ -302,9 +303,8 @@ class Prober:
         i = self.inputs
         material = {"source": file_identity(i.source.path),
                     "reference": i.reference.key, "group": group,
-                    "imatrices": sorted(self._imatrix_sha.values()),
-                    "quant_imatrix": self._imatrix_sha.get(i.quant_imatrix.path)
-                    if i.quant_imatrix else None,
+                    "quant_imatrix": self._quant_imatrix_sha,
+                    "cost_imatrix": self._cost_imatrix_sha,
                     "types": dict(sorted(plan.items())), "se": PROBE_RELATIVE_SE}
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -316,12 +316,12 @@ class Prober:
         if row is not None:
             return Probe(group, row["kld"], row["kld_err"], row["error"], row["tokens"], True)
         started = time.perf_counter()
-        bg = self.inputs.shards
-        write_shards(bg)
+        shards = self.inputs.shards
+        write_shards(shards)
         folder = self.work_dir / f"probe-{key}"
         try:
             error = _write_probe(self.inputs, folder, group, plan)
-            stats = measure_gguf(shard_path(folder, 0, bg.count), f"probe {group}",
+            stats = measure_gguf(shard_path(folder, 0, shards.count), f"probe {group}",
                                  self.inputs.source.path.name, self.inputs.reference,
                                  self.inputs.calib, self.inputs.kld, self.progress,
                                  enough=_settled)
@@ -346,24 +346,24 @@ def _write_probe(inputs: ProbeInputs, folder: Path, group: str,
                  plan: Mapping[str, str]) -> float:
     """The probe's folder: links to the shards but ``group``'s, which is written with
     ``plan``'s tensors quantized. Returns those tensors' weighted squared error."""
-    bg = inputs.shards
-    index = bg.groups.index(group) + 1
+    shards = inputs.shards
+    index = shards.groups.index(group) + 1
     shutil.rmtree(folder, ignore_errors=True)  # a killed run's half-made probe
     folder.mkdir(parents=True)
-    for i in range(bg.count):
+    for i in range(shards.count):
         if i != index:
-            shard_path(folder, i, bg.count).symlink_to(bg.shard(i).resolve())
+            shard_path(folder, i, shards.count).symlink_to(shards.shard(i).resolve())
     error = 0.0
     tensors: list[tuple[TensorInfo, tuple[str, np.ndarray] | None]] = []
-    for name in bg.members[group]:
-        t = bg.tensor(name)
+    for name in shards.members[group]:
+        t = shards.tensor(name)
         if name in plan:
             data, err = _quantize(inputs, t, plan[name])
             error += err
             tensors.append((t, (plan[name], data)))
         else:
             tensors.append((t, None))
-    _write_shard(bg, index, tensors, dest=shard_path(folder, index, bg.count))
+    _write_shard(shards, index, tensors, dest=shard_path(folder, index, shards.count))
     return error
 
 

@@ -17,7 +17,6 @@ resumes where it stopped):
 4. **Truth.** The chosen file is written by llama.cpp's quantizer with one override per tensor,
    and its KLD from BF16 is measured on the held-out text: the number reported, beside the
    prediction it checks.
-
 """
 
 from __future__ import annotations

@@ -151,17 +151,11 @@ def tune_and_record(job: TuneJob, options: TuneOptions, layout: BuildLayout | No
 
 def _record_kld(layout: BuildLayout, result: TuneResult, options: TuneOptions) -> None:
     """The tuned file's held-out measurement is the kld stage's measurement of that
-    variant (the same reference pass and text): saved where ``mathq kld`` saves it and
-    recorded with the kld stage's fingerprint, so ``build --tune`` measures the file once
-    (at 7B, 12 minutes a file), and the report has it after a lone ``mathq tune``."""
+    variant (the same reference pass and text): saved and recorded as ``mathq kld`` does,
+    so ``build --tune`` measures the file once (at 7B, 8.5 minutes a file), and the report
+    has it after a lone ``mathq tune``."""
     from mathq.datasets.corpus import load_corpus
-    from mathq.evaluate.stage import kld_fingerprint
-    from mathq.evaluate.summaries import save_summary
+    from mathq.evaluate.stage import record_kld_summary
 
-    fingerprint = kld_fingerprint(layout, result.name, options.kld,
-                                  load_corpus(options.kld.corpus))
-    assert fingerprint is not None  # both files were just read
-    out = layout.kld_summary(result.name)
-    save_summary(out, replace(result.kld, model=layout.name))
-    Manifest(layout.manifest).record(layout.key(out), "kld", *fingerprint,
-                                     size=out.stat().st_size)
+    record_kld_summary(layout, result.name, replace(result.kld, model=layout.name),
+                       options.kld, load_corpus(options.kld.corpus))
