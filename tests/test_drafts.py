@@ -226,6 +226,46 @@ def test_drafter_realigns_by_text_where_the_tokens_differ() -> None:
     assert plain.draft_ref_pos is None
 
 
+def test_draft_reference_ids_are_used_where_they_spell_its_text(
+        tiny_quant_ggufs: dict[str, Path]) -> None:
+    """A draft reference's token ids are its drafts where they are this vocabulary's and
+    spell its text, even where the tokenizer would cut the text otherwise (a random-weight
+    model writes "1" "2" as readily as "12"); ids of another vocabulary, or of other text,
+    fall back to the text tokenized."""
+    text = "Tom has 12 apples."
+    with BatchEngine(tiny_quant_ggufs["Q8_0"], EngineOptions(parallel=1, threads=THREADS)) \
+            as engine:
+        model = engine.model
+        canonical = engine._draft_reference_tokens(GenRequest("a", "x", 8, (), text))
+        assert b"".join(model.piece(t) for t in canonical) == text.encode()
+        split = [t for c in text for t in model.tokenize(c)[int(model.add_bos):]]
+        assert b"".join(model.piece(t) for t in split) == text.encode() and split != canonical
+
+        def tokens(ids: list[int], reference: str = text) -> list[int]:
+            return engine._draft_reference_tokens(
+                GenRequest("a", "x", 8, (), reference, tuple(ids)))
+
+        assert tokens(split) == split
+        assert tokens(split + canonical[:1]) == split + canonical[:1]  # a stop string's end
+        assert tokens([*split[:-1], model.n_vocab]) == canonical  # not this vocabulary
+        assert tokens(split[:-2]) == canonical  # spells less than the text
+        assert tokens(split[::-1]) == canonical  # other text
+        assert tokens([]) == canonical and tokens([], "") == []
+
+
+def test_draft_reference_ids_are_read_leniently(tmp_path: Path) -> None:
+    from mathq.evaluate.results_log import read_draft_reference
+
+    path = tmp_path / "BF16.jsonl"
+    rows = [{"id": "a", "completion": "12", "completion_ids": [16, 17]},
+            {"id": "b", "completion": "x", "completion_ids": [1.5]},
+            {"id": "c", "completion": "y"}, {"id": 4, "completion": "z",
+                                             "completion_ids": "[1]"}]
+    path.write_text("\n".join(map(json.dumps, rows)) + "\n{broken\n", encoding="utf-8")
+    assert read_draft_reference(path) == {"a": ("12", (16, 17)), "b": ("x", ()),
+                                          "c": ("y", ()), "4": ("z", ())}
+
+
 def test_smoke_drafts_from_bf16_results_and_records_it(tiny_quant_ggufs: dict[str, Path],
                                                        tmp_path: Path) -> None:
     """`mathq smoke` drafts a variant from BF16's results in the build folder, records
@@ -243,6 +283,8 @@ def test_smoke_drafts_from_bf16_results_and_records_it(tiny_quant_ggufs: dict[st
         return result.output
 
     smoke("--quant", "BF16", "--n", "40")
+    rows = [json.loads(line) for line in layout.smoke_results("BF16").read_text().splitlines()]
+    assert all(len(r["completion_ids"]) == r["completion_tokens"] for r in rows)
     bf16 = load_summary(layout.smoke_summary("BF16"), SmokeSummary)
     assert bf16.draft_reference is None and bf16.draft_off is None  # lookup only
     smoke("--quant", "Q4_K_M", "--n", "20")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -48,6 +49,12 @@ def test_result_record_carries_grade_and_measures():
     assert (first.prompt_tokens, first.seconds, first.finish_reason) == (80, 1.5, "stop")
     assert [r.verdict for r in records[7:]] == ["wrong", "wrong", "no-answer"]
     assert ProblemResult.from_json(first.to_json()) == first
+    drafted = dataclasses.replace(first, steps=3, drafted=9, accepted=8,
+                                  completion_ids=(791, 4320, 13))
+    assert ProblemResult.from_json(json.loads(json.dumps(drafted.to_json()))) == drafted
+    for bad in ([1.5], "1 2", [-1], [True]):
+        with pytest.raises(ProblemSetError, match="'completion_ids' must be a list of token"):
+            ProblemResult.from_json({**first.to_json(), "completion_ids": bad}, "r.jsonl:1")
     s = summarize(records)
     assert (s.total, s.correct, s.accuracy) == (10, 7, 70.0)
     assert s.verdicts == {"correct": 7, "wrong": 2, "no-answer": 1}

@@ -65,10 +65,12 @@ def append_result(f: Any, result: ProblemResult) -> None:
     os.fsync(f.fileno())
 
 
-def read_draft_reference(path: Path) -> dict[str, str]:
-    """Completions by problem id from a results file, read only: drafts to check, so a
-    damaged line is skipped rather than repaired or refused."""
-    completions: dict[str, str] = {}
+def read_draft_reference(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Completions by problem id from a results file, each with the token ids it was
+    generated as (empty where the file has none or they are not a list of whole numbers),
+    read only: drafts to check, so a damaged line is skipped rather than repaired or
+    refused."""
+    completions: dict[str, tuple[str, tuple[int, ...]]] = {}
     try:
         lines = path.read_bytes().split(b"\n")
     except OSError:
@@ -80,5 +82,7 @@ def read_draft_reference(path: Path) -> dict[str, str]:
             continue
         if isinstance(row, dict) and isinstance(row.get("completion"), str) \
                 and isinstance(row.get("id"), (str, int)):
-            completions[str(row["id"])] = row["completion"]
+            ids = row.get("completion_ids")
+            valid = isinstance(ids, list) and all(type(t) is int for t in ids)
+            completions[str(row["id"])] = (row["completion"], tuple(ids) if valid else ())
     return completions

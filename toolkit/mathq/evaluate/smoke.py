@@ -377,11 +377,12 @@ def _answer_problems(run: _Run, backend: Backend, todo: Sequence[Problem], tally
     by_id = {p.id: p for p in todo}
     recipe, timeout_s = run.recipe, run.options.grade_timeout_s
     few_shot = recipe.prompt.template == "few-shot"
-    draft_texts = (read_draft_reference(run.draft_reference)
-                   if run.draft_reference is not None else {})
+    drafts = (read_draft_reference(run.draft_reference)
+              if run.draft_reference is not None else {})
     requests = [Request(id=p.id, prompt=render_prompt(recipe.prompt, p.problem),
                         question=p.problem, max_tokens=run.max_tokens, stop=run.stops,
-                        draft_reference=draft_texts.get(p.id, "")) for p in todo]
+                        draft_reference=drafts.get(p.id, ("", ()))[0],
+                        draft_reference_ids=drafts.get(p.id, ("", ()))[1]) for p in todo]
     run_id = uuid.uuid4().hex[:12]
     stage = f"smoke {run.target.quant}"
     # The first comparison imports SymPy and math-verify (about 2 s): pay it before the
@@ -409,7 +410,8 @@ def _answer_problems(run: _Run, backend: Backend, todo: Sequence[Problem], tally
                           prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
                           seconds=round(c.seconds, 3), finish_reason=c.finish_reason,
                           run=run_id, run_seconds=round(time.perf_counter() - started, 3),
-                          steps=c.steps, drafted=c.drafted, accepted=c.kept)
+                          steps=c.steps, drafted=c.drafted, accepted=c.kept,
+                          completion_ids=c.token_ids)
 
     new: dict[str, ProblemResult] = {}
     report()

@@ -86,8 +86,11 @@ class GenRequest:
     prompt: str
     max_tokens: int
     stop: tuple[str, ...] = ()
-    #: Another model's completion of the same prompt, to draft from (BF16's, for a variant).
+    #: Another model's completion of the same prompt, to draft from (BF16's, for a variant),
+    #: and the token ids it was generated as, where known (see
+    #: :meth:`BatchEngine._draft_reference_tokens`).
     draft_reference: str = ""
+    draft_reference_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -380,14 +383,30 @@ class BatchEngine:
         """A sequence for ``request``, with its drafter unless drafting is off."""
         drafter = None
         if self.draft_off is None:
-            draft_reference: list[int] = []
-            if request.draft_reference:
-                draft_reference = self.model.tokenize(request.draft_reference)
-                if self.model.add_bos and draft_reference[:1] == [self.model.bos]:
-                    draft_reference = draft_reference[1:]
-            drafter = Drafter(prompt, draft_reference, self._rates, self.model.piece)
+            drafter = Drafter(prompt, self._draft_reference_tokens(request), self._rates,
+                              self.model.piece)
         return _Seq(request, prompt, min(request.max_tokens, limit - len(prompt)), now,
                     stops=tuple(s.encode() for s in request.stop if s), drafter=drafter)
+
+    def _draft_reference_tokens(self, request: GenRequest) -> list[int]:
+        """The draft reference as this model's tokens: the ids it was generated as, where
+        they are this vocabulary's and spell its text, else its text tokenized.
+
+        The ids matter: a model does not always write text in the tokens the tokenizer
+        would cut it into ("1" "2" for "12"), and a draft in other tokens is rejected at
+        the first such cut even where the variant writes the very same text.
+        """
+        ids = request.draft_reference_ids
+        if ids and all(0 <= t < self.model.n_vocab for t in ids):
+            text = b"".join(self.model.piece(t) for t in ids).decode("utf-8", errors="ignore")
+            if text.startswith(request.draft_reference):
+                return list(ids)
+        if not request.draft_reference:
+            return []
+        tokens = self.model.tokenize(request.draft_reference)
+        if self.model.add_bos and tokens[:1] == [self.model.bos]:
+            tokens = tokens[1:]
+        return tokens
 
     def _check(self, ctx: Context, seq: _Seq, rows: _Rows) -> StepOutcome:
         """One sequence's part of a decoded step: its greedy token after its last one,

@@ -24,8 +24,10 @@ class Request:
     question: str
     max_tokens: int
     stop: tuple[str, ...] = ()
-    #: BF16's completion of the same problem, to draft from (in process only).
+    #: BF16's completion of the same problem, to draft from (in process only), and the
+    #: token ids BF16 wrote it in, where its results file has them.
     draft_reference: str = ""
+    draft_reference_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ class Completion:
     ``completion_tokens`` and ``prompt_tokens`` are the backend's own counts (None when it
     does not say); ``finish_reason`` is ``stop`` or ``length``; ``seconds`` is the time from
     the request's start to its end. ``steps``, ``drafted`` and ``kept`` are the
-    in-process engine's decode steps, drafted tokens checked and kept (None elsewhere).
+    in-process engine's decode steps, drafted tokens checked and kept, and ``token_ids``
+    the tokens it generated (None elsewhere).
     """
 
     id: str
@@ -47,6 +50,7 @@ class Completion:
     steps: int | None = None
     drafted: int | None = None
     kept: int | None = None
+    token_ids: tuple[int, ...] | None = None
 
 
 #: Called with the number of tokens generated so far, as often as the backend knows it.

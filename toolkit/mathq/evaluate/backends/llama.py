@@ -40,8 +40,8 @@ class LlamaBackend(Backend):
     def complete(self, requests: Sequence[Request],
                  on_tokens: TokenCallback | None = None) -> Iterator[Completion]:
         """Answer every request with greedy decoding; yield each as it finishes."""
-        gen = [GenRequest(r.id, r.prompt, r.max_tokens, r.stop, r.draft_reference)
-               for r in requests]
+        gen = [GenRequest(r.id, r.prompt, r.max_tokens, r.stop, r.draft_reference,
+                          r.draft_reference_ids) for r in requests]
         results: queue.SimpleQueue[GenResult | BaseException | None] = queue.SimpleQueue()
         stop = threading.Event()
         generated = [0]
@@ -82,7 +82,7 @@ class LlamaBackend(Backend):
                                  completion_tokens=item.completion_tokens,
                                  finish_reason=item.finish_reason, seconds=item.seconds,
                                  steps=item.steps, drafted=item.drafted,
-                                 kept=item.kept)
+                                 kept=item.kept, token_ids=item.tokens)
         finally:
             stop.set()
             worker.join()

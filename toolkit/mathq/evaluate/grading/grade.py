@@ -127,6 +127,10 @@ class ProblemResult:
     steps: int | None = None
     drafted: int | None = None
     accepted: int | None = None
+    # The token ids the in-process engine generated (the one that completed a stop string
+    # included): a later variant drafts from them exactly, where the text tokenized anew
+    # may be cut into other tokens than the model wrote. None from other backends.
+    completion_ids: tuple[int, ...] | None = None
 
     @property
     def correct(self) -> bool:
@@ -161,6 +165,13 @@ class ProblemResult:
                 raise ProblemSetError(
                     f"{where}: field {name!r} must be {wanted}, got {_json_type(value)}",
                     f"fix that line; e.g. \"{name}\": {_EXAMPLES[name]}")
+        ids = values.get("completion_ids")
+        if ids is not None:
+            if not (isinstance(ids, list) and all(type(t) is int and t >= 0 for t in ids)):
+                raise ProblemSetError(
+                    f"{where}: field 'completion_ids' must be a list of token ids, got "
+                    f"{_json_type(ids)}", 'fix that line; e.g. "completion_ids": [791, 4320]')
+            values["completion_ids"] = tuple(ids)
         return cls(**values)
 
 
