@@ -39,7 +39,11 @@ Drafted runs report the share of drafted tokens kept, completion tokens per deco
 and how many answers are token for token those of the undrafted run at the same P.
 
 Then, if ``batched-bench`` is among the contenders, llama-batched-bench measures the
-hardware's headroom for the same shape of work (S_TG and S at 8 sequences over 1).
+hardware's headroom for the same shape of work (S_TG and S at 8 sequences over 1), and
+each drafted run is set beside the limit of drafting at the kept rate it measured, two
+ways: llama-bench's batch speeds over S_TG (one row's logits per batch), and the drafted
+step itself timed with every row's logits, as the engine needs them (:func:`step_speeds`).
+The run's own gain there is its decoding's (prompts contender needed).
 
     python benchmarks/smoke_throughput.py                       # both kinds, 16 problems
     python benchmarks/smoke_throughput.py --kinds Q8_0,Q4_K_M --contenders batched,drafted
@@ -224,22 +228,80 @@ def batch_speeds(gguf: Path, threads: int) -> dict[int, float]:
     return {int(r["n_prompt"]): float(r["avg_ts"]) for r in rows if int(r["n_prompt"])}
 
 
-def limit_gain(speeds: dict[int, float], plain: float, parallel: int,
-               kept_rate: float) -> tuple[float, int]:
-    """The most drafting can gain over ``plain`` (S_TG at ``parallel``) and the draft length
-    that reaches it: ``parallel`` sequences each check k drafts a step (``parallel`` x (k+1)
-    rows, at llama-bench's speed for that batch, interpolated in log rows), each draft kept
-    with probability ``kept_rate`` while the ones before it were."""
+#: Drafts per sequence of the drafted steps the all-logits limit times (a step of
+#: ``parallel`` x (k + 1) rows), up to the context's micro-batch.
+STEP_DRAFTS = (0, 1, 2, 3, 5, 7, 11, 15, 23, 31, 47, 63)
+
+
+def step_speeds(gguf: Path, threads: int, parallel: int, prompt_tokens: int) -> dict[int, float]:
+    """Rows per second of a drafted step with every draft kept, by drafts per sequence:
+    ``parallel`` sequences, each after a prompt of ``prompt_tokens`` tokens, check k drafts
+    each in one ``llama_decode`` of ``parallel`` x (k + 1) rows with logits for every row
+    (as the engine's steps are laid out: a KV cache per sequence), the median of 3 timed
+    decodes after a warm-up.
+
+    llama-bench's ``-p N`` computes the logits of one row of its batch; a drafted step
+    needs them for every row, and on a model whose output matrix is a large part of its
+    weights (a third of the 0.65 B model's work per row) that is most of the difference.
+    """
+    import statistics
+
+    import numpy as np
+
+    from mathq.llama.runtime import Context, EngineOptions, LlamaModel, pad_context
+
+    model = LlamaModel(gguf, 0)
+    options = EngineOptions(parallel=parallel, threads=threads)
+    ctx = Context(model, parallel, pad_context(prompt_tokens + 1 + max(STEP_DRAFTS)), options)
+    rng = np.random.default_rng(0)
+    speeds: dict[int, float] = {}
+    try:
+        for seq in range(parallel):
+            ctx.clear_batch()
+            ctx.add(rng.integers(100, model.n_vocab, prompt_tokens), 0, seq, True)
+            ctx.decode()
+        for k in STEP_DRAFTS:
+            rows = parallel * (k + 1)
+            if rows > ctx.n_ubatch:
+                break
+            times = []
+            for _ in range(4):
+                ctx.clear_batch()
+                for seq in range(parallel):
+                    ctx.add(rng.integers(100, model.n_vocab, k + 1), prompt_tokens, seq,
+                            True, all_logits=True)
+                tick = time.perf_counter()
+                ctx.decode()
+                ctx.synchronize()
+                times.append(time.perf_counter() - tick)
+                ctx.free_seq(-1, prompt_tokens)
+            speeds[k] = rows / statistics.median(times[1:])
+    finally:
+        ctx.close()
+        model.close()
+    return speeds
+
+
+def limit_gain(speed: Callable[[int], float], plain: float, parallel: int, kept_rate: float,
+               max_rows: int) -> tuple[float, int]:
+    """The most drafting can gain over ``plain`` tokens per second and the draft length
+    that reaches it: ``parallel`` sequences each check k drafts a step (``parallel`` x
+    (k + 1) rows at ``speed(rows)`` rows per second), each draft kept with probability
+    ``kept_rate`` while the ones before it were."""
+    best = (0.0, 0)
+    for k in range(max_rows // parallel):
+        kept_per_row = sum(kept_rate ** i for i in range(k + 1)) / (k + 1)
+        best = max(best, (speed(parallel * (k + 1)) * kept_per_row / plain, k))
+    return best
+
+
+def _interpolated(speeds: dict[int, float]) -> Callable[[int], float]:
+    """Rows per second at any row count, interpolated in log rows between measured ones."""
     import numpy as np
 
     sizes = sorted(speeds)
-    best = (0.0, 0)
-    for k in range(sizes[-1] // parallel):
-        rows = parallel * (k + 1)
-        rate = float(np.interp(np.log(rows), np.log(sizes), [speeds[r] for r in sizes]))
-        kept_per_row = sum(kept_rate ** i for i in range(k + 1)) / (k + 1)
-        best = max(best, (rate * kept_per_row / plain, k))
-    return best
+    return lambda rows: float(np.interp(np.log(rows), np.log(sizes),
+                                        [speeds[r] for r in sizes]))
 
 
 def _free_port() -> int:
@@ -290,27 +352,49 @@ def _tool_available(name: str) -> str | None:
 
 
 def _limits(gguf: Path, threads: int, bb: dict[int, dict[str, float]],
-            rows: dict[str, dict[str, object]], p: int) -> dict[str, object]:
+            rows: dict[str, dict[str, object]], p: int, prompt_tokens: int) -> dict[str, object]:
     """For each drafted run: the limit's gain at the kept rate it measured and at 1, beside
-    the gain it got (its problems per hour over the undrafted run's at the same P)."""
+    the gain it got on the decoding (its decoding time, less the prompts-only run's, over
+    the undrafted run's), two ways:
+
+    - ``one_logit``: llama-bench's speed for a batch of the step's rows over
+      llama-batched-bench's S_TG, the yardsticks the issue named;
+    - ``all_logits``: :func:`step_speeds`, the very step a drafted engine decodes, over
+      the same step without drafts: the one a drafted run can reach.
+    """
     speeds = batch_speeds(gguf, threads)
     out: dict[str, object] = {"batch_tokens_per_second": speeds}
+    steps: dict[int, dict[int, float]] = {}
     for name, run in rows.items():
         if not name.endswith("drafted") or not run["drafted"]:
             continue
         par = 1 if name.startswith("mathq P=1") else p
-        plain = rows.get(name.removesuffix(" self-drafted").removesuffix(" drafted"))
+        if par not in steps:
+            steps[par] = step_speeds(gguf, threads, par, prompt_tokens)
+            print(f"  drafted step, every row's logits, {par} sequence(s): "
+                  + ", ".join(f"k={k} {v:.0f}" for k, v in steps[par].items()) + " rows/s")
+        out[f"step_rows_per_second P={par}"] = steps[par]
         kept_rate = int(str(run["kept"])) / int(str(run["drafted"]))
-        gain, k = limit_gain(speeds, bb[par]["speed_tg"], par, kept_rate)
-        perfect, k1 = limit_gain(speeds, bb[par]["speed_tg"], par, 1.0)
-        got = (float(str(run["problems_per_hour"])) / float(str(plain["problems_per_hour"]))
-               if plain else None)
-        out[name] = {"kept_rate": kept_rate, "limit_gain": gain, "limit_drafts": k,
-                     "perfect_gain": perfect, "perfect_drafts": k1, "gain": got,
-                     "share_of_limit": ((got - 1) / (gain - 1) if got and gain > 1 else None)}
-        print(f"  limit for {name}: {gain:.2f}x at its {100 * kept_rate:.1f} % kept "
-              f"({k} drafts a sequence), {perfect:.2f}x with every draft kept; it got "
-              + (f"{got:.2f}x" if got else "-"))
+        all_logits = _interpolated({par * (k + 1): v for k, v in steps[par].items()})
+        most = par * (1 + max(steps[par]))
+        limits = {
+            "one_logit": (_interpolated(speeds), bb[par]["speed_tg"], max(speeds)),
+            "all_logits": (all_logits, all_logits(par), most),
+        }
+        got = run.get("decoding_gain")
+        entry: dict[str, object] = {"kept_rate": kept_rate, "decoding_gain": got}
+        for way, (speed, plain, max_rows) in limits.items():
+            gain, k = limit_gain(speed, plain, par, kept_rate, max_rows)
+            perfect, k1 = limit_gain(speed, plain, par, 1.0, max_rows)
+            share = (float(str(got)) - 1) / (gain - 1) if got and gain > 1 else None
+            entry[way] = {"limit_gain": gain, "limit_drafts": k, "perfect_gain": perfect,
+                          "perfect_drafts": k1, "share_of_limit": share}
+            print(f"  limit for {name} ({way.replace('_', ' ')}): {gain:.2f}x at its "
+                  f"{100 * kept_rate:.1f} % kept ({k} drafts a sequence), {perfect:.2f}x "
+                  f"with every draft kept; its decoding got "
+                  + (f"{float(str(got)):.2f}x, {share:.2f} of the limit's gain"
+                     if got and share is not None else "- (run the prompts contender)"))
+        out[name] = entry
     return out
 
 
@@ -432,16 +516,17 @@ def main() -> None:
                 key = f"{a} / {b} (decoding only)"
                 ratios[key] = ((runs[b].seconds - prompts.seconds)
                                / max(runs[a].seconds - prompts.seconds, 1e-9))
+                rows[a]["decoding_gain"] = ratios[key]
                 print(f"  {key}: {ratios[key]:.2f}x (prompts alone {prompts.seconds:.1f} s)")
         entry: dict[str, object] = {"runs": rows, "ratios": ratios, "load_after": load_note()}
-        if "batched-bench" in chosen and "mathq P=1" in runs:
-            mean_prompt = round(runs["mathq P=1"].prompt_tokens / args.n)
+        if "batched-bench" in chosen and runs:
+            mean_prompt = round(next(iter(runs.values())).prompt_tokens / args.n)
             bb = batched_bench(gguf, args.threads, (1, p), mean_prompt, args.max_tokens)
             entry["batched_bench"] = bb
             print(f"  llama-batched-bench (pp {mean_prompt}, tg {args.max_tokens}): S_TG "
                   f"{bb[p]['speed_tg'] / bb[1]['speed_tg']:.2f}x, S "
                   f"{bb[p]['speed'] / bb[1]['speed']:.2f}x at P={p} over P=1")
-            entry["limit"] = _limits(gguf, args.threads, bb, rows, p)
+            entry["limit"] = _limits(gguf, args.threads, bb, rows, p, mean_prompt)
         report[kind] = entry
     out = BENCH_DIR / f"smoke_throughput-{args.model}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
