@@ -224,6 +224,10 @@ def test_the_cache_keeps_other_runs_entries_and_drops_gone_files(tmp_path: Path)
     '{"1": 5e-324, "8": 5e-324}}}}',
     '{"version": 1, "entries": {"KEY": {"size": 10, "mtime_ns": MTIME, "seconds": '
     '{"1": 0.4, "8": 0.4, "32": 0.0024, "128": 0.4}}}}',
+    # a batch slowed by other work while it was timed: 128 rows at 2.3x 32 rows' time per
+    # row (a real cache this benchmark kept, which held drafts short run after run)
+    '{"version": 1, "entries": {"KEY": {"size": 10, "mtime_ns": MTIME, "seconds": '
+    '{"1": 0.027, "8": 0.0605, "32": 0.186, "128": 1.704}}}}',
 ])
 def test_a_damaged_cache_is_measured_again(tmp_path: Path, damage: str) -> None:
     cache = tmp_path / "costs.json"
@@ -249,7 +253,7 @@ def test_drafts_are_not_capped_and_rates_carry_to_new_sequences() -> None:
     follower.propose(100)
     follower.record(50, 50, draft_reference)  # every draft kept
     assert follower.kept_rate() > fresh
-    assert Drafter([1], draft_reference, rates).kept_rate("draft_reference") > 0.95 > fresh
+    assert Drafter([1], draft_reference, rates).kept_rate("draft_reference") > 0.98 > fresh
 
 
 # -- on the demo model ----------------------------------------------------------------------
@@ -310,7 +314,7 @@ def test_an_answer_that_is_its_draft_reference_takes_two_steps_where_rows_are_ch
     assert all(own[i].steps > 10 for i in same)  # undrafted: a step per token
     assert [again[i].steps for i in same] == [2] * len(same)
     assert all(again[i].kept == len(again[i].tokens) - 1 for i in same)
-    monkeypatch.setattr(StepCost, "seconds", lambda self, rows: 0.01 * rows)
+    monkeypatch.setattr(StepCost, "seconds", lambda self, rows: 0.1 * rows)
     with BatchEngine(gguf, options, cost_cache=tmp_path / "costs.json") as engine:
         dear = list(engine.generate(requests[:8]))
     assert [r.drafted for r in dear] == [0] * 8

@@ -53,9 +53,13 @@ REALIGN_TOKENS = 3
 REALIGN_BYTES = 12
 #: N-gram lengths prompt lookup tries, longest first.
 LOOKUP_NGRAMS = (3, 2)
-#: Prior kept rate per source as (kept, checked), before any draft is measured: a variant
-#: follows its draft reference closely; lookup drafts are kept less often.
-PRIORS = {"draft_reference": (4.0, 5.0), "lookup": (1.0, 2.0)}
+#: Prior kept rate per source as (kept, checked), before any draft is measured. A draft
+#: from the draft reference is kept where the variant's top token is BF16's, which
+#: llama.cpp's perplexity tool puts at 94.7-98.8 % for LLaMA-2-7B's Q4_K_M to Q8_0; so
+#: 0.95. Lower, a curve on which drafts pay only a little at that rate (Q8_0 on a CPU)
+#: never checks one, so never learns a variant keeps all of them. Lookup drafts are kept
+#: less often.
+PRIORS = {"draft_reference": (19.0, 20.0), "lookup": (1.0, 2.0)}
 #: How many checked drafts a new sequence's prior weighs: the engine's rate so far
 #: (:class:`KeptRates`), until the sequence's own drafts outweigh it.
 SEQUENCE_PRIOR = 8.0
@@ -70,6 +74,9 @@ BUCKETS = tuple(1 << b for b in range(10))
 #: Rows of the batches a new curve is calibrated with, as far as the context allows: one
 #: row, the 8 of a plain CPU step, and two where the matrix kernels have taken over.
 CALIBRATION_ROWS = (1, 8, 32, 128)
+#: The most a calibration's time per row may rise from one batch size to the next larger
+#: (on a quiet 2-core CPU it fell or rose 1.2x at most; a batch slowed by other work rose 2.3x).
+MAX_ROW_COST_RISE = 1.5
 #: Timed decodes per calibration size (their median counts), after one untimed warm-up.
 CALIBRATION_REPEATS = 3
 #: A calibration decode at least this long is timed once: the noise of a few milliseconds
@@ -418,14 +425,18 @@ def _cached_points(entry: Any, identity: CostIdentity) -> dict[int, float]:
 
 def _plausible(points: Mapping[int, float]) -> bool:
     """Whether a calibration can be trusted: only calibration row counts, each decode
-    between a microsecond and ten minutes, and no batch decoded in under half the time of
-    a smaller one (more rows never cost less; a damaged file or a machine busy with
-    something else during one batch says otherwise)."""
+    between a microsecond and ten minutes, no batch decoded in under half the time of a
+    smaller one (more rows never cost less), and none whose time per row is more than
+    :data:`MAX_ROW_COST_RISE` times a smaller one's (rows get cheaper in bigger batches,
+    or about as dear). A damaged file, or a machine busy with something else during one
+    batch, says otherwise; such a curve, kept, would mislead every later run on the file."""
     if not points or any(r not in CALIBRATION_ROWS or not 1e-6 <= s <= 600.0
                          for r, s in points.items()):
         return False
-    seconds = [points[r] for r in sorted(points)]
-    return all(later >= earlier / 2 for earlier, later in itertools.pairwise(seconds))
+    rows = sorted(points)
+    return all(points[later] >= points[earlier] / 2
+               and points[later] / later <= MAX_ROW_COST_RISE * points[earlier] / earlier
+               for earlier, later in itertools.pairwise(rows))
 
 
 def calibrated_cost(*, cache: Path, identity: CostIdentity, gpu: bool, max_rows: int,
