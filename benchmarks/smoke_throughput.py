@@ -389,11 +389,15 @@ def _limits(gguf: Path, threads: int, bb: dict[int, dict[str, float]],
             share = (float(str(got)) - 1) / (gain - 1) if got and gain > 1 else None
             entry[way] = {"limit_gain": gain, "limit_drafts": k, "perfect_gain": perfect,
                           "perfect_drafts": k1, "share_of_limit": share}
+            if got is None:
+                outcome = "- (run the prompts contender)"
+            elif share is None:
+                outcome = f"{float(str(got)):.2f}x, where drafting can gain nothing"
+            else:
+                outcome = f"{float(str(got)):.2f}x, {share:.2f} of the limit's gain"
             print(f"  limit for {name} ({way.replace('_', ' ')}): {gain:.2f}x at its "
                   f"{100 * kept_rate:.1f} % kept ({k} drafts a sequence), {perfect:.2f}x "
-                  f"with every draft kept; its decoding got "
-                  + (f"{float(str(got)):.2f}x, {share:.2f} of the limit's gain"
-                     if got and share is not None else "- (run the prompts contender)"))
+                  f"with every draft kept; its decoding got {outcome}")
         out[name] = entry
     return out
 
