@@ -102,7 +102,7 @@ class SmokeSummary:
     environment: dict[str, str] = field(default_factory=dict)
     # Drafted decoding (:mod:`mathq.llama.drafts`), summed over the answers that recorded
     # it: the draft reference's results file (None: prompt lookup only), why drafting was
-    # off (None: on), drafted tokens checked and kept (``accepted_tokens``, the name saved
+    # off (None: on), drafts reached and kept (``accepted_tokens``, the name saved
     # summaries store kept drafts by), decode steps, and completion tokens per decode step
     # (how many fewer passes than one token each; the wall-time gain is what
     # benchmarks/smoke_throughput.py measures).

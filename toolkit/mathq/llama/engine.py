@@ -100,7 +100,7 @@ class GenResult:
     ``finish_reason`` is ``stop`` (end-of-generation token or stop string) or ``length``.
     ``seconds`` runs from the step the prompt entered the batch to the step it finished.
     ``steps`` counts the decode steps that produced its tokens; ``drafted`` the drafts
-    they checked (padding included) and ``kept`` how many of those were kept.
+    they reached (see :class:`StepOutcome`) and ``kept`` how many of those were kept.
     """
 
     id: str
@@ -137,10 +137,16 @@ class StepStats:
 @dataclass(frozen=True)
 class StepOutcome:
     """What one step did for one sequence: the tokens it ``emitted`` into the output (its
-    kept drafts and the model's own next token), the ``drafted`` tokens it checked and how
-    many were ``kept``, where its KV cache was cut (``trim``: the first position removed,
-    the rejected drafts; 0 when the sequence ended and left the cache; None when the cache
-    keeps everything), and the ``result`` when the sequence ended."""
+    kept drafts and the model's own next token), the drafts it reached (``drafted``) and
+    how many of them were ``kept``, where its KV cache was cut (``trim``: the first position
+    removed, the rejected drafts; 0 when the sequence ended and left the cache; None when
+    the cache keeps everything), and the ``result`` when the sequence ended.
+
+    A draft is *reached* when every one before it was kept: the first rejected one is the
+    last reached, and those after it were checked after a token the model did not write,
+    so they say nothing of how well the variant follows its drafts (on a CPU the planner
+    may check the whole rest of an answer, and one divergence then rejects dozens). Rows
+    that only pad a sequence to the step's shape are not drafts."""
 
     emitted: tuple[int, ...]
     drafted: int
@@ -434,8 +440,9 @@ class BatchEngine:
         # the sequence ended on a token that was also drafted right (a stop string's end).
         last = len(emitted) - 1
         kept = last + (result is not None and last < len(drafts) and drafts[last] == emitted[last])
-        seq.drafted += len(drafts)
-        seq.kept += kept
+        reached, kept_drafts = min(len(emitted), rows.proposed), min(kept, rows.proposed)
+        seq.drafted += reached
+        seq.kept += kept_drafts
         trim: int | None = None
         if result is not None:
             result = dataclasses.replace(result, steps=seq.steps, drafted=seq.drafted,
@@ -445,11 +452,11 @@ class BatchEngine:
             seq.n_past = rows.pos + len(emitted)
             if seq.n_past < rows.pos + 1 + len(drafts):
                 trim = seq.n_past  # the rejected drafts
-            if seq.drafter is not None:  # padding says nothing about the drafter's drafts
-                seq.drafter.record(rows.proposed, min(kept, rows.proposed), emitted)
+            if seq.drafter is not None:
+                seq.drafter.record(rows.proposed, kept_drafts, emitted)
         if trim is not None:
             ctx.free_seq(rows.slot, trim)
-        return StepOutcome(tuple(emitted), len(drafts), kept, trim, result)
+        return StepOutcome(tuple(emitted), reached, kept_drafts, trim, result)
 
     def _fill_batch(self, ctx: Context, slots: list[_Seq | None],
                     cost: StepCost | None) -> _Batch:

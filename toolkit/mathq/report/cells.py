@@ -222,7 +222,7 @@ def columns(data: ReportData) -> tuple[Column, ...]:
         Column("generation_tps", "Gen tok/s", "generation (tg128), mean ± sd",
                lambda r, _d: speed_text(r.generation_tps)),
         Column("smoke_run", "Smoke run", "the smoke test's wall time; where drafted, "
-               "completion tokens per decode step and the share of drafted tokens kept",
+               "completion tokens per decode step and the share of drafts reached that were kept",
                smoke_run_text),
         Column("memory", "Memory", "llama.cpp's model, KV-cache and compute buffers for a "
                "one-sequence context (see Memory)",

@@ -37,7 +37,7 @@ class Completion:
     ``completion_tokens`` and ``prompt_tokens`` are the backend's own counts (None when it
     does not say); ``finish_reason`` is ``stop`` or ``length``; ``seconds`` is the time from
     the request's start to its end. ``steps``, ``drafted`` and ``kept`` are the
-    in-process engine's decode steps, drafted tokens checked and kept, and ``token_ids``
+    in-process engine's decode steps, drafts reached and kept, and ``token_ids``
     the tokens it generated (None elsewhere).
     """
 
@@ -71,7 +71,7 @@ class Backend(Protocol):
     parallel: int
     #: The model a server is asked for (``name:tag`` or the OpenAI ``model``); None in process.
     model: str | None = None
-    #: Drafted tokens checked and kept so far in this run, for progress displays.
+    #: Drafts reached and kept so far in this run, for progress displays.
     draft_totals: tuple[int, int] = (0, 0)
     #: How many sequences the last :meth:`complete` decoded together, and why; None where
     #: that is simply ``parallel`` requests in flight per server.

@@ -122,7 +122,7 @@ class ProblemResult:
     run: str | None = None
     run_seconds: float | None = None
     # The in-process engine's decode steps for this answer, and the drafted tokens those
-    # steps checked and kept (``accepted``, the name results files store kept drafts by;
+    # steps reached and kept (``accepted``, the name results files store kept drafts by;
     # None from other backends and before mathq recorded them).
     steps: int | None = None
     drafted: int | None = None
