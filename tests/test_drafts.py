@@ -243,16 +243,22 @@ def test_draft_reference_ids_are_used_where_they_spell_its_text(
         split = [t for c in text for t in model.tokenize(c)[int(model.add_bos):]]
         assert b"".join(model.piece(t) for t in split) == text.encode() and split != canonical
 
-        def tokens(ids: list[int], reference: str = text) -> list[int]:
+        def tokens(ids: list[int], reference: str = text,
+                   stop: tuple[str, ...] = ()) -> list[int]:
             return engine._draft_reference_tokens(
-                GenRequest("a", "x", 8, (), reference, tuple(ids)))
+                GenRequest("a", "x", 8, stop, reference, tuple(ids)))
 
         assert tokens(split) == split
-        assert tokens(split + canonical[:1]) == split + canonical[:1]  # a stop string's end
+        # The token that completed a stop string (the text was cut where it starts).
+        stop = model.piece(canonical[0]).decode()
+        assert tokens(split + canonical[:1], stop=(stop,)) == split + canonical[:1]
+        assert tokens(split + canonical[:1]) == canonical  # more text than the reference
         assert tokens([*split[:-1], model.n_vocab]) == canonical  # not this vocabulary
+        assert tokens([model.bos, *split]) == canonical  # a control token writes nothing
         assert tokens(split[:-2]) == canonical  # spells less than the text
         assert tokens(split[::-1]) == canonical  # other text
         assert tokens([]) == canonical and tokens([], "") == []
+        assert tokens(split, "") == []  # ids of text the reference does not have
 
 
 def test_draft_reference_ids_are_read_leniently(tmp_path: Path) -> None:

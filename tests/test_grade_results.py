@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -52,8 +53,13 @@ def test_result_record_carries_grade_and_measures():
     drafted = dataclasses.replace(first, steps=3, drafted=9, accepted=8,
                                   completion_ids=(791, 4320, 13))
     assert ProblemResult.from_json(json.loads(json.dumps(drafted.to_json()))) == drafted
-    for bad in ([1.5], "1 2", [-1], [True]):
-        with pytest.raises(ProblemSetError, match="'completion_ids' must be a list of token"):
+    with pytest.raises(ProblemSetError, match="'completion_ids' must be a list of token ids, "
+                       "got a string"):
+        ProblemResult.from_json({**first.to_json(), "completion_ids": "1 2"}, "r.jsonl:1")
+    for bad, shown in (([7, 1.5], "1.5 at position 1"), ([-1], "-1 at position 0"),
+                       ([3, 4, True], "true at position 2"), ([[1]], "[1] at position 0")):
+        with pytest.raises(ProblemSetError, match=f"r.jsonl:1: field 'completion_ids' holds "
+                           f"{re.escape(shown)}; token ids are whole numbers from 0"):
             ProblemResult.from_json({**first.to_json(), "completion_ids": bad}, "r.jsonl:1")
     s = summarize(records)
     assert (s.total, s.correct, s.accuracy) == (10, 7, 70.0)
@@ -135,6 +141,19 @@ def test_grade_malformed_results_line(tmp_path):
     with pytest.raises(ProblemSetError) as err:
         read_results(path)
     assert (err.value.path, err.value.line) == (str(path), 2)
+
+
+def test_grade_names_the_line_of_a_bad_record_after_blank_lines(tmp_path):
+    """Blank lines are skipped but counted: the error names the file's own line."""
+    path = tmp_path / "blank.jsonl"
+    rows = [r.to_json() for r in sample_results()[:3]]
+    rows[2]["completion_ids"] = [5, -1]
+    path.write_text("\n\n" + "\n".join(map(json.dumps, rows)) + "\n", encoding="utf-8")
+    before = path.read_bytes()
+    result = run("grade", str(path), code=2)
+    assert result.output.splitlines()[0].startswith(
+        f"Error: {path}:5: field 'completion_ids' holds -1 at position 1")
+    assert path.read_bytes() == before
 
 
 def test_grade_help_documents_the_command():

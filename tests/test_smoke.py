@@ -303,6 +303,15 @@ def test_results_log_refuses_damage_in_the_middle(tmp_path: Path) -> None:
                     '{"id": "b", "answer": "1", "completion": ""}\n')
     with pytest.raises(ProblemSetError, match=r"r.jsonl:2: damaged results line"):
         read_results_log(path)
+    # A whole record with a bad field: its own error, naming the file and line once.
+    path.write_text('{"id": "a", "answer": "1", "completion": ""}\n'
+                    '{"id": "b", "answer": "1", "completion": "", "completion_ids": [1.5]}\n'
+                    '{"id": "c", "answer": "1", "completion": ""}\n')
+    with pytest.raises(ProblemSetError) as err:
+        read_results_log(path)
+    assert str(err.value) == (f"{path}:2: field 'completion_ids' holds 1.5 at position 0; "
+                              "token ids are whole numbers from 0 (pass --restart to discard "
+                              "these results)")
 
 
 def test_wilson_interval() -> None:

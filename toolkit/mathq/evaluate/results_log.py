@@ -42,8 +42,10 @@ def read_results_log(path: Path) -> dict[str, ProblemResult]:
                 with open(path, "r+b") as f:
                     f.truncate(offset)
                 break
-            raise ProblemSetError(f"{path}:{lineno}: damaged results line ({e})",
-                                  "pass --restart to discard these results",
+            # A record's own error already names the file and line.
+            problem = (e.message if isinstance(e, ProblemSetError)
+                       else f"{path}:{lineno}: damaged results line ({e})")
+            raise ProblemSetError(problem, "pass --restart to discard these results",
                                   path=str(path), line=lineno) from e
         if result is None and raw.strip():
             raise ProblemSetError(f"{path}:{lineno}: expected a JSON object",

@@ -427,16 +427,15 @@ def _plausible(points: Mapping[int, float]) -> bool:
     """Whether a calibration can be trusted: only calibration row counts, each decode
     between a microsecond and ten minutes, no batch decoded in under half the time of a
     smaller one (more rows never cost less), and none whose time per row is more than
-    :data:`MAX_ROW_COST_RISE` times a smaller one's (rows get cheaper in bigger batches,
+    :data:`MAX_ROW_COST_RISE` times any smaller one's (rows get cheaper in bigger batches,
     or about as dear). A damaged file, or a machine busy with something else during one
     batch, says otherwise; such a curve, kept, would mislead every later run on the file."""
     if not points or any(r not in CALIBRATION_ROWS or not 1e-6 <= s <= 600.0
                          for r, s in points.items()):
         return False
-    rows = sorted(points)
     return all(points[later] >= points[earlier] / 2
                and points[later] / later <= MAX_ROW_COST_RISE * points[earlier] / earlier
-               for earlier, later in itertools.pairwise(rows))
+               for earlier, later in itertools.combinations(sorted(points), 2))
 
 
 def calibrated_cost(*, cache: Path, identity: CostIdentity, gpu: bool, max_rows: int,

@@ -396,16 +396,23 @@ class BatchEngine:
 
     def _draft_reference_tokens(self, request: GenRequest) -> list[int]:
         """The draft reference as this model's tokens: the ids it was generated as, where
-        they are this vocabulary's and spell its text, else its text tokenized.
+        they spell its text in this vocabulary, else its text tokenized.
 
         The ids matter: a model does not always write text in the tokens the tokenizer
         would cut it into ("1" "2" for "12"), and a draft in other tokens is rejected at
-        the first such cut even where the variant writes the very same text.
+        the first such cut even where the variant writes the very same text. They spell
+        the text when every one of them is a token of this vocabulary that writes
+        something (not a control token) and their bytes are the text's, followed by
+        nothing or by one of the request's stop strings (which the text was cut at).
         """
         ids = request.draft_reference_ids
         if ids and all(0 <= t < self.model.n_vocab for t in ids):
-            text = b"".join(self.model.piece(t) for t in ids).decode("utf-8", errors="ignore")
-            if text.startswith(request.draft_reference):
+            pieces = [self.model.piece(t) for t in ids]
+            text = request.draft_reference.encode()
+            written = b"".join(pieces)
+            rest = written[len(text):]
+            if all(pieces) and written.startswith(text) and (
+                    not rest or any(rest.startswith(s.encode()) for s in request.stop if s)):
                 return list(ids)
         if not request.draft_reference:
             return []

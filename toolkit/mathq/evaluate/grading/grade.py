@@ -167,10 +167,15 @@ class ProblemResult:
                     f"fix that line; e.g. \"{name}\": {_EXAMPLES[name]}")
         ids = values.get("completion_ids")
         if ids is not None:
-            if not (isinstance(ids, list) and all(type(t) is int and t >= 0 for t in ids)):
+            example = 'fix that line; e.g. "completion_ids": [791, 4320]'
+            if not isinstance(ids, list):
+                raise ProblemSetError(f"{where}: field 'completion_ids' must be a list of token "
+                                      f"ids, got {_json_type(ids)}", example)
+            bad = next((i for i, t in enumerate(ids) if type(t) is not int or t < 0), None)
+            if bad is not None:
                 raise ProblemSetError(
-                    f"{where}: field 'completion_ids' must be a list of token ids, got "
-                    f"{_json_type(ids)}", 'fix that line; e.g. "completion_ids": [791, 4320]')
+                    f"{where}: field 'completion_ids' holds {shorten(json.dumps(ids[bad]))} at "
+                    f"position {bad}; token ids are whole numbers from 0", example)
             values["completion_ids"] = tuple(ids)
         return cls(**values)
 
@@ -271,13 +276,18 @@ _RESULTS_HINT = "give the per-problem JSONL a smoke run wrote (build/<model>/smo
 
 def read_results(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a results file; a malformed line raises with ``path:line``."""
-    path = Path(path)
+    return [row for _, row in _numbered_results(Path(path))]
+
+
+def _numbered_results(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a results file with their line numbers (blank lines are
+    skipped, so the numbers are the file's, not the objects' count)."""
     try:
         data = read_bytes(path)
     except UnreadableInput as e:
         raise ProblemSetError(e.describe(path), READ_HINT if "cannot be read" in str(e)
                               else _RESULTS_HINT, path=str(path)) from None
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[int, dict[str, Any]]] = []
     seen: dict[str, int] = {}
     for lineno, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
@@ -305,7 +315,7 @@ def read_results(path: Path) -> list[dict[str, Any]]:
                                       "ids must be unique within a file; delete one of the "
                                       "two lines", path=str(path), line=lineno)
             seen[key] = lineno
-        rows.append(row)
+        rows.append((lineno, row))
     if not rows:
         raise ProblemSetError(f"{path}: no results in the file (it is empty)", _RESULTS_HINT,
                               path=str(path))
@@ -341,11 +351,11 @@ def regrade_file(path: Path, *, out: Path | None = None,
     with 0 they run here, in the main thread, or in one worker process otherwise.
     """
     path = Path(path)
-    rows = read_results(path)
+    rows = _numbered_results(path)
     target = Path(out) if out is not None else path
     check_writable(target)  # before the grading, not after it
     records: list[tuple[dict[str, Any], ProblemResult]] = []
-    for lineno, row in enumerate(rows, 1):
+    for lineno, row in rows:
         where = f"{path}:{lineno}"
         if gold is not None and str(row.get("id")) in gold:
             row = {**row, "answer": gold[str(row.get("id"))]}
