@@ -99,6 +99,14 @@ def test_build_then_rerun_redoes_nothing(tmp_path):
     assert all(line.startswith("current ") for line in current)
     assert summary == (f"0 of {len(current)} steps would run, {len(current)} are current; "
                        "nothing was done (--dry-run).")
+    # A smoke results file replaced since (fewer records): its summary no longer describes
+    # it, so that smoke test runs again, and the report that reads both.
+    results = root / "smoke" / "Q4_K_M.jsonl"
+    results.write_text("".join(results.read_text().splitlines(keepends=True)[:5]))
+    plan = {p["name"]: p["status"] for p in
+            json.loads(run(*build_args(tmp_path, "--dry-run", "--json")).stdout)}
+    assert {name for name, status in plan.items() if status == "planned"} == {
+        "smoke Q4_K_M", "report"}
 
 
 def test_changed_input_replans_what_reads_it(tmp_path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -46,10 +46,25 @@ class ArtifactRecord:
     size: int | None = None
     created: float = 0.0
     result: dict[str, Any] = field(default_factory=dict)
+    #: Files made beside the artifact that later steps read (a smoke summary's results),
+    #: by key, with their :func:`file_identity` when the artifact was recorded.
+    outputs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def same_recipe(self, inputs: dict[str, Any], settings: dict[str, Any]) -> bool:
         """True when this record was made from exactly these inputs and settings."""
         return self.inputs == inputs and self.settings == settings
+
+    def outputs_intact(self, root: Path) -> bool:
+        """True when every file made beside the artifact is still as it was recorded: one
+        replaced or cut short since (by hand, or by another tool) leaves the artifact
+        describing files that are no longer there."""
+        for key, identity in self.outputs.items():
+            try:
+                if file_identity(root / key) != identity:
+                    return False
+            except OSError:
+                return False
+        return True
 
 
 def tool_versions() -> dict[str, str]:
@@ -98,12 +113,16 @@ class Manifest:
 
     def record(self, key: str, stage: str, inputs: dict[str, Any],
                settings: dict[str, Any] | None = None, size: int | None = None,
-               result: dict[str, Any] | None = None) -> ArtifactRecord:
+               result: dict[str, Any] | None = None,
+               outputs: Sequence[str] = ()) -> ArtifactRecord:
         """Record (or replace) how artifact ``key`` was made, with current tool versions.
-        ``result`` holds what making it found (a search's figures); it is never compared."""
+        ``result`` holds what making it found (a search's figures); it is never compared.
+        ``outputs`` are the keys of files made beside it, recorded with their identity."""
+        root = self.path.parent
         rec = ArtifactRecord(stage=stage, inputs=dict(inputs), settings=dict(settings or {}),
                              tools=tool_versions(), size=size, created=time.time(),
-                             result=dict(result or {}))
+                             result=dict(result or {}),
+                             outputs={k: file_identity(root / k) for k in outputs})
         with self._locked():
             data = self._read()
             data["artifacts"][key] = asdict(rec)

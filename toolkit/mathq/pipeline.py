@@ -214,7 +214,8 @@ def is_current(step: Step, manifest: Manifest) -> bool:
     if record is None:
         return False
     fp = step.fingerprint()
-    return fp is not None and record.same_recipe(*fp)
+    return (fp is not None and record.same_recipe(*fp)
+            and record.outputs_intact(manifest.path.parent))
 
 
 def due_steps(steps: list[Step], manifest: Manifest) -> set[str]:

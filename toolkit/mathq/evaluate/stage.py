@@ -78,18 +78,19 @@ def _draft_references(layout: BuildLayout, options: SmokeOptions,
 @dataclass(frozen=True)
 class _ManifestRecord:
     """The manifest's record of a smoke summary in the build folder, made from
-    ``fingerprint``."""
+    ``fingerprint``, with its results file (``results``, a key), which the report reads."""
 
     manifest: Manifest
     key: str
     fingerprint: Fingerprint
+    results: str
 
     def forget(self) -> None:
         self.manifest.forget(self.key)
 
     def record(self, summary: Path) -> None:
         self.manifest.record(self.key, "smoke", *self.fingerprint,
-                             size=summary.stat().st_size)
+                             size=summary.stat().st_size, outputs=(self.results,))
 
 
 def smoke_fingerprint(recipe: Recipe, quant: str, options: SmokeOptions,
@@ -141,7 +142,8 @@ def smoke_variant(recipe: Recipe, quant: str, problems: ProblemSet, layout: Buil
     fingerprint = smoke_fingerprint(recipe, quant, options, layout)
     if fingerprint is None:
         return run_smoke_target(recipe, target, problems, options, progress)
-    record = _ManifestRecord(Manifest(layout.manifest), layout.key(files.summary), fingerprint)
+    record = _ManifestRecord(Manifest(layout.manifest), layout.key(files.summary), fingerprint,
+                             layout.key(files.results))
     # The run removes its own files if it fails; the manifest's lock, if it made it, too.
     debris = Debris(files.results.parent,
                     layout.manifest.with_name(layout.manifest.name + ".lock"))
