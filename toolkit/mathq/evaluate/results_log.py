@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mathq.errors import ProblemSetError
-from mathq.evaluate.grading.grade import ProblemResult
+from mathq.evaluate.grading.grade import ProblemResult, first_bad_token_id
 from mathq.inputs import UnreadableInput, parse_json
 
 
@@ -69,7 +69,7 @@ def append_result(f: Any, result: ProblemResult) -> None:
 
 def read_draft_reference(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Completions by problem id from a results file, each with the token ids it was
-    generated as (empty where the file has none or they are not a list of whole numbers),
+    generated as (empty where the file has none or they are not a list of token ids),
     read only: drafts to check, so a damaged line is skipped rather than repaired or
     refused."""
     completions: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -85,6 +85,6 @@ def read_draft_reference(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         if isinstance(row, dict) and isinstance(row.get("completion"), str) \
                 and isinstance(row.get("id"), (str, int)):
             ids = row.get("completion_ids")
-            valid = isinstance(ids, list) and all(type(t) is int for t in ids)
+            valid = isinstance(ids, list) and first_bad_token_id(ids) is None
             completions[str(row["id"])] = (row["completion"], tuple(ids) if valid else ())
     return completions

@@ -171,13 +171,19 @@ class ProblemResult:
             if not isinstance(ids, list):
                 raise ProblemSetError(f"{where}: field 'completion_ids' must be a list of token "
                                       f"ids, got {_json_type(ids)}", example)
-            bad = next((i for i, t in enumerate(ids) if type(t) is not int or t < 0), None)
+            bad = first_bad_token_id(ids)
             if bad is not None:
                 raise ProblemSetError(
                     f"{where}: field 'completion_ids' holds {shorten(json.dumps(ids[bad]))} at "
                     f"position {bad}; token ids are whole numbers from 0", example)
             values["completion_ids"] = tuple(ids)
         return cls(**values)
+
+
+def first_bad_token_id(ids: list[Any]) -> int | None:
+    """Where ``ids`` (a JSON list) first holds something that is not a token id (a whole
+    number from 0), or None when every element is one."""
+    return next((i for i, t in enumerate(ids) if type(t) is not int or t < 0), None)
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
